@@ -1,0 +1,371 @@
+"""The FasterTransformer T5 weight format, in one place.
+
+What FT's loaders open (../shared/docs/ft-t5-format.md, read from models/t5/*Weight.cc): one raw,
+headerless, row-major file per tensor and per tensor-parallel rank, plus ``config.ini``.
+This module is pure: names, shapes, split rules, dtypes, config.ini and the manifest. Conversion
+writes what it describes and serving reads it back; neither imports the other.
+
+Notation (as in the spec): D = d_model, H = num_heads, K = d_kv, I = H*K, F = d_ff,
+V = vocab_size, B = relative attention buckets, T = tensor-parallel size, r = rank.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import io
+import json
+from collections.abc import Iterator
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+
+Activation = Literal["relu", "gelu", "gated-gelu", "gated-silu"]
+Split = Literal["none", "last", "first"]
+
+WEIGHT_DTYPES: dict[str, np.dtype] = {
+    "fp32": np.dtype(np.float32),
+    "fp16": np.dtype(np.float16),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+}
+ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "gated-gelu", "gated-silu")
+
+CONFIG_INI = "config.ini"
+MANIFEST = "manifest.json"
+
+
+def weights_dir_name(tensor_parallel: int) -> str:
+    """The FT weights folder inside a Triton model version folder: ``<T>-gpu``."""
+    return f"{tensor_parallel}-gpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """A T5-family encoder-decoder as FT sees it.
+
+    Attributes:
+      d_model: D, the residual width.
+      num_heads: H.
+      d_kv: K, the per-head width (I = H*K need not equal D).
+      d_ff: F, the MLP inner width.
+      vocab_size: V.
+      num_encoder_layers / num_decoder_layers: the two depths (they may differ).
+      relative_attention_num_buckets: B, 32 for T5 and UL2.
+      relative_attention_max_distance: 128 for T5 and UL2.
+      feed_forward_proj: relu | gelu | gated-gelu | gated-silu.
+      tie_word_embeddings: True when the LM head is the input embedding (T5 1.0); FT then
+        scales the last hidden state by D^-0.5 before the head.
+      decoder_start_token_id / eos_token_id: 0 and 1 for T5 vocabularies.
+    """
+
+    d_model: int
+    num_heads: int
+    d_kv: int
+    d_ff: int
+    vocab_size: int
+    num_encoder_layers: int
+    num_decoder_layers: int
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: Activation = "gated-gelu"
+    tie_word_embeddings: bool = False
+    decoder_start_token_id: int = 0
+    eos_token_id: int = 1
+
+    def __post_init__(self) -> None:
+        if self.feed_forward_proj not in ACTIVATIONS:
+            raise ValueError(
+                f"feed_forward_proj {self.feed_forward_proj!r} is not one of {ACTIVATIONS}"
+            )
+        for field in ("d_model", "num_heads", "d_kv", "d_ff", "vocab_size",
+                      "num_encoder_layers", "num_decoder_layers",
+                      "relative_attention_num_buckets"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+
+    @property
+    def inner_dim(self) -> int:
+        """I = H*K, the attention projection width."""
+        return self.num_heads * self.d_kv
+
+    @property
+    def gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        """The elementwise function: relu, gelu or silu."""
+        return self.feed_forward_proj.removeprefix("gated-")
+
+    def check_tensor_parallel(self, tensor_parallel: int) -> None:
+        """Raise ValueError unless T divides every axis FT splits (heads and d_ff)."""
+        if tensor_parallel < 1:
+            raise ValueError(f"tensor-parallel size must be >= 1, got {tensor_parallel}")
+        if self.num_heads % tensor_parallel:
+            raise ValueError(
+                f"tensor-parallel size {tensor_parallel} does not divide num_heads "
+                f"{self.num_heads}"
+            )
+        if self.d_ff % tensor_parallel:
+            raise ValueError(
+                f"tensor-parallel size {tensor_parallel} does not divide d_ff {self.d_ff}"
+            )
+
+    def num_parameters(self) -> int:
+        """Parameters FT holds (the relative-bias tables once per side)."""
+        d, i, f, v = self.d_model, self.inner_dim, self.d_ff, self.vocab_size
+        mlp = d * f * (3 if self.gated else 2)
+        enc = self.num_encoder_layers * (4 * d * i + mlp + 2 * d)
+        dec = self.num_decoder_layers * (8 * d * i + mlp + 3 * d)
+        glob = v * d * (1 if self.tie_word_embeddings else 2) + 2 * d
+        glob += 2 * self.num_heads * self.relative_attention_num_buckets
+        return enc + dec + glob
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSpec:
+    """One file FT opens.
+
+    Attributes:
+      name: file name inside the ``<T>-gpu`` folder.
+      full_shape: shape of the whole (unsplit) tensor as FT lays it out.
+      split: "none" (one file, no rank suffix), "last" or "first": the axis of
+        ``full_shape`` cut into T equal parts, one file per rank.
+      rank: the rank this file holds (0 when split is "none").
+    """
+
+    name: str
+    full_shape: tuple[int, ...]
+    split: Split
+    rank: int = 0
+
+    def shape(self, tensor_parallel: int) -> tuple[int, ...]:
+        """The shape of this rank's part."""
+        if self.split == "none":
+            return self.full_shape
+        axis = 0 if self.split == "first" else len(self.full_shape) - 1
+        shape = list(self.full_shape)
+        shape[axis] //= tensor_parallel
+        return tuple(shape)
+
+
+def _ranked(stem: str, full_shape: tuple[int, ...], split: Split, t: int) -> list[FileSpec]:
+    return [FileSpec(f"{stem}.{r}.bin", full_shape, split, r) for r in range(t)]
+
+
+def global_files(cfg: T5Config, t: int) -> list[FileSpec]:
+    """Embedding, LM head, final norms and the two relative-bias tables."""
+    v, d, h, b = cfg.vocab_size, cfg.d_model, cfg.num_heads, cfg.relative_attention_num_buckets
+    files = [FileSpec("shared.weight_T.bin", (v, d), "none")]
+    if not cfg.tie_word_embeddings:
+        files.append(FileSpec("lm_head.weight.bin", (v, d), "none"))
+    files += [
+        FileSpec("encoder.final_layer_norm.weight.bin", (d,), "none"),
+        FileSpec("decoder.final_layer_norm.weight.bin", (d,), "none"),
+    ]
+    for side in ("encoder", "decoder"):
+        stem = f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        # FT's table is [H, B] split on heads, i.e. the first axis.
+        files += _ranked(stem, (h, b), "first", t)
+    return files
+
+
+def _mlp_files(prefix: str, cfg: T5Config, t: int) -> list[FileSpec]:
+    d, f = cfg.d_model, cfg.d_ff
+    files = _ranked(f"{prefix}.DenseReluDense.wi.weight", (d, f), "last", t)
+    if cfg.gated:
+        files += _ranked(f"{prefix}.DenseReluDense.wi2.weight", (d, f), "last", t)
+    files += _ranked(f"{prefix}.DenseReluDense.wo.weight", (f, d), "first", t)
+    return files
+
+
+def encoder_layer_files(cfg: T5Config, layer: int, t: int) -> list[FileSpec]:
+    d, i = cfg.d_model, cfg.inner_dim
+    p = f"encoder.block.{layer}"
+    files = [FileSpec(f"{p}.layer.0.layer_norm.weight.bin", (d,), "none")]
+    for proj in ("q", "k", "v"):
+        files += _ranked(f"{p}.layer.0.SelfAttention.{proj}.weight", (d, i), "last", t)
+    files += _ranked(f"{p}.layer.0.SelfAttention.o.weight", (i, d), "first", t)
+    files.append(FileSpec(f"{p}.layer.1.layer_norm.weight.bin", (d,), "none"))
+    files += _mlp_files(f"{p}.layer.1", cfg, t)
+    return files
+
+
+def decoder_layer_files(cfg: T5Config, layer: int, t: int) -> list[FileSpec]:
+    d, i = cfg.d_model, cfg.inner_dim
+    p = f"decoder.block.{layer}"
+    files = [FileSpec(f"{p}.layer.0.layer_norm.weight.bin", (d,), "none")]
+    # q, k, v fused: [D, 3, I], split on the last axis.
+    files += _ranked(f"{p}.layer.0.SelfAttention.qkv.weight", (d, 3, i), "last", t)
+    files += _ranked(f"{p}.layer.0.SelfAttention.o.weight", (i, d), "first", t)
+    files.append(FileSpec(f"{p}.layer.1.layer_norm.weight.bin", (d,), "none"))
+    for proj in ("q", "k", "v"):
+        files += _ranked(f"{p}.layer.1.EncDecAttention.{proj}.weight", (d, i), "last", t)
+    files += _ranked(f"{p}.layer.1.EncDecAttention.o.weight", (i, d), "first", t)
+    files.append(FileSpec(f"{p}.layer.2.layer_norm.weight.bin", (d,), "none"))
+    files += _mlp_files(f"{p}.layer.2", cfg, t)
+    return files
+
+
+def all_files(cfg: T5Config, t: int) -> list[FileSpec]:
+    """Every weight file FT opens for this model at tensor-parallel size t."""
+    cfg.check_tensor_parallel(t)
+    files = global_files(cfg, t)
+    for layer in range(cfg.num_encoder_layers):
+        files += encoder_layer_files(cfg, layer, t)
+    for layer in range(cfg.num_decoder_layers):
+        files += decoder_layer_files(cfg, layer, t)
+    return files
+
+
+def split_for_rank(full: np.ndarray, split: Split, rank: int, t: int) -> np.ndarray:
+    """The part of a full FT-layout tensor that rank ``rank`` of ``t`` holds."""
+    if split == "none":
+        return full
+    axis = 0 if split == "first" else full.ndim - 1
+    return np.split(full, t, axis=axis)[rank]
+
+
+def join_ranks(parts: list[np.ndarray], split: Split) -> np.ndarray:
+    """Inverse of :func:`split_for_rank`: the full tensor from every rank's part."""
+    if split == "none":
+        return parts[0]
+    axis = 0 if split == "first" else parts[0].ndim - 1
+    return np.concatenate(parts, axis=axis)
+
+
+def to_bytes(array: np.ndarray, weight_dtype: str) -> bytes:
+    """A tensor as FT reads it: cast to the file dtype, C order, no header."""
+    return np.ascontiguousarray(array.astype(WEIGHT_DTYPES[weight_dtype])).tobytes()
+
+
+def from_bytes(data: bytes, shape: tuple[int, ...], weight_dtype: str) -> np.ndarray:
+    """Read a weight file's bytes back; raises if the element count does not match."""
+    dtype = WEIGHT_DTYPES[weight_dtype]
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(
+            f"weight file holds {len(data)} bytes, expected {expected} for shape {shape} "
+            f"{weight_dtype}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+# --- config.ini ------------------------------------------------------------------------------
+
+
+def config_ini(cfg: T5Config, weight_dtype: str, tensor_parallel: int = 1) -> str:
+    """The config.ini FT's Triton T5 model and PyTorch op read (spec section 3)."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight dtype {weight_dtype!r} is not one of {list(WEIGHT_DTYPES)}")
+    parser = configparser.ConfigParser()
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model,
+        "d_kv": cfg.d_kv,
+        "d_ff": cfg.d_ff,
+        "num_heads": cfg.num_heads,
+        "relative_attention_num_buckets_or_max_pos_seq_len": cfg.relative_attention_num_buckets,
+        "relative_attention_max_distance": cfg.relative_attention_max_distance,
+        "weight_data_type": weight_dtype,
+        "tensor_para_size": tensor_parallel,
+    }
+    parser["encoder"] = {
+        **{k: str(v) for k, v in common.items()},
+        "num_layers": str(cfg.num_encoder_layers),
+        "feed_forward_proj": cfg.feed_forward_proj,
+    }
+    parser["decoder"] = {
+        **{k: str(v) for k, v in common.items()},
+        "num_layers": str(cfg.num_decoder_layers),
+        "feed_forward_proj": cfg.feed_forward_proj,
+        "decoder_start_token_id": str(cfg.decoder_start_token_id),
+        "eos_token_id": str(cfg.eos_token_id),
+        "tie_word_embeddings": "true" if cfg.tie_word_embeddings else "false",
+    }
+    parser["structure"] = {
+        "t5_with_bias": "false",
+        "use_gated_activation": "1" if cfg.gated else "0",
+        "position_embedding_type": "relative",
+    }
+    out = io.StringIO()
+    parser.write(out)
+    return out.getvalue()
+
+
+def parse_config_ini(text: str) -> tuple[T5Config, str]:
+    """(model config, weight dtype) from a config.ini written by :func:`config_ini` or NVIDIA."""
+    parser = configparser.ConfigParser()
+    parser.read_string(text)
+    for section in ("encoder", "decoder"):
+        if section not in parser:
+            raise ValueError(f"config.ini has no [{section}] section")
+    enc, dec = parser["encoder"], parser["decoder"]
+    tie = dec.get("tie_word_embeddings", "true").strip().lower() in ("1", "true", "yes")
+    cfg = T5Config(
+        d_model=enc.getint("d_model"),
+        num_heads=enc.getint("num_heads"),
+        d_kv=enc.getint("d_kv"),
+        d_ff=enc.getint("d_ff"),
+        vocab_size=enc.getint("vocab_size"),
+        num_encoder_layers=enc.getint("num_layers"),
+        num_decoder_layers=dec.getint("num_layers"),
+        relative_attention_num_buckets=enc.getint(
+            "relative_attention_num_buckets_or_max_pos_seq_len", 32),
+        relative_attention_max_distance=enc.getint("relative_attention_max_distance", 128),
+        feed_forward_proj=enc.get("feed_forward_proj", "relu"),  # type: ignore[arg-type]
+        tie_word_embeddings=tie,
+        decoder_start_token_id=dec.getint("decoder_start_token_id", 0),
+        eos_token_id=dec.getint("eos_token_id", 1),
+    )
+    weight_dtype = enc.get("weight_data_type", "fp32").strip()
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"config.ini weight_data_type {weight_dtype!r} is not supported")
+    return cfg, weight_dtype
+
+
+# --- manifest.json ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestEntry:
+    """One written file: what a reader can check without trusting the writer."""
+
+    name: str
+    bytes: int
+    sha256: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "bytes": self.bytes, "sha256": self.sha256,
+                "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> ManifestEntry:
+        return cls(obj["name"], int(obj["bytes"]), obj["sha256"], obj["dtype"],
+                   tuple(obj["shape"]))
+
+
+def manifest_json(model: dict, entries: list[ManifestEntry]) -> str:
+    """Serialise a manifest: ``model`` describes the run, ``files`` lists every file."""
+    entries = sorted(entries, key=lambda e: e.name)
+    return json.dumps({"model": model, "files": [e.to_json() for e in entries]}, indent=1)
+
+
+def parse_manifest(text: str) -> tuple[dict, dict[str, ManifestEntry]]:
+    obj = json.loads(text)
+    return obj.get("model", {}), {
+        e["name"]: ManifestEntry.from_json(e) for e in obj.get("files", [])
+    }
+
+
+def iter_layer_groups(cfg: T5Config, t: int) -> Iterator[tuple[str, list[FileSpec]]]:
+    """Files grouped as conversion schedules them: globals, then each layer."""
+    cfg.check_tensor_parallel(t)
+    yield "globals", global_files(cfg, t)
+    for layer in range(cfg.num_encoder_layers):
+        yield f"encoder.{layer}", encoder_layer_files(cfg, layer, t)
+    for layer in range(cfg.num_decoder_layers):
+        yield f"decoder.{layer}", decoder_layer_files(cfg, layer, t)

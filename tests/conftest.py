@@ -1,0 +1,43 @@
+"""Fixtures shared by every test area. Each area keeps its own in tests/<area>/conftest.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+# Keep Ray quiet and local in tests; jobs launched by tests find the repo on PYTHONPATH.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (real raylet, real workers).
+
+    4 logical CPUs on a 2-core machine so that per-layer tasks and actor pools overlap.
+    Tests that need their own cluster (multi-node, `ray start --head`) must not use this one.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    # left running for the session: ray.shutdown happens at interpreter exit
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def xsum_sample() -> Path:
+    """The 10 real XSum rows (bundled copy; ../shared when present)."""
+    bundled = REPO / "demo" / "data" / "xsum_sample.jsonl"
+    return bundled if bundled.exists() else SHARED / "data" / "xsum_sample.jsonl"
