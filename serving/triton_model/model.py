@@ -1,0 +1,112 @@
+"""Triton Python-backend model answering the FT T5 request contract with the JAX engine.
+
+A model repository written by ``ray_jobs.convert --engine jax`` holds
+``<model>/1/model.py`` = ``from serving.triton_model.model import TritonPythonModel``, and a
+``config.pbtxt`` with ``backend: "python"``, dynamic batching and the string parameters
+``weights_dir`` (``<T>-gpu``), ``data_type`` and ``max_input_len``.
+
+Every row of every request in a dynamic batch goes to the engine in one ``generate`` call (the
+engine groups rows it can run together); each request gets its own response, or a TritonError
+naming what is wrong with it, and the other requests of the batch are still answered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from conversion import ft_format
+from serving.engine import T5Engine
+from serving.triton_model.contract import (
+    ParsedRequest,
+    RequestError,
+    assemble_outputs,
+    parse_request,
+)
+
+
+def _parameters(model_config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+class TritonPythonModel:
+    """Triton calls ``initialize`` once per instance, ``execute`` per dynamic batch."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.model_config = json.loads(args["model_config"])
+        params = _parameters(self.model_config)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        tp = int(params.get("tensor_para_size", "1") or 1)
+        weights_dir = version_dir / (params.get("weights_dir") or ft_format.weights_dir_name(tp))
+        if not (weights_dir / ft_format.CONFIG_INI).is_file():
+            raise pb_utils.TritonModelException(
+                f"no FT weights folder at {weights_dir} (config.ini missing); check the "
+                f"weights_dir parameter of {self.model_config.get('name')}/config.pbtxt"
+            )
+        dtype = params.get("data_type") or "fp32"
+        self.engine = T5Engine.load(str(weights_dir), dtype=dtype)
+        self.vocab_size = self.engine.config.vocab_size
+        self.end_id = self.engine.config.eos_token_id
+        limit = int(T5Engine.max_input_len)
+        asked = int(params.get("max_input_len") or limit)
+        self.max_input_len = min(asked, limit)
+        self.max_batch_size = int(self.model_config.get("max_batch_size", 0))
+        self.output_names = {o["name"] for o in self.model_config.get("output", [])}
+        self.logger = pb_utils.Logger
+        self.logger.log_info(
+            f"T5 engine loaded from {weights_dir} ({dtype}); max_input_len {self.max_input_len}"
+        )
+
+    def execute(self, requests: list) -> list:
+        """One response per request, in order."""
+        responses: list = [None] * len(requests)
+        parsed: dict[int, ParsedRequest] = {}
+        for i, request in enumerate(requests):
+            try:
+                inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+                parsed[i] = parse_request(inputs, max_input_len=self.max_input_len,
+                                          vocab_size=self.vocab_size,
+                                          max_batch_size=self.max_batch_size)
+            except RequestError as exc:
+                responses[i] = self._error(str(exc))
+        if parsed:
+            try:
+                results = self._generate(list(parsed.values()))
+                for i, result in zip(parsed, results, strict=True):
+                    responses[i] = self._response(parsed[i], result)
+            except Exception as exc:  # noqa: BLE001
+                # One bad request must not fail the others batched with it: answer each alone.
+                self.logger.log_warn(f"batched generate failed ({exc}); retrying per request")
+                for i, req in parsed.items():
+                    try:
+                        responses[i] = self._response(req, self._generate([req])[0])
+                    except Exception as one:  # noqa: BLE001 - reported to that client
+                        responses[i] = self._error(f"generation failed: {one}")
+        return responses
+
+    def _generate(self, reqs: list[ParsedRequest]) -> list[list]:
+        """All rows of ``reqs`` in one engine call; the results split back per request."""
+        tokens = [t for r in reqs for t in r.tokens]
+        params = [p for r in reqs for p in r.params]
+        flat = self.engine.generate(tokens, params)
+        out, start = [], 0
+        for r in reqs:
+            out.append(flat[start:start + r.batch])
+            start += r.batch
+        return out
+
+    def _response(self, req: ParsedRequest, results: list):
+        arrays = assemble_outputs(req, results, self.end_id)
+        tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in arrays.items()
+                   if not self.output_names or name in self.output_names]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    @staticmethod
+    def _error(message: str):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+    def finalize(self) -> None:
+        self.engine = None
