@@ -1,0 +1,238 @@
+"""The T5 encoder-decoder math in JAX (ft-t5-format.md section 5), on the tree of weights.py.
+
+Shapes: B batch rows, S encoder length, T decoder length, M decoder cache length (the output
+bucket), D d_model, H heads, K d_kv, F d_ff, V vocab, L layers (stacked, scanned with lax.scan
+so that compile time does not grow with depth).
+
+Everything that depends only on shapes (relative-position buckets) is computed with numpy at
+trace time, in float32 like t5x and HF, so the buckets are bit-identical to theirs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conversion.ft_format import T5Config
+
+NEG_INF = -1e9  # additive mask; large but finite so that fully masked rows stay NaN-free
+RMS_EPS = 1e-6
+
+
+# --- small pieces ----------------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """T5's layer norm: x * rsqrt(mean(x^2) + 1e-6) * scale, statistics in fp32. x [..., D]."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_EPS)
+    return y.astype(x.dtype) * scale
+
+
+def activation(cfg: T5Config, x: jax.Array) -> jax.Array:
+    act = cfg.activation
+    if act == "relu":
+        return jax.nn.relu(x)
+    if act == "gelu":
+        # FT's gelu kernel and t5x's gated-gelu are both the tanh approximation.
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
+def mlp(cfg: T5Config, p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """act(x @ wi) [* (x @ wi2)] @ wo. x [..., D] -> [..., D]."""
+    h = activation(cfg, x @ p["wi"])
+    if cfg.gated:
+        h = h * (x @ p["wi2"])
+    return h @ p["wo"]
+
+
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> np.ndarray:
+    """t5x/Mesh-TF bucketing of (key position - query position); numpy int32, same shape."""
+    ret = np.zeros_like(relative_position, dtype=np.int32)
+    n = -relative_position.astype(np.int64)
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(np.int32) * num_buckets
+        n = np.abs(n)
+    else:
+        n = np.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # float32 like HF (torch .float()) and t5x (jnp.float32); n = 0 is "small", so the
+    # clamp to 1 only avoids log(0) in a value that is discarded.
+    ratio = np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact)) / np.float32(
+        math.log(max_distance / max_exact))
+    large = max_exact + (ratio * np.float32(num_buckets - max_exact)).astype(np.int32)
+    large = np.minimum(large, num_buckets - 1)
+    return ret + np.where(is_small, n, large).astype(np.int32)
+
+
+def position_bias(table: jax.Array, buckets: np.ndarray) -> jax.Array:
+    """table [H, B], buckets [Q, Kp] -> bias [H, Q, Kp] (fp32)."""
+    return table[:, buckets]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """No 1/sqrt(K) scaling (T5 folds it into the query weights).
+
+    q [B, H, Q, K], k/v [B, H, Kp, K], bias broadcastable to [B, H, Q, Kp] (fp32, holds the
+    masks) -> [B, H, Q, K].
+    """
+    logits = jnp.einsum("bhqk,bhpk->bhqp", q, k, preferred_element_type=jnp.float32) + bias
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqp,bhpk->bhqk", probs, v)
+
+
+def project_heads(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, S, D], w [D, H, K] -> [B, H, S, K]."""
+    return jnp.einsum("bsd,dhk->bhsk", x, w)
+
+
+def merge_heads(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, H, S, K], w [H, K, D] -> [B, S, D]."""
+    return jnp.einsum("bhsk,hkd->bsd", x, w)
+
+
+def lm_logits(cfg: T5Config, params: dict, h: jax.Array) -> jax.Array:
+    """Final decoder norm and LM head. h [..., D] -> fp32 logits [..., V]."""
+    h = rms_norm(h, params["decoder_norm"])
+    if cfg.tie_word_embeddings:
+        h = h * jnp.asarray(cfg.d_model ** -0.5, h.dtype)
+    return jnp.einsum("...d,vd->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+# --- encoder ---------------------------------------------------------------------------------
+
+
+def key_mask(lengths: jax.Array, size: int) -> jax.Array:
+    """lengths [B] -> additive fp32 mask [B, 1, 1, size]: 0 on real keys, NEG_INF on padding."""
+    real = jnp.arange(size)[None, :] < lengths[:, None]
+    return jnp.where(real, 0.0, NEG_INF).astype(jnp.float32)[:, None, None, :]
+
+
+def encode(cfg: T5Config, params: dict, ids: jax.Array, lengths: jax.Array) -> jax.Array:
+    """ids [B, S] (padded), lengths [B] -> encoder output [B, S, D] (padded rows: garbage)."""
+    s = ids.shape[1]
+    x = params["embedding"][ids]
+    pos = np.arange(s)
+    buckets = relative_position_bucket(pos[None, :] - pos[:, None], True,
+                                       cfg.relative_attention_num_buckets,
+                                       cfg.relative_attention_max_distance)
+    bias = position_bias(params["encoder_rel_bias"], buckets)[None] + key_mask(lengths, s)
+
+    def layer(x: jax.Array, p: dict) -> tuple[jax.Array, None]:
+        h = rms_norm(x, p["ln_attn"])
+        o = attention(project_heads(h, p["q"]), project_heads(h, p["k"]),
+                      project_heads(h, p["v"]), bias)
+        x = x + merge_heads(o, p["o"])
+        x = x + mlp(cfg, p, rms_norm(x, p["ln_mlp"]))
+        return x, None
+
+    x, _ = jax.lax.scan(layer, x, params["encoder"])
+    return rms_norm(x, params["encoder_norm"])
+
+
+def cross_kv(params: dict, enc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The cross-attention keys and values, computed once per request.
+
+    enc [B, S, D] -> (k, v), each [L_d, B, H, S, K].
+    """
+    dec = params["decoder"]
+    k = jnp.einsum("bsd,ldhk->lbhsk", enc, dec["ck"])
+    v = jnp.einsum("bsd,ldhk->lbhsk", enc, dec["cv"])
+    return k, v
+
+
+# --- decoder ---------------------------------------------------------------------------------
+
+
+def decode_full(cfg: T5Config, params: dict, dec_ids: jax.Array, enc: jax.Array,
+                enc_lengths: jax.Array) -> jax.Array:
+    """Teacher-forced decoder over the whole sequence (no cache), for scoring and tests.
+
+    dec_ids [B, T], enc [B, S, D], enc_lengths [B] -> fp32 logits [B, T, V].
+    """
+    t = dec_ids.shape[1]
+    pos = np.arange(t)
+    buckets = relative_position_bucket(pos[None, :] - pos[:, None], False,
+                                       cfg.relative_attention_num_buckets,
+                                       cfg.relative_attention_max_distance)
+    causal = np.where(pos[None, :] <= pos[:, None], 0.0, NEG_INF).astype(np.float32)
+    self_bias = position_bias(params["decoder_rel_bias"], buckets)[None] + causal
+    cross_bias = key_mask(enc_lengths, enc.shape[1])
+    ck, cv = cross_kv(params, enc)
+    x = params["embedding"][dec_ids]
+
+    def layer(x: jax.Array, pc: tuple[dict, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        p, k_c, v_c = pc
+        h = rms_norm(x, p["ln_self"])
+        o = attention(project_heads(h, p["q"]), project_heads(h, p["k"]),
+                      project_heads(h, p["v"]), self_bias)
+        x = x + merge_heads(o, p["o"])
+        h = rms_norm(x, p["ln_cross"])
+        x = x + merge_heads(attention(project_heads(h, p["cq"]), k_c, v_c, cross_bias), p["co"])
+        x = x + mlp(cfg, p, rms_norm(x, p["ln_mlp"]))
+        return x, None
+
+    x, _ = jax.lax.scan(layer, x, (params["decoder"], ck, cv))
+    return lm_logits(cfg, params, x)
+
+
+def causal_bucket_table(cfg: T5Config, cache_len: int) -> np.ndarray:
+    """Bucket of each distance n = query - key in [0, cache_len) for the causal decoder."""
+    return relative_position_bucket(-np.arange(cache_len), False,
+                                    cfg.relative_attention_num_buckets,
+                                    cfg.relative_attention_max_distance)
+
+
+def decode_step(cfg: T5Config, params: dict, tokens: jax.Array, step: jax.Array,
+                cache_k: jax.Array, cache_v: jax.Array, cross_k: jax.Array, cross_v: jax.Array,
+                cross_bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One incremental decoder step with a preallocated key/value cache.
+
+    tokens [B] (the token at position `step`), step scalar int32,
+    cache_k/cache_v [L, B, H, M, K] (positions < step filled), cross_k/cross_v [L, B, H, S, K],
+    cross_bias [B, 1, 1, S].
+    Returns (fp32 logits [B, V], cache_k, cache_v with position `step` written).
+
+    The layer scan reads the cache and emits only this step's keys/values; the cache is
+    written once after the scan, so the while loop can update it in place.
+    """
+    m = cache_k.shape[3]
+    key_pos = jnp.arange(m)
+    dist = jnp.clip(step - key_pos, 0, m - 1)
+    table = jnp.asarray(causal_bucket_table(cfg, m))
+    rel = params["decoder_rel_bias"]  # [H, B]
+    past_bias = rel[:, table[dist]]  # [H, M]
+    past_bias = jnp.where(key_pos < step, past_bias, NEG_INF)[None, :, None, :]  # [1, H, 1, M]
+    self_bias = rel[:, table[0]][None, :, None, None]  # [1, H, 1, 1]: distance 0
+    x = params["embedding"][tokens][:, None, :]  # [B, 1, D]
+
+    def layer(x: jax.Array, pc: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        p, k_past, v_past, k_c, v_c = pc
+        h = rms_norm(x, p["ln_self"])
+        q, k, v = (project_heads(h, p[n]) for n in ("q", "k", "v"))  # [B, H, 1, K]
+        logits_past = jnp.einsum("bhqk,bhpk->bhqp", q, k_past,
+                                 preferred_element_type=jnp.float32) + past_bias
+        logits_self = jnp.einsum("bhqk,bhqk->bhq", q, k,
+                                 preferred_element_type=jnp.float32)[..., None] + self_bias
+        probs = jax.nn.softmax(jnp.concatenate([logits_past, logits_self], -1), axis=-1)
+        probs = probs.astype(v.dtype)
+        o = jnp.einsum("bhqp,bhpk->bhqk", probs[..., :m], v_past) + probs[..., m:] * v
+        x = x + merge_heads(o, p["o"])
+        h = rms_norm(x, p["ln_cross"])
+        x = x + merge_heads(attention(project_heads(h, p["cq"]), k_c, v_c, cross_bias), p["co"])
+        x = x + mlp(cfg, p, rms_norm(x, p["ln_mlp"]))
+        return x, (k[:, :, 0], v[:, :, 0])
+
+    x, (k_new, v_new) = jax.lax.scan(
+        layer, x, (params["decoder"], cache_k, cache_v, cross_k, cross_v))
+    # k_new [L, B, H, K] -> position `step` of the cache
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_new[:, :, :, None], step, axis=3)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_new[:, :, :, None], step, axis=3)
+    return lm_logits(cfg, params, x[:, 0]), cache_k, cache_v

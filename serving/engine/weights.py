@@ -1,0 +1,162 @@
+"""Load an FT weights folder (``<T>-gpu/``) into one full-size parameter tree.
+
+The folder's layout is described by :mod:`conversion.ft_format` (the only module serving shares
+with conversion). Files of any tensor-parallel size T are read and the ranks re-joined with
+``ft_format.join_ranks``, so one engine serves a folder written for any T.
+
+The tree keeps heads as their own axis ([D, H, K] rather than [D, I]): FT splits the attention
+projections on the head axis and the MLP on d_ff, so sharding this tree later over T devices
+along H and F reproduces FT's split exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from conversion import ft_format
+from conversion.ft_format import T5Config
+
+_RANK_FILE = re.compile(r"^encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight\.(\d+)\.bin$")
+
+Params = dict[str, "np.ndarray | dict[str, np.ndarray]"]
+
+
+def detect_tensor_parallel(weights_dir: Path) -> int:
+    """T from the rank files present (config.ini's tensor_para_size is optional in FT)."""
+    ranks = sorted(int(m.group(1)) for p in weights_dir.iterdir()
+                   if (m := _RANK_FILE.match(p.name)))
+    if not ranks:
+        raise FileNotFoundError(
+            f"{weights_dir} holds no encoder.block.0.layer.0.SelfAttention.q.weight.<rank>.bin: "
+            "not an FT T5 weights folder")
+    if ranks != list(range(len(ranks))):
+        raise FileNotFoundError(
+            f"{weights_dir}: rank files of encoder.block.0 q are {ranks}, expected 0..T-1")
+    return len(ranks)
+
+
+def read_ft_folder(weights_dir: str | Path) -> tuple[T5Config, str, int, dict[str, np.ndarray]]:
+    """Read every file FT opens and join the ranks.
+
+    Returns:
+      (config, weight dtype of the files, T the folder was split for,
+       {FT tensor name without rank suffix and .bin: full FT-layout array}).
+    Raises FileNotFoundError / ValueError naming the missing or malformed file.
+    """
+    weights_dir = Path(weights_dir)
+    ini = weights_dir / ft_format.CONFIG_INI
+    if not weights_dir.is_dir():
+        raise FileNotFoundError(f"weights folder {weights_dir} does not exist")
+    if not ini.is_file():
+        raise FileNotFoundError(f"{ini} is missing: an FT weights folder needs its config.ini")
+    cfg, weight_dtype = ft_format.parse_config_ini(ini.read_text())
+    t = detect_tensor_parallel(weights_dir)
+    cfg.check_tensor_parallel(t)
+
+    parts: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    splits: dict[str, ft_format.Split] = {}
+    for spec in ft_format.all_files(cfg, t):
+        path = weights_dir / spec.name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (expected shape {spec.shape(t)})")
+        try:
+            arr = ft_format.from_bytes(path.read_bytes(), spec.shape(t), weight_dtype)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        stem = spec.name.removesuffix(".bin")
+        if spec.split != "none":
+            stem = stem.rsplit(".", 1)[0]  # drop the rank suffix
+        parts[stem].append((spec.rank, arr))
+        splits[stem] = spec.split
+    full = {
+        stem: ft_format.join_ranks([a for _, a in sorted(ps, key=lambda x: x[0])], splits[stem])
+        for stem, ps in parts.items()
+    }
+    return cfg, weight_dtype, t, full
+
+
+def _heads(w: np.ndarray, cfg: T5Config) -> np.ndarray:
+    """[D, I] -> [D, H, K]: FT's I axis is head-major, as t5x's DenseGeneral features."""
+    return w.reshape(w.shape[0], cfg.num_heads, cfg.d_kv)
+
+
+def _heads_out(w: np.ndarray, cfg: T5Config) -> np.ndarray:
+    """[I, D] -> [H, K, D]."""
+    return w.reshape(cfg.num_heads, cfg.d_kv, w.shape[-1])
+
+
+def _mlp(full: dict[str, np.ndarray], prefix: str, cfg: T5Config) -> dict[str, np.ndarray]:
+    out = {"wi": full[f"{prefix}.DenseReluDense.wi.weight"],
+           "wo": full[f"{prefix}.DenseReluDense.wo.weight"]}
+    if cfg.gated:
+        out["wi2"] = full[f"{prefix}.DenseReluDense.wi2.weight"]
+    return out
+
+
+def to_param_tree(cfg: T5Config, full: dict[str, np.ndarray], dtype: np.dtype) -> Params:
+    """FT tensors -> the engine's tree, layers stacked on a leading axis (for lax.scan).
+
+    Tree (L_e / L_d = encoder / decoder depth):
+      embedding [V, D], lm_head [V, D] (the embedding when tied),
+      encoder_norm [D], decoder_norm [D], encoder_rel_bias [H, B], decoder_rel_bias [H, B],
+      encoder: {ln_attn [L_e, D], q/k/v [L_e, D, H, K], o [L_e, H, K, D], ln_mlp [L_e, D],
+                wi (wi2) [L_e, D, F], wo [L_e, F, D]}
+      decoder: {ln_self [L_d, D], q/k/v [L_d, D, H, K], o [L_d, H, K, D], ln_cross [L_d, D],
+                cq/ck/cv [L_d, D, H, K], co [L_d, H, K, D], ln_mlp [L_d, D], wi (wi2), wo}
+    """
+    def cast(a: np.ndarray) -> np.ndarray:
+        return np.asarray(a).astype(dtype)
+
+    enc_layers = []
+    for i in range(cfg.num_encoder_layers):
+        p = f"encoder.block.{i}"
+        a = f"{p}.layer.0.SelfAttention"
+        enc_layers.append({
+            "ln_attn": full[f"{p}.layer.0.layer_norm.weight"],
+            "q": _heads(full[f"{a}.q.weight"], cfg),
+            "k": _heads(full[f"{a}.k.weight"], cfg),
+            "v": _heads(full[f"{a}.v.weight"], cfg),
+            "o": _heads_out(full[f"{a}.o.weight"], cfg),
+            "ln_mlp": full[f"{p}.layer.1.layer_norm.weight"],
+            **_mlp(full, f"{p}.layer.1", cfg),
+        })
+    dec_layers = []
+    for i in range(cfg.num_decoder_layers):
+        p = f"decoder.block.{i}"
+        s, c = f"{p}.layer.0.SelfAttention", f"{p}.layer.1.EncDecAttention"
+        qkv = full[f"{s}.qkv.weight"]  # [D, 3, I]
+        dec_layers.append({
+            "ln_self": full[f"{p}.layer.0.layer_norm.weight"],
+            "q": _heads(qkv[:, 0], cfg),
+            "k": _heads(qkv[:, 1], cfg),
+            "v": _heads(qkv[:, 2], cfg),
+            "o": _heads_out(full[f"{s}.o.weight"], cfg),
+            "ln_cross": full[f"{p}.layer.1.layer_norm.weight"],
+            "cq": _heads(full[f"{c}.q.weight"], cfg),
+            "ck": _heads(full[f"{c}.k.weight"], cfg),
+            "cv": _heads(full[f"{c}.v.weight"], cfg),
+            "co": _heads_out(full[f"{c}.o.weight"], cfg),
+            "ln_mlp": full[f"{p}.layer.2.layer_norm.weight"],
+            **_mlp(full, f"{p}.layer.2", cfg),
+        })
+
+    def stack(layers: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {k: cast(np.stack([layer[k] for layer in layers])) for k in layers[0]}
+
+    emb = full["shared.weight_T"]
+    bias_stem = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    return {
+        "embedding": cast(emb),
+        "lm_head": cast(emb if cfg.tie_word_embeddings else full["lm_head.weight"]),
+        "encoder_norm": cast(full["encoder.final_layer_norm.weight"]),
+        "decoder_norm": cast(full["decoder.final_layer_norm.weight"]),
+        # Bias tables stay fp32: they are added to fp32 attention logits.
+        "encoder_rel_bias": np.asarray(full[f"encoder.{bias_stem}"], np.float32),
+        "decoder_rel_bias": np.asarray(full[f"decoder.{bias_stem}"], np.float32),
+        "encoder": stack(enc_layers),
+        "decoder": stack(dec_layers),
+    }
