@@ -1,0 +1,160 @@
+"""The output folder: predictions.jsonl written as results arrive, resume, final ordering.
+
+``predictions.jsonl`` gets one line per finished example, flushed at once, so a run killed at any
+moment keeps every line it wrote (at worst the last line is cut short; resume drops that stub).
+``--resume`` keeps every complete line whose id belongs to the current evaluation and sends only
+the rest. At the end both files are rewritten in example order, so a resumed run's files are
+byte-identical to an uninterrupted run's.
+
+A ``gs://`` output is staged in a local folder: lines are appended there and the file is copied
+to the bucket every ``sync_seconds`` and at the end (GCS objects cannot be appended to).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from conversion import storage
+
+PREDICTIONS = "predictions.jsonl"
+ERRORS = "errors.jsonl"
+METRICS = "metrics.json"
+REPORT = "report.html"
+
+
+class ResumeError(ValueError):
+    """The existing predictions do not belong to this evaluation."""
+
+
+def prediction_line(record: Mapping[str, Any]) -> str:
+    """One JSON line; the same record always gives the same bytes."""
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+class OutputDir:
+    """The files of one evaluation under ``output`` (a folder or a ``gs://`` prefix)."""
+
+    def __init__(self, output: str, resume: bool, sync_seconds: float = 30.0):
+        self.output = output
+        self.resume = resume
+        self.sync_seconds = sync_seconds
+        self._last_sync = time.monotonic()
+        if storage.is_gcs(output):
+            self.local = Path(tempfile.mkdtemp(prefix="t5ft-eval-"))
+            self._staged = True
+        else:
+            self.local = Path(output)
+            self._staged = False
+        self.local.mkdir(parents=True, exist_ok=True)
+        self._pred_path = self.local / PREDICTIONS
+        self._err_path = self.local / ERRORS
+        if self._staged and resume and storage.exists(self.remote(PREDICTIONS)):
+            self._pred_path.write_bytes(storage.read_bytes(self.remote(PREDICTIONS)))
+        if not resume:
+            self._pred_path.write_bytes(b"")
+        # Failures are not final: a resumed run tries them again, so errors start empty.
+        self._err_path.write_bytes(b"")
+        self._pred = None
+        self._err = None
+
+    def remote(self, name: str) -> str:
+        return storage.join(self.output, name)
+
+    def load_done(self, references: Mapping[str, str]) -> dict[str, str]:
+        """Complete lines already in predictions.jsonl, by id, for ids in ``references``.
+
+        Args:
+          references: id -> reference summary of every example of this evaluation.
+
+        Returns:
+          id -> the line as written (kept verbatim so the final file is unchanged).
+
+        Raises:
+          ResumeError: a line's reference differs from the dataset's (another dataset or
+            another --summary-field), which would silently mix two evaluations.
+        """
+        if not self._pred_path.exists():
+            return {}
+        raw = self._pred_path.read_bytes()
+        done: dict[str, str] = {}
+        good_end = 0
+        for chunk in raw.splitlines(keepends=True):
+            if not chunk.endswith(b"\n"):
+                break  # cut short by a kill: the example is sent again
+            try:
+                record = json.loads(chunk)
+                ex_id = str(record["id"])
+            except (ValueError, KeyError, TypeError):
+                break
+            good_end += len(chunk)
+            if ex_id in references and ex_id not in done:
+                if record.get("reference") != references[ex_id]:
+                    raise ResumeError(
+                        f"{self.remote(PREDICTIONS)}: example {ex_id!r} has another reference "
+                        "than the dataset's; use another --output or drop --resume"
+                    )
+                done[ex_id] = chunk.decode("utf-8")
+        if good_end != len(raw):
+            with open(self._pred_path, "r+b") as f:
+                f.truncate(good_end)
+        return done
+
+    def append_prediction(self, record: Mapping[str, Any]) -> None:
+        if self._pred is None:
+            self._pred = open(self._pred_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._pred.write(prediction_line(record))
+        self._pred.flush()
+        self._maybe_sync()
+
+    def append_error(self, record: Mapping[str, Any]) -> None:
+        if self._err is None:
+            self._err = open(self._err_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._err.write(prediction_line(record))
+        self._err.flush()
+
+    def finalize(
+        self, order: Mapping[str, int], predictions: Mapping[str, str], errors: Iterable[dict]
+    ) -> None:
+        """Rewrite both files in example order (``order``: id -> index)."""
+        self.close()
+        lines = sorted(predictions.items(), key=lambda kv: order[kv[0]])
+        self._write_local(PREDICTIONS, "".join(line for _, line in lines))
+        errs = sorted(errors, key=lambda e: (e["index"], e["id"]))
+        self._write_local(ERRORS, "".join(prediction_line(e) for e in errs))
+        if self._staged:
+            for name in (PREDICTIONS, ERRORS):
+                storage.write_bytes(self.remote(name), (self.local / name).read_bytes())
+
+    def write_file(self, name: str, text: str) -> None:
+        """A whole file (metrics.json, report.html), written atomically."""
+        storage.write_text(self.remote(name), text)
+
+    def close(self) -> None:
+        for f in (self._pred, self._err):
+            if f is not None:
+                f.close()
+        self._pred = self._err = None
+
+    def cleanup(self) -> None:
+        self.close()
+        if self._staged:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def _write_local(self, name: str, text: str) -> None:
+        path = self.local / name
+        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+
+    def _maybe_sync(self) -> None:
+        if not self._staged or time.monotonic() - self._last_sync < self.sync_seconds:
+            return
+        self._last_sync = time.monotonic()
+        storage.write_bytes(self.remote(PREDICTIONS), self._pred_path.read_bytes())

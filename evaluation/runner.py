@@ -1,0 +1,349 @@
+"""Sharded evaluation: examples -> Ray Data actor pool of Triton clients -> outputs as they come.
+
+The driver reads the data, keeps what a resumed run already has, and cuts the rest into
+requests of ``batch_size`` examples in example order (fixed, so 1 or N actors send exactly the
+same requests and greedy decoding gives the same predictions). Each request is one row of a Ray
+Dataset; ``map_batches(Predictor, concurrency=num_actors)`` runs a pool of actors, each holding a
+``tritonclient.grpc`` client over every endpoint with ``requests_per_actor`` requests in flight.
+Results stream back unordered; the driver scores each example and appends it to
+predictions.jsonl at once. At the end the files are put in example order and metrics.json and
+report.html are written.
+
+Ray Data gives the pool, streaming, backpressure and actor restarts; the actor never raises
+(a failed request becomes error rows), so one bad example cannot fail the dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from evaluation import metrics as eval_metrics
+from evaluation import report as eval_report
+from evaluation.client import RequestFailed, T5Client, describe, is_transient, parse_urls
+from evaluation.data import DEFAULT_TEMPLATE, Example, load_examples
+from evaluation.outputs import METRICS, PREDICTIONS, REPORT, OutputDir, prediction_line
+from evaluation.tokenizer import Tokenizer, load_tokenizer
+
+LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+
+
+class EvaluationError(ValueError):
+    """Settings or preconditions that make the evaluation impossible (reported as one line)."""
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """Everything ``ray_jobs.evaluate``'s flags set (interfaces.md), plus retry knobs."""
+
+    url: str | Sequence[str]
+    model_name: str
+    output: str
+    dataset: str = "xsum"
+    split: str = "test"
+    max_examples: int | None = None
+    vocab: str | None = None
+    model_repository: str | None = None
+    document_field: str = "document"
+    summary_field: str = "summary"
+    input_template: str = DEFAULT_TEMPLATE
+    max_input_len: int = 512
+    max_output_len: int = 64
+    beam_width: int = 1
+    top_k: int = 1
+    num_actors: int = 4
+    batch_size: int = 8
+    requests_per_actor: int = 2
+    resume: bool = False
+    random_seed: int = 0
+    max_attempts: int = 10
+    retry_timeout_s: float = 180.0
+    ready_timeout_s: float = 60.0
+    actor_num_cpus: float = 0.25
+    progress: bool = True
+
+    def validate(self) -> list[str]:
+        try:
+            urls = parse_urls(self.url)
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from exc
+        for name in ("max_input_len", "max_output_len", "beam_width", "top_k", "num_actors",
+                     "batch_size", "requests_per_actor", "max_attempts"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise EvaluationError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if not self.model_name:
+            raise EvaluationError("--model-name is empty")
+        return urls
+
+
+class Predictor:
+    """Ray Data callable class: one row = one request of up to ``batch_size`` examples.
+
+    Input columns: ``ids`` and ``texts`` (lists). Output: one row per example with ``id``,
+    ``prediction``, ``latency_ms`` (the request's wall time) and ``error`` ("" when it worked).
+    """
+
+    def __init__(self, urls: list[str], model_name: str, vocab: bytes, settings: dict):
+        import os
+
+        from ray.util import metrics as ray_metrics
+
+        self.tokenizer = Tokenizer(vocab)
+        self.s = settings
+        tags = {"model": model_name}
+        self.done = ray_metrics.Counter(
+            "t5ft_eval_examples_done", "Examples with a prediction", tag_keys=("model",)
+        )
+        self.failed = ray_metrics.Counter(
+            "t5ft_eval_examples_failed", "Examples whose request failed", tag_keys=("model",)
+        )
+        self.retried = ray_metrics.Counter(
+            "t5ft_eval_request_retries", "Requests sent again after a transient error",
+            tag_keys=("model",),
+        )
+        self.latency = ray_metrics.Histogram(
+            "t5ft_eval_request_latency_ms", "Triton request latency (ms)",
+            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model",),
+        )
+        for m in (self.done, self.failed, self.retried, self.latency):
+            m.set_default_tags(tags)
+        self.client = T5Client(
+            urls, model_name, start=os.getpid(),
+            max_attempts=settings["max_attempts"],
+            retry_timeout_s=settings["retry_timeout_s"],
+            on_retry=lambda url, exc: self.retried.inc(),
+        )
+
+    def _generate(self, texts: list[str]) -> list[str]:
+        rows = [self.tokenizer.encode(t, self.s["max_input_len"]) for t in texts]
+        outs = self.client.generate(
+            rows,
+            max_output_len=self.s["max_output_len"],
+            beam_width=self.s["beam_width"],
+            top_k=self.s["top_k"],
+            random_seed=self.s["random_seed"],
+        )
+        return [self.tokenizer.decode(o) for o in outs]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"id": [], "prediction": [], "latency_ms": [], "error": []}
+        for ids, texts in zip(batch["ids"], batch["texts"], strict=True):
+            ids, texts = [str(i) for i in ids], [str(t) for t in texts]
+            for group_ids, preds, ms, err in self._request(ids, texts):
+                for i, ex_id in enumerate(group_ids):
+                    out["id"].append(ex_id)
+                    out["prediction"].append(preds[i] if preds else "")
+                    out["latency_ms"].append(ms)
+                    out["error"].append(err)
+        return out
+
+    def _request(self, ids: list[str], texts: list[str]):
+        """Yield (ids, predictions or None, latency ms, error) for one request.
+
+        A request the server rejects is split into single examples, so one example it cannot
+        take (too long, say) fails alone; when the server is away, all of them fail with the
+        reason.
+        """
+        t0 = time.perf_counter()
+        try:
+            preds = self._generate(texts)
+        except Exception as exc:  # noqa: BLE001 - becomes error rows, never fails the dataset
+            ms = (time.perf_counter() - t0) * 1000.0
+            cause = exc.__cause__ if isinstance(exc, RequestFailed) else exc
+            if len(ids) > 1 and cause is not None and not is_transient(cause):
+                for i in range(len(ids)):
+                    yield from self._request(ids[i : i + 1], texts[i : i + 1])
+                return
+            self.failed.inc(len(ids))
+            reason = str(exc) if isinstance(exc, RequestFailed) else describe(exc)
+            yield ids, None, ms, reason
+            return
+        ms = (time.perf_counter() - t0) * 1000.0
+        self.done.inc(len(ids))
+        self.latency.observe(ms)
+        yield ids, preds, ms, ""
+
+
+def request_batches(examples: Sequence[Example], batch_size: int) -> list[dict[str, list]]:
+    """Examples in order, cut into requests of ``batch_size`` (the last one may be smaller)."""
+    return [
+        {
+            "ids": [e.id for e in examples[i : i + batch_size]],
+            "texts": [e.input_text for e in examples[i : i + batch_size]],
+        }
+        for i in range(0, len(examples), batch_size)
+    ]
+
+
+def wait_until_ready(urls: Sequence[str], model_name: str, timeout_s: float) -> None:
+    """Fail early and clearly when no endpoint serves the model (wrong URL or model name)."""
+    import tritonclient.grpc as grpcclient
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        for url in urls:
+            client = grpcclient.InferenceServerClient(url)
+            try:
+                if client.is_model_ready(model_name):
+                    return
+                last = f"{url}: model {model_name!r} is not ready"
+            except Exception as exc:  # noqa: BLE001 - any failure means "not this one"
+                last = f"{url}: {describe(exc)}"
+            finally:
+                client.close()
+        if time.monotonic() > deadline:
+            raise EvaluationError(
+                f"no endpoint serves model {model_name!r} after {timeout_s:.0f}s ({last})"
+            )
+        time.sleep(1.0)
+
+
+def _stream_results(
+    batches: list[dict[str, list]], urls: list[str], s: EvalSettings, vocab: bytes
+) -> Iterator[dict[str, Any]]:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows one bar in examples, not Ray's in blocks
+    ctx.print_on_execution_start = False
+    settings = {k: getattr(s, k) for k in ("max_input_len", "max_output_len", "beam_width",
+                                            "top_k", "random_seed", "max_attempts",
+                                            "retry_timeout_s")}
+    # One block per request: every request can go to any actor as soon as one is free.
+    ds = ray.data.from_items(batches, override_num_blocks=len(batches))
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"urls": urls, "model_name": s.model_name, "vocab": vocab,
+                               "settings": settings},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(
+            size=s.num_actors,
+            max_concurrent_calls_per_actor=s.requests_per_actor,
+            enable_true_multi_threading=True,
+        ),
+        num_cpus=s.actor_num_cpus,
+    )
+    yield from ds.iter_rows()
+
+
+def evaluate(settings: EvalSettings, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one evaluation and write its outputs (see interfaces.md, ray_jobs.evaluate).
+
+    Ray must be initialised (``ray_jobs._cli.init_ray``); if it is not, a local Ray is started.
+
+    Returns:
+      metrics.json's content plus ``output`` (OUT), ``predictions`` and ``report`` paths.
+
+    Raises:
+      EvaluationError, evaluation.data.DataError, evaluation.tokenizer.VocabError,
+      evaluation.outputs.ResumeError: bad settings or inputs, each with a one-line reason.
+    """
+    import ray
+    from tqdm import tqdm
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    s = settings
+    urls = s.validate()
+    tokenizer = load_tokenizer(s.vocab, s.model_repository, s.model_name)
+    data = load_examples(
+        s.dataset, split=s.split, max_examples=s.max_examples,
+        document_field=s.document_field, summary_field=s.summary_field,
+        input_template=s.input_template,
+    )
+    order = {e.id: e.index for e in data.examples}
+    out = OutputDir(s.output, resume=s.resume)
+    try:
+        done = out.load_done({e.id: e.reference for e in data.examples})
+        errors: list[dict] = []
+        for row_error in data.errors:
+            errors.append(row_error.to_json())
+            out.append_error(errors[-1])
+        pending = [e for e in data.examples if e.id not in done]
+        log(f"evaluate: {data.total} rows, {len(data.errors)} rejected, "
+            f"{len(done)} already predicted, {len(pending)} to send to {len(urls)} endpoint(s)")
+
+        scorer = eval_metrics.make_scorer()
+        scores: dict[str, dict] = {}
+        latencies: list[float] = []
+        references = {e.id: e.reference for e in pending}
+        index_of = {e.id: e.index for e in pending}
+        t_requests = time.perf_counter()
+        if pending:
+            wait_until_ready(urls, s.model_name, s.ready_timeout_s)
+            if not ray.is_initialized():
+                ray.init()
+            batches = request_batches(pending, s.batch_size)
+            bar = tqdm(total=len(pending), desc="evaluate", unit="ex", file=sys.stderr,
+                       disable=not s.progress, dynamic_ncols=True)
+            failed_now = 0
+            for row in _stream_results(batches, urls, s, tokenizer.model_proto):
+                ex_id = str(row["id"])
+                if row["error"]:
+                    failed_now += 1
+                    errors.append({"id": ex_id, "index": index_of[ex_id],
+                                   "reason": str(row["error"]), "stage": "request"})
+                    out.append_error(errors[-1])
+                else:
+                    prediction = str(row["prediction"])
+                    sc = eval_metrics.score_example(scorer, prediction, references[ex_id])
+                    scores[ex_id] = sc
+                    record = {"id": ex_id, "prediction": prediction,
+                              "reference": references[ex_id], **eval_metrics.f_measures(sc)}
+                    done[ex_id] = prediction_line(record)
+                    out.append_prediction(record)
+                    latencies.append(float(row["latency_ms"]))
+                bar.update(1)
+                bar.set_postfix(failed=failed_now, refresh=False)
+            bar.close()
+        request_seconds = time.perf_counter() - t_requests
+
+        out.finalize(order, done, errors)
+        ordered_ids = sorted(done, key=order.__getitem__)
+        for ex_id in ordered_ids:
+            if ex_id not in scores:  # kept from an earlier run: score it the same way again
+                rec = json.loads(done[ex_id])
+                scores[ex_id] = eval_metrics.score_example(
+                    scorer, rec["prediction"], rec["reference"]
+                )
+        rouge = eval_metrics.aggregate_rouge(scores[i] for i in ordered_ids)
+        sent = len(latencies)
+        result = eval_metrics.summary_metrics(
+            rouge, examples=len(done), failed=len(errors),
+            seconds=time.perf_counter() - t_start, sent=sent,
+            latencies_ms=latencies, resumed=len(data.examples) - len(pending),
+        )
+        result["request_seconds"] = round(request_seconds, 3)
+        result["examples_per_second"] = (
+            round(sent / request_seconds, 3) if sent and request_seconds > 0 else 0.0
+        )
+        out.write_file(METRICS, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        html = eval_report.render_report(
+            result,
+            per_example={t: [scores[i][t].fmeasure for i in ordered_ids]
+                         for t in eval_metrics.ROUGE_TYPES},
+            latencies_ms=latencies,
+            samples=[json.loads(done[i]) for i in ordered_ids[:5]],
+            errors=errors[:20],
+            settings={"model": s.model_name, "dataset": s.dataset, "split": s.split,
+                      "endpoints": ", ".join(urls), "actors": s.num_actors,
+                      "batch size": s.batch_size, "max input len": s.max_input_len,
+                      "max output len": s.max_output_len, "beam width": s.beam_width,
+                      "top k": s.top_k},
+        )
+        out.write_file(REPORT, html)
+        result.update(output=s.output, predictions=out.remote(PREDICTIONS),
+                      report=out.remote(REPORT))
+        return result
+    finally:
+        out.cleanup()

@@ -1,0 +1,86 @@
+"""Evaluation fixtures: a vocabulary trained on the bundled XSum sample, data files in every
+supported format, and (for the server-backed tests) a tiny random T5 converted by
+``ray_jobs.convert`` and served by real tritonservers (``serving.local.LocalServers``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MODEL = "t5"
+VOCAB_SIZE = 200
+
+
+def sample_rows(xsum_sample: Path) -> list[dict]:
+    return [json.loads(line) for line in xsum_sample.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def eval_vocab(tmp_path_factory, xsum_sample) -> Path:
+    """A T5-style SentencePiece model (pad 0, eos 1, unk 2) trained on the sample's texts."""
+    from demo.vocab import train_sentencepiece
+
+    rows = sample_rows(xsum_sample)
+    texts = [r["document"] for r in rows] + [r["summary"] for r in rows]
+    path = tmp_path_factory.mktemp("eval_vocab") / "spiece.model"
+    return train_sentencepiece(texts, path, VOCAB_SIZE)
+
+
+@pytest.fixture(scope="session")
+def eval_jsonl(tmp_path_factory, xsum_sample) -> Path:
+    """The 10 sample rows twice over (20 examples), each with an ``id`` field."""
+    rows = sample_rows(xsum_sample)
+    path = tmp_path_factory.mktemp("eval_data") / "xsum20.jsonl"
+    with path.open("w") as f:
+        for i, row in enumerate(rows + rows):
+            f.write(json.dumps({"id": f"bbc-{i:03d}", **row}) + "\n")
+    return path
+
+
+def subprocess_env(repo_root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), env.get("PYTHONPATH")) if p)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+@pytest.fixture(scope="session")
+def eval_model_repo(tmp_path_factory, repo_root, eval_vocab) -> Path:
+    """A Triton model repository (jax engine, fp32) with ``t5/spiece.model``, made by the real
+    chain: demo.t5x_writer -> python -m ray_jobs.convert --engine jax --vocab."""
+    import sentencepiece as spm
+
+    from conversion.ft_format import T5Config
+    from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
+
+    vocab_size = spm.SentencePieceProcessor(model_file=str(eval_vocab)).get_piece_size()
+    cfg = T5Config(d_model=32, num_heads=4, d_kv=8, d_ff=64, vocab_size=vocab_size,
+                   num_encoder_layers=2, num_decoder_layers=2,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    work = tmp_path_factory.mktemp("eval_model")
+    ckpt = work / "ckpt"
+    write_t5x_checkpoint(ckpt, random_t5x_params(cfg, seed=0, dtype="float32"), step=1)
+    repo = work / "repo"
+    cmd = [sys.executable, "-m", "ray_jobs.convert", "--src", str(ckpt), "--dst", str(repo),
+           "--model-name", MODEL, "--engine", "jax", "--inference-dtype", "fp32",
+           "--vocab", str(eval_vocab), "--json"]
+    proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(repo_root),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"convert failed: {proc.stderr[-2000:]}"
+    assert (repo / MODEL / "spiece.model").is_file()
+    return repo
+
+
+@pytest.fixture(scope="session")
+def eval_servers(ray_local, eval_model_repo):
+    """Two real tritonservers serving the tiny model (ports fixed for the session)."""
+    from serving.local import LocalServers
+
+    with LocalServers(str(eval_model_repo), MODEL, replicas=2, num_cpus=0.5) as servers:
+        yield servers

@@ -1,0 +1,44 @@
+"""evaluation.tokenizer with a real SentencePiece model trained by demo.vocab."""
+
+from __future__ import annotations
+
+import pytest
+
+from evaluation.tokenizer import EOS_ID, Tokenizer, VocabError, load_tokenizer, vocab_location
+
+
+def test_encode_appends_eos_and_truncates(eval_vocab):
+    tok = Tokenizer(eval_vocab.read_bytes())
+    ids = tok.encode("The Met Office has issued a yellow weather warning.", max_len=512)
+    assert ids[-1] == EOS_ID and EOS_ID not in ids[:-1]
+    short = tok.encode("The Met Office has issued a yellow weather warning.", max_len=4)
+    assert short == [*ids[:3], EOS_ID]
+    assert tok.encode("", max_len=8) == [EOS_ID]
+
+
+def test_decode_stops_at_eos_and_round_trips(eval_vocab):
+    tok = Tokenizer(eval_vocab.read_bytes())
+    text = "The Met Office has issued a yellow weather warning for ice across most of Wales."
+    ids = tok.encode(text, max_len=512)
+    assert tok.decode(ids) == text
+    # What a server sends back: tokens, EOS, then whatever padding or junk follows.
+    assert tok.decode([*ids[:-1], EOS_ID, 57, 58, 0, 0]) == text
+    assert tok.decode([0, *ids]) == text  # pad ids are not text
+
+
+def test_vocab_from_model_repository_and_errors(tmp_path, eval_vocab):
+    repo = tmp_path / "repo"
+    (repo / "t5").mkdir(parents=True)
+    (repo / "t5" / "spiece.model").write_bytes(eval_vocab.read_bytes())
+    assert vocab_location(None, str(repo), "t5") == f"{repo}/t5/spiece.model"
+    assert vocab_location("gs://b/v.model", str(repo), "t5") == "gs://b/v.model"
+    assert load_tokenizer(None, str(repo), "t5").vocab_size == Tokenizer(
+        eval_vocab.read_bytes()).vocab_size
+    with pytest.raises(VocabError, match="give --vocab"):
+        load_tokenizer(None, None, "t5")
+    with pytest.raises(VocabError, match="does not exist"):
+        load_tokenizer(None, str(repo), "other")
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(VocabError, match="not a SentencePiece model"):
+        load_tokenizer(str(bad), None, "t5")
