@@ -1,0 +1,288 @@
+"""python -m cluster render|up|status|down --config CLUSTER.yaml
+
+render  print the objects as YAML (for kubectl apply -f -); nothing is contacted.
+up      create or update them through the API, wait for the RayCluster to be ready and print
+        the dashboard address for `ray job submit` (with --job: run ENTRYPOINT as a one-shot
+        RayJob and wait for it to finish).
+status  the cluster's state, and per worker group how many pods are ready of how many wanted,
+        which resource is short and why (pod conditions and events).
+down    delete the RayCluster (or the RayJob), any Triton we launched, the Role, RoleBinding
+        and service accounts; the namespace stays.
+
+Credentials: --kubeconfig, else in-cluster, else ~/.kube/config (gcloud container clusters
+get-credentials writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import yaml
+
+from cluster import diagnose, raycluster, rbac
+from cluster.config import ClusterConfig, ConfigError, load_config
+from cluster.kubeapi import Kube, new_api_client
+from ray_jobs._cli import UserError, emit_summary, run_main
+
+TRITON_SELECTOR = "app.kubernetes.io/name=triton,app.kubernetes.io/managed-by=t5x-ft-ray"
+
+
+def _progress(message: str) -> None:
+    # Progress goes to stderr so that with --json the last stdout line stays the summary.
+    print(message, file=sys.stderr, flush=True)
+
+
+def render_objects(cfg: ClusterConfig, job: str | None = None,
+                   runtime_env: dict | None = None) -> list[dict]:
+    """Every object `up` applies, in order."""
+    top = (raycluster.rayjob(cfg, job, runtime_env) if job is not None
+           else raycluster.raycluster(cfg))
+    return rbac.access_objects(cfg) + [top]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster",
+        description="KubeRay on GKE: render, create, inspect and delete our Ray cluster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, api: bool = True) -> None:
+        p.add_argument("--config", required=True, help="cluster YAML (examples/cluster-*.yaml)")
+        p.add_argument("--json", action="store_true",
+                       help="print a JSON summary as the last stdout line")
+        if api:
+            p.add_argument("--kubeconfig", default=None,
+                           help="kubeconfig file; default in-cluster, else ~/.kube/config")
+            p.add_argument("--context", default=None, help="kubeconfig context")
+            p.add_argument("--retries", type=int, default=5,
+                           help="retries on 429/5xx/connection errors (default 5)")
+
+    def job_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--job", default=None, metavar="ENTRYPOINT",
+                       help="a one-shot RayJob running ENTRYPOINT on its own cluster, deleted "
+                       "when the job ends, instead of a long-lived RayCluster")
+        p.add_argument("--runtime-env-json", default=None,
+                       help="the RayJob's runtime env (working_dir must be a gs:// or https "
+                       "zip URI: a RayJob uploads nothing from here)")
+
+    p = sub.add_parser("render", help="print the objects as YAML")
+    common(p, api=False)
+    job_flags(p)
+    p.add_argument("--output", default=None, help="write the YAML here instead of stdout")
+
+    p = sub.add_parser("up", help="create/update, wait until ready, print the dashboard address")
+    common(p)
+    job_flags(p)
+    p.add_argument("--timeout", type=float, default=900,
+                   help="seconds to wait for the cluster (or the job) (default 900)")
+    p.add_argument("--poll", type=float, default=5, help="seconds between checks (default 5)")
+
+    p = sub.add_parser("status", help="state per group: ready/wanted, short resources, why")
+    common(p)
+    p.add_argument("--job", action="store_true", help="report on the RayJob instead")
+
+    p = sub.add_parser("down", help="delete the cluster, launched Tritons and the access objects")
+    common(p)
+    p.add_argument("--job", action="store_true", help="delete the RayJob instead")
+    p.add_argument("--keep-access", action="store_true",
+                   help="keep the service accounts, Role and RoleBinding")
+    return parser
+
+
+def _runtime_env(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        env = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"--runtime-env-json is not JSON: {exc}") from exc
+    if not isinstance(env, dict):
+        raise UserError("--runtime-env-json must be a JSON object")
+    return env
+
+
+# -- commands --------------------------------------------------------------------------------
+
+def cmd_render(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
+    objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json))
+    text = yaml.safe_dump_all(objects, sort_keys=False)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    elif not args.json:
+        sys.stdout.write(text)
+    return {"objects": [f"{o['kind']}/{o['metadata']['name']}" for o in objects],
+            "output": args.output or "-"}
+
+
+def _cluster_report(kube: Kube, cfg: ClusterConfig, rc: dict) -> tuple[list, str]:
+    name = rc["metadata"]["name"]
+    pods = kube.list("Pod", cfg.namespace, label_selector=f"ray.io/cluster={name}")
+    events = kube.list("Event", cfg.namespace)
+    groups = diagnose.diagnose(rc, pods, events)
+    return groups, diagnose.summary(rc, groups)
+
+
+def dashboard_address(kube: Kube, cfg: ClusterConfig) -> str:
+    """The address for `ray job submit`: the LoadBalancer's IP if there is one, else the
+    in-cluster Service name (reach it with kubectl port-forward)."""
+    if cfg.head.service_type == "LoadBalancer":
+        svc = kube.get("Service", cfg.head_service, cfg.namespace) or {}
+        ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+        if ingress:
+            return raycluster.dashboard_url(cfg, ingress[0].get("ip") or ingress[0].get(
+                "hostname"))
+    return raycluster.dashboard_url(cfg)
+
+
+def _wait(timeout: float, poll: float, check, describe) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        if check():
+            return
+        note = describe()
+        if note != last:
+            _progress(note)
+            last = note
+        if time.monotonic() >= deadline:
+            raise UserError(f"not ready after {timeout:.0f}s: {note}")
+        time.sleep(poll)
+
+
+def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
+    objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json))
+    applied = []
+    for obj in objects:
+        outcome, _ = kube.apply(obj)
+        _progress(f"{obj['kind']}/{obj['metadata']['name']}: {outcome}")
+        applied.append(f"{obj['kind']}/{obj['metadata']['name']}: {outcome}")
+    if args.job is not None:
+        return {"applied": applied, **_wait_job(cfg, args, kube)}
+
+    state: dict = {}
+
+    def check() -> bool:
+        state["rc"] = kube.get("RayCluster", cfg.name, cfg.namespace) or {}
+        return diagnose.raycluster_ready(state["rc"])
+
+    def describe() -> str:
+        groups, headline = _cluster_report(kube, cfg, state["rc"])
+        short = [g.line() for g in groups if not g.ok]
+        return headline + ("; " + "; ".join(short) if short else "")
+
+    _wait(args.timeout, args.poll, check, describe)
+    url = dashboard_address(kube, cfg)
+    if cfg.head.service_type != "LoadBalancer":
+        _progress(f"from outside the cluster: kubectl -n {cfg.namespace} port-forward "
+                  f"svc/{cfg.head_service} 8265:8265, then --address http://127.0.0.1:8265")
+    _progress(f"ray job submit --address {url} --working-dir . -- python -m ray_jobs.pipeline "
+              f"--config PIPELINE.yaml --json")
+    return {"applied": applied, "ready": True, "dashboard": url,
+            "namespace": cfg.namespace, "raycluster": cfg.name}
+
+
+def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
+    name = raycluster.rayjob_name(cfg)
+    state: dict = {}
+
+    def check() -> bool:
+        job = kube.get("RayJob", name, cfg.namespace) or {}
+        state["status"] = job.get("status") or {}
+        return state["status"].get("jobDeploymentStatus") in ("Complete", "Failed") or \
+            state["status"].get("jobStatus") in ("SUCCEEDED", "FAILED", "STOPPED")
+
+    def describe() -> str:
+        s = state.get("status") or {}
+        return (f"RayJob {name}: deployment {s.get('jobDeploymentStatus', 'pending')}, "
+                f"job {s.get('jobStatus', 'pending')}")
+
+    _wait(args.timeout, args.poll, check, describe)
+    status = state["status"]
+    if status.get("jobStatus") != "SUCCEEDED":
+        raise UserError(f"RayJob {name} ended {status.get('jobStatus') or 'without a job'} "
+                        f"({status.get('jobDeploymentStatus')}): "
+                        f"{' '.join((status.get('message') or 'no message').split())}")
+    return {"rayjob": name, "job_status": status.get("jobStatus"),
+            "job_id": status.get("jobId"), "namespace": cfg.namespace}
+
+
+def cmd_status(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
+    result: dict = {"namespace": cfg.namespace}
+    name = cfg.name
+    if args.job:
+        job = kube.get("RayJob", raycluster.rayjob_name(cfg), cfg.namespace)
+        if job is None:
+            raise UserError(f"RayJob {raycluster.rayjob_name(cfg)} not found in namespace "
+                            f"{cfg.namespace!r}")
+        status = job.get("status") or {}
+        result.update(rayjob=job["metadata"]["name"], job_status=status.get("jobStatus"),
+                      job_deployment_status=status.get("jobDeploymentStatus"))
+        print(f"RayJob {job['metadata']['name']}: deployment "
+              f"{status.get('jobDeploymentStatus')}, job {status.get('jobStatus')}", flush=True)
+        name = status.get("rayClusterName")
+        if not name:
+            return result
+    rc = kube.get("RayCluster", name, cfg.namespace)
+    if rc is None:
+        raise UserError(f"RayCluster {name} not found in namespace {cfg.namespace!r}; "
+                        f"create it with python -m cluster up --config {args.config}")
+    groups, headline = _cluster_report(kube, cfg, rc)
+    ready = diagnose.raycluster_ready(rc)
+    if not args.json:
+        print(headline)
+        for g in groups:
+            print(f"  {g.line()}")
+        if ready:
+            print(f"dashboard: {dashboard_address(kube, cfg)}")
+    result.update(raycluster=name, ready=ready, state=(rc.get("status") or {}).get("state"),
+                  groups=[g.to_json() for g in groups])
+    if ready:
+        result["dashboard"] = dashboard_address(kube, cfg)
+    return result
+
+
+def cmd_down(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
+    deleted = []
+    if args.job:
+        targets = [("RayJob", raycluster.rayjob_name(cfg))]
+    else:
+        targets = [("RayCluster", cfg.name)]
+    # Tritons a serve job left behind keep GPUs busy; they go with the cluster.
+    for kind in ("Deployment", "Service"):
+        for obj in kube.list(kind, cfg.namespace, label_selector=TRITON_SELECTOR):
+            targets.append((kind, obj["metadata"]["name"]))
+    if not args.keep_access:
+        targets += [("RoleBinding", rbac.role_name(cfg)), ("Role", rbac.role_name(cfg)),
+                    ("ServiceAccount", cfg.service_accounts.triton),
+                    ("ServiceAccount", cfg.service_accounts.ray)]
+    for kind, name in targets:
+        gone = kube.delete(kind, name, cfg.namespace)
+        _progress(f"{kind}/{name}: {'deleted' if gone else 'not found'}")
+        if gone:
+            deleted.append(f"{kind}/{name}")
+    return {"deleted": deleted, "namespace": cfg.namespace}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+    if args.command == "render":
+        summary = cmd_render(cfg, args)
+    else:
+        kube = Kube(new_api_client(args.kubeconfig, args.context), retries=args.retries)
+        command = {"up": cmd_up, "status": cmd_status, "down": cmd_down}[args.command]
+        summary = command(cfg, args, kube)
+    if args.json or args.command in ("up", "down"):
+        emit_summary(summary, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,215 @@
+"""KubeRay RayCluster and RayJob objects from a ClusterConfig (pure).
+
+Pod templates are `kubernetes.client` models, so a misspelt field fails here rather than being
+dropped by the API server; the CRD top level is a dict built around their serialised form
+(`ApiClient().sanitize_for_serialization`), since the client has no models for CRDs.
+Schemas: ../shared/schemas/ray.io_rayclusters.yaml and ray.io_rayjobs.yaml (KubeRay v1).
+"""
+
+from __future__ import annotations
+
+import yaml
+from kubernetes import client
+
+from cluster import pods
+from cluster.config import ClusterConfig, WorkerGroup
+
+GROUP = "ray.io"
+VERSION = "v1"
+API_VERSION = f"{GROUP}/{VERSION}"
+RAYCLUSTER_PLURAL = "rayclusters"
+RAYJOB_PLURAL = "rayjobs"
+
+DASHBOARD_PORT = 8265
+CLIENT_PORT = 10001
+GCS_PORT = 6379
+METRICS_PORT = 8080
+
+# What serving/kubernetes.py reads on the head to launch Triton as the cluster config says.
+ENV_NAMESPACE = "T5FT_NAMESPACE"
+ENV_TRITON_IMAGE = "T5FT_TRITON_IMAGE"
+ENV_TRITON_SERVICE_ACCOUNT = "T5FT_TRITON_SERVICE_ACCOUNT"
+ENV_TRITON_ACCELERATOR = "T5FT_TRITON_ACCELERATOR"
+ENV_TRITON_RUN_AS_USER = "T5FT_TRITON_RUN_AS_USER"
+ENV_TRITON_CPU = "T5FT_TRITON_CPU"
+ENV_TRITON_MEMORY = "T5FT_TRITON_MEMORY"
+
+
+def _triton_env(cfg: ClusterConfig) -> list[client.V1EnvVar]:
+    env = [
+        client.V1EnvVar(name=ENV_NAMESPACE, value_from=client.V1EnvVarSource(
+            field_ref=client.V1ObjectFieldSelector(field_path="metadata.namespace"))),
+        client.V1EnvVar(name=ENV_TRITON_IMAGE, value=cfg.triton.image),
+        client.V1EnvVar(name=ENV_TRITON_SERVICE_ACCOUNT, value=cfg.service_accounts.triton),
+        client.V1EnvVar(name=ENV_TRITON_RUN_AS_USER,
+                        value="" if cfg.triton.run_as_user is None
+                        else str(cfg.triton.run_as_user)),
+    ]
+    if cfg.triton_accelerator:
+        env.append(client.V1EnvVar(name=ENV_TRITON_ACCELERATOR, value=cfg.triton_accelerator))
+    if cfg.triton.cpu:
+        env.append(client.V1EnvVar(name=ENV_TRITON_CPU, value=cfg.triton.cpu))
+    if cfg.triton.memory:
+        env.append(client.V1EnvVar(name=ENV_TRITON_MEMORY, value=cfg.triton.memory))
+    return env
+
+
+def _ray_volumes() -> tuple[list[client.V1Volume], list[client.V1VolumeMount]]:
+    shm, shm_mount = pods.shm_volume()
+    logs = client.V1Volume(name="ray-logs", empty_dir=client.V1EmptyDirVolumeSource())
+    return [shm, logs], [shm_mount, client.V1VolumeMount(name="ray-logs", mount_path="/tmp/ray")]
+
+
+def head_template(cfg: ClusterConfig) -> client.V1PodTemplateSpec:
+    """The head pod: dashboard and job API, the Ray KSA (the only pod that mounts its token:
+    it is the one that launches Triton)."""
+    volumes, mounts = _ray_volumes()
+    container = client.V1Container(
+        name="ray-head",
+        image=cfg.image,
+        ports=[client.V1ContainerPort(container_port=GCS_PORT, name="gcs"),
+               client.V1ContainerPort(container_port=DASHBOARD_PORT, name="dashboard"),
+               client.V1ContainerPort(container_port=CLIENT_PORT, name="client"),
+               client.V1ContainerPort(container_port=METRICS_PORT, name="metrics")],
+        resources=pods.resources(cfg.head.cpu, cfg.head.memory),
+        env=_triton_env(cfg),
+        volume_mounts=mounts,
+        lifecycle=client.V1Lifecycle(pre_stop=client.V1LifecycleHandler(
+            _exec=client.V1ExecAction(command=["/bin/sh", "-c", "ray stop"]))),
+        security_context=pods.container_security(cfg.run_as_user),
+    )
+    return client.V1PodTemplateSpec(
+        metadata=client.V1ObjectMeta(labels=pods.labels("ray-head", cfg.name)),
+        spec=client.V1PodSpec(
+            service_account_name=cfg.service_accounts.ray,
+            automount_service_account_token=True,
+            containers=[container],
+            volumes=volumes,
+            security_context=pods.pod_security(cfg.run_as_user),
+        ),
+    )
+
+
+def worker_template(cfg: ClusterConfig, group: WorkerGroup) -> client.V1PodTemplateSpec:
+    """A worker pod. It shares the Ray KSA for Workload Identity (GCS) but does not mount its
+    Kubernetes token, so the Role bound to that account is usable from the head only."""
+    volumes, mounts = _ray_volumes()
+    node_selector, tolerations = (pods.gpu_scheduling(group.accelerator, group.spot)
+                                  if group.is_gpu else (None, None))
+    container = client.V1Container(
+        name="ray-worker",
+        image=cfg.gpu_image if group.is_gpu else cfg.image,
+        resources=pods.resources(group.cpu, group.memory, group.gpus, group.ephemeral_storage),
+        volume_mounts=mounts,
+        lifecycle=client.V1Lifecycle(pre_stop=client.V1LifecycleHandler(
+            _exec=client.V1ExecAction(command=["/bin/sh", "-c", "ray stop"]))),
+        security_context=pods.container_security(cfg.run_as_user),
+    )
+    return client.V1PodTemplateSpec(
+        metadata=client.V1ObjectMeta(labels=pods.labels("ray-worker", cfg.name)),
+        spec=client.V1PodSpec(
+            service_account_name=cfg.service_accounts.ray,
+            automount_service_account_token=False,
+            containers=[container],
+            volumes=volumes,
+            node_selector=node_selector,
+            tolerations=tolerations,
+            security_context=pods.pod_security(cfg.run_as_user),
+        ),
+    )
+
+
+def raycluster_spec(cfg: ClusterConfig) -> dict:
+    """`spec` of a RayCluster (also a RayJob's `rayClusterSpec`)."""
+    head_params = {"dashboard-host": "0.0.0.0"}
+    if cfg.cpu_workers or cfg.gpu_workers:
+        # Keep conversion tasks off the head: it runs the drivers and the dashboard.
+        head_params["num-cpus"] = "0"
+    spec: dict = {
+        "rayVersion": cfg.ray_version,
+        "enableInTreeAutoscaling": cfg.autoscaling.enabled,
+        "headGroupSpec": {
+            "serviceType": cfg.head.service_type,
+            "rayStartParams": head_params,
+            "template": pods.to_dict(head_template(cfg)),
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": group.group,
+                "replicas": group.replicas,
+                "minReplicas": group.min_replicas,
+                "maxReplicas": group.max_replicas,
+                "rayStartParams": {},
+                "template": pods.to_dict(worker_template(cfg, group)),
+            }
+            for group in cfg.worker_groups
+        ],
+    }
+    if cfg.autoscaling.enabled:
+        spec["autoscalerOptions"] = {
+            "upscalingMode": cfg.autoscaling.upscaling_mode,
+            "idleTimeoutSeconds": cfg.autoscaling.idle_timeout_seconds,
+            "securityContext": pods.to_dict(pods.container_security(cfg.run_as_user)),
+        }
+    return spec
+
+
+def raycluster(cfg: ClusterConfig) -> dict:
+    """The RayCluster object (ray.io/v1)."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RayCluster",
+        "metadata": {"name": cfg.name, "namespace": cfg.namespace,
+                     "labels": pods.labels("ray", cfg.name)},
+        "spec": raycluster_spec(cfg),
+    }
+
+
+def rayjob_name(cfg: ClusterConfig) -> str:
+    return f"{cfg.name}-job"
+
+
+def rayjob(cfg: ClusterConfig, entrypoint: str, runtime_env: dict | None = None,
+           ttl_seconds: int = 600) -> dict:
+    """A one-shot RayJob: its own cluster, ENTRYPOINT run once, cluster deleted after.
+
+    The code must reach the cluster by itself (image or a gs:// working_dir in RUNTIME_ENV):
+    unlike `ray job submit --working-dir .`, a RayJob uploads nothing from this machine.
+    """
+    if not entrypoint.strip():
+        raise ValueError("the RayJob entrypoint is empty")
+    submitter = client.V1PodTemplateSpec(
+        metadata=client.V1ObjectMeta(labels=pods.labels("ray-job-submitter", cfg.name)),
+        spec=client.V1PodSpec(
+            restart_policy="Never",
+            automount_service_account_token=False,
+            containers=[client.V1Container(
+                name="ray-job-submitter", image=cfg.image,
+                resources=pods.resources("500m", "512Mi"),
+                security_context=pods.container_security(cfg.run_as_user))],
+            security_context=pods.pod_security(cfg.run_as_user),
+        ),
+    )
+    spec: dict = {
+        "entrypoint": entrypoint,
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": ttl_seconds,
+        "submissionMode": "K8sJobMode",
+        "submitterPodTemplate": pods.to_dict(submitter),
+        "rayClusterSpec": raycluster_spec(cfg),
+    }
+    if runtime_env:
+        spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=True)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RayJob",
+        "metadata": {"name": rayjob_name(cfg), "namespace": cfg.namespace,
+                     "labels": pods.labels("ray-job", cfg.name)},
+        "spec": spec,
+    }
+
+
+def dashboard_url(cfg: ClusterConfig, external_host: str | None = None) -> str:
+    """Where `ray job submit --address` points: the head Service, in-cluster DNS by default."""
+    host = external_host or f"{cfg.head_service}.{cfg.namespace}.svc.cluster.local"
+    return f"http://{host}:{DASHBOARD_PORT}"

@@ -1,0 +1,78 @@
+"""Namespace, service accounts and the least-privilege Role for the Ray head (pure).
+
+The Ray head launches Triton (serving/kubernetes.py) and needs, in its own namespace only:
+deployments (apps), services and pods (core): get, list, watch, create, patch, delete; pods/log
+get; events list (to say why a Triton pod is pending). A Role and a RoleBinding; never a
+ClusterRole or ClusterRoleBinding (tests/cluster checks every rendered object for that).
+
+Both service accounts carry the Workload Identity annotation, so pods reach GCS as the Google
+service account without key files. The KubeRay operator adds its own Role for the in-tree
+autoscaler (pods, rayclusters) to the head's account when autoscaling is on; that one is the
+operator's, not rendered here.
+"""
+
+from __future__ import annotations
+
+from kubernetes import client
+
+from cluster import pods
+from cluster.config import WORKLOAD_IDENTITY_ANNOTATION, ClusterConfig
+
+LAUNCH_VERBS = ["get", "list", "watch", "create", "patch", "delete"]
+
+
+def role_name(cfg: ClusterConfig) -> str:
+    return f"{cfg.name}-triton-launcher"
+
+
+def namespace(cfg: ClusterConfig) -> dict:
+    return pods.to_dict(client.V1Namespace(
+        api_version="v1", kind="Namespace",
+        metadata=client.V1ObjectMeta(name=cfg.namespace, labels=pods.labels("ray", cfg.name))))
+
+
+def service_account(cfg: ClusterConfig, name: str) -> dict:
+    return pods.to_dict(client.V1ServiceAccount(
+        api_version="v1", kind="ServiceAccount",
+        metadata=client.V1ObjectMeta(
+            name=name, namespace=cfg.namespace, labels=pods.labels("ray", cfg.name),
+            annotations={WORKLOAD_IDENTITY_ANNOTATION:
+                         cfg.service_accounts.google_service_account})))
+
+
+def launch_rules() -> list[client.V1PolicyRule]:
+    """Exactly what launching and watching Triton takes."""
+    return [
+        client.V1PolicyRule(api_groups=["apps"], resources=["deployments"], verbs=LAUNCH_VERBS),
+        client.V1PolicyRule(api_groups=[""], resources=["services", "pods"], verbs=LAUNCH_VERBS),
+        client.V1PolicyRule(api_groups=[""], resources=["pods/log"], verbs=["get"]),
+        client.V1PolicyRule(api_groups=[""], resources=["events"], verbs=["list"]),
+    ]
+
+
+def role(cfg: ClusterConfig) -> dict:
+    return pods.to_dict(client.V1Role(
+        api_version="rbac.authorization.k8s.io/v1", kind="Role",
+        metadata=client.V1ObjectMeta(name=role_name(cfg), namespace=cfg.namespace,
+                                     labels=pods.labels("ray", cfg.name)),
+        rules=launch_rules()))
+
+
+def role_binding(cfg: ClusterConfig) -> dict:
+    return pods.to_dict(client.V1RoleBinding(
+        api_version="rbac.authorization.k8s.io/v1", kind="RoleBinding",
+        metadata=client.V1ObjectMeta(name=role_name(cfg), namespace=cfg.namespace,
+                                     labels=pods.labels("ray", cfg.name)),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role",
+                                  name=role_name(cfg)),
+        subjects=[client.RbacV1Subject(kind="ServiceAccount", name=cfg.service_accounts.ray,
+                                       namespace=cfg.namespace)]))
+
+
+def access_objects(cfg: ClusterConfig) -> list[dict]:
+    """Everything `up` creates before the RayCluster, in dependency order."""
+    objs = [namespace(cfg)] if cfg.create_namespace else []
+    objs += [service_account(cfg, cfg.service_accounts.ray),
+             service_account(cfg, cfg.service_accounts.triton),
+             role(cfg), role_binding(cfg)]
+    return objs

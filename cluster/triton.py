@@ -1,0 +1,152 @@
+"""A Triton Deployment and Service for one model (pure).
+
+serving/kubernetes.py decides the values (flags, the head's environment, the model's
+config.pbtxt) and applies what this module builds through cluster/kubeapi.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from kubernetes import client
+
+from cluster import pods
+
+HTTP_PORT = 8000
+GRPC_PORT = 8001
+METRICS_PORT = 8002
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonSpec:
+    """One served model.
+
+    Attributes:
+      model_name: the Triton model name (folder under the repository).
+      model_repository: gs://bucket/prefix (Triton reads GCS itself with the pod's Workload
+        Identity) or any path the image can see.
+      namespace: where the Deployment and Service go.
+      image: a Triton image with the FasterTransformer backend.
+      gpus: nvidia.com/gpu per replica = the model's tensor-parallel size.
+      replicas: Deployment replicas behind one Service.
+      accelerator: GKE accelerator label to select (None: no GPU node selector).
+      service_account: the pods' KSA (Workload Identity for gs://); its token is not mounted.
+      run_as_user: uid to run as; None for images that need root.
+      service_ports: Service ports for (http, grpc, metrics); container ports stay 8000-8002.
+      startup_seconds: how long a replica may take to load the model before liveness counts.
+    """
+
+    model_name: str
+    model_repository: str
+    namespace: str = "default"
+    image: str = "nvcr.io/ea-bignlp/bignlp-inference:22.08-py3"
+    gpus: int = 1
+    replicas: int = 1
+    accelerator: str | None = None
+    service_account: str | None = None
+    run_as_user: int | None = 1000
+    cpu: str | None = None
+    memory: str | None = None
+    service_ports: tuple[int, int, int] = (HTTP_PORT, GRPC_PORT, METRICS_PORT)
+    startup_seconds: int = 600
+
+    @property
+    def name(self) -> str:
+        return object_name(self.model_name)
+
+
+def object_name(model_name: str) -> str:
+    """`triton-<model>` as a DNS-1035 label (Service names must start with a letter)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", model_name.lower()).strip("-")
+    if not slug:
+        raise ValueError(f"model name {model_name!r} has no character usable in a "
+                         f"Kubernetes name")
+    return f"triton-{slug}"[:63].rstrip("-")
+
+
+def _probe(path: str, period: int, failures: int) -> client.V1Probe:
+    return client.V1Probe(http_get=client.V1HTTPGetAction(path=path, port="http"),
+                          period_seconds=period, failure_threshold=failures, timeout_seconds=5)
+
+
+def deployment(spec: TritonSpec) -> dict:
+    """Deployment: tritonserver loading only SPEC.model_name, probes on 8000."""
+    selector = {**pods.labels("triton", spec.name)}
+    shm, shm_mount = pods.shm_volume()
+    node_selector, tolerations = (pods.gpu_scheduling(spec.accelerator)
+                                  if spec.accelerator else (None, None))
+    container = client.V1Container(
+        name="tritonserver",
+        image=spec.image,
+        command=["tritonserver"],
+        args=[f"--model-repository={spec.model_repository}",
+              "--model-control-mode=explicit", f"--load-model={spec.model_name}",
+              "--strict-model-config=true", "--log-verbose=0",
+              f"--http-port={HTTP_PORT}", f"--grpc-port={GRPC_PORT}",
+              f"--metrics-port={METRICS_PORT}"],
+        ports=[client.V1ContainerPort(container_port=HTTP_PORT, name="http"),
+               client.V1ContainerPort(container_port=GRPC_PORT, name="grpc"),
+               client.V1ContainerPort(container_port=METRICS_PORT, name="metrics")],
+        resources=pods.resources(spec.cpu, spec.memory, spec.gpus),
+        volume_mounts=[shm_mount],
+        # Loading 40 GB of weights takes minutes: the startup probe holds liveness off until
+        # the server answers, then readiness (all models loaded) gates the Service.
+        startup_probe=_probe("/v2/health/live", 10, max(1, spec.startup_seconds // 10)),
+        liveness_probe=_probe("/v2/health/live", 10, 3),
+        readiness_probe=_probe("/v2/health/ready", 5, 3),
+        security_context=pods.container_security(spec.run_as_user),
+    )
+    dep = client.V1Deployment(
+        api_version="apps/v1", kind="Deployment",
+        metadata=client.V1ObjectMeta(name=spec.name, namespace=spec.namespace,
+                                     labels={**selector, "t5ft.model": _label(spec.model_name)}),
+        spec=client.V1DeploymentSpec(
+            replicas=spec.replicas,
+            selector=client.V1LabelSelector(match_labels=selector),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels=selector),
+                spec=client.V1PodSpec(
+                    containers=[container],
+                    service_account_name=spec.service_account,
+                    automount_service_account_token=False,
+                    node_selector=node_selector,
+                    tolerations=tolerations,
+                    volumes=[shm],
+                    security_context=pods.pod_security(spec.run_as_user),
+                ),
+            ),
+        ),
+    )
+    return pods.to_dict(dep)
+
+
+def service(spec: TritonSpec) -> dict:
+    """ClusterIP Service in front of every replica: http, grpc, metrics."""
+    selector = pods.labels("triton", spec.name)
+    http, grpc, metrics = spec.service_ports
+    svc = client.V1Service(
+        api_version="v1", kind="Service",
+        metadata=client.V1ObjectMeta(name=spec.name, namespace=spec.namespace,
+                                     labels={**selector, "t5ft.model": _label(spec.model_name)}),
+        spec=client.V1ServiceSpec(
+            type="ClusterIP",
+            selector=selector,
+            ports=[client.V1ServicePort(name="http", port=http, target_port="http"),
+                   client.V1ServicePort(name="grpc", port=grpc, target_port="grpc"),
+                   client.V1ServicePort(name="metrics", port=metrics, target_port="metrics")],
+        ),
+    )
+    return pods.to_dict(svc)
+
+
+def endpoints(spec: TritonSpec) -> dict[str, str]:
+    """The in-cluster addresses of the Service, as the serve ready line reports them."""
+    host = f"{spec.name}.{spec.namespace}.svc.cluster.local"
+    http, grpc, metrics = spec.service_ports
+    return {"grpc": f"{host}:{grpc}", "http": f"{host}:{http}", "metrics": f"{host}:{metrics}"}
+
+
+def _label(value: str) -> str:
+    """A label value: 63 characters of [A-Za-z0-9_.-], alphanumeric at both ends."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", value)[:63].strip("_.-") or "model"
