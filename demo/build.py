@@ -1,0 +1,215 @@
+"""Build (or load from cache) the demo's model: vocabulary, trained weights, T5X checkpoint.
+
+Everything is derived deterministically from the bundled XSum sample and the settings below,
+so the cache key is a hash of the settings, the sample and the code that builds the model.
+The cache folder (``.demo-cache/<key>/`` in the repository, or ``$T5FT_DEMO_CACHE/<key>/``)
+holds::
+
+    spiece.model                       the SentencePiece vocabulary (T5 ids)
+    t5x/config.gin                     the architecture, as t5x's gin macros
+    t5x/checkpoint_<steps>/            a real T5X checkpoint (legacy msgpack + zarr)
+    build.json                         settings, training loss, greedy self-check, timings
+
+A folder is published (renamed into place) only once complete, so a crash mid-build leaves no
+half cache behind and concurrent builders (two tests) just race to the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = Path(__file__).resolve().parent / "data" / "xsum_sample.jsonl"
+# Code whose change changes the model: part of the cache key.
+_CODE = ("model.py", "train.py", "vocab.py", "t5x_writer.py", "build.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """What the demo model is built from (UL2's architecture at toy size)."""
+
+    vocab_size: int = 800
+    d_model: int = 128
+    num_heads: int = 4
+    head_dim: int = 32
+    mlp_dim: int = 256
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    activation: str = "silu"
+    steps: int = 300
+    learning_rate: float = 3e-3
+    seed: int = 0
+    max_input_len: int = 128
+    max_output_len: int = 64
+    input_template: str = "summarize: {document}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoModel:
+    """Paths of a built demo model."""
+
+    root: Path
+    checkpoint_dir: Path  # the t5x model dir (holds config.gin and checkpoint_<step>)
+    checkpoint: Path  # checkpoint_<step>
+    gin: Path
+    vocab: Path
+    settings: DemoSettings
+    info: dict
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("T5FT_DEMO_CACHE") or REPO_ROOT / ".demo-cache")
+
+
+def load_rows(path: Path = SAMPLE) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if not row.get("document") or not row.get("summary"):
+                    raise ValueError(f"{path}:{n}: a row needs 'document' and 'summary'")
+                rows.append(row)
+    return rows
+
+
+def cache_key(settings: DemoSettings, sample: Path = SAMPLE) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
+    h.update(sample.read_bytes())
+    for name in _CODE:
+        path = Path(__file__).resolve().parent / name
+        h.update(name.encode() + (path.read_bytes() if path.exists() else b""))
+    return h.hexdigest()[:16]
+
+
+def gin_text(s: DemoSettings) -> str:
+    """t5x-style gin bindings for the demo network (what the converter reads)."""
+    return "\n".join([
+        "# Demo model: UL2's architecture (gated-silu, untied head, relative attention).",
+        "from t5x.examples.t5 import network",
+        f"NUM_EMBEDDINGS = {s.vocab_size}",
+        f"EMBED_DIM = {s.d_model}",
+        f"NUM_HEADS = {s.num_heads}",
+        f"HEAD_DIM = {s.head_dim}",
+        f"MLP_DIM = {s.mlp_dim}",
+        f"NUM_ENCODER_LAYERS = {s.num_encoder_layers}",
+        f"NUM_DECODER_LAYERS = {s.num_decoder_layers}",
+        "DROPOUT_RATE = 0.0",
+        "network.T5Config:",
+        "  vocab_size = %NUM_EMBEDDINGS",
+        "  dtype = 'float32'",
+        "  emb_dim = %EMBED_DIM",
+        "  num_heads = %NUM_HEADS",
+        "  num_encoder_layers = %NUM_ENCODER_LAYERS",
+        "  num_decoder_layers = %NUM_DECODER_LAYERS",
+        "  head_dim = %HEAD_DIM",
+        "  mlp_dim = %MLP_DIM",
+        f"  mlp_activations = ('{s.activation}', 'linear')",
+        "  dropout_rate = %DROPOUT_RATE",
+        "  logits_via_embedding = False",
+        "",
+    ])
+
+
+def _log(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+def _open(root: Path, settings: DemoSettings) -> DemoModel | None:
+    try:
+        info = json.loads((root / "build.json").read_text())
+        ckpt = root / "t5x" / f"checkpoint_{settings.steps}"
+        if not (ckpt / "checkpoint").is_file() or not (root / "spiece.model").is_file():
+            return None
+    except (OSError, ValueError):
+        return None
+    return DemoModel(root, root / "t5x", ckpt, root / "t5x" / "config.gin",
+                     root / "spiece.model", settings, info)
+
+
+def build(settings: DemoSettings | None = None, cache: Path | None = None,
+          log: Callable[[str], None] = _log) -> DemoModel:
+    """The demo model for ``settings``: loaded from the cache, else built and cached.
+
+    Building trains the vocabulary, trains the network (about a minute on 2 cores), checks by
+    greedy decoding that it reproduces every reference summary, and writes the checkpoint.
+    """
+    settings = settings or DemoSettings()
+    key = cache_key(settings)
+    root = (cache or cache_root()) / key
+    found = _open(root, settings)
+    if found is not None:
+        log(f"model from cache {root}")
+        return found
+
+    from demo import model as m
+    from demo import train as tr
+    from demo.t5x_writer import write_t5x_checkpoint
+    from demo.vocab import load, train_sentencepiece
+
+    start = time.monotonic()
+    tmp = root.with_name(f"{key}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        rows = load_rows()
+        texts = [settings.input_template.format(document=r["document"]) for r in rows]
+        texts += [r["summary"] for r in rows]
+        log(f"training a {settings.vocab_size}-piece SentencePiece vocabulary on the sample")
+        sp = load(train_sentencepiece(texts, tmp / "spiece.model", settings.vocab_size))
+
+        model_cfg = m.ModelConfig(
+            vocab_size=settings.vocab_size, d_model=settings.d_model,
+            num_heads=settings.num_heads, head_dim=settings.head_dim,
+            mlp_dim=settings.mlp_dim, num_encoder_layers=settings.num_encoder_layers,
+            num_decoder_layers=settings.num_decoder_layers, activation=settings.activation)
+        train_cfg = tr.TrainConfig(
+            steps=settings.steps, learning_rate=settings.learning_rate, seed=settings.seed,
+            max_input_len=settings.max_input_len, max_target_len=settings.max_output_len,
+            input_template=settings.input_template)
+        inputs, targets = tr.make_examples(sp.encode, rows, train_cfg)
+        log(f"training the model ({settings.steps} steps on {len(inputs)} sequences)")
+        params, loss = tr.train(
+            model_cfg, train_cfg, inputs, targets,
+            progress=lambda step, loss: log(f"  step {step:4d}/{settings.steps} loss {loss:.4f}"))
+
+        decoded = m.greedy_decode(params, inputs, settings.max_output_len, model_cfg)
+        exact = sum(
+            out == [t for t in ref if t > 1] for out, ref in zip(decoded, targets.tolist(),
+                                                                 strict=True))
+        log(f"greedy self-check: {exact}/{len(decoded)} summaries reproduced exactly")
+
+        gin = gin_text(settings)
+        write_t5x_checkpoint(tmp / "t5x", m.flatten(params), step=settings.steps,
+                             dtype="float32", layout="legacy", gin=gin)
+        info = {
+            "key": key,
+            "settings": dataclasses.asdict(settings),
+            "final_loss": loss,
+            "greedy_exact": exact,
+            "greedy_total": len(decoded),
+            "build_seconds": round(time.monotonic() - start, 1),
+        }
+        (tmp / "build.json").write_text(json.dumps(info, indent=1))
+        try:
+            tmp.rename(root)
+        except OSError:
+            # Another builder published first: theirs is identical by construction.
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    found = _open(root, settings)
+    if found is None:
+        raise RuntimeError(f"demo model cache {root} is incomplete after building it")
+    log(f"model built in {time.monotonic() - start:.0f}s and cached at {root}")
+    return found
