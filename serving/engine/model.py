@@ -25,6 +25,17 @@ RMS_EPS = 1e-6
 # --- small pieces ----------------------------------------------------------------------------
 
 
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulated and returned in fp32 (attention logits, LM head).
+
+    XLA's CPU backend has no bf16 x bf16 -> fp32 dot, so there the operands are upcast; GPUs
+    keep the half-precision operands (bandwidth) and accumulate in fp32.
+    """
+    if a.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
     """T5's layer norm: x * rsqrt(mean(x^2) + 1e-6) * scale, statistics in fp32. x [..., D]."""
     x32 = x.astype(jnp.float32)
@@ -83,7 +94,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.
     q [B, H, Q, K], k/v [B, H, Kp, K], bias broadcastable to [B, H, Q, Kp] (fp32, holds the
     masks) -> [B, H, Q, K].
     """
-    logits = jnp.einsum("bhqk,bhpk->bhqp", q, k, preferred_element_type=jnp.float32) + bias
+    logits = einsum_f32("bhqk,bhpk->bhqp", q, k) + bias
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqp,bhpk->bhqk", probs, v)
 
@@ -103,7 +114,7 @@ def lm_logits(cfg: T5Config, params: dict, h: jax.Array) -> jax.Array:
     h = rms_norm(h, params["decoder_norm"])
     if cfg.tie_word_embeddings:
         h = h * jnp.asarray(cfg.d_model ** -0.5, h.dtype)
-    return jnp.einsum("...d,vd->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+    return einsum_f32("...d,vd->...v", h, params["lm_head"])
 
 
 # --- encoder ---------------------------------------------------------------------------------
@@ -217,10 +228,8 @@ def decode_step(cfg: T5Config, params: dict, tokens: jax.Array, step: jax.Array,
         p, k_past, v_past, k_c, v_c = pc
         h = rms_norm(x, p["ln_self"])
         q, k, v = (project_heads(h, p[n]) for n in ("q", "k", "v"))  # [B, H, 1, K]
-        logits_past = jnp.einsum("bhqk,bhpk->bhqp", q, k_past,
-                                 preferred_element_type=jnp.float32) + past_bias
-        logits_self = jnp.einsum("bhqk,bhqk->bhq", q, k,
-                                 preferred_element_type=jnp.float32)[..., None] + self_bias
+        logits_past = einsum_f32("bhqk,bhpk->bhqp", q, k_past) + past_bias
+        logits_self = einsum_f32("bhqk,bhqk->bhq", q, k)[..., None] + self_bias
         probs = jax.nn.softmax(jnp.concatenate([logits_past, logits_self], -1), axis=-1)
         probs = probs.astype(v.dtype)
         o = jnp.einsum("bhqp,bhpk->bhqk", probs[..., :m], v_past) + probs[..., m:] * v
