@@ -1,0 +1,259 @@
+"""The model's architecture, from the checkpoint's shapes, completed by config.gin.
+
+Shapes tell almost everything (t5x-checkpoint-format.md section 3): V and D from the embedding,
+H and B from a relative-bias table, K = I / H, F from ``wi``/``wi_0``, the depths from the highest
+``layers_i``, gated from ``wi_1``, tied from the absence of ``decoder.logits_dense``. What they
+cannot tell, the elementwise activation (gelu or silu), comes from ``config.gin`` or a flag; when
+neither gives it a default is used and reported as such. Every field records where it came from.
+
+Scanned checkpoints (``t5x/examples/scalable_t5`` with ``scan_layers=True``) stack each kind of
+per-layer parameter into one array with a layer axis; :class:`T5Arch` records that so the plan
+can unstack it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+from conversion.ft_format import T5Config
+
+Source = Literal["shapes", "gin", "flag", "default"]
+
+_LAYER = re.compile(r"^(encoder|decoder)\.layers_(\d+)\.")
+# Scanned (scalable_t5) parameter prefixes: the scanned module is named like its parent.
+SCANNED_PREFIX = {"encoder": "encoder.encoder.", "decoder": "decoder.decoder."}
+
+
+class ArchError(ValueError):
+    """The parameters do not describe a T5 encoder-decoder we can convert."""
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Arch:
+    """What conversion needs to know about the source model.
+
+    Attributes:
+      config: the FT model config.
+      sources: field name -> where its value came from ("shapes", "gin", "flag", "default").
+      scanned: True for scalable_t5 checkpoints with stacked layers.
+      scan_axis: the layer axis of stacked parameters (``param_scan_axis``, 1 by default).
+    """
+
+    config: T5Config
+    sources: dict[str, Source]
+    scanned: bool = False
+    scan_axis: int = 1
+
+    def inferred(self) -> list[str]:
+        """Fields not read from shapes, gin or a flag: defaults that may be wrong."""
+        return sorted(k for k, v in self.sources.items() if v == "default")
+
+
+# --- config.gin --------------------------------------------------------------------------------
+
+_MACROS = {
+    "vocab_size": "NUM_EMBEDDINGS",
+    "d_model": "EMBED_DIM",
+    "d_kv": "HEAD_DIM",
+    "d_ff": "MLP_DIM",
+    "num_heads": "NUM_HEADS",
+    "num_encoder_layers": "NUM_ENCODER_LAYERS",
+    "num_decoder_layers": "NUM_DECODER_LAYERS",
+}
+# network.T5Config bindings (t5x/examples/t5/network.py field names).
+_BINDINGS = {
+    "vocab_size": "vocab_size",
+    "d_model": "emb_dim",
+    "d_kv": "head_dim",
+    "d_ff": "mlp_dim",
+    "num_heads": "num_heads",
+    "num_encoder_layers": "num_encoder_layers",
+    "num_decoder_layers": "num_decoder_layers",
+}
+
+
+def parse_gin(text: str) -> dict[str, object]:
+    """The values a T5X config.gin gives for T5Config fields (those it binds; others absent).
+
+    Reads the ``NUM_EMBEDDINGS``-style macros and ``network.T5Config.*`` bindings (both
+    ``network.T5Config.x = v`` and the block form ``network.T5Config:`` then ``  x = v``),
+    ``mlp_activations``/``activations``, ``logits_via_embedding`` and ``param_scan_axis``.
+    Includes are not followed: what is not in this file is inferred and reported.
+    """
+    macros: dict[str, str] = {}
+    bindings: dict[str, str] = {}
+    block: str | None = None
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        if re.match(r"^[\w.]+\s*:\s*$", line):  # "network.T5Config:" opens a block
+            block = line.strip()[:-1].strip()
+            continue
+        m = re.match(r"^(\s*)([\w.%/]+)\s*=\s*(.+)$", line)
+        if not m:
+            continue
+        indent, key, value = m.groups()
+        if indent and block:
+            key = f"{block}.{key}"
+        elif not indent:
+            block = None
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
+            macros[key] = value.strip()
+        else:
+            bindings[key.split("/")[-1]] = value.strip()
+
+    def resolve(value: str) -> str:
+        seen = 0
+        while value.startswith("%") and seen < 10:
+            value = macros.get(value[1:], value)
+            seen += 1
+        return value
+
+    def binding(field: str) -> str | None:
+        for key, value in bindings.items():
+            if key.endswith(f"T5Config.{field}"):
+                return resolve(value)
+        return None
+
+    out: dict[str, object] = {}
+    for field, macro in _MACROS.items():
+        value = binding(_BINDINGS[field])
+        if value is None and macro in macros:
+            value = resolve(macros[macro])
+        if value is not None and re.fullmatch(r"\d+", value):
+            out[field] = int(value)
+    acts = binding("mlp_activations") or binding("activations")
+    if acts:
+        names = re.findall(r"['\"](\w+)['\"]", acts)
+        if names:
+            gated = len(names) > 1
+            out["feed_forward_proj"] = f"gated-{names[0]}" if gated else names[0]
+    tied = binding("logits_via_embedding")
+    if tied in ("True", "False"):
+        out["tie_word_embeddings"] = tied == "True"
+    scan_axis = binding("param_scan_axis")
+    if scan_axis and re.fullmatch(r"\d+", scan_axis):
+        out["param_scan_axis"] = int(scan_axis)
+    return out
+
+
+# --- inference from shapes ---------------------------------------------------------------------
+
+
+def _shape(params: Mapping[str, tuple[int, ...]], name: str) -> tuple[int, ...]:
+    try:
+        return tuple(params[name])
+    except KeyError:
+        raise ArchError(f"missing parameter {name!r}: not a T5X T5 encoder-decoder checkpoint") \
+            from None
+
+
+def infer_arch(
+    shapes: Mapping[str, tuple[int, ...]],
+    gin: Mapping[str, object] | None = None,
+    activation: str | None = None,
+) -> T5Arch:
+    """Infer the architecture from parameter shapes, then complete and check it with gin.
+
+    Args:
+      shapes: parameter name (under ``target``) -> shape.
+      gin: values from :func:`parse_gin`, if a config.gin was found.
+      activation: a ``feed_forward_proj`` given on the command line; wins over gin.
+
+    Raises ArchError when a needed parameter is missing or gin contradicts the shapes.
+    """
+    gin = dict(gin or {})
+    sources: dict[str, Source] = {}
+    scanned = not any(_LAYER.match(n) for n in shapes) and any(
+        n.startswith(SCANNED_PREFIX["encoder"]) for n in shapes
+    )
+    scan_axis = int(gin.get("param_scan_axis", 1))  # type: ignore[arg-type]
+
+    v, d = _shape(shapes, "token_embedder.embedding")
+    vals: dict[str, object] = {"vocab_size": v, "d_model": d}
+
+    if scanned:
+        enc, dec = SCANNED_PREFIX["encoder"], SCANNED_PREFIX["decoder"]
+        q = _shape(shapes, f"{enc}attention.query.kernel")
+        if len(q) != 3:
+            raise ArchError(f"scanned parameter {enc}attention.query.kernel has shape {q}, "
+                            "expected [D, layers, H*K]")
+        num_enc = q[scan_axis]
+        num_dec = _shape(shapes, f"{dec}self_attention.query.kernel")[scan_axis]
+        inner = q[-1]
+        rel = _scanned_relpos(shapes, "encoder")
+        h, b = (rel[0], rel[-1])
+        gated = f"{enc}mlp.wi_1.kernel" in shapes
+        wi = _shape(shapes, f"{enc}mlp.wi_0.kernel" if gated else f"{enc}mlp.wi.kernel")
+        f = wi[-1]
+    else:
+        depths = {"encoder": 0, "decoder": 0}
+        for name in shapes:
+            m = _LAYER.match(name)
+            if m:
+                depths[m.group(1)] = max(depths[m.group(1)], int(m.group(2)) + 1)
+        num_enc, num_dec = depths["encoder"], depths["decoder"]
+        if not num_enc or not num_dec:
+            raise ArchError("missing parameter 'encoder.layers_0.*' or 'decoder.layers_0.*': "
+                            "not a T5X T5 encoder-decoder checkpoint")
+        h, b = _shape(shapes, "encoder.relpos_bias.rel_embedding")
+        inner = _shape(shapes, "encoder.layers_0.attention.query.kernel")[-1]
+        gated = "encoder.layers_0.mlp.wi_1.kernel" in shapes
+        wi_name = "encoder.layers_0.mlp.wi_0.kernel" if gated else "encoder.layers_0.mlp.wi.kernel"
+        f = _shape(shapes, wi_name)[-1]
+    if inner % h:
+        raise ArchError(f"attention width {inner} is not a multiple of the {h} heads")
+    vals.update(num_heads=h, d_kv=inner // h, d_ff=f, num_encoder_layers=num_enc,
+                num_decoder_layers=num_dec, relative_attention_num_buckets=b,
+                tie_word_embeddings="decoder.logits_dense.kernel" not in shapes)
+    sources.update({k: "shapes" for k in vals})
+
+    # What shapes can say, gin must agree with.
+    for field, value in gin.items():
+        if field in vals and vals[field] != value:
+            raise ArchError(f"config.gin sets {field} = {value} but the checkpoint's shapes give "
+                            f"{vals[field]}")
+
+    # The activation: shapes give gated or not; the function comes from a flag or gin.
+    if activation is not None:
+        act, sources["feed_forward_proj"] = activation, "flag"
+    elif "feed_forward_proj" in gin:
+        act, sources["feed_forward_proj"] = str(gin["feed_forward_proj"]), "gin"
+    else:
+        # T5 1.1 / Flan-T5 use gated-gelu, T5 1.0 relu: the common cases, reported as defaults.
+        act, sources["feed_forward_proj"] = ("gated-gelu" if gated else "relu"), "default"
+    if act.startswith("gated-") != gated:
+        have = "wi_0/wi_1 (gated)" if gated else "a single wi (not gated)"
+        raise ArchError(f"activation {act!r} does not match the checkpoint's MLP, which has {have}")
+    vals["feed_forward_proj"] = act
+    for field in ("relative_attention_max_distance", "decoder_start_token_id", "eos_token_id"):
+        sources[field] = "default"
+    try:
+        cfg = T5Config(**vals)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ArchError(str(exc)) from exc
+    return T5Arch(cfg, sources, scanned=scanned, scan_axis=scan_axis)
+
+
+def _scanned_relpos(shapes: Mapping[str, tuple[int, ...]], side: str) -> tuple[int, ...]:
+    """The (stacked) relative-bias table's shape of a scanned side: [H, (layers,) B]."""
+    name = scanned_relpos_name(shapes, side)
+    if name is None:
+        raise ArchError(f"missing parameter: no relative-bias table for the scanned {side}")
+    return tuple(shapes[name])
+
+
+def scanned_relpos_name(shapes: Mapping[str, tuple[int, ...]], side: str) -> str | None:
+    """Where a scanned side keeps its relative-bias table: per layer inside the scanned module
+    (``<side>.<side>.relative_embedding.rel_embedding``, stacked) or once beside it."""
+    prefix = SCANNED_PREFIX[side]
+    for name in (f"{prefix}relative_embedding.rel_embedding",
+                 f"{prefix}relpos_bias.rel_embedding",
+                 f"{side}.relpos_bias.rel_embedding"):
+        if name in shapes:
+            return name
+    return None

@@ -1,0 +1,294 @@
+"""The conversion plan: every FT output file, its source tensors and its transform. Pure.
+
+All the rules that turn T5X parameters into FasterTransformer files live here, on top of the
+file list of :mod:`conversion.ft_format` (ft-t5-format.md sections 2 and 6), so they can be read
+and tested in one place. Nothing here reads or writes data.
+
+An :class:`OutputTensor` is one FT tensor in its full (unsplit) layout ``F``, built from its
+sources ``S_0, S_1, ...`` by its transform, then cut into ranks and cast:
+
+- ``copy``:           F = S_0
+- ``transpose``:      F = S_0.T                    (decoder.logits_dense [D, V] -> lm_head [V, D])
+- ``fuse_qkv``:       F[:, j, :] = S_j for j in 0..2, F of shape [D, 3, I]   (decoder self-attn)
+- ``copy_identical``: F = S_0, and every other S_j must equal S_0   (a scanned side's per-layer
+  relative-bias tables, which FT can only hold once)
+
+File r of T is ``ft_format.split_for_rank(F, split, r, T)`` cast to the weight dtype (cast from
+any source float dtype). A scanned source is indexed at ``layer`` on its ``layer_axis`` first.
+
+Fixes to NVIDIA's converter (spec section 6) are here: the untied LM head comes from
+``decoder.logits_dense``, non-gated ``mlp.wi`` is mapped, each side has its own depth, every
+weight dtype is supported, and the embedding is written once (``shared.weight_T.bin``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Literal, Protocol
+
+import numpy as np
+
+from conversion import ft_format
+from conversion.arch import SCANNED_PREFIX, T5Arch, scanned_relpos_name
+from conversion.ft_format import FileSpec, Split, T5Config
+
+Transform = Literal["copy", "transpose", "fuse_qkv", "copy_identical"]
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+class PlanError(ValueError):
+    """The checkpoint cannot be converted with these options (missing or misshapen tensor,
+    tensor-parallel size that does not divide, unsupported dtype)."""
+
+
+class _Param(Protocol):
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRef:
+    """A source tensor: a T5X parameter, or one layer of a stacked (scanned) parameter.
+
+    Attributes:
+      param: name under ``target``.
+      layer_axis: for scanned parameters, the layer axis to index; None otherwise.
+      layer: the layer index on ``layer_axis``.
+    """
+
+    param: str
+    layer_axis: int | None = None
+    layer: int = 0
+
+    def __str__(self) -> str:
+        if self.layer_axis is None:
+            return self.param
+        return f"{self.param}[layer {self.layer} on axis {self.layer_axis}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputTensor:
+    """One FT tensor and the files (one, or one per rank) it is written as.
+
+    Attributes:
+      sources: the source tensors, in transform order (q, k, v for fuse_qkv).
+      transform: how F is built from the sources (module docstring).
+      full_shape: F's shape, the FT layout before splitting.
+      split: the axis of F cut into ranks ("none", "first" or "last").
+      files: the ft_format file specs, one per rank (one when split is "none").
+      weight_dtype: fp32 | fp16 | bf16, the files' element type.
+    """
+
+    sources: tuple[SourceRef, ...]
+    transform: Transform
+    full_shape: tuple[int, ...]
+    split: Split
+    files: tuple[FileSpec, ...]
+    weight_dtype: str
+
+    @property
+    def tensor_parallel(self) -> int:
+        return 1 if self.split == "none" else len(self.files)
+
+    def file_shape(self) -> tuple[int, ...]:
+        return self.files[0].shape(self.tensor_parallel)
+
+    def file_bytes(self) -> int:
+        itemsize = ft_format.WEIGHT_DTYPES[self.weight_dtype].itemsize
+        return int(np.prod(self.file_shape(), dtype=np.int64)) * itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFile:
+    """A flat view of one output file, for listing and checking a plan."""
+
+    name: str
+    shape: tuple[int, ...]
+    weight_dtype: str
+    sources: tuple[SourceRef, ...]
+    transform: Transform
+    split: Split
+    rank: int
+    tensor_parallel: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTask:
+    """The unit of scheduling: one layer (or the globals), its own sources and files."""
+
+    group: str
+    tensors: tuple[OutputTensor, ...]
+
+    def file_names(self) -> list[str]:
+        return [f.name for t in self.tensors for f in t.files]
+
+    def params(self) -> list[str]:
+        return sorted({s.param for t in self.tensors for s in t.sources})
+
+    def bytes(self) -> int:
+        return sum(t.file_bytes() * len(t.files) for t in self.tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionPlan:
+    config: T5Config
+    tensor_parallel: int
+    weight_dtype: str
+    tasks: tuple[LayerTask, ...]
+
+    def files(self) -> list[OutputFile]:
+        out = []
+        for task in self.tasks:
+            for t in task.tensors:
+                for f in t.files:
+                    out.append(OutputFile(f.name, t.file_shape(), t.weight_dtype, t.sources,
+                                          t.transform, t.split, f.rank, t.tensor_parallel))
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(task.bytes() for task in self.tasks)
+
+
+# --- the name mapping --------------------------------------------------------------------------
+
+# FT attention projections -> T5X DenseGeneral names.
+_PROJ = {"q": "query", "k": "key", "v": "value", "o": "out"}
+
+
+def _stem(spec: FileSpec) -> str:
+    """``x.y.0.bin`` / ``x.y.bin`` -> ``x.y``."""
+    name = spec.name.removesuffix(".bin")
+    return name.rsplit(".", 1)[0] if spec.split != "none" else name
+
+
+def _t5x_sources(stem: str, cfg: T5Config) -> tuple[list[str], Transform]:
+    """The T5X parameters an FT tensor is built from, for an unscanned checkpoint."""
+    glob = {
+        "shared.weight_T": (["token_embedder.embedding"], "copy"),
+        "lm_head.weight": (["decoder.logits_dense.kernel"], "transpose"),
+        "encoder.final_layer_norm.weight": (["encoder.encoder_norm.scale"], "copy"),
+        "decoder.final_layer_norm.weight": (["decoder.decoder_norm.scale"], "copy"),
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
+            (["encoder.relpos_bias.rel_embedding"], "copy"),
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
+            (["decoder.relpos_bias.rel_embedding"], "copy"),
+    }
+    if stem in glob:
+        names, transform = glob[stem]
+        return list(names), transform  # type: ignore[return-value]
+    side, _, i, _, sub, rest = stem.split(".", 5)
+    prefix = f"{side}.layers_{i}"
+    mlp_sub = "1" if side == "encoder" else "2"
+    mlp = {"wi": "wi_0" if cfg.gated else "wi", "wi2": "wi_1", "wo": "wo"}
+    if rest == "layer_norm.weight":
+        norms = ({"0": "pre_attention_layer_norm", "1": "pre_mlp_layer_norm"} if side == "encoder"
+                 else {"0": "pre_self_attention_layer_norm", "1": "pre_cross_attention_layer_norm",
+                       "2": "pre_mlp_layer_norm"})
+        return [f"{prefix}.{norms[sub]}.scale"], "copy"
+    if sub == mlp_sub and rest.startswith("DenseReluDense."):
+        kind = rest.split(".")[1]
+        return [f"{prefix}.mlp.{mlp[kind]}.kernel"], "copy"
+    module, proj = rest.split(".")[:2]
+    if module == "SelfAttention":
+        attn = "attention" if side == "encoder" else "self_attention"
+    elif module == "EncDecAttention":
+        attn = "encoder_decoder_attention"
+    else:
+        raise AssertionError(f"no T5X source known for FT tensor {stem}")
+    if proj == "qkv":
+        return [f"{prefix}.{attn}.{p}.kernel" for p in ("query", "key", "value")], "fuse_qkv"
+    return [f"{prefix}.{attn}.{_PROJ[proj]}.kernel"], "copy"
+
+
+def _scanned_ref(name: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]]) -> SourceRef:
+    """Map an unscanned T5X name (``encoder.layers_3.mlp.wo.kernel``) to its stacked source."""
+    for side, prefix in SCANNED_PREFIX.items():
+        head = f"{side}.layers_"
+        if name.startswith(head):
+            layer, rest = name[len(head):].split(".", 1)
+            return SourceRef(prefix + rest, arch.scan_axis, int(layer))
+    return SourceRef(name)
+
+
+def _sources(stem: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]]
+             ) -> tuple[tuple[SourceRef, ...], Transform]:
+    names, transform = _t5x_sources(stem, arch.config)
+    if not arch.scanned:
+        return tuple(SourceRef(n) for n in names), transform
+    if stem.endswith("relative_attention_bias.weight"):
+        side = stem.split(".", 1)[0]
+        table = scanned_relpos_name(shapes, side)
+        if table is None:
+            raise PlanError(f"missing parameter: no relative-bias table for the scanned {side}")
+        if table.startswith(SCANNED_PREFIX[side]):  # one table per layer, stacked
+            depth = (arch.config.num_encoder_layers if side == "encoder"
+                     else arch.config.num_decoder_layers)
+            refs = tuple(SourceRef(table, arch.scan_axis, i) for i in range(depth))
+            return refs, "copy_identical"
+        return (SourceRef(table),), "copy"
+    return tuple(_scanned_ref(n, arch, shapes) for n in names), transform
+
+
+def _expected_source_shape(full_shape: tuple[int, ...], transform: Transform, ref: SourceRef,
+                           arch: T5Arch) -> tuple[int, ...]:
+    if transform == "transpose":
+        shape = tuple(reversed(full_shape))
+    elif transform == "fuse_qkv":
+        shape = (full_shape[0], full_shape[2])
+    else:
+        shape = full_shape
+    if ref.layer_axis is not None:
+        prefix = ref.param.split(".", 1)[0]
+        depth = (arch.config.num_encoder_layers if prefix == "encoder"
+                 else arch.config.num_decoder_layers)
+        shape = shape[:ref.layer_axis] + (depth,) + shape[ref.layer_axis:]
+    return shape
+
+
+def make_plan(
+    params: Mapping[str, _Param],
+    arch: T5Arch,
+    tensor_parallel: int = 1,
+    weight_dtype: str = "fp32",
+) -> ConversionPlan:
+    """Plan the conversion of ``params`` (name -> shape and dtype) for ``arch``.
+
+    Returns the tasks in schedule order (globals, encoder layers, decoder layers), each with
+    its output tensors. Raises PlanError naming the first problem: a tensor-parallel size that
+    does not divide the heads or d_ff, a missing parameter, a parameter of the wrong shape, or
+    a non-float dtype.
+    """
+    cfg = arch.config
+    if weight_dtype not in ft_format.WEIGHT_DTYPES:
+        raise PlanError(f"weight dtype {weight_dtype!r} is not one of "
+                        f"{list(ft_format.WEIGHT_DTYPES)}")
+    try:
+        cfg.check_tensor_parallel(tensor_parallel)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    tasks = []
+    for group, specs in ft_format.iter_layer_groups(cfg, tensor_parallel):
+        by_stem: dict[str, list[FileSpec]] = {}
+        for spec in specs:
+            by_stem.setdefault(_stem(spec), []).append(spec)
+        tensors = []
+        for stem, files in by_stem.items():
+            refs, transform = _sources(stem, arch, shapes)
+            full_shape = files[0].full_shape
+            for ref in refs:
+                if ref.param not in params:
+                    raise PlanError(f"missing parameter {ref.param!r} (needed for FT tensor "
+                                    f"{stem})")
+                want = _expected_source_shape(full_shape, transform, ref, arch)
+                if shapes[ref.param] != want:
+                    raise PlanError(f"parameter {ref.param!r} has shape "
+                                    f"{list(shapes[ref.param])}, expected {list(want)}")
+                if params[ref.param].dtype not in _FLOAT_DTYPES:
+                    raise PlanError(f"parameter {ref.param!r} has dtype "
+                                    f"{params[ref.param].dtype}, expected a float type")
+            tensors.append(OutputTensor(refs, transform, full_shape, files[0].split,
+                                        tuple(files), weight_dtype))
+        tasks.append(LayerTask(group, tuple(tensors)))
+    return ConversionPlan(cfg, tensor_parallel, weight_dtype, tuple(tasks))

@@ -1,0 +1,494 @@
+"""Execute a conversion plan on Ray: one task per layer, a manifest, config files.
+
+Data flow: :mod:`conversion.t5x` (read) -> :mod:`conversion.arch` -> :mod:`conversion.plan`
+(pure) -> this module (Ray tasks) -> :mod:`conversion.storage` (atomic writes).
+
+Each task converts one :class:`conversion.plan.LayerTask` (the globals, one encoder layer or one
+decoder layer): it reads only its own source tensors, chunk by chunk as they are stored (t5x
+writes chunks of at most 64 MiB), places each chunk's values into every rank file it belongs to,
+and publishes each file atomically. Memory per task is therefore a few chunks, not a tensor.
+Any task error stops the run with the error's first line; the manifest then still says
+``"complete": false`` and no config.pbtxt is written, so nothing claims to be complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from conversion import ft_format, storage, triton_config
+from conversion.arch import ArchError, T5Arch, infer_arch, parse_gin
+from conversion.ft_format import ManifestEntry
+from conversion.gcs_env import forwarded_env
+from conversion.plan import ConversionPlan, LayerTask, OutputTensor, PlanError, make_plan
+from conversion.t5x import Checkpoint, CheckpointError, open_checkpoint
+
+_HASH_PIECE = 16 * 1024 * 1024
+
+
+class ConversionError(RuntimeError):
+    """A conversion task failed, or the destination refuses the conversion."""
+
+
+# Errors caused by the input or the options: entry points report them as one line, exit 2.
+USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, ArchError, PlanError,
+                                            ConversionError)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    """Everything ``ray_jobs.convert`` accepts (interfaces.md)."""
+
+    src: str
+    dst: str
+    model_name: str = "t5"
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    weight_dtype: str = "fp32"
+    inference_dtype: str = "bf16"
+    gin: str | None = None
+    vocab: str | None = None
+    engine: str = "fastertransformer"
+    activation: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    verify: bool = False
+    task_cpus: float = 1.0
+    task_gpus: float = 0.0
+    progress: bool = True
+
+
+# --- the per-layer task ------------------------------------------------------------------------
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux: the worker process's peak over its lifetime.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _blocks(ckpt: Checkpoint, ref) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """A source tensor in pieces aligned to its stored chunks: (region, values) pairs.
+
+    The region is in the source's own coordinates with the layer axis (scanned sources)
+    removed; each stored chunk is decompressed once.
+    """
+    shape = list(ckpt.params[ref.param].shape)
+    chunk = list(ckpt.chunk_shape(ref.param))
+    if ref.layer_axis is not None:
+        del shape[ref.layer_axis]
+        del chunk[ref.layer_axis]
+    if not shape:
+        yield (), np.asarray(ckpt.read(ref.param))
+        return
+    grid = [range(0, n, c) for n, c in zip(shape, chunk, strict=True)]
+    for starts in itertools.product(*grid):
+        region = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunk, shape,
+                                                                  strict=True))
+        read_region: tuple = region
+        if ref.layer_axis is not None:
+            read_region = region[:ref.layer_axis] + (ref.layer,) + region[ref.layer_axis:]
+        yield region, ckpt.read(ref.param, read_region)
+
+
+def _pwrite_box(fd: int, file_shape: tuple[int, ...], itemsize: int,
+                lo: list[int], values: np.ndarray) -> None:
+    """Write ``values`` (a C-ordered box starting at ``lo``) into a row-major file of
+    ``file_shape``, as few contiguous runs as the box allows."""
+    shape = values.shape
+    ndim = len(file_shape)
+    # k: the first axis from which the box spans whole rows of everything after it.
+    k = ndim - 1
+    while k > 0 and all(lo[d] == 0 and shape[d] == file_shape[d] for d in range(k, ndim)):
+        k -= 1
+    strides = [int(np.prod(file_shape[d + 1:], dtype=np.int64)) for d in range(ndim)]
+    run = int(np.prod(shape[k:], dtype=np.int64))
+    flat = np.ascontiguousarray(values).reshape(-1, run) if run else values.reshape(0, 0)
+    base = sum(lo[d] * strides[d] for d in range(k, ndim))
+    for n, idx in enumerate(np.ndindex(*shape[:k])):
+        offset = base + sum((lo[d] + idx[d]) * strides[d] for d in range(k))
+        data = memoryview(flat[n]).cast("B")
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], offset * itemsize + written)
+
+
+def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor, fds: list[int]) -> None:
+    """Write a block of the full FT tensor into the rank files it overlaps."""
+    file_shape = tensor.file_shape()
+    itemsize = block.dtype.itemsize
+    if tensor.split == "none":
+        _pwrite_box(fds[0], file_shape, itemsize, box_lo, block)
+        return
+    axis = 0 if tensor.split == "first" else len(file_shape) - 1
+    part = file_shape[axis]
+    lo, hi = box_lo[axis], box_lo[axis] + block.shape[axis]
+    for r in range(lo // part, (hi - 1) // part + 1):
+        a, b = max(lo, r * part), min(hi, (r + 1) * part)
+        index = [slice(None)] * block.ndim
+        index[axis] = slice(a - lo, b - lo)
+        local = list(box_lo)
+        local[axis] = a - r * part
+        _pwrite_box(fds[r], file_shape, itemsize, local, block[tuple(index)])
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with storage.open_read(path) as f:
+        while piece := f.read(_HASH_PIECE):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def _check_identical(ckpt: Checkpoint, tensor: OutputTensor) -> None:
+    first = ckpt.read(tensor.sources[0].param, _layer_index(tensor.sources[0]))
+    for ref in tensor.sources[1:]:
+        other = ckpt.read(ref.param, _layer_index(ref))
+        if first.tobytes() != other.tobytes():
+            raise ConversionError(
+                f"scanned checkpoint: {ref.param} differs between layer 0 and layer {ref.layer}; "
+                "FasterTransformer holds one relative-bias table per side, so this model "
+                "cannot be converted exactly"
+            )
+
+
+def _layer_index(ref) -> tuple | None:
+    if ref.layer_axis is None:
+        return None
+    return (slice(None),) * ref.layer_axis + (ref.layer,)
+
+
+def _write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str) -> list[ManifestEntry]:
+    """Convert one FT tensor into its rank files; returns their manifest entries."""
+    dtype = ft_format.WEIGHT_DTYPES[tensor.weight_dtype]
+    urls = [storage.join(out_dir, f.name) for f in tensor.files]
+    nbytes = tensor.file_bytes()
+    if tensor.transform == "copy_identical":
+        _check_identical(ckpt, tensor)
+    entries = []
+    with contextlib.ExitStack() as stack:
+        paths = [stack.enter_context(storage.staged_file(u)) for u in urls]
+        fds = []
+        for p in paths:
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            stack.callback(os.close, fd)
+            os.ftruncate(fd, nbytes)
+            fds.append(fd)
+        refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
+        for j, ref in enumerate(refs):
+            for region, values in _blocks(ckpt, ref):
+                lo = [s.start for s in region]
+                if tensor.transform == "transpose":
+                    values, lo = values.T, lo[::-1]
+                elif tensor.transform == "fuse_qkv":
+                    values, lo = values[:, None, :], [lo[0], j, lo[1]]
+                _place(values.astype(dtype, copy=False), lo, tensor, fds)
+        for spec, path in zip(tensor.files, paths, strict=True):
+            entries.append(ManifestEntry(spec.name, nbytes, _sha256_file(path),
+                                         tensor.weight_dtype, tensor.file_shape()))
+    return entries
+
+
+def _entry_checks_out(entry: ManifestEntry | None, tensor: OutputTensor, url: str) -> bool:
+    """Whether an existing file matches its manifest entry and what this plan would write."""
+    if entry is None or entry.dtype != tensor.weight_dtype:
+        return False
+    if tuple(entry.shape) != tensor.file_shape() or entry.bytes != tensor.file_bytes():
+        return False
+    if storage.size(url) != entry.bytes:
+        return False
+    return _sha256_file(url) == entry.sha256
+
+
+def convert_layer(ckpt: Checkpoint, task: LayerTask, out_dir: str,
+                  previous: dict[str, ManifestEntry] | None = None) -> dict[str, Any]:
+    """Convert one layer's files (what each Ray task runs); returns its manifest entries.
+
+    Files whose entry in ``previous`` (a resumed run's manifest) checks out are kept.
+    """
+    previous = previous or {}
+    entries: list[ManifestEntry] = []
+    skipped = 0
+    for tensor in task.tensors:
+        urls = [storage.join(out_dir, f.name) for f in tensor.files]
+        old = [previous.get(f.name) for f in tensor.files]
+        if previous and all(_entry_checks_out(e, tensor, u) for e, u in
+                            zip(old, urls, strict=True)):
+            entries += [e for e in old if e is not None]
+            skipped += len(urls)
+            continue
+        entries += _write_tensor(ckpt, tensor, out_dir)
+    return {"group": task.group, "entries": entries, "skipped": skipped,
+            "peak_rss": _peak_rss_bytes(), "pid": os.getpid()}
+
+
+def verify_layer(task: LayerTask, out_dir: str,
+                 manifest: dict[str, ManifestEntry]) -> dict[str, Any]:
+    """Re-read every file of a layer and check size and sha256 against the manifest."""
+    for tensor in task.tensors:
+        for spec in tensor.files:
+            url = storage.join(out_dir, spec.name)
+            entry = manifest.get(spec.name)
+            if entry is None:
+                raise ConversionError(f"verify: {spec.name} is not in the manifest")
+            got = storage.size(url)
+            if got != entry.bytes:
+                raise ConversionError(f"verify: {url} holds {got} bytes, manifest says "
+                                      f"{entry.bytes}")
+            if _sha256_file(url) != entry.sha256:
+                raise ConversionError(f"verify: {url} does not match its manifest sha256")
+    return {"group": task.group, "files": len(task.file_names())}
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user's exception inside a RayTaskError, when there is one."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a plain line per finished task on stdout."""
+
+    def __init__(self, total_bytes: int, tasks: int, label: str, enabled: bool) -> None:
+        self.enabled, self.label, self.tasks, self.done = enabled, label, tasks, 0
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label,
+                            file=sys.stderr)
+
+    def update(self, group: str, nbytes: int) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(nbytes)
+        elif self.enabled:
+            print(f"{self.label}: {group} done ({self.done}/{self.tasks})", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_tasks(fn, calls: list[tuple[LayerTask, tuple]], opts: ConvertOptions,
+               label: str) -> list[dict[str, Any]]:
+    """Run ``fn(*args)`` as one Ray task per layer; fail on the first error."""
+    import ray
+
+    remote = ray.remote(fn).options(
+        num_cpus=opts.task_cpus, num_gpus=opts.task_gpus,
+        # Lost workers or nodes are retried (tasks are idempotent: files publish atomically);
+        # errors raised by the conversion itself are not, they are deterministic.
+        max_retries=2, retry_exceptions=False, scheduling_strategy="SPREAD",
+        runtime_env={"env_vars": forwarded_env()} if forwarded_env() else None,
+    )
+    pending = {remote.remote(*args): task for task, args in calls}
+    progress = _Progress(sum(t.bytes() for t, _ in calls), len(calls), label, opts.progress)
+    results = []
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                task = pending.pop(ref)
+                try:
+                    results.append(ray.get(ref))
+                except Exception as exc:
+                    for other in pending:
+                        ray.cancel(other)
+                    cause = _cause(exc)
+                    raise ConversionError(
+                        f"{label} of {task.group} failed: {_first_line(cause)}") from cause
+                progress.update(task.group, task.bytes())
+    finally:
+        progress.close()
+    return results
+
+
+def _identity(ckpt: Checkpoint, plan: ConversionPlan) -> dict[str, Any]:
+    """What makes two conversions the same model: compared before writing into DST."""
+    return {
+        "source": ckpt.path,
+        "step": ckpt.step,
+        "config": dataclasses.asdict(plan.config),
+        "tensor_parallel": plan.tensor_parallel,
+        "weight_dtype": plan.weight_dtype,
+    }
+
+
+def _read_manifest(url: str) -> tuple[dict, dict[str, ManifestEntry]] | None:
+    if not storage.exists(url):
+        return None
+    try:
+        return ft_format.parse_manifest(storage.read_text(url))
+    except (ValueError, KeyError) as exc:
+        raise ConversionError(f"{url} is not a readable manifest: {_first_line(exc)}") from exc
+
+
+def _check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any],
+                       opts: ConvertOptions) -> dict[str, ManifestEntry]:
+    """Refuse to mix models in one folder; returns the entries a resumed run may keep."""
+    existing = [f for f in storage.list_files(model_dir)] if storage.is_dir(model_dir) else []
+    if not existing:
+        return {}
+    if opts.overwrite:
+        storage.delete_tree(model_dir)
+        return {}
+    found = _read_manifest(manifest_url)
+    if found is None:
+        raise ConversionError(
+            f"{model_dir} already holds files that are not this conversion (no manifest at "
+            f"{manifest_url}); pass --overwrite to replace them")
+    model, entries = found
+    old = {k: model.get(k) for k in identity}
+    diff = [k for k in identity if _jsonable(old[k]) != _jsonable(identity[k])]
+    if diff:
+        k = diff[0]
+        raise ConversionError(
+            f"{model_dir} already holds a different model ({k} {old[k]!r}, not "
+            f"{identity[k]!r}); pass --overwrite to replace it")
+    others = [f for f in existing if "/" in f and not f.startswith(
+        f"1/{ft_format.weights_dir_name(identity['tensor_parallel'])}/") and f != "1/model.py"]
+    if others:
+        raise ConversionError(f"{model_dir} also holds {others[0]}, not part of this "
+                              "conversion; pass --overwrite to replace it")
+    return entries if opts.resume else {}
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def find_gin(ckpt_path: str) -> str | None:
+    """config.gin beside the checkpoint, or in one of the two folders above it (t5x writes it in
+    the model directory, the parent of checkpoint_<step>)."""
+    path = ckpt_path.rstrip("/")
+    for _ in range(3):
+        url = storage.join(path, "config.gin")
+        if storage.exists(url):
+            return url
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if not parent or parent == path or parent.endswith(":/") or parent == "gs:/":
+            break
+        path = parent
+    return None
+
+
+def prepare(opts: ConvertOptions) -> tuple[Checkpoint, T5Arch, ConversionPlan, str | None]:
+    """Open the checkpoint, infer its architecture and plan the conversion (no Ray, no writes)."""
+    ckpt = open_checkpoint(opts.src)
+    gin_url = opts.gin or find_gin(ckpt.path)
+    gin_values = None
+    if gin_url:
+        try:
+            gin_values = parse_gin(storage.read_text(gin_url))
+        except FileNotFoundError:
+            raise ConversionError(f"gin file {gin_url} does not exist") from None
+    shapes = {name: p.shape for name, p in ckpt.params.items()}
+    arch = infer_arch(shapes, gin_values, opts.activation)
+    plan = make_plan(ckpt.params, arch, opts.tensor_parallel, opts.weight_dtype)
+    return ckpt, arch, plan, gin_url
+
+
+def convert(opts: ConvertOptions) -> dict[str, Any]:
+    """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary.
+
+    Ray must already be initialised (``ray_jobs._cli.init_ray``).
+    """
+    t0 = time.monotonic()
+    if opts.engine not in triton_config.ENGINES:
+        raise ConversionError(f"engine {opts.engine!r} is not one of {triton_config.ENGINES}")
+    if opts.pipeline_parallel < 1:
+        raise ConversionError(f"pipeline-parallel size must be >= 1, got {opts.pipeline_parallel}")
+    if opts.vocab and not storage.exists(opts.vocab):
+        raise ConversionError(f"vocabulary {opts.vocab} does not exist")
+    ckpt, arch, plan, gin_url = prepare(opts)
+    t = plan.tensor_parallel
+    model_dir = storage.join(opts.dst, opts.model_name)
+    out_dir = storage.join(model_dir, "1", ft_format.weights_dir_name(t))
+    manifest_url = storage.join(out_dir, ft_format.MANIFEST)
+    config_url = storage.join(model_dir, "config.pbtxt")
+    identity = _identity(ckpt, plan)
+    previous = _check_destination(model_dir, manifest_url, identity, opts)
+
+    # Until the last step the folder says it is incomplete: no config.pbtxt (Triton would try to
+    # load it) and a manifest with "complete": false.
+    storage.delete(config_url)
+    header = {**identity, "layout": ckpt.layout, "engine": opts.engine,
+              "arch_sources": arch.sources, "gin": gin_url}
+    storage.write_text(manifest_url, ft_format.manifest_json(
+        {**header, "complete": False}, list(previous.values())))
+
+    results = _run_tasks(convert_layer, [(task, (ckpt, task, out_dir, previous))
+                                         for task in plan.tasks], opts, "convert")
+    entries = [e for r in results for e in r["entries"]]
+    expected = {f.name for f in plan.files()}
+    got = {e.name for e in entries}
+    if got != expected:  # a plan/executor mismatch must never pass silently
+        missing = sorted(expected - got)[:3]
+        raise ConversionError(f"conversion wrote {len(got)} of {len(expected)} files; missing "
+                              f"{missing}")
+
+    storage.write_text(storage.join(out_dir, ft_format.CONFIG_INI),
+                       ft_format.config_ini(plan.config, plan.weight_dtype, t))
+    if opts.vocab:
+        storage.write_bytes(storage.join(model_dir, "spiece.model"), storage.read_bytes(opts.vocab))
+    if opts.engine == "jax":
+        storage.write_text(storage.join(model_dir, "1", "model.py"), triton_config.JAX_MODEL_PY)
+    manifest_text = ft_format.manifest_json({**header, "complete": True}, entries)
+    storage.write_text(manifest_url, manifest_text)
+    verified = False
+    if opts.verify:
+        _, by_name = ft_format.parse_manifest(manifest_text)
+        _run_tasks(verify_layer, [(task, (task, out_dir, by_name)) for task in plan.tasks],
+                   opts, "verify")
+        verified = True
+    config = triton_config.model_config(opts.model_name, opts.engine, t, opts.pipeline_parallel,
+                                        opts.inference_dtype)
+    storage.write_text(config_url, triton_config.to_pbtxt(config))
+
+    peak = max(r.get("peak_rss", 0) for r in results)
+    return {
+        "output": out_dir,
+        "model_repository": opts.dst,
+        "model_name": opts.model_name,
+        "files": len(entries),
+        "bytes": sum(e.bytes for e in entries),
+        "skipped_files": sum(r["skipped"] for r in results),
+        "seconds": round(time.monotonic() - t0, 3),
+        "source": ckpt.path,
+        "layout": ckpt.layout,
+        "step": ckpt.step,
+        "engine": opts.engine,
+        "tensor_parallel": t,
+        "pipeline_parallel": opts.pipeline_parallel,
+        "weight_dtype": plan.weight_dtype,
+        "inference_dtype": opts.inference_dtype,
+        "model": dataclasses.asdict(plan.config),
+        "arch_sources": arch.sources,
+        "inferred": arch.inferred(),
+        "read_from_gin": sorted(k for k, v in arch.sources.items() if v == "gin"),
+        "gin": gin_url,
+        "scanned": arch.scanned,
+        "verified": verified,
+        "tasks": len(plan.tasks),
+        "peak_worker_rss_bytes": peak,
+    }

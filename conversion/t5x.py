@@ -1,0 +1,315 @@
+"""Open a T5X checkpoint, legacy (msgpack + zarr) or orbax OCDBT, local or gs://.
+
+Lists the parameters under ``target`` (name, shape, dtype) and reads any parameter, or any
+sub-region of one, through tensorstore (t5x-checkpoint-format.md). Parameter names are the
+dotted tree paths without the ``target.`` prefix: ``encoder.layers_0.attention.query.kernel``.
+
+A :class:`Checkpoint` is plain data (strings and dicts), so it pickles into Ray tasks; each
+process opens the arrays it reads lazily and keeps them open.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Literal
+
+import msgpack
+import numpy as np
+
+from conversion import storage
+from conversion.gcs_env import is_gcs, tensorstore_kvstore
+
+Layout = Literal["legacy", "ocdbt"]
+_STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
+_ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA")
+# Prefixes under which trainers keep the model parameters (t5x: target; orbax trainers: params).
+_PARAM_ROOTS = ("target.", "params.")
+
+
+class CheckpointError(ValueError):
+    """The source is not a readable T5X checkpoint, or a parameter cannot be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """One parameter: its name under ``target``, shape and numpy dtype name."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """An opened checkpoint: where it is, its layout and every parameter.
+
+    Attributes:
+      path: the ``checkpoint_<step>`` folder (local path or gs:// URL).
+      layout: "legacy" or "ocdbt".
+      step: the step from the folder name, when it has one.
+      params: name -> ParamInfo for every array parameter.
+      specs: name -> tensorstore spec (JSON) that opens it, or None for inline arrays.
+      inline: name -> small array stored inside the msgpack file (legacy scalars).
+    """
+
+    path: str
+    layout: Layout
+    step: int | None
+    params: dict[str, ParamInfo]
+    specs: dict[str, dict[str, Any]]
+    inline: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def chunk_shape(self, name: str) -> tuple[int, ...]:
+        """The stored chunk shape of a parameter (its whole shape when inline)."""
+        if name in self.inline:
+            return tuple(self.inline[name].shape)
+        store = _open(self._spec(name), name)
+        return tuple(int(c) for c in store.chunk_layout.read_chunk.shape)
+
+    def read(self, name: str, region: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Read a parameter, or the sub-region ``region`` of it, as a numpy array.
+
+        Only the chunks the region touches are fetched and decompressed.
+        """
+        if name in self.inline:
+            a = self.inline[name]
+            return a if region is None else a[region]
+        store = _open(self._spec(name), name)
+        if region is not None:
+            store = store[region]
+        try:
+            return store.read().result()
+        except Exception as exc:  # tensorstore reports decode errors as ValueError/RuntimeError
+            where = "" if region is None else f" {_fmt_region(region)}"
+            raise CheckpointError(
+                f"cannot read parameter {name!r}{where} from {self.path}: {_first_line(exc)}"
+            ) from exc
+
+    def _spec(self, name: str) -> dict[str, Any]:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise CheckpointError(f"parameter {name!r} is not in checkpoint {self.path}") from None
+
+
+# tensorstore handles, per process: opening re-reads metadata, reading does not.
+_OPEN: dict[str, Any] = {}
+
+
+def _open(spec: dict[str, Any], name: str):
+    import tensorstore as ts
+
+    key = json.dumps(spec, sort_keys=True)
+    store = _OPEN.get(key)
+    if store is None:
+        try:
+            store = ts.open(spec, read=True).result()
+        except Exception as exc:
+            raise CheckpointError(f"cannot open parameter {name!r}: {_first_line(exc)}") from exc
+        _OPEN[key] = store
+    return store
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _fmt_region(region: tuple[slice, ...]) -> str:
+    return "[" + ", ".join(f"{s.start or 0}:{'' if s.stop is None else s.stop}" for s in region) + "]"
+
+
+# --- finding the checkpoint folder -------------------------------------------------------------
+
+
+def _looks_like_checkpoint(names: set[str]) -> Layout | None:
+    if "checkpoint" in names:
+        return "legacy"
+    if any(m in names for m in _ORBAX_MARKERS):
+        return "ocdbt"
+    return None
+
+
+def _top_names(path: str) -> set[str]:
+    if is_gcs(path):
+        files = storage.list_files(path)
+        return {f.split("/", 1)[0] for f in files}
+    try:
+        return set(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def resolve(src: str) -> tuple[str, Layout, int | None]:
+    """(checkpoint folder, layout, step) for SRC: a checkpoint, or a folder of several (the
+    newest complete step wins)."""
+    src = str(src).rstrip("/")
+    if not is_gcs(src) and not os.path.exists(src):
+        raise CheckpointError(f"source {src} does not exist")
+    names = _top_names(src)
+    layout = _looks_like_checkpoint(names)
+    if layout:
+        m = _STEP_DIR.match(os.path.basename(src))
+        return src, layout, int(m.group(1)) if m else None
+    steps = sorted(
+        ((int(m.group(1)), n) for n in names if (m := _STEP_DIR.match(n))), reverse=True
+    )
+    for step, name in steps:
+        path = storage.join(src, name)
+        layout = _looks_like_checkpoint(_top_names(path))
+        if layout:
+            return path, layout, step
+    raise CheckpointError(
+        f"{src} is not a T5X checkpoint: it holds no 'checkpoint' msgpack file, no orbax "
+        f"metadata ({', '.join(_ORBAX_MARKERS)}) and no complete checkpoint_<step> folder"
+    )
+
+
+def open_checkpoint(src: str) -> Checkpoint:
+    """Open SRC (see :func:`resolve`) and list its parameters."""
+    path, layout, step = resolve(src)
+    if layout == "legacy":
+        return _open_legacy(path, step)
+    return _open_ocdbt(path, step)
+
+
+# --- legacy: msgpack + zarr --------------------------------------------------------------------
+
+
+def _ext_hook(code: int, data: bytes):
+    # flax: ext 1 = ndarray (shape, dtype, bytes); 3 = numpy scalar (dtype, bytes); 2 = complex.
+    if code == 1:
+        shape, dtype, raw = msgpack.unpackb(data, raw=False)
+        return np.frombuffer(raw, dtype=_np_dtype(dtype)).reshape(shape)
+    if code == 3:
+        dtype, raw = msgpack.unpackb(data, raw=False)
+        return np.frombuffer(raw, dtype=_np_dtype(dtype))[0]
+    if code == 2:
+        re_, im = msgpack.unpackb(data, raw=False)
+        return complex(re_, im)
+    return msgpack.ExtType(code, data)
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict) and not _is_ts_spec(tree):
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+        out[prefix[:-1]] = tree
+    return out
+
+
+def _is_ts_spec(node: dict) -> bool:
+    return "driver" in node and isinstance(node.get("driver"), str)
+
+
+def _open_legacy(path: str, step: int | None) -> Checkpoint:
+    url = storage.join(path, "checkpoint")
+    try:
+        state = msgpack.unpackb(storage.read_bytes(url), ext_hook=_ext_hook, raw=False,
+                                strict_map_key=False)
+    except Exception as exc:
+        raise CheckpointError(f"{url} is not a T5X msgpack checkpoint: {_first_line(exc)}") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
+        raise CheckpointError(f"{url} is not a T5X checkpoint: no 'optimizer' state in it")
+    target = state["optimizer"].get("target")
+    if not isinstance(target, dict) or not target:
+        raise CheckpointError(f"{url} is not a T5X checkpoint: no 'optimizer.target' parameters")
+    params: dict[str, ParamInfo] = {}
+    specs: dict[str, dict[str, Any]] = {}
+    inline: dict[str, np.ndarray] = {}
+    for name, leaf in _flatten(target).items():
+        if isinstance(leaf, np.ndarray | np.generic):
+            arr = np.asarray(leaf)
+            inline[name] = arr
+            params[name] = ParamInfo(name, tuple(arr.shape), arr.dtype.name)
+            continue
+        if not isinstance(leaf, dict):
+            continue  # None or other non-array leaves (e.g. empty optimizer slots)
+        # t5x writes the folder relative to the checkpoint: kvstore.path (file) or path (gcs,
+        # whose bucket is the placeholder "t5x-dummy-bucket"); resolve it against our own path.
+        rel = leaf.get("kvstore", {}).get("path") or leaf.get("path")
+        if not rel:
+            raise CheckpointError(f"{url}: parameter {name!r} has no array path in its spec")
+        spec = {"driver": leaf.get("driver", "zarr"),
+                "kvstore": tensorstore_kvstore(storage.join(path, rel))}
+        meta = leaf.get("metadata") or {}
+        shape = meta.get("shape")
+        dtype = leaf.get("dtype")
+        if shape is None or dtype is None:
+            store = _open(spec, name)
+            shape, dtype = store.shape, store.dtype.numpy_dtype.name
+        specs[name] = spec
+        params[name] = ParamInfo(name, tuple(int(s) for s in shape), str(dtype))
+    if not specs:
+        raise CheckpointError(f"{url} is not a T5X checkpoint: no tensorstore arrays in it")
+    return Checkpoint(path, "legacy", step, params, specs, inline)
+
+
+# --- orbax / OCDBT -----------------------------------------------------------------------------
+
+
+def _ocdbt_base(path: str) -> str:
+    if is_gcs(path):
+        return path.rstrip("/") + "/"
+    return "file://" + os.path.abspath(path).rstrip("/") + "/"
+
+
+def _ocdbt_keys_from_metadata(path: str) -> tuple[list[str], bool] | None:
+    url = storage.join(path, "_METADATA")
+    if not storage.exists(url):
+        return None
+    meta = json.loads(storage.read_text(url))
+    keys = []
+    for tree_key, entry in meta.get("tree_metadata", {}).items():
+        parts = [k["key"] for k in entry.get("key_metadata", [])]
+        if not parts:  # older orbax: the key is a stringified tuple
+            parts = list(ast.literal_eval(tree_key))
+        keys.append(".".join(str(p) for p in parts))
+    return keys, bool(meta.get("use_zarr3", False))
+
+
+def _open_ocdbt(path: str, step: int | None) -> Checkpoint:
+    import tensorstore as ts
+
+    base = _ocdbt_base(path)
+    found = _ocdbt_keys_from_metadata(path)
+    if found is None:
+        # No tree metadata: list the arrays the OCDBT store holds.
+        kv = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
+        listed = [k.decode() for k in kv.list().result()]
+        keys = sorted({k.rsplit("/", 1)[0] for k in listed
+                       if k.endswith("/.zarray") or k.endswith("/zarr.json")})
+        zarr3 = any(k.endswith("/zarr.json") for k in listed)
+    else:
+        keys, zarr3 = found
+    roots = [r for r in _PARAM_ROOTS if any(k.startswith(r) for k in keys)]
+    root = roots[0] if roots else ""
+    params: dict[str, ParamInfo] = {}
+    specs: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        if not key.startswith(root):
+            continue
+        name = key[len(root):]
+        spec = {"driver": "zarr3" if zarr3 else "zarr",
+                "kvstore": {"driver": "ocdbt", "base": base, "path": key + "/"}}
+        store = _open(spec, name)
+        specs[name] = spec
+        params[name] = ParamInfo(name, tuple(int(s) for s in store.shape),
+                                 store.dtype.numpy_dtype.name)
+    if not specs:
+        raise CheckpointError(f"{path} is not a T5X checkpoint: its OCDBT store holds no arrays")
+    return Checkpoint(path, "ocdbt", step, params, specs)
