@@ -107,7 +107,7 @@ def explain_scheduling(message: str, node_selector: dict[str, str] | None) -> tu
     return short, reasons
 
 
-def _pod_problems(pod: dict, events: list[dict]) -> tuple[list[str], list[str]]:
+def pod_problems(pod: dict, events: list[dict]) -> tuple[list[str], list[str]]:
     short: list[str] = []
     reasons: list[str] = []
     name = pod.get("metadata", {}).get("name", "?")
@@ -165,7 +165,7 @@ def diagnose(rc: dict, pods: list[dict], events: list[dict]) -> list[GroupHealth
         if pod_ready(pod):
             health.ready += 1
             continue
-        short, reasons = _pod_problems(pod, events)
+        short, reasons = pod_problems(pod, events)
         for item in short:
             _add(health.short, item)
         for item in reasons:

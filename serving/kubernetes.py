@@ -1,0 +1,223 @@
+"""`ray_jobs.serve --backend kubernetes`: Triton as a Deployment and Service on the cluster.
+
+From inside the Ray cluster (in-cluster config, the head's service account and the Role that
+`python -m cluster` renders) or from a kubeconfig:
+
+1. read the model's config.pbtxt for its GPU count (tensor_para_size x pipeline_para_size);
+2. create (or patch) the Service and the Deployment (cluster/triton.py builds them);
+3. wait until every replica passes /v2/health/ready (all models loaded), reporting on stderr
+   why pods are pending (cluster/diagnose.py);
+4. print the ready line `{"model": NAME, "endpoints": [{"grpc": "SVC.NS.svc.cluster.local:8001",
+   "http": ..., "metrics": ...}]}` (one Service in front of every replica);
+5. keep running until SIGINT/SIGTERM, then delete both.
+
+Defaults not given as flags come from the Ray head's environment, which the cluster config
+sets (cluster/raycluster.py: T5FT_*): namespace, Triton image, service account, GPU type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from cluster import diagnose, pods, raycluster, triton
+from cluster.config import DEFAULT_TRITON_IMAGE
+from cluster.kubeapi import Kube, new_api_client
+from ray_jobs._cli import UserError
+
+MONITOR_PERIOD_S = 10.0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def read_model_config(model_repository: str, model_name: str):
+    """The model's config.pbtxt as tritonclient's ModelConfig protobuf (local path or gs://)."""
+    from tritonclient.grpc import model_config_pb2
+
+    url = f"{model_repository.rstrip('/')}/{model_name}/config.pbtxt"
+    try:
+        if url.startswith("gs://"):
+            from google.cloud import storage
+
+            bucket, _, blob = url[len("gs://"):].partition("/")
+            text = storage.Client().bucket(bucket).blob(blob).download_as_text()
+        else:
+            text = Path(url).read_text()
+    except Exception as exc:  # noqa: BLE001 - any read failure is the same problem for the user
+        raise UserError(f"cannot read {url} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); the Deployment's "
+                        f"GPU count comes from its tensor_para_size") from exc
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise UserError(f"{url} is not a valid Triton model config: {exc}") from exc
+
+
+def gpus_for(model_config) -> int:
+    """GPUs one replica needs: FT puts tensor x pipeline ranks in one server."""
+    params = model_config.parameters
+    total = 1
+    for key in ("tensor_para_size", "pipeline_para_size"):
+        if key in params:
+            value = params[key].string_value
+            if not value.isdigit() or int(value) < 1:
+                raise UserError(f"config.pbtxt parameter {key} is {value!r}, not a positive "
+                                f"integer")
+            total *= int(value)
+    return total
+
+
+def triton_spec(args: argparse.Namespace) -> triton.TritonSpec:
+    """Resolve flags, then the head's environment, then defaults, into a TritonSpec."""
+    env = os.environ
+    namespace = args.namespace
+    if namespace in (None, "default") and env.get(raycluster.ENV_NAMESPACE):
+        # On a cluster from `python -m cluster`, serve next to it (the Role is namespaced).
+        namespace = env[raycluster.ENV_NAMESPACE]
+    run_as = getattr(args, "run_as_user", None)
+    if run_as is None:
+        text = env.get(raycluster.ENV_TRITON_RUN_AS_USER)
+        run_as = 1000 if text is None else (int(text) if text.strip() else None)
+    gpus = getattr(args, "gpus", None) or gpus_for(
+        read_model_config(args.model_repository, args.model_name))
+    ports = (args.http_port or triton.HTTP_PORT, args.grpc_port or triton.GRPC_PORT,
+             args.metrics_port or triton.METRICS_PORT)
+    if not args.model_repository.startswith("gs://"):
+        _log(f"note: model repository {args.model_repository} is not gs://; Triton pods see "
+             f"only what their image holds or mounts")
+    try:
+        return triton.TritonSpec(
+            model_name=args.model_name,
+            model_repository=args.model_repository,
+            namespace=namespace or "default",
+            image=args.image or env.get(raycluster.ENV_TRITON_IMAGE) or DEFAULT_TRITON_IMAGE,
+            gpus=gpus,
+            replicas=args.replicas,
+            accelerator=getattr(args, "accelerator", None)
+            or env.get(raycluster.ENV_TRITON_ACCELERATOR),
+            service_account=args.service_account or env.get(
+                raycluster.ENV_TRITON_SERVICE_ACCOUNT),
+            run_as_user=run_as,
+            cpu=env.get(raycluster.ENV_TRITON_CPU),
+            memory=env.get(raycluster.ENV_TRITON_MEMORY),
+            service_ports=ports,
+            startup_seconds=int(args.ready_timeout),
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def launch(kube: Kube, spec: triton.TritonSpec, created: list[tuple[str, str]]) -> None:
+    """Create or patch the Service and the Deployment, noting each in CREATED as soon as it
+    exists, so that a failure half-way still deletes what was made."""
+    for obj in (triton.service(spec), triton.deployment(spec)):
+        outcome, _ = kube.apply(obj)
+        created.append((obj["kind"], obj["metadata"]["name"]))
+        _log(f"{obj['kind']}/{obj['metadata']['name']} in {spec.namespace}: {outcome}")
+
+
+def deployment_ready(dep: dict | None, replicas: int) -> bool:
+    """Every replica of the current generation passes its readiness probe."""
+    if not dep:
+        return False
+    status = dep.get("status") or {}
+    generation = (dep.get("metadata") or {}).get("generation")
+    if generation is not None and status.get("observedGeneration", 0) < generation:
+        return False
+    return (status.get("readyReplicas") or 0) >= replicas and \
+        (status.get("updatedReplicas", replicas) or 0) >= replicas
+
+
+def why_not_ready(kube: Kube, spec: triton.TritonSpec) -> str:
+    """A line saying where the replicas are: ready count, short resources, reasons."""
+    selector = ",".join(f"{k}={v}" for k, v in
+                        pods.labels("triton", spec.name).items())
+    pod_list = kube.list("Pod", spec.namespace, label_selector=selector)
+    events = kube.list("Event", spec.namespace) if pod_list else []
+    short: list[str] = []
+    reasons: list[str] = []
+    ready = 0
+    for pod in pod_list:
+        if diagnose.pod_ready(pod):
+            ready += 1
+            continue
+        s, r = diagnose.pod_problems(pod, events)
+        short += [x for x in s if x not in short]
+        reasons += [x for x in r if x not in reasons]
+    line = f"{spec.name}: {ready}/{spec.replicas} ready, {len(pod_list)} pods"
+    if short:
+        line += f"; short of {', '.join(short)}"
+    if reasons:
+        line += f"; {'; '.join(reasons)}"
+    return line
+
+
+def wait_ready(kube: Kube, spec: triton.TritonSpec, timeout: float, stop: threading.Event,
+               poll: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        if deployment_ready(kube.get("Deployment", spec.name, spec.namespace), spec.replicas):
+            return
+        note = why_not_ready(kube, spec)
+        if note != last:
+            _log(note)
+            last = note
+        if stop.is_set():
+            raise UserError(f"stopped before {spec.name} was ready: {note}")
+        if time.monotonic() >= deadline:
+            raise UserError(f"{spec.name} not ready after {timeout:.0f}s: {note}")
+        stop.wait(poll)
+
+
+def teardown(kube: Kube, created: list[tuple[str, str]], namespace: str) -> None:
+    # Deployment first: its pods hold the GPUs.
+    for kind, name in sorted(created, key=lambda kn: kn[0] != "Deployment"):
+        try:
+            gone = kube.delete(kind, name, namespace)
+            _log(f"{kind}/{name}: {'deleted' if gone else 'already gone'}")
+        except UserError as exc:
+            _log(f"could not delete {kind}/{name}: {exc}")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Launch, wait, print the ready line, serve until SIGINT/SIGTERM, delete. Returns 0."""
+    spec = triton_spec(args)
+    kube = Kube(new_api_client(args.kubeconfig))
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, _f: stop.set())
+    created: list[tuple[str, str]] = []
+    try:
+        _log(f"launching {spec.replicas} Triton replica(s) of {spec.model_name} with "
+             f"{spec.gpus} GPU(s) each in namespace {spec.namespace}")
+        launch(kube, spec, created)
+        wait_ready(kube, spec, args.ready_timeout, stop)
+        # The ready line: always JSON, whatever --json says (readers wait for it).
+        print(json.dumps({"model": spec.model_name, "endpoints": [triton.endpoints(spec)]}),
+              flush=True)
+        ready = True
+        while not stop.wait(MONITOR_PERIOD_S):
+            now = deployment_ready(kube.get("Deployment", spec.name, spec.namespace),
+                                   spec.replicas)
+            if now != ready:
+                _log(f"{spec.name}: {'ready again' if now else why_not_ready(kube, spec)}")
+                ready = now
+        _log(f"stopping {spec.name}")
+        return 0
+    finally:
+        teardown(kube, created, spec.namespace)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

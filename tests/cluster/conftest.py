@@ -1,0 +1,242 @@
+"""A recording Kubernetes API server, and the KubeRay CRD schemas.
+
+`FakeKubeAPI` is a real http.server on 127.0.0.1 (in a thread) that answers the REST calls our
+client makes the way the API server does: 201 on create, 409 when the name exists, 200 on get
+with whatever status the test scripts, merge on patch, 404 for what is not there, and any
+status a test injects (503, 403, ...) for a given number of matching requests. Every request
+is recorded (method, path, query, content type, JSON body) for the tests to check on the wire.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMAS = REPO.parent / "shared" / "schemas"
+
+PLURALS = {"namespaces", "serviceaccounts", "services", "pods", "events", "deployments",
+           "roles", "rolebindings", "rayclusters", "rayjobs"}
+
+
+@dataclasses.dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict
+    content_type: str | None
+    body: object
+    authorization: str | None
+
+
+def _merge(dst: dict, patch: dict) -> dict:
+    """JSON merge patch (RFC 7386); strategic merge differs only for lists we do not patch."""
+    for key, value in patch.items():
+        if value is None:
+            dst.pop(key, None)
+        elif isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value)
+        else:
+            dst[key] = copy.deepcopy(value)
+    return dst
+
+
+def _status(code: int, reason: str, message: str) -> dict:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+            "reason": reason, "message": message}
+
+
+class FakeKubeAPI:
+    def __init__(self):
+        self.objects: dict[str, dict] = {}
+        self.requests: list[Recorded] = []
+        self.statuses: dict[str, list[dict]] = {}  # path -> successive `status` on GET
+        self.faults: list[list] = []  # [method, path regex, status, remaining]
+        self._gets: dict[str, int] = {}
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def _body(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                return json.loads(raw) if raw else None
+
+            def _reply(self, code: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self):
+                url = urlparse(self.path)
+                body = self._body()
+                with server._lock:
+                    server.requests.append(Recorded(
+                        self.command, url.path, parse_qs(url.query),
+                        self.headers.get("Content-Type"), body,
+                        self.headers.get("Authorization")))
+                    code, obj = server.answer(self.command, url.path, parse_qs(url.query), body)
+                self._reply(code, obj)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _handle
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    # -- scripting ------------------------------------------------------------------------
+
+    def fail(self, method: str, path_regex: str, status: int, times: int = 1,
+             message: str = "") -> None:
+        """Answer the next TIMES matching requests with STATUS."""
+        self.faults.append([method, path_regex, status, times, message])
+
+    def put(self, path: str, obj: dict) -> None:
+        self.objects[path] = copy.deepcopy(obj)
+
+    def calls(self, method: str | None = None, contains: str = "") -> list[Recorded]:
+        return [r for r in self.requests
+                if (method is None or r.method == method) and contains in r.path]
+
+    def reset(self) -> None:
+        self.objects.clear()
+        self.requests.clear()
+        self.statuses.clear()
+        self.faults.clear()
+        self._gets.clear()
+
+    # -- the API --------------------------------------------------------------------------
+
+    def answer(self, method: str, path: str, query: dict, body) -> tuple[int, dict]:
+        for fault in self.faults:
+            if fault[0] == method and re.search(fault[1], path) and fault[3] > 0:
+                fault[3] -= 1
+                reasons = {403: "Forbidden", 409: "AlreadyExists", 401: "Unauthorized"}
+                return fault[2], _status(fault[2], reasons.get(fault[2], "InternalError"),
+                                         fault[4] or f"injected {fault[2]}")
+        last = path.rstrip("/").rsplit("/", 1)[-1]
+        is_collection = last in PLURALS
+        if method == "POST" and is_collection:
+            name = body["metadata"]["name"]
+            item = f"{path}/{name}"
+            if item in self.objects:
+                return 409, _status(409, "AlreadyExists", f'{last} "{name}" already exists')
+            obj = copy.deepcopy(body)
+            obj["metadata"].update(generation=1, uid=f"uid-{len(self.objects)}",
+                                   resourceVersion="1")
+            self.objects[item] = obj
+            return 201, obj
+        if method == "GET" and is_collection:
+            selector = dict(part.split("=", 1) for part in
+                            (query.get("labelSelector") or [""])[0].split(",") if part)
+            items = [copy.deepcopy(o) for p, o in self.objects.items()
+                     if p.rsplit("/", 1)[0] == path and all(
+                         (o.get("metadata", {}).get("labels") or {}).get(k) == v
+                         for k, v in selector.items())]
+            return 200, {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": items}
+        if path not in self.objects:
+            return 404, _status(404, "NotFound", f'"{last}" not found')
+        if method == "GET":
+            obj = copy.deepcopy(self.objects[path])
+            scripted = self.statuses.get(path)
+            if scripted:
+                n = self._gets.get(path, 0)
+                self._gets[path] = n + 1
+                obj["status"] = scripted[min(n, len(scripted) - 1)]
+            return 200, obj
+        if method == "PATCH":
+            obj = _merge(self.objects[path], body)
+            obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+            return 200, obj
+        if method == "DELETE":
+            self.objects.pop(path)
+            return 200, _status(200, "", "") | {"status": "Success"}
+        return 405, _status(405, "MethodNotAllowed", method)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def fake_api():
+    server = FakeKubeAPI()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def api(fake_api):
+    """The module's fake API, emptied for this test."""
+    fake_api.reset()
+    return fake_api
+
+
+@pytest.fixture
+def kubeconfig(api, tmp_path) -> Path:
+    """A kubeconfig pointing at the fake API with a bearer token."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+        "users": [{"name": "fake", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+    }))
+    return path
+
+
+def crd_schema(file_name: str) -> dict:
+    """openAPIV3Schema of the CRD's v1 version, as strict as the API server's field validation.
+
+    The x-kubernetes-* extensions are dropped; where an object lists its properties and does
+    not preserve unknown fields, other keys are refused (the server would prune or, with
+    fieldValidation=Strict, reject them: a misplaced nodeSelector must fail here).
+    """
+    path = SCHEMAS / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: the KubeRay CRDs live in ../shared/schemas")
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+
+    def strip(node):
+        if isinstance(node, dict):
+            out = {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+            if "properties" in node and "additionalProperties" not in node and not node.get(
+                    "x-kubernetes-preserve-unknown-fields"):
+                out["additionalProperties"] = False
+            return out
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return strip(version["schema"]["openAPIV3Schema"])
+
+
+@pytest.fixture(scope="session")
+def crd_validators() -> dict:
+    """kind -> jsonschema validator for RayCluster and RayJob."""
+    import jsonschema
+
+    out = {}
+    for kind, file_name in (("RayCluster", "ray.io_rayclusters.yaml"),
+                            ("RayJob", "ray.io_rayjobs.yaml")):
+        schema = crd_schema(file_name)
+        jsonschema.Draft7Validator.check_schema(schema)
+        out[kind] = jsonschema.Draft7Validator(schema)
+    return out
