@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--context", default=None, help="kubeconfig context")
             p.add_argument("--retries", type=int, default=5,
                            help="retries on 429/5xx/connection errors (default 5)")
+            p.add_argument("--retry-backoff", type=float, default=0.5,
+                           help="first wait between retries in seconds, doubled each time "
+                           "(default 0.5)")
 
     def job_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--job", default=None, metavar="ENTRYPOINT",
@@ -276,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "render":
         summary = cmd_render(cfg, args)
     else:
-        kube = Kube(new_api_client(args.kubeconfig, args.context), retries=args.retries)
+        kube = Kube(new_api_client(args.kubeconfig, args.context), retries=args.retries,
+                    backoff=args.retry_backoff)
         command = {"up": cmd_up, "status": cmd_status, "down": cmd_down}[args.command]
         summary = command(cfg, args, kube)
     if args.json or args.command in ("up", "down"):

@@ -14,7 +14,7 @@ import re
 from cluster.config import ACCELERATOR_LABEL
 
 HEAD_GROUP = "headgroup"
-_INSUFFICIENT = re.compile(r"Insufficient ([A-Za-z0-9./_-]+)")
+_INSUFFICIENT = re.compile(r"Insufficient ([A-Za-z0-9./_-]*[A-Za-z0-9])")
 _WAITING_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff",
                      "CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 
