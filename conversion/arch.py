@@ -23,8 +23,9 @@ from conversion.ft_format import T5Config
 Source = Literal["shapes", "gin", "flag", "default"]
 
 _LAYER = re.compile(r"^(encoder|decoder)\.layers_(\d+)\.")
-# Scanned (scalable_t5) parameter prefixes: the scanned module is named like its parent.
-SCANNED_PREFIX = {"encoder": "encoder.encoder.", "decoder": "decoder.decoder."}
+# Scanned (scalable_t5) parameter prefixes: scan_with_axes(..., name='layers') stacks every
+# layer's parameters under one module, e.g. encoder.layers.attention.query.kernel [D, L, H*K].
+SCANNED_PREFIX = {"encoder": "encoder.layers.", "decoder": "decoder.layers."}
 
 
 class ArchError(ValueError):
@@ -249,10 +250,10 @@ def _scanned_relpos(shapes: Mapping[str, tuple[int, ...]], side: str) -> tuple[i
 
 def scanned_relpos_name(shapes: Mapping[str, tuple[int, ...]], side: str) -> str | None:
     """Where a scanned side keeps its relative-bias table: per layer inside the scanned module
-    (``<side>.<side>.relative_embedding.rel_embedding``, stacked) or once beside it."""
+    (scalable_t5: ``<side>.layers.relative_posemb.rel_embedding``, stacked to [H, L, B]) or
+    once beside it (``<side>.relpos_bias.rel_embedding``)."""
     prefix = SCANNED_PREFIX[side]
-    for name in (f"{prefix}relative_embedding.rel_embedding",
-                 f"{prefix}relpos_bias.rel_embedding",
+    for name in (f"{prefix}relative_posemb.rel_embedding",
                  f"{side}.relpos_bias.rel_embedding"):
         if name in shapes:
             return name

@@ -21,7 +21,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -112,11 +112,14 @@ def _pwrite_box(fd: int, file_shape: tuple[int, ...], itemsize: int,
         k -= 1
     strides = [int(np.prod(file_shape[d + 1:], dtype=np.int64)) for d in range(ndim)]
     run = int(np.prod(shape[k:], dtype=np.int64))
-    flat = np.ascontiguousarray(values).reshape(-1, run) if run else values.reshape(0, 0)
+    if run == 0:
+        return
+    # Raw bytes: memoryview cannot export bfloat16 (ml_dtypes) buffers directly.
+    flat = np.ascontiguousarray(values).reshape(-1, run).view(np.uint8)
     base = sum(lo[d] * strides[d] for d in range(k, ndim))
     for n, idx in enumerate(np.ndindex(*shape[:k])):
         offset = base + sum((lo[d] + idx[d]) * strides[d] for d in range(k))
-        data = memoryview(flat[n]).cast("B")
+        data = memoryview(flat[n])
         written = 0
         while written < len(data):
             written += os.pwrite(fd, data[written:], offset * itemsize + written)
@@ -408,10 +411,12 @@ def prepare(opts: ConvertOptions) -> tuple[Checkpoint, T5Arch, ConversionPlan, s
     return ckpt, arch, plan, gin_url
 
 
-def convert(opts: ConvertOptions) -> dict[str, Any]:
+def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> dict[str, Any]:
     """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary.
 
-    Ray must already be initialised (``ray_jobs._cli.init_ray``).
+    ``connect`` starts or joins Ray (``ray_jobs._cli.init_ray``); it is called only once the
+    checkpoint, the plan and the destination have been checked, so bad input fails fast.
+    Without it, Ray must already be initialised.
     """
     t0 = time.monotonic()
     if opts.engine not in triton_config.ENGINES:
@@ -428,6 +433,8 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     config_url = storage.join(model_dir, "config.pbtxt")
     identity = _identity(ckpt, plan)
     previous = _check_destination(model_dir, manifest_url, identity, opts)
+    if connect is not None:
+        connect()
 
     # Until the last step the folder says it is incomplete: no config.pbtxt (Triton would try to
     # load it) and a manifest with "complete": false.

@@ -86,11 +86,11 @@ def _nest(flat: dict[str, object]) -> dict:
     return tree
 
 
-def _write_zarr(path: Path, array: np.ndarray, dtype_name: str) -> dict:
+def _write_zarr(path: Path, array: np.ndarray, dtype_name: str, chunk_bytes: int) -> dict:
     """One gzip zarr v2 array as t5x writes it; returns the msgpack leaf (tensorstore spec)."""
     import tensorstore as ts
 
-    chunks = choose_chunk_shape(array.shape, _DESIRED_CHUNK_SIZE_BYTES // array.dtype.itemsize)
+    chunks = choose_chunk_shape(array.shape, chunk_bytes // array.dtype.itemsize)
     metadata = {"compressor": {"id": "gzip"}, "shape": list(array.shape), "chunks": chunks}
     spec = {
         "driver": "zarr",
@@ -115,6 +115,7 @@ def write_t5x_checkpoint(
     dtype: SaveDtype = "float32",
     layout: Layout = "legacy",
     gin: str | None = None,
+    chunk_bytes: int = _DESIRED_CHUNK_SIZE_BYTES,
 ) -> Path:
     """Write ``params`` as the T5X checkpoint ``dst_dir/checkpoint_<step>``; return its path.
 
@@ -128,6 +129,8 @@ def write_t5x_checkpoint(
       layout: "legacy" (msgpack + one zarr folder per parameter, as t5x's checkpoints.py) or
         "ocdbt" (orbax-checkpoint's PyTree format with OCDBT; needs orbax-checkpoint).
       gin: when given, written as ``dst_dir/config.gin`` (t5x writes it beside the steps).
+      chunk_bytes: the chunk size target (t5x: 64 MiB); tests lower it to get multi-chunk
+        arrays from tiny models. Legacy layout only.
     """
     if dtype not in _NP_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {list(_NP_DTYPES)}")
@@ -157,7 +160,7 @@ def write_t5x_checkpoint(
         if array.ndim == 0:
             leaves[name] = array  # t5x keeps scalars inline in the msgpack file
             continue
-        leaves[name] = _write_zarr(tmp / f"target.{name}", array, dtype)
+        leaves[name] = _write_zarr(tmp / f"target.{name}", array, dtype, chunk_bytes)
     state = {
         "version": VERSION,
         "optimizer": {

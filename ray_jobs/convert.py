@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.overwrite and opts.resume:
         raise UserError("--resume and --overwrite exclude each other")
     try:
-        init_ray(args.address, log_to_driver=False)
-        summary = convert(opts)
+        summary = convert(opts, connect=lambda: init_ray(args.address, log_to_driver=False))
     except USER_ERRORS as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     emit_summary(summary, args.json)
