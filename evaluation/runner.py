@@ -236,10 +236,15 @@ def _stream_results(
     yield from ds.iter_rows()
 
 
-def evaluate(settings: EvalSettings, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def evaluate(
+    settings: EvalSettings,
+    log: Callable[[str], None] | None = None,
+    init_ray: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Run one evaluation and write its outputs (see interfaces.md, ray_jobs.evaluate).
 
-    Ray must be initialised (``ray_jobs._cli.init_ray``); if it is not, a local Ray is started.
+    Inputs are read and checked before Ray is needed; then ``init_ray`` is called (the CLI
+    passes ``ray_jobs._cli.init_ray``); without it, a Ray not yet initialised is started locally.
 
     Returns:
       metrics.json's content plus ``output`` (OUT), ``predictions`` and ``report`` paths.
@@ -281,6 +286,8 @@ def evaluate(settings: EvalSettings, log: Callable[[str], None] | None = None) -
         t_requests = time.perf_counter()
         if pending:
             wait_until_ready(urls, s.model_name, s.ready_timeout_s)
+            if init_ray is not None:
+                init_ray()
             if not ray.is_initialized():
                 ray.init()
             batches = request_batches(pending, s.batch_size)

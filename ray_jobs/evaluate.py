@@ -85,15 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     try:
-        settings.validate()
-        init_ray(args.address, log_to_driver=False)
-        result = evaluate(settings)
+        result = evaluate(settings, init_ray=lambda: init_ray(args.address, log_to_driver=False))
     except (DataError, VocabError, ResumeError, EvaluationError) as exc:
         raise UserError(str(exc)) from exc
-    emit_summary({"metrics": {k: v for k, v in result.items()
-                              if k not in ("output", "predictions", "report")},
-                  "output": result["output"], "predictions": result["predictions"],
-                  "report": result["report"]}, args.json)
+    paths = ("output", "predictions", "report")
+    emit_summary({"metrics": {k: v for k, v in result.items() if k not in paths},
+                  "examples": result["examples"], "failed": result["failed"],
+                  **{k: result[k] for k in paths}}, args.json)
     return 0
 
 

@@ -1,0 +1,176 @@
+"""Evaluation throughput: our Ray actor pool against the seed's evaluator loop, same run.
+
+    .venv/bin/python bench/eval.py [--examples 96] [--actors 1,2,4] [--batch-size 8]
+    .venv/bin/python bench/eval.py --baseline          # the seed's loop only
+    .venv/bin/python bench/eval.py --url HOST:PORT --http-url HOST:PORT --model-name t5 \
+        --vocab spiece.model --dataset data.jsonl      # against a server you run
+
+Without --url it builds the tiny random T5 the tests use (a SentencePiece vocabulary trained on
+the bundled XSum sample, demo.t5x_writer, ``ray_jobs.convert --engine jax``) and serves it with
+``serving.local.LocalServers``; the data is the bundled sample repeated to --examples rows.
+
+The baseline is the seed's ``eval_summarization.py`` mode (ft-t5-format.md section 7), kept for
+comparison only: sequential, one example per request, a new HTTP client for every request.
+It is run with our decoding settings (greedy, same max_output_len) so both do the same work.
+Results: a table on stderr and one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from evaluation.client import build_request_arrays, parse_response  # noqa: E402
+from evaluation.data import load_examples  # noqa: E402
+from evaluation.runner import EvalSettings, evaluate  # noqa: E402
+from evaluation.tokenizer import load_tokenizer  # noqa: E402
+
+MODEL = "t5"
+
+
+def build_tiny_model(work: Path) -> tuple[Path, Path]:
+    """Vocabulary + converted model repository, as in tests/evaluation/conftest.py."""
+    import sentencepiece as spm
+
+    from conversion.ft_format import T5Config
+    from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
+    from demo.vocab import train_sentencepiece
+
+    rows = [json.loads(line) for line in (REPO / "demo/data/xsum_sample.jsonl").open()]
+    vocab = train_sentencepiece([r["document"] for r in rows] + [r["summary"] for r in rows],
+                                work / "spiece.model", 200)
+    size = spm.SentencePieceProcessor(model_file=str(vocab)).get_piece_size()
+    cfg = T5Config(d_model=32, num_heads=4, d_kv=8, d_ff=64, vocab_size=size,
+                   num_encoder_layers=2, num_decoder_layers=2,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    write_t5x_checkpoint(work / "ckpt", random_t5x_params(cfg, seed=0, dtype="float32"), step=1)
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-m", "ray_jobs.convert", "--src", str(work / "ckpt"),
+                    "--dst", str(work / "repo"), "--model-name", MODEL, "--engine", "jax",
+                    "--inference-dtype", "fp32", "--vocab", str(vocab)],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    return vocab, work / "repo"
+
+
+def write_dataset(path: Path, examples: int) -> Path:
+    rows = [json.loads(line) for line in (REPO / "demo/data/xsum_sample.jsonl").open()]
+    with path.open("w") as f:
+        for i in range(examples):
+            f.write(json.dumps({"id": f"ex{i:05d}", **rows[i % len(rows)]}) + "\n")
+    return path
+
+
+def baseline(http_url: str | None, grpc_url: str, model: str, vocab: str, dataset: str,
+             max_input_len: int, max_output_len: int) -> dict:
+    """The seed's loop: one example per request, a fresh client each time, sequential."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    tok = load_tokenizer(vocab, None, model)
+    data = load_examples(dataset)
+    lib = httpclient if http_url else grpcclient
+    url = http_url or grpc_url
+    t0 = time.perf_counter()
+    for ex in data.examples:
+        client = lib.InferenceServerClient(url)
+        arrays = build_request_arrays([tok.encode(ex.input_text, max_input_len)],
+                                      max_output_len=max_output_len)
+        inputs = []
+        for name in ("input_ids", "sequence_length", "max_output_len", "runtime_top_k"):
+            inp = lib.InferInput(name, list(arrays[name].shape), "UINT32")
+            inp.set_data_from_numpy(arrays[name])
+            inputs.append(inp)
+        result = client.infer(model, inputs)
+        tok.decode(parse_response(result.as_numpy("output_ids"),
+                                  result.as_numpy("sequence_length"))[0])
+        client.close()
+    seconds = time.perf_counter() - t0
+    n = len(data.examples)
+    return {"mode": "baseline (seed loop)", "examples": n, "seconds": round(seconds, 3),
+            "examples_per_second": round(n / seconds, 3)}
+
+
+def ours(url: str, model: str, vocab: str, dataset: str, actors: int, batch_size: int,
+         max_input_len: int, max_output_len: int, out: Path) -> dict:
+    m = evaluate(EvalSettings(url=url, model_name=model, output=str(out), dataset=dataset,
+                              vocab=vocab, num_actors=actors, batch_size=batch_size,
+                              max_input_len=max_input_len, max_output_len=max_output_len,
+                              progress=False), log=lambda _msg: None)
+    assert m["failed"] == 0, f"{m['failed']} examples failed"
+    return {"mode": f"ours, {actors} actor(s), batch {batch_size}", "examples": m["examples"],
+            "seconds": m["request_seconds"], "examples_per_second": m["examples_per_second"],
+            "latency_ms_p50": m["latency_ms"]["p50"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--baseline", action="store_true", help="run the seed's loop only")
+    p.add_argument("--url", help="gRPC HOST:PORT[,...] of a running server (default: build one)")
+    p.add_argument("--http-url", help="HTTP HOST:PORT for the baseline (the seed used HTTP)")
+    p.add_argument("--model-name", default=MODEL)
+    p.add_argument("--vocab")
+    p.add_argument("--dataset", help="jsonl/json/parquet/tsv (default: the sample, repeated)")
+    p.add_argument("--examples", type=int, default=96)
+    p.add_argument("--actors", default="1,2,4")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--replicas", type=int, default=1, help="servers when building one")
+    p.add_argument("--max-input-len", type=int, default=512)
+    p.add_argument("--max-output-len", type=int, default=32)
+    args = p.parse_args()
+
+    import ray
+
+    from ray_jobs._cli import init_ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    dataset = args.dataset or str(write_dataset(work / "data.jsonl", args.examples))
+    init_ray(None, log_to_driver=False)
+    servers = None
+    try:
+        if args.url:
+            url, http_url, vocab = args.url, args.http_url, args.vocab
+        else:
+            from serving.local import LocalServers
+
+            vocab_path, repo = build_tiny_model(work)
+            vocab = str(vocab_path)
+            servers = LocalServers(str(repo), args.model_name, replicas=args.replicas)
+            servers.start()
+            url = ",".join(e["grpc"] for e in servers.endpoints)
+            http_url = servers.endpoints[0]["http"]
+        # Warm-up: the engine compiles one program per shape bucket; neither side pays for it.
+        ours(url, args.model_name, vocab, dataset, 1, args.batch_size, args.max_input_len,
+             args.max_output_len, work / "warm")
+        baseline(http_url, url.split(",")[0], args.model_name, vocab, dataset,
+                 args.max_input_len, args.max_output_len)
+        rows = [baseline(http_url, url.split(",")[0], args.model_name, vocab, dataset,
+                         args.max_input_len, args.max_output_len)]
+        if not args.baseline:
+            for n in (int(a) for a in args.actors.split(",")):
+                rows.append(ours(url, args.model_name, vocab, dataset, n, args.batch_size,
+                                 args.max_input_len, args.max_output_len, work / f"ours{n}"))
+        base = rows[0]["examples_per_second"]
+        for r in rows:
+            r["speedup_vs_baseline"] = round(r["examples_per_second"] / base, 2)
+            print(f"{r['mode']:<34} {r['examples']:>5} ex  {r['seconds']:>8.2f} s  "
+                  f"{r['examples_per_second']:>8.2f} ex/s  x{r['speedup_vs_baseline']}",
+                  file=sys.stderr)
+        print(json.dumps({"results": rows, "dataset": dataset, "url": url}))
+    finally:
+        if servers is not None:
+            servers.stop()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
