@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conversion.ft_format import T5Config
-from serving.engine import generate, model, weights
+from serving.engine import generate, model, sharding, weights
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,21 @@ class T5Engine:
     min_len_bucket: int = 8
 
     def __init__(self, cfg: T5Config, params: dict, dtype: str = "fp32",
-                 tensor_parallel: int = 1) -> None:
+                 tensor_parallel: int = 1, devices: int = 1) -> None:
+        """params: a weights.py tree (numpy or jax arrays, already in the compute dtype).
+        tensor_parallel: the T of the folder it came from (informational).
+        devices: shard over this many local devices with FT's split (sharding.py)."""
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {list(COMPUTE_DTYPES)}")
         self.config = cfg
         self.dtype = dtype
         self.source_tensor_parallel = tensor_parallel
-        self.params = jax.tree_util.tree_map(jnp.asarray, params)
+        self.devices = devices
+        if devices > 1:
+            cfg.check_tensor_parallel(devices)
+            self.params = sharding.shard_params(params, sharding.make_mesh(devices))
+        else:
+            self.params = jax.tree_util.tree_map(jnp.asarray, params)
         self.trace_counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._sampling = jax.jit(self._traced("sampling", generate.generate_sampling),
@@ -109,14 +117,18 @@ class T5Engine:
     # --- construction ------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, weights_dir: str, dtype: str = "fp32") -> T5Engine:
-        """Read a ``<T>-gpu`` folder of any tensor-parallel size T (ranks are re-joined)."""
+    def load(cls, weights_dir: str, dtype: str = "fp32", devices: int = 1) -> T5Engine:
+        """Read a ``<T>-gpu`` folder of any tensor-parallel size T (ranks are re-joined).
+
+        devices: local devices to shard over (heads and d_ff split as FT does); any T folder
+        can be served on any device count that divides num_heads and d_ff.
+        """
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {list(COMPUTE_DTYPES)}")
         cfg, file_dtype, t, full = weights.read_ft_folder(Path(weights_dir))
         params = weights.to_param_tree(cfg, full, np.dtype(COMPUTE_DTYPES[dtype]))
         log.info("loaded %s (%s files, T=%d) as %s", weights_dir, file_dtype, t, dtype)
-        return cls(cfg, params, dtype=dtype, tensor_parallel=t)
+        return cls(cfg, params, dtype=dtype, tensor_parallel=t, devices=devices)
 
     def _traced(self, name: str, fn):
         """Wrap fn so that each trace (i.e. each compilation) is counted under `name`."""
