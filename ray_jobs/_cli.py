@@ -50,7 +50,8 @@ def init_ray(address: str | None, **kwargs) -> None:
         env_vars = dict(runtime_env.get("env_vars", {}))
         env_vars.setdefault("PYTHONPATH", _pythonpath())
         runtime_env = {**runtime_env, "env_vars": env_vars}
-    ray.init(address=address, runtime_env=runtime_env or None,
+    # "local", not None: ray.init(None) would join any cluster `ray start` left on this machine.
+    ray.init(address=address or "local", runtime_env=runtime_env or None,
              log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
 
 

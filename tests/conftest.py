@@ -25,7 +25,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        # address="local": never join a cluster another test (or engineer) started with
+        # `ray start` on this machine, which ray.init() with no address would autodetect.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     # left running for the session: ray.shutdown happens at interpreter exit
