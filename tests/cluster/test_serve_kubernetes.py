@@ -189,3 +189,29 @@ def test_wait_reports_why_replicas_are_pending(api, capsys):
     api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [{"observedGeneration": 1}]
     with pytest.raises(UserError, match="triton-ul2 not ready after 0s: .*short of nvidia"):
         k8s_serving.wait_ready(kube, spec, 0.05, threading.Event(), poll=0.01)
+
+
+def test_gpu_count_read_from_a_gs_model_repository(monkeypatch):
+    """The real path on GKE: config.pbtxt read from gs:// (here fake-gcs-server)."""
+    from conversion import gcs_env
+
+    proc, url = gcs_env.start_emulator()
+    try:
+        for key, value in gcs_env.emulator_env(url).items():
+            monkeypatch.setenv(key, value)
+        client = gcs_env.storage_client()
+        client.create_bucket("t5ft-cluster")
+        cfg = model_config_pb2.ModelConfig(name="ul2", backend="fastertransformer")
+        cfg.parameters["tensor_para_size"].string_value = "4"
+        cfg.parameters["pipeline_para_size"].string_value = "2"
+        client.bucket("t5ft-cluster").blob("repo/ul2/config.pbtxt").upload_from_string(
+            text_format.MessageToString(cfg))
+        spec = k8s_serving.triton_spec(_args("gs://t5ft-cluster/repo"))
+        assert spec.gpus == 8
+        assert "--model-repository=gs://t5ft-cluster/repo" in \
+            triton.deployment(spec)["spec"]["template"]["spec"]["containers"][0]["args"]
+        with pytest.raises(UserError, match="cannot read gs://t5ft-cluster/repo/nope/"):
+            k8s_serving.triton_spec(_args("gs://t5ft-cluster/repo", model_name="nope"))
+    finally:
+        proc.kill()
+        proc.wait()
