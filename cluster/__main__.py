@@ -46,7 +46,8 @@ def render_objects(cfg: ClusterConfig, job: str | None = None,
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cluster",
-        description="KubeRay on GKE: render, create, inspect and delete our Ray cluster.")
+        description="KubeRay on GKE: render, create, inspect and delete our Ray cluster.",
+        epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, api: bool = True) -> None:
