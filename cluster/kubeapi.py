@@ -260,6 +260,10 @@ def _api_error(exc: ApiException, verb: str, k: Kind, what: str, namespace: str 
             f"forbidden: cannot {verb} {k.resource}{where} ({message or 'no reason given'}); "
             f"grant {verb} on {k.resource} with {scope} bound to this service account "
             f"(`python -m cluster render` prints the Role the Ray head needs)", 403)
+    if exc.status == 404 and verb == "create" and k.api == "CustomObjectsApi":
+        return KubeApiError(f"cannot create {what}{where}: the API has no {k.resource} "
+                            f"(HTTP 404); is the KubeRay operator installed with its CRDs? "
+                            f"(helm install kuberay-operator kuberay/kuberay-operator)", 404)
     if exc.status == 401:
         return KubeApiError(f"unauthorized: the Kubernetes API at {host} rejected our "
                             f"credentials when trying to {verb} {what}{where}", 401)

@@ -248,3 +248,30 @@ def test_kube_get_and_delete_of_missing_objects(api):
         kube.list("Pod", "t5ft")
     with pytest.raises(ValueError, match="cannot apply kind 'ClusterRole'"):
         kube.create({"kind": "ClusterRole", "metadata": {"name": "x"}})
+
+
+def test_missing_kuberay_crd_is_named(api, kubeconfig):
+    api.fail("POST", r"/rayclusters$", 404, message="the server could not find the requested "
+             "resource")
+    with pytest.raises(UserError, match="no rayclusters.ray.io .*KubeRay operator installed"):
+        main(["up", "--config", GKE, "--kubeconfig", str(kubeconfig)])
+
+
+def test_load_balancer_dashboard_address(api, kubeconfig, capsys, tmp_path):
+    import yaml
+
+    data = yaml.safe_load(Path(GKE).read_text())
+    data["head"]["service_type"] = "LoadBalancer"
+    config = tmp_path / "lb.yaml"
+    config.write_text(yaml.safe_dump(data))
+    api.statuses[f"{RC}/t5ft"] = [READY]
+    api.put(f"{NS}/services/t5ft-head-svc", {"kind": "Service",
+                                              "metadata": {"name": "t5ft-head-svc"}})
+    api.statuses[f"{NS}/services/t5ft-head-svc"] = [
+        {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}]
+    assert main(["up", "--config", str(config), "--kubeconfig", str(kubeconfig), "--json",
+                 "--poll", "0.01"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["dashboard"] == "http://203.0.113.7:8265"
+    rc = api.calls("POST", "rayclusters")[0].body
+    assert rc["spec"]["headGroupSpec"]["serviceType"] == "LoadBalancer"
