@@ -354,13 +354,21 @@ class TritonServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def failure_reason(self) -> str:
-        """The most telling line of the log: the first error, else the last line."""
-        tail = self.log_tail(200).splitlines()
-        for line in tail:
-            low = line.lower()
-            if line.startswith("E") or "error" in low or "failed" in low:
-                return line.strip()
-        return tail[-1].strip() if tail else "no log output"
+        """The most telling line of the log: why the model failed to load, else the first
+        error that is not CUDA noise (a CPU-only machine logs one at every start)."""
+        tail = self.log_tail(300).splitlines()
+        # A Python traceback is logged inside one quoted line with literal "\n": cut there.
+        def first(pred) -> str | None:
+            for line in tail:
+                if pred(line):
+                    line = line.split('] "', 1)[-1]  # drop Triton's "E1124 time pid file]"
+                    return line.split("\\n")[0].strip().rstrip('"')
+            return None
+
+        return (first(lambda s: "failed to load '" in s and ":" in s.split("failed to load")[1])
+                or first(lambda s: s.startswith("error:"))
+                or first(lambda s: s.startswith("E") and "cuda" not in s.lower())
+                or (tail[-1].strip() if tail else "no log output"))
 
     def status(self) -> dict[str, Any]:
         return {"pid": self.pid, "alive": self._proc is not None and self._proc.poll() is None,

@@ -71,7 +71,7 @@ class TritonPythonModel:
                                           vocab_size=self.vocab_size,
                                           max_batch_size=self.max_batch_size)
             except RequestError as exc:
-                responses[i] = self._error(str(exc))
+                responses[i] = self._error(str(exc), invalid_argument=True)
         if parsed:
             try:
                 results = self._generate(list(parsed.values()))
@@ -105,8 +105,12 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     @staticmethod
-    def _error(message: str):
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+    def _error(message: str, invalid_argument: bool = False):
+        """An error response; contract violations carry INVALID_ARG (HTTP 400), not INTERNAL."""
+        code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_argument else None
+        error = pb_utils.TritonError(message, code) if code is not None \
+            else pb_utils.TritonError(message)
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
     def finalize(self) -> None:
         self.engine = None

@@ -1,0 +1,172 @@
+"""Serving throughput on CPU: requests/s and generated tokens/s through tritonclient.grpc.
+
+The whole served path: a random T5X checkpoint (demo.t5x_writer) -> ``ray_jobs.convert
+--engine jax`` -> ``ray_jobs.serve`` (tritonserver + the JAX engine in Triton's Python backend)
+-> gRPC requests of B rows each, from C client threads.
+
+    .venv/bin/python bench/serve.py [--batches 1,8,32] [--concurrency 1] [--seconds 20]
+
+Prints one JSON line per (batch, concurrency) and a final summary line. Greedy decoding with
+``max_output_len`` tokens per row; generated tokens are counted from ``sequence_length`` (rows
+that stop at EOS count fewer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def build_repository(work: Path, cfg, dtype: str) -> Path:
+    from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
+
+    ckpt = work / "ckpt"
+    write_t5x_checkpoint(ckpt, random_t5x_params(cfg, seed=0, dtype="float32"), step=1)
+    repo = work / "repo"
+    subprocess.run([sys.executable, "-m", "ray_jobs.convert", "--src", str(ckpt), "--dst",
+                    str(repo), "--model-name", "t5", "--engine", "jax", "--inference-dtype",
+                    dtype, "--json"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return repo
+
+
+def start_server(repo: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.serve", "--model-repository",
+                             str(repo), "--model-name", "t5", "--json"], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("{"):
+                return proc, json.loads(line)["endpoints"][0]["grpc"]
+    proc.kill()
+    raise SystemExit("ray_jobs.serve did not become ready")
+
+
+def make_inputs(batch: int, in_len: int, out_len: int, vocab: int, seed: int):
+    import tritonclient.grpc as grpcclient
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, vocab, size=(batch, in_len)).astype(np.uint32)
+    ids[:, -1] = 1
+    arrays = {"input_ids": ids,
+              "sequence_length": np.full((batch, 1), in_len, np.uint32),
+              "max_output_len": np.full((batch, 1), out_len, np.uint32),
+              "runtime_top_k": np.ones((batch, 1), np.uint32)}
+    inputs = []
+    for name, arr in arrays.items():
+        inp = grpcclient.InferInput(name, list(arr.shape), "UINT32")
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    return inputs
+
+
+def measure(url: str, batch: int, concurrency: int, seconds: float, in_len: int,
+            out_len: int, vocab: int) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    # Warm-up: the first request of a shape compiles the engine's program for its bucket.
+    warm = grpcclient.InferenceServerClient(url)
+    t0 = time.perf_counter()
+    warm.infer("t5", make_inputs(batch, in_len, out_len, vocab, 0))
+    compile_s = time.perf_counter() - t0
+    warm.close()
+
+    stop_at = time.perf_counter() + seconds
+    lock = threading.Lock()
+    latencies: list[float] = []
+    tokens = [0]
+
+    def worker(k: int) -> None:
+        client = grpcclient.InferenceServerClient(url)
+        inputs = make_inputs(batch, in_len, out_len, vocab, k + 1)
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            res = client.infer("t5", inputs)
+            dt = time.perf_counter() - t
+            n = int(res.as_numpy("sequence_length").sum())
+            with lock:
+                latencies.append(dt)
+                tokens[0] += n
+        client.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = np.array(latencies) * 1000
+    return {"batch": batch, "concurrency": concurrency, "requests": len(latencies),
+            "seconds": round(wall, 2), "requests_per_s": round(len(latencies) / wall, 2),
+            "rows_per_s": round(len(latencies) * batch / wall, 2),
+            "generated_tokens_per_s": round(tokens[0] / wall, 1),
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
+            "latency_ms_p90": round(float(np.percentile(lat, 90)), 1),
+            "first_request_s": round(compile_s, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", default="1,8,32", help="rows per request (comma-separated)")
+    p.add_argument("--concurrency", default="1", help="client threads (comma-separated)")
+    p.add_argument("--seconds", type=float, default=20.0, help="measured time per setting")
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4, help="encoder and decoder depth each")
+    p.add_argument("--vocab", type=int, default=32128)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--repository", default=None,
+                   help="serve this model repository (model t5) instead of building one")
+    args = p.parse_args()
+
+    from conversion.ft_format import T5Config
+
+    cfg = T5Config(d_model=args.d_model, num_heads=4, d_kv=args.d_model // 4,
+                   d_ff=args.d_model * 4, vocab_size=args.vocab,
+                   num_encoder_layers=args.layers, num_decoder_layers=args.layers)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        if args.repository:
+            repo = Path(args.repository)
+        else:
+            print(f"building a random model: {cfg}", file=sys.stderr, flush=True)
+            repo = build_repository(Path(tmp), cfg, args.dtype)
+        proc, url = start_server(repo)
+        results = []
+        try:
+            for c in (int(x) for x in args.concurrency.split(",")):
+                for b in (int(x) for x in args.batches.split(",")):
+                    r = measure(url, b, c, args.seconds, args.input_len, args.output_len,
+                                cfg.vocab_size)
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+        finally:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+    print(json.dumps({"model": {"d_model": cfg.d_model, "layers": args.layers,
+                                "vocab": cfg.vocab_size, "dtype": args.dtype,
+                                "params": cfg.num_parameters()},
+                      "input_len": args.input_len, "output_len": args.output_len,
+                      "cpus": os.cpu_count(), "results": results}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
