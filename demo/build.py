@@ -30,7 +30,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = Path(__file__).resolve().parent / "data" / "xsum_sample.jsonl"
 # Code whose change changes the model: part of the cache key.
-_CODE = ("model.py", "train.py", "vocab.py", "t5x_writer.py", "build.py")
+# (This file's own steps are covered by hashing their outputs' inputs: settings and gin text.)
+_CODE = ("model.py", "train.py", "vocab.py", "t5x_writer.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,7 @@ def cache_key(settings: DemoSettings, sample: Path = SAMPLE) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
     h.update(sample.read_bytes())
+    h.update(gin_text(settings).encode())
     for name in _CODE:
         path = Path(__file__).resolve().parent / name
         h.update(name.encode() + (path.read_bytes() if path.exists() else b""))
@@ -213,3 +215,23 @@ def build(settings: DemoSettings | None = None, cache: Path | None = None,
         raise RuntimeError(f"demo model cache {root} is incomplete after building it")
     log(f"model built in {time.monotonic() - start:.0f}s and cached at {root}")
     return found
+
+
+def from_json(obj: dict) -> DemoModel:
+    """The :class:`DemoModel` that ``python -m demo.build`` printed."""
+    return DemoModel(Path(obj["root"]), Path(obj["checkpoint_dir"]), Path(obj["checkpoint"]),
+                     Path(obj["gin"]), Path(obj["vocab"]), DemoSettings(**obj["settings"]),
+                     obj["info"])
+
+
+def to_json(model: DemoModel) -> dict:
+    return {"root": str(model.root), "checkpoint_dir": str(model.checkpoint_dir),
+            "checkpoint": str(model.checkpoint), "gin": str(model.gin),
+            "vocab": str(model.vocab), "settings": dataclasses.asdict(model.settings),
+            "info": model.info}
+
+
+if __name__ == "__main__":
+    # A process of its own: JAX's threads and memory end with it, before the pipeline forks
+    # its stage jobs. Progress on stderr; the last stdout line is the model's paths as JSON.
+    print(json.dumps(to_json(build())), flush=True)

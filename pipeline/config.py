@@ -1,0 +1,243 @@
+"""PIPELINE.yaml: the convert, serve and evaluate settings of one or several runs.
+
+Each stage's keys are its CLI's flags with dashes as underscores (interfaces.md), so a config
+can say anything the jobs can, and a flag added to a job is usable here at once::
+
+    output: out/ul2                  # per-run outputs and the comparison table go here
+    convert: {src: gs://.../checkpoint_1000000, dst: gs://.../repo, model_name: ul2,
+              tensor_parallel: 8, weight_dtype: bf16, engine: fastertransformer}
+    serve: {backend: kubernetes, replicas: 2}
+    evaluate: {dataset: xsum, max_examples: 1000, num_actors: 8}
+    runs:                            # optional: several models / decoding settings
+      - name: step-1000000
+      - name: step-900000
+        convert: {src: gs://.../checkpoint_900000, model_name: ul2_900k}
+      - name: beam-4
+        evaluate: {beam_width: 4}
+
+A run inherits the top-level stage sections and overrides them key by key. Keys are checked
+against each job's own argument parser, so a misspelt key is an error naming the key, the
+stage and what the job accepts. Without a ``convert`` section, ``serve`` must name an existing
+``model_repository`` and ``model_name`` (evaluate a model that is already converted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("convert", "serve", "evaluate")
+# Flags the pipeline sets itself: a config may not give them.
+_MANAGED = {
+    "convert": {"json", "address", "resume", "overwrite"},
+    "serve": {"json", "address"},
+    "evaluate": {"json", "address", "url", "output", "resume"},
+}
+_TOP_LEVEL = {"output", "name", *STAGES, "runs"}
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(ValueError):
+    """The pipeline config is malformed; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One model + decoding setting to evaluate.
+
+    Attributes:
+      name: folder name of the run's outputs under the pipeline output.
+      convert: convert flags (dashes as underscores), or None to serve an existing repository.
+      serve: serve flags, with ``model_repository`` and ``model_name`` always filled in.
+      evaluate: evaluate flags, with ``model_name`` and a vocabulary source filled in.
+    """
+
+    name: str
+    convert: dict[str, Any] | None
+    serve: dict[str, Any]
+    evaluate: dict[str, Any]
+
+    def convert_key(self) -> str:
+        return json.dumps(self.convert, sort_keys=True, default=str)
+
+    def serve_key(self) -> str:
+        return json.dumps([self.convert, self.serve], sort_keys=True, default=str)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    output: str
+    runs: list[RunSpec]
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    from ray_jobs import convert, evaluate, serve
+
+    return {"convert": convert.build_parser(), "serve": serve.build_parser(),
+            "evaluate": evaluate.build_parser()}
+
+
+def stage_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The job's long options, keyed as a config writes them (``--max-input-len`` ->
+    ``max_input_len``)."""
+    out = {}
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        for opt in action.option_strings:
+            if opt.startswith("--") and opt != "--help":
+                out[opt[2:].replace("-", "_")] = action
+    return out
+
+
+def to_argv(stage: str, settings: dict[str, Any],
+            parser: argparse.ArgumentParser | None = None) -> list[str]:
+    """A stage's settings as its command line. True flags are given, False ones left out."""
+    options = stage_options(parser or _parsers()[stage])
+    argv: list[str] = []
+    for key, value in settings.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        action = options[key]
+        if action.nargs == 0:  # store_true (or store_false): the flag alone
+            if bool(value) == bool(action.const):
+                argv.append(flag)
+            continue
+        argv += [flag, str(value)]
+    return argv
+
+
+def _check_section(stage: str, section: Any, where: str,
+                   parsers: dict[str, argparse.ArgumentParser]) -> dict[str, Any]:
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}{stage}: expected a mapping of flags, got "
+                          f"{type(section).__name__}")
+    options = stage_options(parsers[stage])
+    out = {}
+    for key, value in section.items():
+        key = str(key).replace("-", "_")
+        if key in _MANAGED[stage]:
+            raise ConfigError(f"{where}{stage}.{key}: set by the pipeline itself, remove it")
+        if key not in options:
+            known = ", ".join(sorted(k for k in options if k not in _MANAGED[stage]))
+            raise ConfigError(f"{where}{stage}.{key}: not a flag of ray_jobs.{stage} "
+                              f"(it takes: {known})")
+        action = options[key]
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}{stage}.{key}: expected a single value, got "
+                              f"{type(value).__name__}")
+        if action.nargs != 0 and value is not None and action.type in (int, float):
+            try:
+                action.type(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}{stage}.{key}: {value!r} is not a number") from None
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise ConfigError(f"{where}{stage}.{key}: {value!r} is not one of "
+                              f"{list(action.choices)}")
+        out[key] = value
+    return out
+
+
+def _complete(name: str, convert: dict | None, serve: dict, evaluate: dict) -> RunSpec:
+    """Fill in what one stage tells the next (repository, model name, vocabulary)."""
+    where = f"run {name}: "
+    serve, evaluate = dict(serve), dict(evaluate)
+    if convert is not None:
+        convert = dict(convert)
+        for key in ("src", "dst"):
+            if not convert.get(key):
+                raise ConfigError(f"{where}convert.{key} is required")
+        convert.setdefault("model_name", "t5")
+        for key, value in (("model_repository", convert["dst"]),
+                           ("model_name", convert["model_name"])):
+            if serve.get(key) not in (None, value):
+                raise ConfigError(f"{where}serve.{key} {serve[key]!r} differs from what "
+                                  f"convert writes ({value!r}); leave it out")
+            serve[key] = value
+    else:
+        for key in ("model_repository", "model_name"):
+            if not serve.get(key):
+                raise ConfigError(f"{where}without a convert section, serve.{key} is required")
+    if evaluate.get("model_name") not in (None, serve["model_name"]):
+        raise ConfigError(f"{where}evaluate.model_name differs from the served model "
+                          f"{serve['model_name']!r}; leave it out")
+    evaluate["model_name"] = serve["model_name"]
+    if not evaluate.get("vocab"):
+        evaluate.setdefault("model_repository", serve["model_repository"])
+    return RunSpec(name, convert, serve, evaluate)
+
+
+def parse(obj: Any, output: str | None = None) -> PipelineConfig:
+    """Validate a loaded config and expand it into runs; ``output`` overrides the config's."""
+    if not isinstance(obj, dict):
+        raise ConfigError("the pipeline config must be a mapping with convert, serve, "
+                          "evaluate (and optionally output, runs)")
+    unknown = sorted(set(obj) - _TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: {sorted(_TOP_LEVEL)}")
+    output = output or obj.get("output")
+    if not output:
+        raise ConfigError("no output folder: set 'output' in the config or pass --output")
+    parsers = _parsers()
+    base = {s: _check_section(s, obj.get(s), "", parsers) for s in STAGES}
+    has_convert = obj.get("convert") is not None
+    run_list = obj.get("runs") or [{"name": obj.get("name") or base["convert"].get(
+        "model_name") or base["serve"].get("model_name") or "t5"}]
+    if not isinstance(run_list, list):
+        raise ConfigError("runs: expected a list of runs")
+    runs, names = [], set()
+    for n, run in enumerate(run_list):
+        if not isinstance(run, dict):
+            raise ConfigError(f"runs[{n}]: expected a mapping")
+        extra = sorted(set(run) - {"name", *STAGES})
+        if extra:
+            raise ConfigError(f"runs[{n}]: unknown key(s) {extra}")
+        name = str(run.get("name") or f"run{n}")
+        if not _RUN_NAME.match(name):
+            raise ConfigError(f"runs[{n}].name {name!r}: use letters, digits, '.', '_', '-'")
+        if name in names:
+            raise ConfigError(f"runs[{n}].name {name!r} is used twice")
+        names.add(name)
+        where = f"runs[{n}] ({name}): "
+        merged = {s: {**base[s], **_check_section(s, run.get(s), where, parsers)}
+                  for s in STAGES}
+        convert = merged["convert"] if (has_convert or run.get("convert")) else None
+        runs.append(_complete(name, convert, merged["serve"], merged["evaluate"]))
+    _check_destinations(runs)
+    return PipelineConfig(str(output), runs)
+
+
+def _check_destinations(runs: list[RunSpec]) -> None:
+    """Two different conversions must not write the same model folder."""
+    seen: dict[tuple[str, str], RunSpec] = {}
+    for run in runs:
+        if run.convert is None:
+            continue
+        where = (str(run.convert["dst"]).rstrip("/"), run.convert["model_name"])
+        other = seen.setdefault(where, run)
+        if other is not run and other.convert_key() != run.convert_key():
+            raise ConfigError(
+                f"runs {other.name} and {run.name} convert different settings into the same "
+                f"{where[0]}/{where[1]}; give one of them another convert.model_name")
+
+
+def load(path: str | Path, output: str | None = None) -> PipelineConfig:
+    """Read and validate PIPELINE.yaml."""
+    path = Path(path)
+    try:
+        obj = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"pipeline config {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        return parse(obj, output)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

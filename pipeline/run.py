@@ -1,0 +1,280 @@
+"""Run a pipeline: for each run, convert, serve, evaluate; stop the servers; keep the outputs.
+
+Output layout (OUT may be local or gs://)::
+
+    OUT/pipeline_state.json     what finished, with which settings (lets a rerun skip it)
+    OUT/<run>/                  the run's evaluation: metrics.json, predictions.jsonl,
+                                errors.jsonl, report.html
+    OUT/comparison.md, .json    every run side by side (ROUGE with bounds, examples/s)
+    OUT/pipeline.json           the summary printed with --json
+
+Runs that convert the same checkpoint the same way share one conversion; runs that also serve
+it the same way share one set of servers (decoding settings differ only in evaluate). A stage
+is skipped when its outputs exist and verify: a conversion whose manifest lists every file FT
+needs with the right sizes and hashes, an evaluation whose metrics.json was written for the
+same settings and the same model (manifest digest) with no failed example. Otherwise the
+stage's job runs with ``--resume`` where it was interrupted before, so a rerun continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from conversion import storage
+from pipeline import compare, stages
+from pipeline.config import PipelineConfig, RunSpec
+from pipeline.monitor import PipelineMetrics
+
+STATE = "pipeline_state.json"
+# Seconds beyond serve's own --ready-timeout for the job to start and join Ray.
+_SERVE_START_MARGIN_S = 120.0
+
+
+class PipelineError(RuntimeError):
+    """A run failed; the message names the run and the stage's one-line reason."""
+
+
+def _log(message: str) -> None:
+    print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class _State:
+    """OUT/pipeline_state.json: per conversion and per run, settings and status."""
+
+    url: str
+    data: dict[str, Any]
+
+    @classmethod
+    def load(cls, output: str) -> _State:
+        url = storage.join(output, STATE)
+        try:
+            data = json.loads(storage.read_text(url))
+        except (FileNotFoundError, ValueError):
+            data = {}
+        data.setdefault("convert", {})
+        data.setdefault("evaluate", {})
+        return cls(url, data)
+
+    def save(self) -> None:
+        storage.write_text(self.url, json.dumps(self.data, indent=1, sort_keys=True,
+                                                default=str))
+
+
+class Pipeline:
+    """One pipeline execution. ``address`` is passed to every stage job (None: RAY_ADDRESS)."""
+
+    def __init__(self, cfg: PipelineConfig, address: str | None, name: str = "pipeline",
+                 log: Callable[[str], None] = _log) -> None:
+        self.cfg = cfg
+        self.address = address
+        self.log = log
+        self.metrics = PipelineMetrics(name)
+        self.state = _State.load(cfg.output)
+        self.results: dict[str, dict[str, Any]] = {
+            r.name: {"run": r.name, "output": self.run_output(r), "stages": {},
+                     "stage_seconds": {}, "metrics": None, "error": None}
+            for r in cfg.runs
+        }
+        self._planned = 3 * len(cfg.runs)
+        self._done = 0
+
+    def run_output(self, run: RunSpec) -> str:
+        return storage.join(self.cfg.output, run.name)
+
+    # --- bookkeeping -------------------------------------------------------------------------
+
+    def _finish_stage(self, run: RunSpec, stage: str, how: str, seconds: float) -> None:
+        res = self.results[run.name]
+        res["stages"][stage] = how
+        res["stage_seconds"][stage] = round(seconds, 2)
+        self.metrics.stage_seconds(run.name, stage, seconds)
+        self._done += 1
+        self.metrics.progress(self._done / self._planned)
+
+    # --- stages ------------------------------------------------------------------------------
+
+    def convert(self, run: RunSpec, converted: dict[str, dict]) -> None:
+        """Convert the run's checkpoint unless this pipeline or an earlier one already did."""
+        if run.convert is None:
+            self._finish_stage(run, "convert", "none", 0.0)
+            return
+        key = _digest(run.convert)
+        if key in converted:
+            self._finish_stage(run, "convert", "shared", 0.0)
+            return
+        self.metrics.stage(run.name, "convert")
+        start = time.monotonic()
+        entry = self.state.data["convert"].get(key, {})
+        problem = stages.verify_conversion(run.convert)
+        if entry.get("status") == "done" and problem is None:
+            self.log(f"{run.name}: convert skipped: {stages.weights_dir(run.convert)} verifies")
+            converted[key] = entry.get("summary", {})
+            self._finish_stage(run, "convert", "skipped", time.monotonic() - start)
+            return
+        if entry:
+            self.log(f"{run.name}: convert again ({problem or 'an earlier run did not finish'})")
+        self.state.data["convert"][key] = {"settings": run.convert, "status": "started"}
+        self.state.save()
+        extra = ["--json"]
+        if not run.convert.get("overwrite"):
+            # Keeps every file whose manifest entry, size and hash check out: a crash resumes.
+            extra.append("--resume")
+        summary = stages.run_job("convert", stages.command(
+            "convert", run.convert, self.address, extra), self.log)
+        self.state.data["convert"][key] = {"settings": run.convert, "status": "done",
+                                           "summary": summary}
+        self.state.save()
+        converted[key] = summary
+        self.log(f"{run.name}: converted {summary.get('files')} files "
+                 f"({summary.get('bytes')} bytes) into {summary.get('output')}")
+        self._finish_stage(run, "convert", "done", time.monotonic() - start)
+
+    def model_identity(self, run: RunSpec) -> str | None:
+        t = int((run.convert or {}).get("tensor_parallel") or 0) or None
+        return stages.manifest_digest(run.serve["model_repository"], run.serve["model_name"], t)
+
+    def evaluation_done(self, run: RunSpec, identity: str | None) -> bool:
+        entry = self.state.data["evaluate"].get(run.name, {})
+        if entry.get("status") != "done" or entry.get("settings") != run.evaluate \
+                or entry.get("model") != identity:
+            return False
+        metrics = stages.read_metrics(self.run_output(run))
+        return bool(metrics) and metrics.get("failed", 1) == 0
+
+    def evaluate(self, run: RunSpec, urls: list[str], identity: str | None) -> None:
+        self.metrics.stage(run.name, "evaluate")
+        start = time.monotonic()
+        entry = self.state.data["evaluate"].get(run.name, {})
+        resume = entry.get("settings") == run.evaluate and entry.get("model") == identity
+        self.state.data["evaluate"][run.name] = {"settings": run.evaluate, "model": identity,
+                                                 "status": "started"}
+        self.state.save()
+        settings = {**run.evaluate, "url": ",".join(urls), "output": self.run_output(run)}
+        extra = ["--json"] + (["--resume"] if resume else [])
+        summary = stages.run_job("evaluate", stages.command(
+            "evaluate", settings, self.address, extra), self.log)
+        metrics = summary.get("metrics", summary)
+        self.state.data["evaluate"][run.name] = {"settings": run.evaluate, "model": identity,
+                                                 "status": "done"}
+        self.state.save()
+        self.results[run.name]["metrics"] = metrics
+        self.metrics.result(run.name, metrics)
+        self.log(f"{run.name}: ROUGE-L {metrics['rougeL']['mid']:.4f}; outputs in "
+                 f"{self.run_output(run)} (metrics.json, predictions.jsonl, report.html)")
+        self._finish_stage(run, "evaluate", "done", time.monotonic() - start)
+
+    # --- the whole thing ---------------------------------------------------------------------
+
+    def groups(self) -> list[list[RunSpec]]:
+        """Runs that can share servers, in config order."""
+        by_key: dict[str, list[RunSpec]] = {}
+        for run in self.cfg.runs:
+            by_key.setdefault(run.serve_key(), []).append(run)
+        return list(by_key.values())
+
+    def run(self) -> dict[str, Any]:
+        start = time.monotonic()
+        for run in self.cfg.runs:
+            self.metrics.stage(run.name, "pending")
+        self.metrics.progress(0.0)
+        converted: dict[str, dict] = {}
+        for group in self.groups():
+            self._run_group(group, converted)
+        return self.summary(time.monotonic() - start)
+
+    def _fail(self, runs: list[RunSpec], exc: Exception) -> None:
+        for run in runs:
+            self.results[run.name]["error"] = str(exc)
+            self.metrics.stage(run.name, "failed")
+            self.log(f"{run.name}: FAILED: {exc}")
+
+    def _run_group(self, group: list[RunSpec], converted: dict[str, dict]) -> None:
+        try:
+            for run in group:
+                self.convert(run, converted)
+        except (stages.StageError, OSError, ValueError) as exc:
+            self._fail(group, exc)
+            return
+        identity = self.model_identity(group[0])
+        todo = []
+        for run in group:
+            if self.evaluation_done(run, identity):
+                self.log(f"{run.name}: evaluate skipped: {self.run_output(run)}/metrics.json "
+                         "is from these settings and this model")
+                self.results[run.name]["metrics"] = stages.read_metrics(self.run_output(run))
+                self.metrics.result(run.name, self.results[run.name]["metrics"])
+                self._finish_stage(run, "serve", "skipped", 0.0)
+                self._finish_stage(run, "evaluate", "skipped", 0.0)
+                self.metrics.stage(run.name, "done")
+            else:
+                todo.append(run)
+        if not todo:
+            return
+        for run in todo:
+            self.metrics.stage(run.name, "serve")
+        serve_start = time.monotonic()
+        ready_timeout = float(todo[0].serve.get("ready_timeout") or 300.0)
+        servers = stages.Servers(
+            stages.command("serve", todo[0].serve, self.address),
+            self.log, ready_timeout + _SERVE_START_MARGIN_S)
+        try:
+            servers.start()
+        except (stages.StageError, OSError) as exc:
+            self._fail(todo, exc)
+            return
+        try:
+            self.log(f"serving {todo[0].serve['model_name']} at "
+                     f"{', '.join(servers.grpc_urls)} (gRPC)")
+            for run in todo:
+                self._finish_stage(run, "serve", "done", time.monotonic() - serve_start)
+            for run in todo:
+                try:
+                    if not servers.alive():
+                        raise stages.StageError("serve failed: the serve job exited")
+                    self.evaluate(run, servers.grpc_urls, identity)
+                    self.metrics.stage(run.name, "done")
+                except (stages.StageError, OSError, ValueError, KeyError) as exc:
+                    self._fail([run], exc)
+        finally:
+            servers.stop()
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        rows = []
+        for run in self.cfg.runs:
+            res = self.results[run.name]
+            rows.append({"run": run.name, "output": res["output"], "metrics": res["metrics"],
+                         "settings": {"convert": run.convert, "serve": run.serve,
+                                      "evaluate": run.evaluate}})
+        done = [r for r in rows if r["metrics"]]
+        comparison_md = comparison_json = None
+        if done:
+            table = compare.table(done)
+            comparison_json = storage.join(self.cfg.output, "comparison.json")
+            comparison_md = storage.join(self.cfg.output, "comparison.md")
+            storage.write_text(comparison_json, json.dumps(table, indent=1, default=str))
+            storage.write_text(comparison_md, compare.markdown(table))
+        runs = [self.results[r.name] for r in self.cfg.runs]
+        first = next((r["metrics"] for r in runs if r["metrics"]), None)
+        summary = {
+            "output": self.cfg.output,
+            "metrics": first,
+            "runs": runs,
+            "failed_runs": [r["run"] for r in runs if r["error"]],
+            "comparison": comparison_md,
+            "comparison_json": comparison_json,
+            "seconds": round(seconds, 2),
+        }
+        storage.write_text(storage.join(self.cfg.output, "pipeline.json"),
+                           json.dumps(summary, indent=1, default=str))
+        return summary
