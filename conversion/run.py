@@ -291,8 +291,12 @@ class _Progress:
 
 
 def _run_tasks(fn, calls: list[tuple[LayerTask, tuple]], opts: ConvertOptions,
-               label: str) -> list[dict[str, Any]]:
-    """Run ``fn(*args)`` as one Ray task per layer; fail on the first error."""
+               label: str, on_result: Callable[[list[dict[str, Any]]], None] | None = None
+               ) -> list[dict[str, Any]]:
+    """Run ``fn(*args)`` as one Ray task per layer; fail on the first error.
+
+    ``on_result`` sees the results so far after each task (to record progress durably).
+    """
     import ray
 
     remote = ray.remote(fn).options(
@@ -315,10 +319,16 @@ def _run_tasks(fn, calls: list[tuple[LayerTask, tuple]], opts: ConvertOptions,
                 except Exception as exc:
                     for other in pending:
                         ray.cancel(other)
+                    # Let cancelled tasks unwind (their staged files are removed as they do),
+                    # so that nothing is still being written once the error is reported.
+                    if pending:
+                        ray.wait(list(pending), num_returns=len(pending), timeout=60)
                     cause = _cause(exc)
                     raise ConversionError(
                         f"{label} of {task.group} failed: {_first_line(cause)}") from cause
                 progress.update(task.group, task.bytes())
+                if on_result is not None:
+                    on_result(results)
     finally:
         progress.close()
     return results
@@ -347,31 +357,42 @@ def _read_manifest(url: str) -> tuple[dict, dict[str, ManifestEntry]] | None:
 def _check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any],
                        opts: ConvertOptions) -> dict[str, ManifestEntry]:
     """Refuse to mix models in one folder; returns the entries a resumed run may keep."""
-    existing = [f for f in storage.list_files(model_dir)] if storage.is_dir(model_dir) else []
+    existing = storage.list_files(model_dir) if storage.is_dir(model_dir) else []
     if not existing:
         return {}
     if opts.overwrite:
         storage.delete_tree(model_dir)
         return {}
-    found = _read_manifest(manifest_url)
-    if found is None:
+    ours = manifest_url[len(model_dir.rstrip("/")) + 1:]
+    manifests = sorted(f for f in existing if f.startswith("1/") and
+                       f.endswith(f"/{ft_format.MANIFEST}") and f.count("/") == 2)
+    if not manifests:
         raise ConversionError(
             f"{model_dir} already holds files that are not this conversion (no manifest at "
             f"{manifest_url}); pass --overwrite to replace them")
-    model, entries = found
-    old = {k: model.get(k) for k in identity}
-    diff = [k for k in identity if _jsonable(old[k]) != _jsonable(identity[k])]
-    if diff:
-        k = diff[0]
-        raise ConversionError(
-            f"{model_dir} already holds a different model ({k} {old[k]!r}, not "
-            f"{identity[k]!r}); pass --overwrite to replace it")
-    others = [f for f in existing if "/" in f and not f.startswith(
-        f"1/{ft_format.weights_dir_name(identity['tensor_parallel'])}/") and f != "1/model.py"]
+    for name in [ours] if ours in manifests else manifests[:1]:
+        model, entries = _read_manifest(storage.join(model_dir, name)) or ({}, {})
+        old = {k: model.get(k) for k in identity}
+        diff = [k for k in identity if _jsonable(old[k]) != _jsonable(identity[k])]
+        if diff:
+            k = diff[0]
+            raise ConversionError(
+                f"{model_dir} already holds a different model ({k} {old[k]!r}, not "
+                f"{identity[k]!r}); pass --overwrite to replace it")
+    weights_prefix = ours.rsplit("/", 1)[0] + "/"
+    others = [f for f in existing if "/" in f and not f.startswith(weights_prefix)
+              and f != "1/model.py"]
     if others:
         raise ConversionError(f"{model_dir} also holds {others[0]}, not part of this "
                               "conversion; pass --overwrite to replace it")
     return entries if opts.resume else {}
+
+
+def _remove_staged(out_dir: str) -> None:
+    """Delete scratch files a killed task may have left beside the outputs."""
+    for name in storage.list_files(out_dir):
+        if ".tmp-" in name:
+            storage.delete(storage.join(out_dir, name))
 
 
 def _jsonable(value: Any) -> Any:
@@ -432,6 +453,12 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     manifest_url = storage.join(out_dir, ft_format.MANIFEST)
     config_url = storage.join(model_dir, "config.pbtxt")
     identity = _identity(ckpt, plan)
+    # Scanned checkpoints convert exactly only if each side's per-layer relative-bias tables
+    # are identical: check the (small) tables before anything is written.
+    for task in plan.tasks:
+        for tensor in task.tensors:
+            if tensor.transform == "copy_identical":
+                _check_identical(ckpt, tensor)
     previous = _check_destination(model_dir, manifest_url, identity, opts)
     if connect is not None:
         connect()
@@ -444,8 +471,20 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     storage.write_text(manifest_url, ft_format.manifest_json(
         {**header, "complete": False}, list(previous.values())))
 
-    results = _run_tasks(convert_layer, [(task, (ckpt, task, out_dir, previous))
-                                         for task in plan.tasks], opts, "convert")
+    def record(results: list[dict[str, Any]]) -> None:
+        # After each layer, the manifest lists what is done, so --resume after a failure or an
+        # interruption keeps it; "complete" stays false until every file is there.
+        done = {e.name: e for r in results for e in r["entries"]}
+        kept = [e for name, e in previous.items() if name not in done]
+        storage.write_text(manifest_url, ft_format.manifest_json(
+            {**header, "complete": False}, kept + list(done.values())))
+
+    try:
+        results = _run_tasks(convert_layer, [(task, (ckpt, task, out_dir, previous))
+                                             for task in plan.tasks], opts, "convert", record)
+    except ConversionError:
+        _remove_staged(out_dir)
+        raise
     entries = [e for r in results for e in r["entries"]]
     expected = {f.name for f in plan.files()}
     got = {e.name for e in entries}
