@@ -1,0 +1,113 @@
+"""--resume, --verify, --engine jax, --vocab, and scanned (scalable_t5) checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conversion import run
+from conversion.run import ConversionError, ConvertOptions, convert
+from conversion.triton_config import parse_pbtxt
+from demo.t5x_writer import gin_config, write_t5x_checkpoint
+from tests.conversion.conftest import MODELS, SMALL_CHUNK_BYTES
+from tests.conversion.reference import reference_files, scan_params
+
+
+def _assert_matches(out, expected):
+    assert {p.name for p in out.iterdir()} - {"config.ini", "manifest.json"} == set(expected)
+    for name, data in expected.items():
+        assert (out / name).read_bytes() == data, name
+
+
+def test_resume_keeps_good_files_and_redoes_bad_ones(ray_local, t5x_checkpoint, tmp_path):
+    src, params = t5x_checkpoint("ul2")
+    opts = ConvertOptions(src=str(src), dst=str(tmp_path), tensor_parallel=2, progress=False)
+    first = convert(opts)
+    out = tmp_path / "t5" / "1" / "2-gpu"
+    flipped = out / "encoder.block.1.layer.0.SelfAttention.k.weight.1.bin"
+    data = bytearray(flipped.read_bytes())
+    data[5] ^= 0xFF  # same size, different bytes: only the sha256 tells
+    flipped.write_bytes(bytes(data))
+    (out / "decoder.final_layer_norm.weight.bin").unlink()
+
+    resumed = convert(ConvertOptions(**{**opts.__dict__, "resume": True}))
+    # Both rank files of the damaged k tensor, and the deleted file, are rewritten.
+    assert resumed["skipped_files"] == first["files"] - 3
+    _assert_matches(out, reference_files(params, MODELS["ul2"], 2, "fp32"))
+    assert json.loads((out / "manifest.json").read_text())["model"]["complete"] is True
+
+
+def test_verify_catches_a_changed_file(ray_local, t5x_checkpoint, tmp_path):
+    src, _ = t5x_checkpoint("t5v1")
+    opts = ConvertOptions(src=str(src), dst=str(tmp_path), tensor_parallel=4, verify=True,
+                          progress=False)
+    summary = convert(opts)
+    assert summary["verified"] is True
+    ckpt, arch, plan, _ = run.prepare(opts)
+    out = summary["output"]
+    import conversion.ft_format as ff
+
+    _, manifest = ff.parse_manifest(open(f"{out}/manifest.json").read())
+    task = plan.tasks[1]  # encoder.0
+    assert run.verify_layer(task, out, manifest)["files"] == len(task.file_names())
+    victim = f"{out}/{task.file_names()[3]}"
+    with open(victim, "r+b") as f:
+        f.write(b"\x00\x01")
+    with pytest.raises(ConversionError, match="does not match its manifest sha256"):
+        run.verify_layer(task, out, manifest)
+
+
+def test_jax_engine_config_and_vocab(ray_local, t5x_checkpoint, tmp_path):
+    src, _ = t5x_checkpoint("ul2", "ocdbt", "bfloat16")
+    vocab = tmp_path / "spiece.model"
+    vocab.write_bytes(b"\x0a\x05hello" * 7)
+    summary = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "repo"), model_name="ul2",
+                                     tensor_parallel=2, engine="jax", vocab=str(vocab),
+                                     weight_dtype="bf16", progress=False))
+    model = tmp_path / "repo" / "ul2"
+    assert (model / "spiece.model").read_bytes() == vocab.read_bytes()
+    assert (model / "1" / "model.py").read_text() == (
+        "from serving.triton_model.model import TritonPythonModel  # noqa: F401\n")
+    pb = parse_pbtxt((model / "config.pbtxt").read_text())
+    assert (pb.name, pb.backend, pb.max_batch_size) == ("ul2", "python", 64)
+    assert pb.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert [(g.kind, g.count) for g in pb.instance_group] == [(pb.instance_group[0].KIND_CPU, 1)]
+    params = {k: v.string_value for k, v in pb.parameters.items()}
+    assert params == {"tensor_para_size": "2", "pipeline_para_size": "1", "data_type": "bf16",
+                      "model_type": "T5", "weights_dir": "2-gpu", "max_input_len": "1024"}
+    inputs = {i.name: (i.data_type, list(i.dims), i.optional) for i in pb.input}
+    assert inputs["input_ids"] == (pb.input[0].data_type, [-1], False)
+    assert inputs["bad_words_list"][1:] == ([2, -1], True)
+    assert {o.name: list(o.dims) for o in pb.output} == {
+        "output_ids": [-1, -1], "sequence_length": [-1], "cum_log_probs": [-1],
+        "output_log_probs": [-1, -1]}
+    assert summary["arch_sources"]["feed_forward_proj"] == "gin"
+    assert summary["read_from_gin"] == ["feed_forward_proj"]
+
+
+def test_scanned_checkpoint_converts_like_the_unscanned_one(ray_local, tmp_path):
+    cfg = MODELS["ul2"]
+    from demo.t5x_writer import random_t5x_params
+
+    params = random_t5x_params(cfg, seed=11)
+    scanned = scan_params(params, cfg)
+    assert scanned["encoder.layers.mlp.wi_0.kernel"].shape == (24, 2, 48)
+    assert scanned["decoder.layers.relative_posemb.rel_embedding"].shape == (4, 3, 32)
+    src = write_t5x_checkpoint(tmp_path / "scanned", scanned, step=1, gin=gin_config(cfg),
+                               chunk_bytes=SMALL_CHUNK_BYTES)
+    summary = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "out"),
+                                     tensor_parallel=2, weight_dtype="fp16", progress=False))
+    assert summary["scanned"] is True and summary["model"]["num_decoder_layers"] == 3
+    _assert_matches(tmp_path / "out" / "t5" / "1" / "2-gpu",
+                    reference_files(params, cfg, 2, "fp16"))
+
+    # Per-layer tables that differ cannot be held by FT: refused before anything is written.
+    table = scanned["encoder.layers.relative_posemb.rel_embedding"].copy()
+    table[:, 1, :] += np.float32(0.5)
+    differing = {**scanned, "encoder.layers.relative_posemb.rel_embedding": table}
+    src = write_t5x_checkpoint(tmp_path / "differing", differing, step=1, gin=gin_config(cfg))
+    with pytest.raises(ConversionError, match="differs between layer 0 and layer 1"):
+        convert(ConvertOptions(src=str(src), dst=str(tmp_path / "out2"), progress=False))
+    assert not (tmp_path / "out2").exists()
