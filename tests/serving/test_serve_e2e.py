@@ -27,17 +27,30 @@ def client(served):
 
 def test_ready_line_names_model_and_endpoints(served):
     assert served.ready["model"] == MODEL
-    (ep,) = served.ready["endpoints"]
-    assert set(ep) == {"grpc", "http", "metrics"}
-    for url in ep.values():
-        host, port = url.rsplit(":", 1)
-        assert host == "127.0.0.1" and int(port) > 0
-    assert len({ep["grpc"], ep["http"], ep["metrics"]}) == 3
+    assert len(served.endpoints) == 2
+    urls = []
+    for ep in served.endpoints:
+        assert set(ep) == {"grpc", "http", "metrics"}
+        for url in ep.values():
+            host, port = url.rsplit(":", 1)
+            assert host == "127.0.0.1" and int(port) > 0
+            urls.append(url)
+    assert len(set(urls)) == 6
+
+
+def test_every_replica_answers_the_same(served):
+    outs = []
+    for ep in served.endpoints:
+        c = grpcclient.InferenceServerClient(ep["grpc"])
+        assert c.is_server_ready() and c.is_model_ready(MODEL)
+        outs.append(c.infer(MODEL, ft_inputs(sample_rows(1), 8)).as_numpy("output_ids"))
+        c.close()
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_greedy_matches_in_process_engine(client, engine):
     rows = sample_rows(4, seed=1)
-    max_out = 12
+    max_out = 8
     res = client.infer(MODEL, ft_inputs(rows, max_out, beam_width=1, runtime_top_k=1))
     out_ids = res.as_numpy("output_ids")
     seq_len = res.as_numpy("sequence_length")
@@ -58,12 +71,12 @@ def test_greedy_matches_in_process_engine(client, engine):
 def test_same_seed_same_sample(client):
     rows = sample_rows(2, seed=2)
     kwargs = dict(runtime_top_k=20, temperature=1.5)
-    a = client.infer(MODEL, ft_inputs(rows, 10, random_seed=1234, **kwargs))
-    b = client.infer(MODEL, ft_inputs(rows, 10, random_seed=1234, **kwargs))
+    a = client.infer(MODEL, ft_inputs(rows, 8, random_seed=1234, **kwargs))
+    b = client.infer(MODEL, ft_inputs(rows, 8, random_seed=1234, **kwargs))
     np.testing.assert_array_equal(a.as_numpy("output_ids"), b.as_numpy("output_ids"))
     np.testing.assert_array_equal(a.as_numpy("sequence_length"), b.as_numpy("sequence_length"))
     # Different seeds draw different samples (over several seeds at least one differs).
-    others = [client.infer(MODEL, ft_inputs(rows, 10, random_seed=s, **kwargs))
+    others = [client.infer(MODEL, ft_inputs(rows, 8, random_seed=s, **kwargs))
               .as_numpy("output_ids") for s in (1, 2, 3)]
     assert any(not np.array_equal(o, a.as_numpy("output_ids")) for o in others)
 
@@ -102,7 +115,7 @@ def test_log_probs_only_when_asked(client):
 
 def test_concurrent_requests_keep_their_own_length(client, served):
     rows = sample_rows(3, seed=5)
-    lengths = {"short": 3, "long": 11}
+    lengths = {"short": 3, "long": 8}
     results: dict[str, object] = {}
     errors: list[BaseException] = []
 
@@ -122,7 +135,7 @@ def test_concurrent_requests_keep_their_own_length(client, served):
     assert not errors, errors
     short = results["short"].as_numpy("output_ids")
     long = results["long"].as_numpy("output_ids")
-    assert short.shape == (3, 1, 3) and long.shape == (3, 1, 11)
+    assert short.shape == (3, 1, 3) and long.shape == (3, 1, 8)
     s_len = results["short"].as_numpy("sequence_length")
     assert (s_len <= 3).all()
     # Greedy decoding: the short answer is the long answer's prefix.
@@ -133,13 +146,13 @@ def test_concurrent_requests_keep_their_own_length(client, served):
 
 def test_rows_of_one_request_keep_their_own_settings(client, engine):
     rows = sample_rows(2, seed=6)
-    res = client.infer(MODEL, ft_inputs(rows, [4, 9]))
+    res = client.infer(MODEL, ft_inputs(rows, [4, 8]))
     out = res.as_numpy("output_ids")
     seq = res.as_numpy("sequence_length")
-    assert out.shape == (2, 1, 9)
+    assert out.shape == (2, 1, 8)
     assert int(seq[0, 0]) <= 4
     expected = engine.generate(rows, [SamplingParams(max_output_len=4),
-                                      SamplingParams(max_output_len=9)])
+                                      SamplingParams(max_output_len=8)])
     for r, exp in enumerate(expected):
         n = int(exp.sequence_length[0])
         assert int(seq[r, 0]) == n
