@@ -100,12 +100,48 @@ def _blocks(ckpt: Checkpoint, ref) -> Iterator[tuple[tuple[slice, ...], np.ndarr
         yield region, ckpt.read(ref.param, read_region)
 
 
-def _pwrite_box(fd: int, file_shape: tuple[int, ...], itemsize: int,
-                lo: list[int], values: np.ndarray) -> None:
-    """Write ``values`` (a C-ordered box starting at ``lo``) into a row-major file of
-    ``file_shape``, as few contiguous runs as the box allows."""
+class _OutFile:
+    """A staged output file written by positional writes, hashed as it goes.
+
+    sha256 needs the bytes in file order; runs that arrive in order (most tensors, whose
+    chunks span whole rows) are hashed on the way, the rest is read back once at the end.
+    """
+
+    def __init__(self, path: str, nbytes: int) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, nbytes)
+        self.nbytes = nbytes
+        self.hash = hashlib.sha256()
+        self.hashed = 0
+
+    def write(self, offset: int, data: memoryview) -> None:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self.fd, data[written:], offset + written)
+        if offset == self.hashed:
+            self.hash.update(data)
+            self.hashed += len(data)
+
+    def sha256(self) -> str:
+        while self.hashed < self.nbytes:
+            piece = os.pread(self.fd, min(_HASH_PIECE, self.nbytes - self.hashed), self.hashed)
+            if not piece:
+                raise ConversionError("staged output file is shorter than planned")
+            self.hash.update(piece)
+            self.hashed += len(piece)
+        return self.hash.hexdigest()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _write_box(out: _OutFile, file_shape: tuple[int, ...], lo: list[int],
+               values: np.ndarray) -> None:
+    """Write ``values`` (a box of the file's array starting at index ``lo``) into a row-major
+    file of ``file_shape``, as few contiguous runs as the box allows."""
     shape = values.shape
     ndim = len(file_shape)
+    itemsize = values.dtype.itemsize
     # k: the first axis from which the box spans whole rows of everything after it.
     k = ndim - 1
     while k > 0 and all(lo[d] == 0 and shape[d] == file_shape[d] for d in range(k, ndim)):
@@ -119,18 +155,15 @@ def _pwrite_box(fd: int, file_shape: tuple[int, ...], itemsize: int,
     base = sum(lo[d] * strides[d] for d in range(k, ndim))
     for n, idx in enumerate(np.ndindex(*shape[:k])):
         offset = base + sum((lo[d] + idx[d]) * strides[d] for d in range(k))
-        data = memoryview(flat[n])
-        written = 0
-        while written < len(data):
-            written += os.pwrite(fd, data[written:], offset * itemsize + written)
+        out.write(offset * itemsize, memoryview(flat[n]))
 
 
-def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor, fds: list[int]) -> None:
+def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor,
+           outs: list[_OutFile]) -> None:
     """Write a block of the full FT tensor into the rank files it overlaps."""
     file_shape = tensor.file_shape()
-    itemsize = block.dtype.itemsize
     if tensor.split == "none":
-        _pwrite_box(fds[0], file_shape, itemsize, box_lo, block)
+        _write_box(outs[0], file_shape, box_lo, block)
         return
     axis = 0 if tensor.split == "first" else len(file_shape) - 1
     part = file_shape[axis]
@@ -141,7 +174,7 @@ def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor, fds: list
         index[axis] = slice(a - lo, b - lo)
         local = list(box_lo)
         local[axis] = a - r * part
-        _pwrite_box(fds[r], file_shape, itemsize, local, block[tuple(index)])
+        _write_box(outs[r], file_shape, local, block[tuple(index)])
 
 
 def _sha256_file(path: str) -> str:
@@ -180,12 +213,11 @@ def _write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str) -> list[
     entries = []
     with contextlib.ExitStack() as stack:
         paths = [stack.enter_context(storage.staged_file(u)) for u in urls]
-        fds = []
+        outs = []
         for p in paths:
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            stack.callback(os.close, fd)
-            os.ftruncate(fd, nbytes)
-            fds.append(fd)
+            out = _OutFile(p, nbytes)
+            stack.callback(out.close)
+            outs.append(out)
         refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
         for j, ref in enumerate(refs):
             for region, values in _blocks(ckpt, ref):
@@ -194,9 +226,9 @@ def _write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str) -> list[
                     values, lo = values.T, lo[::-1]
                 elif tensor.transform == "fuse_qkv":
                     values, lo = values[:, None, :], [lo[0], j, lo[1]]
-                _place(values.astype(dtype, copy=False), lo, tensor, fds)
-        for spec, path in zip(tensor.files, paths, strict=True):
-            entries.append(ManifestEntry(spec.name, nbytes, _sha256_file(path),
+                _place(values.astype(dtype, copy=False), lo, tensor, outs)
+        for spec, out in zip(tensor.files, outs, strict=True):
+            entries.append(ManifestEntry(spec.name, nbytes, out.sha256(),
                                          tensor.weight_dtype, tensor.file_shape()))
     return entries
 
