@@ -1,8 +1,9 @@
 """ray_jobs.convert from gs:// to gs:// on a multi-node Ray: same bytes, lost nodes, resume.
 
-One ``ray.cluster_utils.Cluster`` for the module: a head with no CPUs (so every conversion task
-runs on a worker node, which can then be killed) and two 1-CPU worker nodes, all started after
-the emulator fixture so they inherit its variables. Each job runs as ``python -m
+One ``ray.cluster_utils.Cluster`` for the module (in its own process, tests/gcs/cluster_proc.py):
+a head with no CPUs (so every conversion task runs on a worker node, which can then be killed)
+and two 1-CPU worker nodes, all started after the emulator fixture so they inherit its
+variables. Each job runs as ``python -m
 ray_jobs.convert --address CLUSTER`` in a subprocess, as a user runs it.
 
 The source is written to the emulator the way t5x writes on GCS (tests/gcs/t5x_on_gcs.py), with
@@ -36,27 +37,42 @@ WEIGHTS = "t5/1/1-gpu"
 N_BIN = len(ft_format.all_files(CFG, 1))
 
 
+class ClusterProcess:
+    """tests/gcs/cluster_proc.py running: its address, and a way to kill a worker node."""
+
+    def __init__(self, workers: int) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.gcs.cluster_proc",
+                                      str(workers)], cwd=REPO, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.address = json.loads(self._read_line("{"))["address"]
+
+    def _read_line(self, prefix: str) -> str:
+        """The next stdout line starting with ``prefix`` (Ray may print others)."""
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"cluster process ended (rc {self.proc.poll()}) before {prefix!r}")
+
+    def kill_worker(self, i: int) -> None:
+        self.proc.stdin.write(f"kill {i}\n")
+        self.proc.stdin.flush()
+        self._read_line(f"killed {i}")
+
+    def shutdown(self) -> None:
+        try:
+            self.proc.communicate("shutdown\n", timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
 @pytest.fixture(scope="module")
 def cluster(gcs):
-    """Head (0 CPUs) + two 1-CPU worker nodes; yields (cluster, [worker nodes])."""
-    from ray.cluster_utils import Cluster
-
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), saved) if p)
-    try:
-        c = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
-            "num_cpus": 0, "include_dashboard": False,
-            # Notice a dead node in ~1.5 s rather than Ray's default ~15 s.
-            "_system_config": {"health_check_period_ms": 500,
-                               "health_check_failure_threshold": 3}})
-        workers = [c.add_node(num_cpus=1), c.add_node(num_cpus=1)]
-        c.wait_for_nodes()
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
-    yield c, workers
+    """A head with no CPUs and two 1-CPU worker nodes (tests/gcs/cluster_proc.py)."""
+    c = ClusterProcess(workers=2)
+    yield c
     c.shutdown()
 
 
@@ -100,7 +116,7 @@ def manifest_files(text: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(cluster, sources, tmp_path_factory) -> dict:
     """The local -> local conversion: file name -> sha256, and the manifest's file list."""
-    c, _ = cluster
+    c = cluster
     repo = tmp_path_factory.mktemp("ref") / "repo"
     summary = run_convert(sources["local"], str(repo), c.address)
     assert summary["files"] == N_BIN
@@ -127,7 +143,7 @@ def assert_same_as_reference(gcs, prefix: str, reference: dict) -> None:
 
 
 def test_gcs_to_gcs_equals_local_to_local(gcs, cluster, sources, reference):
-    c, _ = cluster
+    c = cluster
     summary = run_convert(sources["gcs"], f"gs://{gcs.bucket}/out/plain", c.address, "--verify")
     assert summary["output"] == f"gs://{gcs.bucket}/out/plain/{WEIGHTS}"
     assert summary["files"] == N_BIN and summary["verified"] is True
@@ -158,12 +174,12 @@ def _wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 120
 
 
 def test_worker_node_killed_mid_run(gcs, cluster, sources, reference):
-    c, workers = cluster
+    c = cluster
     prefix = "out/node-killed"
     proc = _start(convert_cmd(sources["gcs"], f"gs://{gcs.bucket}/{prefix}", c.address))
     _wait_for(proc, lambda: _bin_count(gcs, prefix) >= N_BIN // 4, "a quarter of the files")
     # SIGKILL the node's raylet and its workers: the tasks running there die mid-write.
-    c.remove_node(workers[0], allow_graceful=False)
+    c.kill_worker(0)
     written_at_kill = _bin_count(gcs, prefix)
     assert written_at_kill < N_BIN, "the conversion finished before the node was killed"
     out, err = proc.communicate(timeout=240)
@@ -174,7 +190,7 @@ def test_worker_node_killed_mid_run(gcs, cluster, sources, reference):
 
 def test_killed_conversion_resumes_rewriting_only_missing_files(gcs, cluster, sources,
                                                                reference):
-    c, _ = cluster
+    c = cluster
     prefix = "out/resumed"
     dst = f"gs://{gcs.bucket}/{prefix}"
     manifest = f"{prefix}/{WEIGHTS}/manifest.json"
