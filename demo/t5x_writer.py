@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -110,7 +110,7 @@ def _write_zarr(path: Path, array: np.ndarray, dtype_name: str, chunk_bytes: int
 
 def write_t5x_checkpoint(
     dst_dir: str | os.PathLike,
-    params: dict[str, np.ndarray],
+    params: Mapping[str, np.ndarray],
     step: int,
     dtype: SaveDtype = "float32",
     layout: Layout = "legacy",
@@ -144,9 +144,8 @@ def write_t5x_checkpoint(
         shutil.rmtree(ckpt)
     if gin is not None:
         (dst / "config.gin").write_text(gin)
-    cast = {name: np.asarray(a).astype(np_dtype) for name, a in params.items()}
     if layout == "ocdbt":
-        _write_ocdbt(ckpt, cast, step)
+        _write_ocdbt(ckpt, {n: np.asarray(a).astype(np_dtype) for n, a in params.items()}, step)
         return ckpt
     if layout != "legacy":
         raise ValueError(f"layout {layout!r} is not 'legacy' or 'ocdbt'")
@@ -156,7 +155,10 @@ def write_t5x_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     leaves: dict[str, object] = {}
-    for name, array in cast.items():
+    # One parameter at a time: ``params`` may be a lazy mapping (bench/convert.py generates
+    # ~3 GB), so at most one array is held here.
+    for name in params:
+        array = np.asarray(params[name]).astype(np_dtype, copy=False)
         if array.ndim == 0:
             leaves[name] = array  # t5x keeps scalars inline in the msgpack file
             continue
