@@ -4,11 +4,14 @@ The whole served path: a random T5X checkpoint (demo.t5x_writer) -> ``ray_jobs.c
 --engine jax`` -> ``ray_jobs.serve`` (tritonserver + the JAX engine in Triton's Python backend)
 -> gRPC requests of B rows each, from C client threads.
 
-    .venv/bin/python bench/serve.py [--batches 1,8,32] [--concurrency 1] [--seconds 20]
+    .venv/bin/python bench/serve.py [--runs 1:1,8:1,32:1,1:8] [--seconds 20]
 
-Prints one JSON line per (batch, concurrency) and a final summary line. Greedy decoding with
-``max_output_len`` tokens per row; generated tokens are counted from ``sequence_length`` (rows
-that stop at EOS count fewer).
+Each run is BATCH:CLIENTS (rows per request : concurrent client threads; 1:8 shows Triton's
+dynamic batching merging single-row requests). Prints one JSON line per run and a final
+summary line. Greedy decoding with ``max_output_len`` tokens per row; generated tokens are
+counted from ``sequence_length`` (rows that stop at EOS count fewer). The baseline is the same
+engine called in this process on the same rows (no Triton, no gRPC), measured after the server
+has stopped: the ratio is what the serving path costs.
 """
 
 from __future__ import annotations
@@ -78,15 +81,34 @@ def make_inputs(batch: int, in_len: int, out_len: int, vocab: int, seed: int):
 
 
 def measure(url: str, batch: int, concurrency: int, seconds: float, in_len: int,
-            out_len: int, vocab: int) -> dict:
+            out_len: int, vocab: int, warmup: float) -> dict:
     import tritonclient.grpc as grpcclient
 
-    # Warm-up: the first request of a shape compiles the engine's program for its bucket.
+    # The first request of a shape compiles the engine's program for its bucket.
     warm = grpcclient.InferenceServerClient(url)
     t0 = time.perf_counter()
     warm.infer("t5", make_inputs(batch, in_len, out_len, vocab, 0))
     compile_s = time.perf_counter() - t0
     warm.close()
+    if concurrency > 1 and warmup > 0:
+        # Concurrent clients make the dynamic batcher form batches of several sizes, each a
+        # new compile: run the same load untimed first.
+        _load(url, batch, concurrency, warmup, in_len, out_len, vocab)
+    latencies, tokens, wall = _load(url, batch, concurrency, seconds, in_len, out_len, vocab)
+    lat = np.array(latencies) * 1000
+    return {"batch": batch, "concurrency": concurrency, "requests": len(latencies),
+            "seconds": round(wall, 2), "requests_per_s": round(len(latencies) / wall, 2),
+            "rows_per_s": round(len(latencies) * batch / wall, 2),
+            "generated_tokens_per_s": round(tokens / wall, 1),
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
+            "latency_ms_p90": round(float(np.percentile(lat, 90)), 1),
+            "first_request_s": round(compile_s, 2)}
+
+
+def _load(url: str, batch: int, concurrency: int, seconds: float, in_len: int, out_len: int,
+          vocab: int) -> tuple[list[float], int, float]:
+    """``concurrency`` clients sending back to back for ``seconds``: (latencies, tokens, wall)."""
+    import tritonclient.grpc as grpcclient
 
     stop_at = time.perf_counter() + seconds
     lock = threading.Lock()
@@ -113,21 +135,49 @@ def measure(url: str, batch: int, concurrency: int, seconds: float, in_len: int,
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    lat = np.array(latencies) * 1000
-    return {"batch": batch, "concurrency": concurrency, "requests": len(latencies),
-            "seconds": round(wall, 2), "requests_per_s": round(len(latencies) / wall, 2),
-            "rows_per_s": round(len(latencies) * batch / wall, 2),
-            "generated_tokens_per_s": round(tokens[0] / wall, 1),
-            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
-            "latency_ms_p90": round(float(np.percentile(lat, 90)), 1),
-            "first_request_s": round(compile_s, 2)}
+    return latencies, tokens[0], wall
+
+
+def measure_engine(repo: Path, batch: int, seconds: float, in_len: int, out_len: int,
+                   vocab: int, dtype: str) -> dict:
+    """The same rows through T5Engine.generate in this process: the no-serving baseline."""
+    from serving.engine import SamplingParams, T5Engine
+
+    global _ENGINE
+    if _ENGINE is None:
+        _ENGINE = T5Engine.load(str(repo / "t5" / "1" / "1-gpu"), dtype=dtype)
+    rng = np.random.default_rng(1)
+    rows = []
+    for _ in range(batch):
+        ids = rng.integers(2, vocab, size=in_len).astype(np.uint32)
+        ids[-1] = 1
+        rows.append(ids)
+    params = [SamplingParams(max_output_len=out_len)] * batch
+    _ENGINE.generate(rows, params)  # compile
+    calls, tokens = 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        res = _ENGINE.generate(rows, params)
+        calls += 1
+        tokens += sum(int(r.sequence_length.sum()) for r in res)
+    wall = time.perf_counter() - start
+    return {"baseline": "engine in-process", "batch": batch, "calls": calls,
+            "calls_per_s": round(calls / wall, 2),
+            "generated_tokens_per_s": round(tokens / wall, 1)}
+
+
+_ENGINE = None
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", default="1,8,32", help="rows per request (comma-separated)")
-    p.add_argument("--concurrency", default="1", help="client threads (comma-separated)")
+    p.add_argument("--runs", default="1:1,8:1,32:1,1:8",
+                   help="BATCH:CLIENTS pairs, comma-separated (default 1:1,8:1,32:1,1:8)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the in-process engine baseline")
     p.add_argument("--seconds", type=float, default=20.0, help="measured time per setting")
+    p.add_argument("--warmup", type=float, default=30.0,
+                   help="untimed seconds of the same load before a concurrent run")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--d-model", type=int, default=256)
@@ -152,15 +202,25 @@ def main() -> None:
         proc, url = start_server(repo)
         results = []
         try:
-            for c in (int(x) for x in args.concurrency.split(",")):
-                for b in (int(x) for x in args.batches.split(",")):
-                    r = measure(url, b, c, args.seconds, args.input_len, args.output_len,
-                                cfg.vocab_size)
-                    print(json.dumps(r), flush=True)
-                    results.append(r)
+            for run in args.runs.split(","):
+                b, c = (int(x) for x in run.split(":"))
+                r = measure(url, b, c, args.seconds, args.input_len, args.output_len,
+                            cfg.vocab_size, args.warmup)
+                print(json.dumps(r), flush=True)
+                results.append(r)
         finally:
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(timeout=120)
+        if not args.no_baseline:
+            for b in sorted({r["batch"] for r in results}):
+                base = measure_engine(repo, b, args.seconds, args.input_len, args.output_len,
+                                      cfg.vocab_size, args.dtype)
+                print(json.dumps(base), flush=True)
+                for r in results:
+                    if r["batch"] == b:
+                        r["engine_tokens_per_s"] = base["generated_tokens_per_s"]
+                        r["serving_vs_engine"] = round(
+                            r["generated_tokens_per_s"] / base["generated_tokens_per_s"], 2)
     print(json.dumps({"model": {"d_model": cfg.d_model, "layers": args.layers,
                                 "vocab": cfg.vocab_size, "dtype": args.dtype,
                                 "params": cfg.num_parameters()},
