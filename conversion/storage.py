@@ -21,8 +21,9 @@ from typing import BinaryIO
 
 from conversion.gcs_env import is_gcs, split_gs_url, storage_client
 
-# Resumable-upload chunk size for streamed GCS writes (must be a multiple of 256 KiB).
-_GCS_CHUNK = 32 * 1024 * 1024
+# Resumable-upload and ranged-download chunk size (a multiple of 256 KiB). Every GCS transfer
+# holds about one chunk in memory; google-cloud-storage's own default is 100 MiB per upload.
+_GCS_CHUNK = 16 * 1024 * 1024
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -39,7 +40,7 @@ def _blob(url: str):
     bucket, name = split_gs_url(url)
     if not name:
         raise ValueError(f"gs:// URL names a bucket, not an object: {url!r}")
-    return storage_client().bucket(bucket).blob(name)
+    return storage_client().bucket(bucket).blob(name, chunk_size=_GCS_CHUNK)
 
 
 def exists(url: str | os.PathLike) -> bool:
