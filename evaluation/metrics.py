@@ -76,6 +76,7 @@ def summary_metrics(
     examples: int,
     failed: int,
     seconds: float,
+    request_seconds: float,
     sent: int,
     latencies_ms: Sequence[float],
     resumed: int,
@@ -86,8 +87,10 @@ def summary_metrics(
       rouge: :func:`aggregate_rouge`'s result.
       examples: examples with a prediction (including ones kept from a resumed run).
       failed: examples in errors.jsonl.
-      seconds: wall time of this run.
-      sent: examples predicted by this run (throughput counts only these).
+      seconds: wall time of this run (reading data to writing the report).
+      request_seconds: wall time of its request phase (actors started to last answer).
+      sent: examples predicted by this run (throughput counts only these, over
+        request_seconds).
       latencies_ms: per-example request latency of this run.
       resumed: predictions kept from an earlier run.
     """
@@ -97,7 +100,8 @@ def summary_metrics(
         "failed": failed,
         "resumed": resumed,
         "seconds": round(seconds, 3),
-        "examples_per_second": round(sent / seconds, 3) if seconds > 0 else 0.0,
+        "request_seconds": round(request_seconds, 3),
+        "examples_per_second": round(sent / request_seconds, 3) if request_seconds > 0 else 0.0,
         "latency_ms": latency_percentiles(latencies_ms),
         "bootstrap": {"seed": BOOTSTRAP_SEED, "samples": BOOTSTRAP_SAMPLES},
     }

@@ -1,8 +1,8 @@
 """Sharded evaluation: examples -> Ray Data actor pool of Triton clients -> outputs as they come.
 
-The driver reads the data, keeps what a resumed run already has, and cuts the rest into
-requests of ``batch_size`` examples in example order (fixed, so 1 or N actors send exactly the
-same requests and greedy decoding gives the same predictions). Each request is one row of a Ray
+The driver reads the data, keeps what a resumed run already has, tokenises the rest and cuts it
+into requests of ``batch_size`` examples of similar length (fixed by the data, so 1 or N actors
+send exactly the same requests and greedy decoding gives the same predictions). Each request is one row of a Ray
 Dataset; ``map_batches(Predictor, concurrency=num_actors)`` runs a pool of actors, each holding a
 ``tritonclient.grpc`` client over every endpoint with ``requests_per_actor`` requests in flight.
 Results stream back unordered; the driver scores each example and appends it to
@@ -86,7 +86,8 @@ class EvalSettings:
 class Predictor:
     """Ray Data callable class: one row = one request of up to ``batch_size`` examples.
 
-    Input columns: ``ids`` and ``texts`` (lists). Output: one row per example with ``id``,
+    Input columns: ``ids`` (strings), ``lengths`` and ``tokens`` (the rows' token ids, EOS
+    included, concatenated). Output: one row per example with ``id``,
     ``prediction``, ``latency_ms`` (the request's wall time) and ``error`` ("" when it worked).
     """
 
@@ -121,8 +122,7 @@ class Predictor:
             on_retry=lambda url, exc: self.retried.inc(),
         )
 
-    def _generate(self, texts: list[str]) -> list[str]:
-        rows = [self.tokenizer.encode(t, self.s["max_input_len"]) for t in texts]
+    def _generate(self, rows: list[list[int]]) -> list[str]:
         outs = self.client.generate(
             rows,
             max_output_len=self.s["max_output_len"],
@@ -134,9 +134,11 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"id": [], "prediction": [], "latency_ms": [], "error": []}
-        for ids, texts in zip(batch["ids"], batch["texts"], strict=True):
-            ids, texts = [str(i) for i in ids], [str(t) for t in texts]
-            for group_ids, preds, ms, err in self._request(ids, texts):
+        for ids, lengths, flat in zip(batch["ids"], batch["lengths"], batch["tokens"],
+                                      strict=True):
+            ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
+            rows = [r.tolist() for r in np.split(np.asarray(flat, dtype=np.int64), ends[:-1])]
+            for group_ids, preds, ms, err in self._request([str(i) for i in ids], rows):
                 for i, ex_id in enumerate(group_ids):
                     out["id"].append(ex_id)
                     out["prediction"].append(preds[i] if preds else "")
@@ -144,7 +146,7 @@ class Predictor:
                     out["error"].append(err)
         return out
 
-    def _request(self, ids: list[str], texts: list[str]):
+    def _request(self, ids: list[str], rows: list[list[int]]):
         """Yield (ids, predictions or None, latency ms, error) for one request.
 
         A request the server rejects is split into single examples, so one example it cannot
@@ -153,13 +155,13 @@ class Predictor:
         """
         t0 = time.perf_counter()
         try:
-            preds = self._generate(texts)
+            preds = self._generate(rows)
         except Exception as exc:  # noqa: BLE001 - becomes error rows, never fails the dataset
             ms = (time.perf_counter() - t0) * 1000.0
             cause = exc.__cause__ if isinstance(exc, RequestFailed) else exc
             if len(ids) > 1 and cause is not None and not is_transient(cause):
                 for i in range(len(ids)):
-                    yield from self._request(ids[i : i + 1], texts[i : i + 1])
+                    yield from self._request(ids[i : i + 1], rows[i : i + 1])
                 return
             self.failed.inc(len(ids))
             reason = str(exc) if isinstance(exc, RequestFailed) else describe(exc)
@@ -171,15 +173,26 @@ class Predictor:
         yield ids, preds, ms, ""
 
 
-def request_batches(examples: Sequence[Example], batch_size: int) -> list[dict[str, list]]:
-    """Examples in order, cut into requests of ``batch_size`` (the last one may be smaller)."""
-    return [
-        {
-            "ids": [e.id for e in examples[i : i + batch_size]],
-            "texts": [e.input_text for e in examples[i : i + batch_size]],
-        }
-        for i in range(0, len(examples), batch_size)
-    ]
+def request_batches(
+    examples: Sequence[Example], tokenizer: Tokenizer, batch_size: int, max_input_len: int
+) -> list[dict[str, list]]:
+    """Tokenise ``examples`` and cut them into requests of ``batch_size`` rows of similar length.
+
+    A request is padded to its longest row, and padding costs the server as much as real tokens,
+    so rows are sorted by length (longest first, ties in example order) before cutting. The
+    requests depend only on the examples and the settings, never on the number of actors.
+    """
+    encoded = [(tokenizer.encode(e.input_text, max_input_len), e) for e in examples]
+    encoded.sort(key=lambda pair: (-len(pair[0]), pair[1].index))
+    batches = []
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i : i + batch_size]
+        batches.append({
+            "ids": [e.id for _, e in chunk],
+            "lengths": [len(t) for t, _ in chunk],
+            "tokens": [tok for t, _ in chunk for tok in t],
+        })
+    return batches
 
 
 def wait_until_ready(urls: Sequence[str], model_name: str, timeout_s: float) -> None:
@@ -290,7 +303,7 @@ def evaluate(
                 init_ray()
             if not ray.is_initialized():
                 ray.init()
-            batches = request_batches(pending, s.batch_size)
+            batches = request_batches(pending, tokenizer, s.batch_size, s.max_input_len)
             bar = tqdm(total=len(pending), desc="evaluate", unit="ex", file=sys.stderr,
                        disable=not s.progress, dynamic_ncols=True)
             failed_now = 0
@@ -327,12 +340,8 @@ def evaluate(
         sent = len(latencies)
         result = eval_metrics.summary_metrics(
             rouge, examples=len(done), failed=len(errors),
-            seconds=time.perf_counter() - t_start, sent=sent,
+            seconds=time.perf_counter() - t_start, request_seconds=request_seconds, sent=sent,
             latencies_ms=latencies, resumed=len(data.examples) - len(pending),
-        )
-        result["request_seconds"] = round(request_seconds, 3)
-        result["examples_per_second"] = (
-            round(sent / request_seconds, 3) if sent and request_seconds > 0 else 0.0
         )
         out.write_file(METRICS, json.dumps(result, indent=2, sort_keys=True) + "\n")
         html = eval_report.render_report(

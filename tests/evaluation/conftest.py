@@ -84,3 +84,29 @@ def eval_servers(ray_local, eval_model_repo):
 
     with LocalServers(str(eval_model_repo), MODEL, replicas=2, num_cpus=0.5) as servers:
         yield servers
+
+
+@pytest.fixture(scope="module")
+def gcs_bucket():
+    """fake-gcs-server (the real binary) with one bucket; clients pointed at it via os.environ.
+
+    Only the driver talks to GCS (the actors get the vocabulary as bytes), so the variables
+    need not reach Ray workers.
+    """
+    from conversion import gcs_env
+
+    proc, url = gcs_env.start_emulator()
+    env = gcs_env.emulator_env(url)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        gcs_env.storage_client().create_bucket("t5ft-eval")
+        yield "gs://t5ft-eval"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(timeout=10)

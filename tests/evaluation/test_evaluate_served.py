@@ -26,7 +26,12 @@ from tests.evaluation.conftest import MODEL, sample_rows, subprocess_env
 
 pytestmark = pytest.mark.slow
 
-COMMON = {"max_output_len": 24, "batch_size": 2, "summary_field": "document", "progress": False}
+# Short inputs and outputs keep the engine to a few compiled shapes (one input-length bucket).
+COMMON = {"max_input_len": 64, "max_output_len": 16, "batch_size": 2,
+          "summary_field": "document", "progress": False}
+CLI_COMMON = ["--summary-field", "document", "--max-input-len", "64", "--max-output-len", "16",
+              "--batch-size", "2"]
+N = 60  # examples with a document; plus two rows without
 
 
 def _settings(url: str, output: Path, dataset: Path, repo: Path, **kw) -> EvalSettings:
@@ -44,9 +49,10 @@ def grpc_urls(eval_servers) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data_with_holes(tmp_path_factory, eval_jsonl) -> Path:
-    """The 20 examples plus two bad rows (empty / missing document) in the middle."""
-    rows = _lines(eval_jsonl)
+def data_with_holes(tmp_path_factory, xsum_sample) -> Path:
+    """The sample six times over (60 examples) plus two bad rows (empty / missing document)."""
+    sample = sample_rows(xsum_sample)
+    rows = [{"id": f"bbc-{i:03d}", **sample[i % len(sample)]} for i in range(N)]
     rows.insert(5, {"id": "empty-doc", "document": "", "summary": "s"})
     rows.insert(11, {"id": "no-doc", "summary": "s"})
     path = tmp_path_factory.mktemp("holes") / "data.jsonl"
@@ -62,14 +68,13 @@ def reference_run(tmp_path_factory, repo_root, ray_local, grpc_urls, eval_model_
     address = ray_local.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "ray_jobs.evaluate", "--url", ",".join(grpc_urls),
            "--model-name", MODEL, "--output", str(out), "--dataset", str(data_with_holes),
-           "--model-repository", str(eval_model_repo), "--summary-field", "document",
-           "--max-output-len", "24", "--batch-size", "2", "--num-actors", "1",
+           "--model-repository", str(eval_model_repo), *CLI_COMMON, "--num-actors", "1",
            "--address", address, "--json"]
     proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(repo_root),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["metrics"]["examples"] == 20 and summary["metrics"]["failed"] == 2
+    assert summary["metrics"]["examples"] == N and summary["metrics"]["failed"] == 2
     assert summary["predictions"] == str(out / "predictions.jsonl")
     return out
 
@@ -98,7 +103,7 @@ def test_outputs_and_metrics_equal_independent_rouge(reference_run, data_with_ho
         assert metrics[t] == {"low": expected[t].low.fmeasure, "mid": expected[t].mid.fmeasure,
                               "high": expected[t].high.fmeasure}
     assert metrics["rouge1"]["mid"] > 0
-    assert metrics["examples"] == 20 and metrics["failed"] == 2
+    assert metrics["examples"] == N and metrics["failed"] == 2
     assert metrics["examples_per_second"] > 0 and metrics["seconds"] > 0
     lat = metrics["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
@@ -111,7 +116,7 @@ def test_four_actors_give_identical_outputs(tmp_path, reference_run, grpc_urls,
     out = tmp_path / "out4"
     m = evaluate(_settings(",".join(grpc_urls), out, data_with_holes, eval_model_repo,
                            num_actors=4))
-    assert m["examples"] == 20 and m["failed"] == 2
+    assert m["examples"] == N and m["failed"] == 2
     for name in ("predictions.jsonl", "errors.jsonl"):
         assert (out / name).read_bytes() == (reference_run / name).read_bytes(), name
     ref = json.loads((reference_run / "metrics.json").read_text())
@@ -126,8 +131,7 @@ def test_sigkilled_run_resumes_to_the_same_files(tmp_path, repo_root, ray_local,
     address = ray_local.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "ray_jobs.evaluate", "--url", grpc_urls[0],
            "--model-name", MODEL, "--output", str(out), "--dataset", str(data_with_holes),
-           "--model-repository", str(eval_model_repo), "--summary-field", "document",
-           "--max-output-len", "24", "--batch-size", "2", "--num-actors", "1",
+           "--model-repository", str(eval_model_repo), *CLI_COMMON, "--num-actors", "1",
            "--requests-per-actor", "1", "--address", address, "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=repo_root, env=subprocess_env(repo_root),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -141,15 +145,15 @@ def test_sigkilled_run_resumes_to_the_same_files(tmp_path, repo_root, ray_local,
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, f"not killed midway: {proc.stderr.read()[-2000:]}"
     kept = pred.read_bytes().count(b"\n")
-    assert 4 <= kept < 20
+    assert 4 <= kept < N
 
     m = evaluate(_settings(grpc_urls[0], out, data_with_holes, eval_model_repo, resume=True,
                            num_actors=2))
-    assert m["resumed"] == kept and m["examples"] == 20
+    assert m["resumed"] == kept and m["examples"] == N
     for name in ("predictions.jsonl", "errors.jsonl"):
         assert (out / name).read_bytes() == (reference_run / name).read_bytes(), name
     ids = [p["id"] for p in _lines(pred)]
-    assert len(ids) == len(set(ids)) == 20
+    assert len(ids) == len(set(ids)) == N
 
 
 def test_server_killed_mid_run_costs_no_example(tmp_path, eval_servers, grpc_urls,
@@ -157,7 +161,7 @@ def test_server_killed_mid_run_costs_no_example(tmp_path, eval_servers, grpc_url
                                                 reference_run):
     out = tmp_path / "out"
     # Only the server that gets killed: every example must wait for its restart, not fail over.
-    settings = _settings(grpc_urls[1], out, data_with_holes, eval_model_repo, num_actors=2,
+    settings = _settings(grpc_urls[1], out, data_with_holes, eval_model_repo, num_actors=1,
                          batch_size=1, requests_per_actor=1)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(evaluate(settings)))
@@ -173,14 +177,16 @@ def test_server_killed_mid_run_costs_no_example(tmp_path, eval_servers, grpc_url
     worker.join(timeout=240)
     assert not worker.is_alive()
     assert eval_servers.status()[1].get("pid") != old_pid  # it really was restarted
-    assert result["failed"] == 2 and result["examples"] == 20  # only the two bad rows
+    assert result["failed"] == 2 and result["examples"] == N  # only the two bad rows
     assert pred.read_bytes() == (reference_run / "predictions.jsonl").read_bytes()
 
 
 def test_dead_endpoint_fails_over_and_rejected_example_is_reported(
         tmp_path, grpc_urls, eval_model_repo, xsum_sample):
     rows = sample_rows(xsum_sample)[:3]
-    rows[1]["document"] = " ".join([rows[1]["document"]] * 12)  # beyond the server's input limit
+    for row in rows:  # short inputs: cheap for the engine
+        row["document"] = row["document"].split("\n")[0]
+    rows[1]["document"] = " ".join([rows[1]["document"]] * 60)  # beyond the server's limit
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # Port 1 refuses connections: requests sent there are retried on the live server.
@@ -203,3 +209,27 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, repo_root, grpc_urls, eval_
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == \
         f"error: --dataset {tmp_path / 'none.jsonl'}: no such file"
+
+
+def test_gs_paths_max_examples_then_resume(gcs_bucket, grpc_urls, eval_vocab, data_with_holes,
+                                           reference_run):
+    from conversion import storage
+
+    dataset = f"{gcs_bucket}/data/xsum.jsonl"
+    vocab = f"{gcs_bucket}/vocab/spiece.model"
+    storage.write_bytes(dataset, data_with_holes.read_bytes())
+    storage.write_bytes(vocab, eval_vocab.read_bytes())
+    out = f"{gcs_bucket}/eval/out"
+    settings = dict(url=",".join(grpc_urls), model_name=MODEL, output=out, dataset=dataset,
+                    vocab=vocab, num_actors=2, **COMMON)
+    first = evaluate(EvalSettings(max_examples=8, **settings))
+    assert first["examples"] == 7 and first["failed"] == 1  # rows 0-7 hold "empty-doc"
+    assert first["predictions"] == f"{out}/predictions.jsonl"
+    second = evaluate(EvalSettings(resume=True, **settings))
+    assert second["resumed"] == 7 and second["examples"] == N
+    for name in ("predictions.jsonl", "errors.jsonl"):
+        assert storage.read_bytes(f"{out}/{name}") == (reference_run / name).read_bytes(), name
+    metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
+    ref = json.loads((reference_run / "metrics.json").read_text())
+    assert metrics["rouge1"] == ref["rouge1"] and metrics["rougeLsum"] == ref["rougeLsum"]
+    assert storage.read_bytes(f"{out}/report.html").startswith(b"<!doctype html>")

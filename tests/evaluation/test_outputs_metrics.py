@@ -84,7 +84,7 @@ def test_rouge_aggregate_is_seeded_and_matches_rouge_score(xsum_sample):
 
 def test_report_embeds_plots_and_numbers():
     rouge = {t: {"low": 0.1, "mid": 0.2, "high": 0.3} for t in metrics.ROUGE_TYPES}
-    m = metrics.summary_metrics(rouge, examples=3, failed=1, seconds=2.0, sent=3,
+    m = metrics.summary_metrics(rouge, examples=3, failed=1, seconds=2.0, request_seconds=1.5, sent=3,
                                 latencies_ms=[10.0, 20.0, 30.0], resumed=0)
     html = report.render_report(
         m, per_example={t: [0.1, 0.2, 0.3] for t in metrics.ROUGE_TYPES},

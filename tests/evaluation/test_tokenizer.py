@@ -42,3 +42,21 @@ def test_vocab_from_model_repository_and_errors(tmp_path, eval_vocab):
     bad.write_bytes(b"not a model")
     with pytest.raises(VocabError, match="not a SentencePiece model"):
         load_tokenizer(str(bad), None, "t5")
+
+
+def test_requests_group_similar_lengths_independently_of_actors(eval_vocab, eval_jsonl):
+    from evaluation.data import load_examples
+    from evaluation.runner import request_batches
+
+    tok = Tokenizer(eval_vocab.read_bytes())
+    examples = load_examples(str(eval_jsonl)).examples
+    batches = request_batches(examples, tok, batch_size=3, max_input_len=300)
+    assert sum(len(b["ids"]) for b in batches) == len(examples)
+    assert [len(b["ids"]) for b in batches] == [3] * 6 + [2]
+    lengths = [n for b in batches for n in b["lengths"]]
+    assert lengths == sorted(lengths, reverse=True) and max(lengths) <= 300
+    first = batches[0]
+    # The flat token list holds each row whole, EOS last, in the order of ids.
+    by_id = {e.id: tok.encode(e.input_text, 300) for e in examples}
+    assert first["tokens"] == [t for i in first["ids"] for t in by_id[i]]
+    assert request_batches(examples, tok, 3, 300) == batches  # a pure function of its inputs
