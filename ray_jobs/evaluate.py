@@ -18,23 +18,23 @@ def build_parser() -> argparse.ArgumentParser:
         "with ROUGE, over a pool of Ray actors. Greedy decoding (--top-k 1 --beam-width 1) "
         "gives the same predictions whatever --num-actors is.",
     )
-    p.add_argument("--url", required=True,
+    p.add_argument("--url", required=True, metavar="HOST:PORT[,HOST:PORT...]",
                    help="Triton gRPC endpoint(s), HOST:PORT[,HOST:PORT...]; requests are "
                    "spread over all of them and retried on another when one is down")
-    p.add_argument("--model-name", required=True, help="the model's name in the repository")
-    p.add_argument("--output", required=True,
+    p.add_argument("--model-name", required=True, metavar="NAME", help="the model's name in the repository")
+    p.add_argument("--output", required=True, metavar="OUT",
                    help="output folder or gs:// prefix: predictions.jsonl, errors.jsonl, "
                    "metrics.json, report.html")
-    p.add_argument("--dataset", default="xsum",
+    p.add_argument("--dataset", default="xsum", metavar="xsum|FILE",
                    help="'xsum' (EdinburghNLP/xsum from the Hugging Face hub) or a local / "
                    "gs:// FILE.jsonl|.json|.parquet|.tsv (tsv: document<TAB>summary lines) "
                    "(default: xsum)")
     p.add_argument("--split", default="test", help="hub split (default: test)")
-    p.add_argument("--max-examples", type=int, default=None,
+    p.add_argument("--max-examples", type=int, default=None, metavar="K",
                    help="evaluate only the first K rows")
     vocab = p.add_mutually_exclusive_group()
-    vocab.add_argument("--vocab", default=None, help="SentencePiece model (local or gs://)")
-    vocab.add_argument("--model-repository", default=None,
+    vocab.add_argument("--vocab", default=None, metavar="SPIECE.model", help="SentencePiece model (local or gs://)")
+    vocab.add_argument("--model-repository", default=None, metavar="DST",
                        help="model repository DST: the vocabulary is "
                        "DST/<model-name>/spiece.model")
     p.add_argument("--document-field", default="document", help="(default: document)")
