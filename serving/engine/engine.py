@@ -74,6 +74,33 @@ class GenerationResult:
     output_log_probs: np.ndarray | None = None
 
 
+TRACE_COUNTS: Counter[str] = Counter()
+
+
+def _counted(name: str, fn):
+    """Count each trace of fn: its Python body runs only when jax traces (compiles) it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        TRACE_COUNTS[name] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _logits_fn(cfg: T5Config, params: dict, ids: jax.Array, lengths: jax.Array,
+               dec_ids: jax.Array) -> jax.Array:
+    enc = model.encode(cfg, params, ids, lengths)
+    return model.decode_full(cfg, params, dec_ids, enc, lengths)
+
+
+# Module-level, with the config static: engines of the same model share compiled programs.
+_sampling = jax.jit(_counted("sampling", generate.generate_sampling), static_argnums=(0,),
+                    static_argnames=("out_len", "sample"))
+_beam = jax.jit(_counted("beam", generate.generate_beam), static_argnums=(0,),
+                static_argnames=("out_len", "width"))
+_logits = jax.jit(_counted("logits", _logits_fn), static_argnums=(0,))
+
+
 def _bucket(n: int, minimum: int) -> int:
     """Round up to a power of two, at least `minimum`."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
@@ -106,13 +133,7 @@ class T5Engine:
             self.params = sharding.shard_params(params, sharding.make_mesh(devices))
         else:
             self.params = jax.tree_util.tree_map(jnp.asarray, params)
-        self.trace_counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._sampling = jax.jit(self._traced("sampling", generate.generate_sampling),
-                                 static_argnames=("out_len", "sample"))
-        self._beam = jax.jit(self._traced("beam", generate.generate_beam),
-                             static_argnames=("out_len", "width"))
-        self._logits = jax.jit(self._traced("logits", self._logits_fn))
 
     # --- construction ------------------------------------------------------------------------
 
@@ -130,21 +151,11 @@ class T5Engine:
         log.info("loaded %s (%s files, T=%d) as %s", weights_dir, file_dtype, t, dtype)
         return cls(cfg, params, dtype=dtype, tensor_parallel=t, devices=devices)
 
-    def _traced(self, name: str, fn):
-        """Wrap fn so that each trace (i.e. each compilation) is counted under `name`."""
-        cfg = self.config
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            self.trace_counts[name] += 1  # runs only while jax traces, never per call
-            return fn(cfg, *args, **kwargs)
-        return wrapper
-
-    @staticmethod
-    def _logits_fn(cfg: T5Config, params: dict, ids: jax.Array, lengths: jax.Array,
-                   dec_ids: jax.Array) -> jax.Array:
-        enc = model.encode(cfg, params, ids, lengths)
-        return model.decode_full(cfg, params, dec_ids, enc, lengths)
+    @property
+    def trace_counts(self) -> Counter[str]:
+        """How many programs of each kind ("sampling", "beam", "logits") this process has
+        traced (= compiled): engines of one config and dtype share their programs."""
+        return TRACE_COUNTS
 
     # --- public API --------------------------------------------------------------------------
 
@@ -160,8 +171,8 @@ class T5Engine:
         self._check_tokens(dec, "decoder_input_ids")
         lengths = np.full(ids.shape[0], ids.shape[1], np.int32)
         with self._lock:
-            out = self._logits(self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(lengths),
-                               jnp.asarray(dec, jnp.int32))
+            out = _logits(self.config, self.params, jnp.asarray(ids, jnp.int32),
+                          jnp.asarray(lengths), jnp.asarray(dec, jnp.int32))
             return np.asarray(out)
 
     def generate(self, inputs: Sequence[np.ndarray],
@@ -181,7 +192,7 @@ class T5Engine:
             for start in range(0, len(idx), chunk_rows):
                 part = idx[start:start + chunk_rows]
                 outs = self._run([rows[i] for i in part], [params[i] for i in part],
-                                 width, sample)
+                                 width, sample, beam=width > 1)
                 for i, out in zip(part, outs, strict=True):
                     results[i] = out
         return results  # type: ignore[return-value]
@@ -225,7 +236,7 @@ class T5Engine:
         return x.astype(np.int32)
 
     def _run(self, rows: list[np.ndarray], params: list[SamplingParams], width: int,
-             sample: bool) -> list[GenerationResult]:
+             sample: bool, beam: bool) -> list[GenerationResult]:
         n_real = len(rows)
         b = _bucket(n_real, 1)
         s = _bucket(max(len(x) for x in rows), self.min_len_bucket)
@@ -259,10 +270,10 @@ class T5Engine:
             seed_hi=jnp.asarray((seeds >> np.uint64(32)).astype(np.uint32)),
         )
         with self._lock:
-            if width == 1:
-                out = self._sampling(self.params, r, out_len=n, sample=sample)
+            if not beam:
+                out = _sampling(self.config, self.params, r, out_len=n, sample=sample)
             else:
-                out = self._beam(self.params, r, out_len=n, width=width)
+                out = _beam(self.config, self.params, r, out_len=n, width=width)
             out = jax.tree_util.tree_map(np.asarray, out)
         results = []
         for i, p in enumerate(params[:n_real]):
@@ -285,4 +296,4 @@ class T5Engine:
         widths = {p.beam_width for p in params}
         if len(widths) != 1:
             raise ValueError(f"generate_beam needs one beam_width, got {sorted(widths)}")
-        return self._run(rows, list(params), widths.pop(), sample=False)
+        return self._run(rows, list(params), widths.pop(), sample=False, beam=True)

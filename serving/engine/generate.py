@@ -169,7 +169,8 @@ def generate_beam(cfg: T5Config, params: dict, r: Rows, out_len: int, width: int
     """Beam search of `width` beams per row. Returns Output [B, W, N], best beam first.
 
     Alive beams (the W best unfinished hypotheses) and finished hypotheses (the W best that
-    produced end_id, or reached the row's max_output_len) are kept separately; a row stops
+    produced end_id, or reached the row's max_output_len) are kept separately, scored
+    cum_log_prob / length ** len_penalty with length counting the end token; a row stops
     when no alive beam can still beat its worst finished one (the bound is exact: log
     probabilities only decrease).
     """
@@ -233,8 +234,12 @@ def generate_beam(cfg: T5Config, params: dict, r: Rows, out_len: int, width: int
         tok_lp = jnp.take_along_axis(logp.reshape(b, w * v), top_idx, axis=-1)
         length = step + 1
         last_step = length >= r.max_len[:, None]  # the row's final token: every candidate ends
-        ends = (tok == r.end[:, None]) | last_step
-        valid = top_cum > NEG / 2
+        # As FT (which follows HF): a hypothesis ending in end_id is only accepted when it
+        # ranks among the top W of the 2W candidates.
+        top_w = jnp.arange(2 * w)[None, :] < w
+        is_end = tok == r.end[:, None]
+        ends = is_end | last_step
+        valid = (top_cum > NEG / 2) & (top_w | ~is_end)
 
         def extend(seq: jax.Array, new: jax.Array) -> jax.Array:
             seq = jnp.take_along_axis(seq, beam[:, :, None], axis=1)  # [B, 2W, N]

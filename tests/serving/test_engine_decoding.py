@@ -45,14 +45,16 @@ def sampled(top_k: int = 0, top_p: float = 0.95, seed: int = 0, **kw) -> Samplin
 def test_same_seed_same_sample_different_seeds_differ(engine, rows) -> None:
     row = rows[1]
     a = engine.generate([row] * 4, [sampled(seed=s) for s in (1, 1, 2, 3)])
-    again = engine.generate([row, rows[0]], [sampled(seed=1), sampled(seed=9)])
-    assert tokens(a[0]) == tokens(a[1]) == tokens(again[0])  # also across batch makeup
+    # batch makeup does not matter either: same program (batch bucket 4), other neighbours
+    again = engine.generate([rows[0], row, rows[2]], [sampled(seed=9), sampled(seed=1),
+                                                      sampled(seed=9)])
+    assert tokens(a[0]) == tokens(a[1]) == tokens(again[1])
     samples = {tuple(tokens(r)) for r in a[1:]}
     assert len(samples) == 3, samples
-    greedy = engine.generate([row], [SamplingParams(max_output_len=16)])[0]
+    greedy = engine.generate([row] * 4, [SamplingParams(max_output_len=16)] * 4)[0]
     assert any(tokens(r) != tokens(greedy) for r in a)
     # top_k sampling (top_k > 1, no top_p) is seeded the same way
-    k = engine.generate([row] * 2, [sampled(top_k=20, top_p=0.0, seed=4)] * 2)
+    k = engine.generate([row] * 3, [sampled(top_k=20, top_p=0.0, seed=4)] * 3)
     assert tokens(k[0]) == tokens(k[1])
 
 
@@ -92,9 +94,9 @@ def test_beam_search_returns_width_beams_best_first(engine, rows) -> None:
 
 def test_beam_log_probs_match_teacher_forced_logits(engine, rows) -> None:
     """The cached incremental decoder scores each beam as the full-sequence decoder does."""
-    [r] = engine.generate([rows[2]], [SamplingParams(max_output_len=10, beam_width=3,
+    [r] = engine.generate([rows[2]], [SamplingParams(max_output_len=10, beam_width=2,
                                                      return_log_probs=True)])
-    for b in range(3):
+    for b in range(2):
         toks = tokens(r, b)
         dec = np.array([[0] + toks[:-1]])
         logits = engine.logits(rows[2][None], dec)[0].astype(np.float64)
@@ -105,7 +107,9 @@ def test_beam_log_probs_match_teacher_forced_logits(engine, rows) -> None:
 
 def test_beam_width_one_equals_greedy(engine, rows) -> None:
     greedy = engine.generate(rows, [SamplingParams(max_output_len=14)] * 4)
+    before = engine.trace_counts["beam"]
     beam = engine.generate_beam(rows, [SamplingParams(max_output_len=14)] * 4)
+    assert engine.trace_counts["beam"] == before + 1  # the beam-search program, width 1
     for g, b in zip(greedy, beam, strict=True):
         assert tokens(g) == tokens(b)
         np.testing.assert_array_equal(g.output_ids, b.output_ids)
@@ -121,10 +125,10 @@ def test_per_row_max_output_len_in_one_batch(engine, rows) -> None:
         assert tokens(r) == tokens(full)[:lim]
     assert any(int(f.sequence_length[0]) > lim for lim, f in zip(limits, long, strict=True))
     # beams honour their row's own limit too
-    beams = engine.generate(rows[:2], [SamplingParams(max_output_len=m, beam_width=2)
-                                       for m in (3, 11)])
-    assert beams[0].output_ids.shape == (2, 3) and beams[1].output_ids.shape == (2, 11)
-    assert max(beams[0].sequence_length) <= 3
+    beams = engine.generate(rows, [SamplingParams(max_output_len=m, beam_width=2)
+                                   for m in limits])
+    for lim, b in zip(limits, beams, strict=True):
+        assert b.output_ids.shape == (2, lim) and max(b.sequence_length) <= lim
 
 
 @pytest.mark.parametrize("kind", ["greedy", "sampling", "beam"])
@@ -173,28 +177,38 @@ def test_start_and_end_ids(engine, rows) -> None:
 
 
 def test_one_compilation_per_bucket(folder) -> None:
+    """Programs are counted as jax traces them; this test uses input and output buckets (32)
+    no other test here uses, and counts the programs it adds."""
     engine = T5Engine.load(str(folder))
     rng = np.random.default_rng(9)
+    base = dict(engine.trace_counts)
+
+    def added(kind: str) -> int:
+        return engine.trace_counts[kind] - base.get(kind, 0)
 
     def request(batch: int, in_len: int, out_len: int, **kw) -> None:
         engine.generate([rng.integers(2, 100, size=in_len) for _ in range(batch)],
                         [SamplingParams(max_output_len=out_len, **kw)] * batch)
 
-    request(3, 9, 9)
-    assert engine.trace_counts["sampling"] == 1
-    # batch 3..4 -> 4, input 9..16 -> 16, output 9..16 -> 16: one program for all of them
-    for batch, in_len, out_len in [(4, 16, 16), (3, 12, 10), (4, 10, 13), (3, 9, 9)]:
+    request(3, 17, 17)
+    assert added("sampling") == 1
+    # batch 3..4 -> 4, input 17..32 -> 32, output 17..32 -> 32: one program for all of them
+    for batch, in_len, out_len in [(4, 32, 32), (3, 20, 18), (4, 25, 31), (3, 17, 17)]:
         request(batch, in_len, out_len, temperature=0.5 + batch / 10)
-    assert engine.trace_counts["sampling"] == 1
-    request(5, 9, 9)  # a new batch bucket compiles once more
-    request(6, 9, 9)
-    assert engine.trace_counts["sampling"] == 2
-    request(3, 9, 9, top_k=0, top_p=0.9, random_seed=1)
-    request(4, 10, 12, top_k=5, random_seed=2)
-    assert engine.trace_counts["sampling"] == 3  # sampling is its own program
-    request(2, 9, 9, beam_width=2)
-    request(2, 15, 15, beam_width=2, len_penalty=1.0)
-    assert engine.trace_counts["beam"] == 1
+    assert added("sampling") == 1
+    request(5, 17, 17)  # a new batch bucket (8) compiles once more
+    request(6, 30, 20)
+    assert added("sampling") == 2
+    request(3, 17, 17, top_k=0, top_p=0.9, random_seed=1)
+    request(4, 19, 30, top_k=5, random_seed=2)
+    assert added("sampling") == 3  # sampling is its own program
+    request(2, 17, 17, beam_width=2)
+    request(2, 31, 31, beam_width=2, len_penalty=1.0)
+    assert added("beam") == 1
+    # a second engine on the same model reuses the programs
+    T5Engine.load(str(folder)).generate([rng.integers(2, 100, size=18)] * 3,
+                                        [SamplingParams(max_output_len=20)] * 3)
+    assert added("sampling") == 3
 
 
 def test_bad_inputs_are_named(engine, rows) -> None:

@@ -197,3 +197,26 @@ def test_bf16_compute_stays_close_to_fp32(folders, engines) -> None:
 def test_config_dataclass_is_what_was_written(engines) -> None:
     assert engines["ul2", 2].config == dataclasses.replace(UL2_TINY)
     assert engines["t5", 1].config == T5_TINY
+
+
+@pytest.mark.parametrize(("name", "alpha"), [("t5", 0.0), ("ul2", 1.0)])
+def test_beam_search_matches_hf(engines, hf_models, name: str, alpha: float) -> None:
+    """Beam width 3 returns HF's three hypotheses in HF's order (FT's beam search follows
+    HF's: end_id candidates count only within the top W of 2W; score cum / len ** alpha)."""
+    rng = np.random.default_rng(4)
+    rows = [rng.integers(2, 100, size=n) for n in (4, 13, 9)]
+    n_out, width = 12, 3
+    ours = engines[name, 1].generate(rows, [SamplingParams(
+        max_output_len=n_out, beam_width=width, len_penalty=alpha, return_log_probs=True)] * 3)
+    for row, res in zip(rows, ours, strict=True):
+        with torch.no_grad():
+            out = hf_models[name].generate(
+                torch.from_numpy(row[None]), max_new_tokens=n_out, num_beams=width,
+                num_return_sequences=width, do_sample=False, length_penalty=alpha,
+                early_stopping="never", use_cache=False, output_scores=True,
+                return_dict_in_generate=True)
+        hf = out.sequences.numpy()[:, 1:]
+        want = np.pad(hf, ((0, 0), (0, n_out - hf.shape[1])), constant_values=1)
+        np.testing.assert_array_equal(res.output_ids, want)
+        score = res.cum_log_probs / res.sequence_length.astype(np.float32) ** alpha
+        np.testing.assert_allclose(score, out.sequences_scores.numpy(), atol=1e-4)
