@@ -10,6 +10,7 @@ One Ray task converts each layer (and one the globals); see conversion/run.py.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from conversion import ft_format
 from conversion.run import USER_ERRORS, ConvertOptions, convert
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.overwrite and opts.resume:
         raise UserError("--resume and --overwrite exclude each other")
     try:
-        summary = convert(opts, connect=lambda: init_ray(args.address, log_to_driver=False))
+        summary = convert(opts, connect=lambda: init_ray(
+            args.address, log_to_driver=False, logging_level=logging.ERROR))
     except USER_ERRORS as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     emit_summary(summary, args.json)

@@ -138,3 +138,24 @@ def test_ray_job_submit(ray_head, t5x_checkpoint, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "succeeded" in proc.stdout
     _check(_last_json(proc.stdout), tmp_path, params, 2)
+
+
+def test_cli_task_error_is_one_line(tmp_path):
+    """An error inside a Ray task reaches the user as one stderr line naming the parameter,
+    with Ray's own start-up chatter kept off stderr."""
+    from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
+    from tests.conversion.conftest import SMALL_CHUNK_BYTES
+
+    ckpt = write_t5x_checkpoint(tmp_path / "ckpt", random_t5x_params(MODELS["ul2"], seed=4),
+                                step=1, chunk_bytes=SMALL_CHUNK_BYTES)
+    chunk = ckpt / "target.decoder.layers_2.mlp.wi_1.kernel" / "0.3"
+    chunk.write_bytes(b"\x1f\x8b\x08\x00garbage")  # a gzip header, then nonsense
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.convert", "--src", str(ckpt), "--dst",
+         str(tmp_path / "out"), "--json"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "'decoder.layers_2.mlp.wi_1.kernel'" in lines[0]
+    assert not (tmp_path / "out" / "t5" / "config.pbtxt").exists()
