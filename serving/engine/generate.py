@@ -64,7 +64,7 @@ def _row_keys(seed_lo: jax.Array, seed_hi: jax.Array, step: jax.Array) -> jax.Ar
     """One PRNG key per row from its own seed and the step: a row's sample is independent of
     which other rows share its batch."""
     def one(lo: jax.Array, hi: jax.Array) -> jax.Array:
-        key = jax.random.fold_in(jax.random.PRNGKey(lo), hi)
+        key = jax.random.fold_in(jax.random.key(lo), hi)
         return jax.random.fold_in(key, step)
     return jax.vmap(one)(seed_lo, seed_hi)
 
@@ -73,7 +73,7 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, top_k: jax.Array,
                   top_p: jax.Array) -> jax.Array:
     """Top-k then top-p (nucleus, over the renormalised top-k) sampling, per row.
 
-    logits [R, V] fp32, keys [R, 2], top_k [R] int32 (0 = all), top_p [R] (0 = off).
+    logits [R, V] fp32, keys [R] (typed PRNG keys), top_k [R] int32 (0 = all), top_p [R] (0 = off).
     Rows with top_k == 1, or top_k == 0 and top_p == 0, take the argmax (FT's greedy).
     """
     v = logits.shape[-1]
