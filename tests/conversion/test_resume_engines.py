@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -111,3 +112,18 @@ def test_scanned_checkpoint_converts_like_the_unscanned_one(ray_local, tmp_path)
     with pytest.raises(ConversionError, match="differs between layer 0 and layer 1"):
         convert(ConvertOptions(src=str(src), dst=str(tmp_path / "out2"), progress=False))
     assert not (tmp_path / "out2").exists()
+
+
+def test_explicit_gin_gives_the_activation(ray_local, t5x_checkpoint, tmp_path):
+    cfg = MODELS["t5v1"]  # relu by default: its checkpoint has no config.gin
+    src, _ = t5x_checkpoint("t5v1")
+    gin = tmp_path / "other.gin"
+    gin.write_text(gin_config(dataclasses.replace(cfg, feed_forward_proj="gelu")))
+    summary = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "out"), gin=str(gin),
+                                     progress=False))
+    assert summary["gin"] == str(gin)
+    assert summary["model"]["feed_forward_proj"] == "gelu"
+    assert summary["arch_sources"]["feed_forward_proj"] == "gin"
+    assert "feed_forward_proj" not in summary["inferred"]
+    ini = (tmp_path / "out" / "t5" / "1" / "1-gpu" / "config.ini").read_text()
+    assert "feed_forward_proj = gelu" in ini
