@@ -25,6 +25,7 @@ import ctypes
 import glob
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,12 +130,16 @@ def jax_cache_dir() -> str:
                                                              "t5ft-jax-cache")
 
 
-def free_port(host: str) -> int:
-    """A port nothing listens on right now (bound and released)."""
+def free_ports(host: str, n: int) -> list[int]:
+    """n distinct ports nothing listens on right now (held open together, then released)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host if host not in _ANY_HOSTS else "", 0))
-        return sock.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            sock.bind((host if host not in _ANY_HOSTS else "", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 def _die_with_parent() -> None:
@@ -167,11 +172,13 @@ class TritonServer:
         self.model_name = model_name
         self.host = host
         self.advertised_host = ray.util.get_node_ip_address() if host in _ANY_HOSTS else host
+        spare = iter(free_ports(host, 3))
         self.ports = {
-            "grpc": grpc_port or free_port(host),
-            "http": http_port or free_port(host),
-            "metrics": metrics_port or free_port(host),
+            "grpc": grpc_port or next(spare),
+            "http": http_port or next(spare),
+            "metrics": metrics_port or next(spare),
         }
+        self._own_workdir = log_dir is None
         self.workdir = Path(log_dir or tempfile.mkdtemp(prefix="t5ft-triton-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "tritonserver.log"
@@ -181,6 +188,7 @@ class TritonServer:
         self.restarts = 0
         self.ever_ready = False
         self._proc: subprocess.Popen | None = None
+        self._launch_error: str | None = None
         self._shm_prefix = ""
         self._lock = threading.RLock()
         self._stopping = threading.Event()
@@ -249,7 +257,8 @@ class TritonServer:
         self._watcher.start()
         launched.wait(timeout=30)
         if self._proc is None:
-            raise ServerError(f"tritonserver for {self.model_name} could not be launched")
+            raise ServerError(f"tritonserver for {self.model_name} could not be launched: "
+                              f"{self._launch_error or 'timed out'}")
         return self.endpoints
 
     def _reap(self, proc: subprocess.Popen) -> None:
@@ -266,6 +275,9 @@ class TritonServer:
         """Restart a server that dies once it has served; leave one that never came up dead."""
         try:
             self._launch()
+        except OSError as exc:
+            self._launch_error = f"{type(exc).__name__}: {exc}"
+            return
         finally:
             launched.set()
         while not self._stopping.wait(self.watch_interval_s):
@@ -312,6 +324,9 @@ class TritonServer:
                     LOG.warning("tritonserver pid %s ignored SIGTERM; killing", proc.pid)
             self._reap(proc)
             self._proc = None
+        if self._own_workdir and not os.environ.get("T5FT_KEEP_TRITON_LOGS"):
+            # A clean stop leaves nothing behind; set T5FT_KEEP_TRITON_LOGS to keep the log.
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- readiness ---------------------------------------------------------------------------
 
