@@ -1,0 +1,242 @@
+"""The demo path end to end: a trained T5X checkpoint -> FT shards -> tritonserver -> ROUGE.
+
+The demo model reproduces the ten sample summaries, so a correct pipeline scores ROUGE-L near
+1.0 from the *served* model, and a misplaced tensor collapses it. The model is built once
+(.demo-cache/, shared with `make demo`) and used at tensor-parallel 1 (direct) and 2 (through
+`ray job submit` against a real head, read back from the dashboard's job API).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conversion import ft_format
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+PASS = 0.9  # the issue's bar for the demo's ROUGE-L
+
+
+def _env() -> dict[str, str]:
+    env = os.environ.copy()
+    env.pop("RAY_ADDRESS", None)  # each pipeline here starts (or is given) its own Ray
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _pipeline(*args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run([sys.executable, "-m", "ray_jobs.pipeline", *args, "--json"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    summary = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    return proc, summary
+
+
+def _rouge_l(summary: dict) -> float:
+    return summary["metrics"]["rougeL"]["mid"]
+
+
+@pytest.fixture(scope="module")
+def demo_tp1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc, summary = _pipeline("--demo", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, summary, proc.stderr
+
+
+def test_demo_scores_from_the_served_model(demo_tp1):
+    out, summary, log = demo_tp1
+    assert _rouge_l(summary) >= PASS, summary["metrics"]
+    m = summary["metrics"]
+    assert m["examples"] == 10 and m["failed"] == 0
+    for key in ("rouge1", "rouge2", "rougeLsum"):
+        assert 0.0 <= m[key]["low"] <= m[key]["mid"] <= m[key]["high"] <= 1.0
+    run = summary["runs"][0]
+    assert run["stages"] == {"convert": "done", "serve": "done", "evaluate": "done"}
+    preds = [json.loads(ln) for ln in (out / run["run"] / "predictions.jsonl").open()]
+    assert len(preds) == 10
+    assert sum(p["prediction"] == p["reference"] for p in preds) >= 8
+    weights = out / "model_repository" / run["run"] / "1" / "1-gpu"
+    assert (weights / "manifest.json").is_file() and (weights / "config.ini").is_file()
+    assert "gated-silu" in (weights / "config.ini").read_text()
+    assert (out / "comparison.md").read_text().count(run["run"]) == 1
+    assert json.loads((out / "pipeline.json").read_text())["metrics"] == m
+    # the log says where everything went
+    assert f"outputs go to {out}" in log and f"outputs in {out / run['run']}" in log
+
+
+def test_rerun_skips_stages_that_verify(demo_tp1):
+    out, first, _ = demo_tp1
+    proc, summary = _pipeline("--demo", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stages = summary["runs"][0]["stages"]
+    assert stages == {"convert": "skipped", "serve": "skipped", "evaluate": "skipped"}
+    assert summary["metrics"]["rougeL"] == first["metrics"]["rougeL"]
+
+
+def test_damaged_conversion_is_redone_not_skipped(demo_tp1, tmp_path):
+    """A weight file that no longer matches its manifest fails verification."""
+    from pipeline.stages import verify_conversion
+
+    out, summary, _ = demo_tp1
+    name = summary["runs"][0]["run"]
+    dst = tmp_path / "repo"
+    shutil.copytree(out / "model_repository", dst)
+    convert = {"src": "unused", "dst": str(dst), "model_name": name, "tensor_parallel": 1,
+               "weight_dtype": "fp32", "vocab": "x"}
+    assert verify_conversion(convert) is None
+    victim = dst / name / "1" / "1-gpu" / "decoder.block.1.layer.2.DenseReluDense.wo.weight.0.bin"
+    data = bytearray(victim.read_bytes())
+    data[0] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert "sha256 differs" in verify_conversion(convert)
+    victim.unlink()
+    assert "bytes on disk" in verify_conversion(convert)
+
+
+def test_swapped_weight_files_make_the_score_fail(demo_tp1, tmp_path):
+    """Two layers' MLP output matrices have the same shape: FT would load them swapped without
+    a word. Serving such a repository must visibly fail the demo's bar."""
+    out, summary, _ = demo_tp1
+    name = summary["runs"][0]["run"]
+    repo = tmp_path / "repo"
+    shutil.copytree(out / "model_repository", repo)
+    weights = repo / name / "1" / "1-gpu"
+    a = weights / "encoder.block.0.layer.1.DenseReluDense.wo.weight.0.bin"
+    b = weights / "encoder.block.1.layer.1.DenseReluDense.wo.weight.0.bin"
+    tmp = weights / "swap.tmp"
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    config = {
+        "output": str(tmp_path / "out"),
+        "serve": {"model_repository": str(repo), "model_name": name},
+        "evaluate": {"dataset": str(REPO / "demo" / "data" / "xsum_sample.jsonl"),
+                     "max_input_len": 128, "max_output_len": 64, "num_actors": 2,
+                     "batch_size": 5, "no_progress": True},
+    }
+    path = tmp_path / "swapped.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc, swapped = _pipeline("--config", str(path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert swapped["runs"][0]["stages"]["convert"] == "none"
+    assert _rouge_l(swapped) < 0.7 < _rouge_l(summary), (_rouge_l(swapped), _rouge_l(summary))
+
+
+# --- ray job submit against a real head ------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _head_env() -> dict[str, str]:
+    # This test's own head, without Ray's token auth, so the job API answers plain HTTP.
+    return {**_env(), "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """`ray start --head --block` on free ports, owned by this test and stopped by its pid
+    (never `ray stop`, which would stop every Ray on the machine)."""
+    gcs, dash, client, agent, agent_grpc, rtenv, metrics = _free_ports(7)
+    temp = Path(f"/tmp/rp{os.getpid()}")
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+           f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rtenv}",
+           f"--metrics-export-port={metrics}", "--num-cpus=4", f"--temp-dir={temp}",
+           "--include-dashboard=true", "--disable-usage-stats"]
+    log = open(tmp_path / "ray-head.log", "w")
+    proc = subprocess.Popen(cmd, env=_head_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/jobs/", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "ray head did not start: " + (tmp_path / "ray-head.log").read_text()[-2000:]
+                    ) from None
+                time.sleep(1)
+        yield types.SimpleNamespace(url=url, metrics_port=metrics)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_demo_at_tensor_parallel_2(ray_head, demo_tp1, tmp_path):
+    """The pipeline as a Ray job: submitted with the working dir, followed through the
+    dashboard's job API, its stages running on that cluster; TP=2 shares the cached model."""
+    out = tmp_path / "out"
+    runtime_env = {"env_vars": {"T5FT_DEMO_CACHE": str(REPO / ".demo-cache")}}
+    submit = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.url,
+         "--working-dir", ".", "--no-wait", "--runtime-env-json", json.dumps(runtime_env),
+         "--", sys.executable, "-m", "ray_jobs.pipeline", "--demo", "--tensor-parallel", "2",
+         "--output", str(out), "--json"],
+        cwd=REPO, env=_head_env(), capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stderr[-2000:]
+    deadline = time.monotonic() + 420
+    job = None
+    while time.monotonic() < deadline:
+        jobs = json.loads(urllib.request.urlopen(f"{ray_head.url}/api/jobs/", timeout=10).read())
+        ours = [j for j in jobs if "ray_jobs.pipeline" in (j.get("entrypoint") or "")]
+        if ours and ours[0]["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            job = ours[0]
+            break
+        time.sleep(2)
+    assert job is not None, "the pipeline job did not finish in time"
+    logs = json.loads(urllib.request.urlopen(
+        f"{ray_head.url}/api/jobs/{job['submission_id']}/logs", timeout=10).read())["logs"]
+    assert job["status"] == "SUCCEEDED", (job.get("message"), logs[-3000:])
+    summary = json.loads([ln for ln in logs.splitlines() if ln.startswith("{")][-1])
+    assert summary["metrics"]["rougeL"]["mid"] >= PASS
+    assert f"outputs go to {out}" in logs
+    name = summary["runs"][0]["run"]
+    weights = out / "model_repository" / name / "1" / "2-gpu"
+    cfg, _ = ft_format.parse_config_ini((weights / "config.ini").read_text())
+    # every rank-1 file FT opens exists: the served model really was split in two
+    assert all((weights / f.name).is_file() for f in ft_format.all_files(cfg, 2) if f.rank == 1)
+    assert json.loads((out / "pipeline.json").read_text())["metrics"] == summary["metrics"]
+    # the pipeline's own metrics reached the cluster's Prometheus export
+    exported = ""
+    for _ in range(30):
+        exported = urllib.request.urlopen(
+            f"http://127.0.0.1:{ray_head.metrics_port}/metrics", timeout=10).read().decode()
+        if "t5ft_pipeline_progress" in exported:
+            break
+        time.sleep(1)
+    assert "t5ft_pipeline_progress" in exported and "t5ft_pipeline_stage" in exported
