@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -34,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-repository", required=True,
                    help="Triton model repository root: a local folder or gs://bucket/prefix "
-                   "(local backend: a gs:// repository is downloaded to a temp folder first)")
+                   "(local backend: each server downloads a gs:// model to its node first)")
     p.add_argument("--model-name", required=True, help="the model to load (a folder in it)")
     p.add_argument("--backend", choices=("local", "kubernetes"), default="local",
                    help="local: tritonserver on the Ray cluster's nodes (default); "
@@ -74,30 +72,6 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--ready-timeout must be > 0, got {args.ready_timeout}")
 
 
-def stage_model(repository: str, model_name: str, dst: Path) -> Path:
-    """A local copy of ``repository/model_name`` under ``dst`` (for gs:// repositories).
-
-    tritonserver could read gs:// itself only with credentials in its own environment;
-    downloading through conversion.storage uses the same client (and emulator settings) as the
-    rest of the pipeline.
-    """
-    try:
-        from conversion import storage
-    except ImportError as exc:  # pragma: no cover - depends on the conversion package
-        raise UserError(f"gs:// repositories need conversion.storage ({exc})") from None
-    src = storage.join(repository, model_name)
-    names = storage.list_files(src)
-    if "config.pbtxt" not in names:
-        raise UserError(f"{src} has no config.pbtxt")
-    print(f"downloading {len(names)} files of {src} to {dst}", file=sys.stderr, flush=True)
-    for name in names:
-        target = dst / model_name / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with storage.open_read(storage.join(src, name)) as fin, open(target, "wb") as fout:
-            shutil.copyfileobj(fin, fout, length=16 << 20)
-    return dst
-
-
 def _install_signal_handlers(stop: threading.Event, ready: threading.Event) -> None:
     """SIGINT/SIGTERM end the serving loop; before ready they abort the start-up."""
 
@@ -116,22 +90,24 @@ def serve_local(args: argparse.Namespace) -> int:
 
     from serving.local import LocalServers, ServerError
 
-    staged: tempfile.TemporaryDirectory | None = None
     repo = args.model_repository
-    if repo.startswith("gs://"):
-        staged = tempfile.TemporaryDirectory(prefix="t5ft-repo-")
-        repo = str(stage_model(repo, args.model_name, Path(staged.name)))
-    elif not (Path(repo) / args.model_name / "config.pbtxt").is_file():
+    if not repo.startswith("gs://") and \
+            not (Path(repo) / args.model_name / "config.pbtxt").is_file():
         raise UserError(f"{repo}/{args.model_name}/config.pbtxt not found")
+    try:
+        # gs://: checked here, downloaded by each server's actor on its own node.
+        servers = LocalServers(repo, args.model_name, replicas=args.replicas, host=args.host,
+                               grpc_port=args.grpc_port, http_port=args.http_port,
+                               metrics_port=args.metrics_port,
+                               ready_timeout=args.ready_timeout, num_cpus=args.num_cpus,
+                               log_verbose=args.log_verbose)
+    except ServerError as exc:
+        raise UserError(str(exc)) from None
 
     init_ray(args.address)
     # After ray.init, so these handlers are the ones in force.
     stop, ready = threading.Event(), threading.Event()
     _install_signal_handlers(stop, ready)
-    servers = LocalServers(repo, args.model_name, replicas=args.replicas, host=args.host,
-                           grpc_port=args.grpc_port, http_port=args.http_port,
-                           metrics_port=args.metrics_port, ready_timeout=args.ready_timeout,
-                           num_cpus=args.num_cpus, log_verbose=args.log_verbose)
     try:
         print(f"starting {args.replicas} tritonserver replica(s) for {args.model_name}",
               file=sys.stderr, flush=True)
@@ -157,8 +133,6 @@ def serve_local(args: argparse.Namespace) -> int:
         return 0
     finally:
         servers.stop()
-        if staged is not None:
-            staged.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

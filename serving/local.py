@@ -142,6 +142,43 @@ def free_ports(host: str, n: int) -> list[int]:
         return ports
 
 
+def is_gcs(path: str) -> bool:
+    return str(path).startswith("gs://")
+
+
+def stage_model(repository: str, model_name: str, dst: Path) -> Path:
+    """Download ``repository/model_name`` (a gs:// URL) into ``dst``; returns the new root.
+
+    tritonserver reads gs:// itself only with credentials in its own environment; going
+    through conversion.storage uses the same client (and emulator settings) as the rest of the
+    pipeline, and runs on the node that serves, so every node gets its own copy.
+    """
+    from conversion import storage
+
+    src = storage.join(repository, model_name)
+    names = storage.list_files(src)
+    if "config.pbtxt" not in names:
+        raise ServerError(f"{src} has no config.pbtxt")
+    LOG.info("downloading %d files of %s to %s", len(names), src, dst)
+    for name in names:
+        target = dst / model_name / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with storage.open_read(storage.join(src, name)) as fin, open(target, "wb") as fout:
+            shutil.copyfileobj(fin, fout, length=16 << 20)
+    return dst
+
+
+def _check_repository(model_repository: str, model_name: str) -> None:
+    if is_gcs(model_repository):
+        from conversion import storage
+
+        ok = storage.exists(storage.join(model_repository, model_name, "config.pbtxt"))
+    else:
+        ok = (Path(model_repository) / model_name / "config.pbtxt").is_file()
+    if not ok:
+        raise ServerError(f"model repository {model_repository} has no {model_name}/config.pbtxt")
+
+
 def _die_with_parent() -> None:
     """Run in the child before exec: SIGKILL it if the actor process that started it dies."""
     with contextlib.suppress(Exception):
@@ -152,7 +189,8 @@ class TritonServer:
     """One tritonserver process and its watcher, inside one actor (or a test process).
 
     Args:
-      model_repository: local folder holding ``<model_name>/config.pbtxt``.
+      model_repository: folder holding ``<model_name>/config.pbtxt``; a gs:// URL is
+        downloaded into this server's work folder first.
       model_name: the one model this server loads.
       host: address to bind; ``0.0.0.0`` binds all and advertises the node's IP.
       grpc_port / http_port / metrics_port: 0 picks free ports (kept across restarts).
@@ -163,12 +201,7 @@ class TritonServer:
                  grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0,
                  log_dir: str | None = None, log_verbose: int = 0,
                  watch_interval_s: float = 0.5) -> None:
-        repo = Path(model_repository)
-        if not (repo / model_name / "config.pbtxt").is_file():
-            raise ServerError(
-                f"model repository {model_repository} has no {model_name}/config.pbtxt"
-            )
-        self.model_repository = repo.resolve()
+        _check_repository(model_repository, model_name)
         self.model_name = model_name
         self.host = host
         self.advertised_host = ray.util.get_node_ip_address() if host in _ANY_HOSTS else host
@@ -182,6 +215,11 @@ class TritonServer:
         self.workdir = Path(log_dir or tempfile.mkdtemp(prefix="t5ft-triton-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "tritonserver.log"
+        if is_gcs(model_repository):
+            self.model_repository = stage_model(model_repository, model_name,
+                                                self.workdir / "repo")
+        else:
+            self.model_repository = Path(model_repository).resolve()
         self.backends = prepare_backends(self.workdir / "backends")
         self.log_verbose = log_verbose
         self.watch_interval_s = watch_interval_s
@@ -433,12 +471,20 @@ class TritonServerActor:
         self.server.stop()
 
 
+def _runtime_env() -> dict | None:
+    """GCS emulator / auth variables of this process, for the actors (they stage gs://)."""
+    from conversion.gcs_env import forwarded_env
+
+    env = forwarded_env()
+    return {"env_vars": env} if env else None
+
+
 class LocalServers:
     """``replicas`` tritonservers for one model, each owned by an actor, spread over nodes.
 
     Args:
       model_repository: a local model repository folder (every node must see the path; on one
-        machine that is always so).
+        machine that is always so), or a gs:// URL that each server downloads on its node.
       model_name: the model to load.
       replicas: how many servers.
       host: bind address; ``0.0.0.0`` advertises each node's IP.
@@ -455,11 +501,9 @@ class LocalServers:
                  num_cpus: float = 1.0, log_verbose: int = 0) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
-        if not (Path(model_repository) / model_name / "config.pbtxt").is_file():
-            raise ServerError(
-                f"model repository {model_repository} has no {model_name}/config.pbtxt"
-            )
-        self.model_repository = str(Path(model_repository).resolve())
+        _check_repository(model_repository, model_name)
+        self.model_repository = model_repository if is_gcs(model_repository) \
+            else str(Path(model_repository).resolve())
         self.model_name = model_name
         self.replicas = replicas
         self.host = host
@@ -478,10 +522,16 @@ class LocalServers:
             for i in range(self.replicas):
                 ports = [p + i if p else 0 for p in self.ports]
                 actor = TritonServerActor.options(
-                    num_cpus=self.num_cpus, scheduling_strategy="SPREAD").remote(self.model_repository, self.model_name, self.host, *ports,
+                    num_cpus=self.num_cpus, scheduling_strategy="SPREAD",
+                    runtime_env=_runtime_env()).remote(self.model_repository, self.model_name, self.host, *ports,
                          log_verbose=self.log_verbose)
                 self.actors.append(actor)
-            ray.get([a.start.remote() for a in self.actors])
+            try:
+                ray.get([a.start.remote() for a in self.actors])
+            except ray.exceptions.RayActorError as exc:
+                # The actor's constructor failed (bad repository, download error): say why.
+                lines = [ln for ln in str(exc).splitlines() if "Error:" in ln]
+                raise ServerError(lines[-1].strip() if lines else str(exc)) from None
             self.endpoints = self.wait_ready()
         except BaseException:
             self.stop()
