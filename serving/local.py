@@ -449,6 +449,9 @@ class TritonServerActor:
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def start(self) -> dict[str, str]:
         return self.server.start()
 
@@ -554,6 +557,10 @@ class LocalServers:
 
     def status(self) -> list[dict[str, Any]]:
         return ray.get([a.status.remote() for a in self.actors])
+
+    def node_ids(self) -> list[str]:
+        """The Ray node each replica runs on."""
+        return ray.get([a.node_id.remote() for a in self.actors])
 
     def stop(self) -> None:
         """Stop every server, then its actor. Safe to call twice."""
