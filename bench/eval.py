@@ -1,6 +1,6 @@
 """Evaluation throughput: our Ray actor pool against the seed's evaluator loop, same run.
 
-    .venv/bin/python bench/eval.py [--examples 400] [--actors 1,2,4] [--batch-size 8]
+    .venv/bin/python bench/eval.py [--examples 400] [--actors 1,2,4] [--batch-size 8[,1...]]
     .venv/bin/python bench/eval.py --baseline          # the seed's loop only
     .venv/bin/python bench/eval.py --url HOST:PORT --http-url HOST:PORT --model-name t5 \
         --vocab spiece.model --dataset data.jsonl      # against a server you run
@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--dataset", help="jsonl/json/parquet/tsv (default: the sample, repeated)")
     p.add_argument("--examples", type=int, default=400)
     p.add_argument("--actors", default="1,2,4")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", default="8", help="examples per request; a list runs each")
     p.add_argument("--replicas", type=int, default=1, help="servers when building one")
     p.add_argument("--max-input-len", type=int, default=512)
     p.add_argument("--max-output-len", type=int, default=32)
@@ -151,20 +151,21 @@ def main() -> None:
         # The engine compiles one program per (batch, input, output) size bucket, and Triton's
         # dynamic batching merges concurrent requests into new batch sizes: every mode runs
         # once unmeasured so that neither side pays for compilation in the measured pass.
-        actors = [] if args.baseline else [int(a) for a in args.actors.split(",")]
+        modes = [] if args.baseline else [
+            (int(a), int(b)) for a in args.actors.split(",") for b in args.batch_size.split(",")]
 
         def run_base() -> dict:
             return baseline(http_url, url.split(",")[0], args.model_name, vocab, dataset,
                             args.max_input_len, args.max_output_len)
 
-        def run_ours(n: int, tag: str) -> dict:
-            return ours(url, args.model_name, vocab, dataset, n, args.batch_size,
-                        args.max_input_len, args.max_output_len, work / f"{tag}{n}")
+        def run_ours(n: int, b: int, tag: str) -> dict:
+            return ours(url, args.model_name, vocab, dataset, n, b, args.max_input_len,
+                        args.max_output_len, work / f"{tag}{n}-{b}")
 
         run_base()
-        for n in actors:
-            run_ours(n, "warm")
-        rows = [run_base()] + [run_ours(n, "ours") for n in actors]
+        for n, b in modes:
+            run_ours(n, b, "warm")
+        rows = [run_base()] + [run_ours(n, b, "ours") for n, b in modes]
         base = rows[0]["examples_per_second"]
         for r in rows:
             r["speedup_vs_baseline"] = round(r["examples_per_second"] / base, 2)
