@@ -17,8 +17,9 @@ can say anything the jobs can, and a flag added to a job is usable here at once:
 
 A run inherits the top-level stage sections and overrides them key by key. Keys are checked
 against each job's own argument parser, so a misspelt key is an error naming the key, the
-stage and what the job accepts. Without a ``convert`` section, ``serve`` must name an existing
-``model_repository`` and ``model_name`` (evaluate a model that is already converted).
+stage and what the job accepts. Without a ``convert`` section (or with ``convert: null`` in a
+run), ``serve`` must name an existing ``model_repository`` and ``model_name`` (evaluate a model
+that is already converted).
 """
 
 from __future__ import annotations
@@ -208,7 +209,10 @@ def parse(obj: Any, output: str | None = None) -> PipelineConfig:
         where = f"runs[{n}] ({name}): "
         merged = {s: {**base[s], **_check_section(s, run.get(s), where, parsers)}
                   for s in STAGES}
-        convert = merged["convert"] if (has_convert or run.get("convert")) else None
+        # ``convert: null`` in a run: serve an existing repository (given in its serve).
+        opted_out = "convert" in run and run["convert"] is None
+        convert = merged["convert"] if (has_convert or run.get("convert")) and not opted_out \
+            else None
         runs.append(_complete(name, convert, merged["serve"], merged["evaluate"]))
     _check_destinations(runs)
     return PipelineConfig(str(output), runs)

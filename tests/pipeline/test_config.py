@@ -56,6 +56,17 @@ def test_runs_override_key_by_key_and_share_nothing_by_accident():
     assert c.convert["tensor_parallel"] == 2 and c.serve["model_name"] == "m2"
 
 
+def test_a_run_can_serve_an_existing_repository():
+    obj = {**BASE, "runs": [{"name": "new"}, {"name": "old", "convert": None,
+                                              "serve": {"model_repository": "r0",
+                                                        "model_name": "old"}}]}
+    new, old = parse(obj).runs
+    assert new.convert is not None and old.convert is None
+    assert old.evaluate["model_repository"] == "r0" and old.evaluate["model_name"] == "old"
+    with pytest.raises(ConfigError, match="serve.model_repository is required"):
+        parse({**BASE, "runs": [{"name": "x", "convert": None}]})
+
+
 @pytest.mark.parametrize("change, message", [
     ({"convert": {**BASE["convert"], "tensor_paralel": 2}}, "convert.tensor_paralel: not a flag"),
     ({"evaluate": {"url": "h:1"}}, "evaluate.url: set by the pipeline"),

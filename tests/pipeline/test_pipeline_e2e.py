@@ -80,13 +80,73 @@ def test_demo_scores_from_the_served_model(demo_tp1):
     assert f"outputs go to {out}" in log and f"outputs in {out / run['run']}" in log
 
 
-def test_rerun_skips_stages_that_verify(demo_tp1):
+def _swap_mlp_outputs(repo: Path, name: str) -> None:
+    """Exchange two layers' MLP output matrices: same shape, so FT would load them silently."""
+    weights = repo / name / "1" / "1-gpu"
+    a = weights / "encoder.block.0.layer.1.DenseReluDense.wo.weight.0.bin"
+    b = weights / "encoder.block.1.layer.1.DenseReluDense.wo.weight.0.bin"
+    tmp = weights / "swap.tmp"
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+def test_batch_rerun_skips_what_verifies_and_swapped_weights_fail(demo_tp1, tmp_path):
+    """The demo's own config run again as a batch of three:
+
+    - the demo run itself: every stage verifies, so all are skipped;
+    - the same model with beam search: served and evaluated, still above the bar;
+    - a copy of the converted model with two weight files swapped (``convert: null``, served
+      from that repository): the score collapses below the bar.
+    One table compares the three.
+    """
+    from demo.build import build
+    from pipeline.demo import demo_config
+
     out, first, _ = demo_tp1
-    proc, summary = _pipeline("--demo", "--output", str(out))
+    name = first["runs"][0]["run"]
+    swapped_repo = tmp_path / "swapped"
+    shutil.copytree(out / "model_repository", swapped_repo)
+    _swap_mlp_outputs(swapped_repo, name)
+    config = demo_config(build(log=lambda _: None), str(out), 1)
+    config["runs"] += [
+        {"name": "beam2", "evaluate": {"beam_width": 2}},
+        {"name": "swapped", "convert": None,
+         "serve": {"model_repository": str(swapped_repo), "model_name": name}},
+    ]
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc, summary = _pipeline("--config", str(path))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    stages = summary["runs"][0]["stages"]
-    assert stages == {"convert": "skipped", "serve": "skipped", "evaluate": "skipped"}
-    assert summary["metrics"]["rougeL"] == first["metrics"]["rougeL"]
+    demo_run, beam, swapped = summary["runs"]
+    assert demo_run["stages"] == {"convert": "skipped", "serve": "skipped",
+                                  "evaluate": "skipped"}
+    assert demo_run["metrics"]["rougeL"] == first["metrics"]["rougeL"]
+    assert beam["stages"] == {"convert": "shared", "serve": "done", "evaluate": "done"}
+    assert beam["metrics"]["rougeL"]["mid"] >= PASS
+    assert swapped["stages"] == {"convert": "none", "serve": "done", "evaluate": "done"}
+    bad = swapped["metrics"]["rougeL"]["mid"]
+    assert bad < 0.7 < first["metrics"]["rougeL"]["mid"], bad
+    table = json.loads((out / "comparison.json").read_text())
+    assert [r["run"] for r in table["runs"]] == [name, "beam2", "swapped"]
+    assert "evaluate.beam_width" in table["differing_settings"]
+    assert "| beam2 |" in (out / "comparison.md").read_text()
+    assert (out / "swapped" / "predictions.jsonl").is_file()
+
+
+def test_failed_stage_is_one_line_naming_run_and_stage(tmp_path):
+    config = {"output": str(tmp_path / "out"),
+              "convert": {"src": str(tmp_path / "no-such-checkpoint"),
+                          "dst": str(tmp_path / "repo"), "model_name": "m"},
+              "evaluate": {"dataset": str(REPO / "demo" / "data" / "xsum_sample.jsonl")}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc, summary = _pipeline("--config", str(path))
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 1 run(s) failed; m: convert failed:"), last
+    assert "no-such-checkpoint" in last
+    assert summary["failed_runs"] == ["m"] and summary["metrics"] is None
 
 
 def test_damaged_conversion_is_redone_not_skipped(demo_tp1, tmp_path):
@@ -107,35 +167,6 @@ def test_damaged_conversion_is_redone_not_skipped(demo_tp1, tmp_path):
     assert "sha256 differs" in verify_conversion(convert)
     victim.unlink()
     assert "bytes on disk" in verify_conversion(convert)
-
-
-def test_swapped_weight_files_make_the_score_fail(demo_tp1, tmp_path):
-    """Two layers' MLP output matrices have the same shape: FT would load them swapped without
-    a word. Serving such a repository must visibly fail the demo's bar."""
-    out, summary, _ = demo_tp1
-    name = summary["runs"][0]["run"]
-    repo = tmp_path / "repo"
-    shutil.copytree(out / "model_repository", repo)
-    weights = repo / name / "1" / "1-gpu"
-    a = weights / "encoder.block.0.layer.1.DenseReluDense.wo.weight.0.bin"
-    b = weights / "encoder.block.1.layer.1.DenseReluDense.wo.weight.0.bin"
-    tmp = weights / "swap.tmp"
-    a.rename(tmp)
-    b.rename(a)
-    tmp.rename(b)
-    config = {
-        "output": str(tmp_path / "out"),
-        "serve": {"model_repository": str(repo), "model_name": name},
-        "evaluate": {"dataset": str(REPO / "demo" / "data" / "xsum_sample.jsonl"),
-                     "max_input_len": 128, "max_output_len": 64, "num_actors": 2,
-                     "batch_size": 5, "no_progress": True},
-    }
-    path = tmp_path / "swapped.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc, swapped = _pipeline("--config", str(path))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert swapped["runs"][0]["stages"]["convert"] == "none"
-    assert _rouge_l(swapped) < 0.7 < _rouge_l(summary), (_rouge_l(swapped), _rouge_l(summary))
 
 
 # --- ray job submit against a real head ------------------------------------------------------
