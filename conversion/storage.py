@@ -36,11 +36,12 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return out
 
 
-def _blob(url: str):
+def _blob(url: str, chunked: bool = True):
+    """The object at ``url``; chunked: transfers in _GCS_CHUNK pieces (bounded memory)."""
     bucket, name = split_gs_url(url)
     if not name:
         raise ValueError(f"gs:// URL names a bucket, not an object: {url!r}")
-    return storage_client().bucket(bucket).blob(name, chunk_size=_GCS_CHUNK)
+    return storage_client().bucket(bucket).blob(name, chunk_size=_GCS_CHUNK if chunked else None)
 
 
 def exists(url: str | os.PathLike) -> bool:
@@ -67,7 +68,9 @@ def size(url: str | os.PathLike) -> int | None:
 def read_bytes(url: str | os.PathLike) -> bytes:
     url = str(url)
     if is_gcs(url):
-        return _blob(url).download_as_bytes()
+        # One plain GET: a whole read gains nothing from chunks, and a chunked (ranged)
+        # download of an empty object is answered 416 Range Not Satisfiable.
+        return _blob(url, chunked=False).download_as_bytes()
     return Path(url).read_bytes()
 
 

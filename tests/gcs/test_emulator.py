@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from conversion import gcs_env
+from conversion import gcs_env, storage
 
 MiB = 1 << 20
 
@@ -28,6 +28,19 @@ def test_resumable_upload_in_chunks_round_trips(gcs, gcs_prefix):
     # A ranged read is what a streaming reader does.
     part = bucket.blob(f"{gcs_prefix}/big.bin").download_as_bytes(start=5 * MiB, end=6 * MiB - 1)
     assert part == data[5 * MiB:6 * MiB]
+
+
+def test_storage_reads_empty_and_chunk_sized_objects(gcs, gcs_prefix):
+    # An empty errors.jsonl is a normal evaluation output; a ranged (chunked) download of a
+    # zero-byte object is answered 416, so storage.read_bytes must not ask for a range.
+    base = f"gs://{gcs.bucket}/{gcs_prefix}"
+    storage.write_bytes(f"{base}/empty.jsonl", b"")
+    assert storage.read_bytes(f"{base}/empty.jsonl") == b""
+    assert storage.read_text(f"{base}/empty.jsonl") == ""
+    assert storage.size(f"{base}/empty.jsonl") == 0
+    data = np.random.default_rng(1).bytes(17 * MiB)  # more than one 16 MiB transfer chunk
+    storage.write_bytes(f"{base}/big.bin", data)
+    assert storage.read_bytes(f"{base}/big.bin") == data
 
 
 def test_failed_resumable_upload_leaves_no_object(gcs, gcs_prefix):
