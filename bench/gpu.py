@@ -1,15 +1,24 @@
 """GPU benchmark (issue 8): our JAX T5 engine vs HF transformers T5 generate on UL2 20B.
 
-Random bf16 weights are built directly on the GPU (no checkpoint, no host copy), input 512
-tokens, exactly 64 greedy output tokens, batch 1 / 8 / 32. Each implementation runs in its own
-child process (JAX preallocates GPU memory; 2 x 40 GB of weights do not fit one 80 GB GPU
-together). Also reports the memory-bandwidth bound: the least time any implementation needs
-to read the weights (and the key/value caches) once per decoder step, with the bandwidth and
-bf16 matmul rate measured on the same GPU.
+One process, one GPU, the same weights: HF's T5ForConditionalGeneration is built with random
+bf16 weights on the GPU and timed; then its tensors are handed to our engine through DLPack
+(transposed into the engine's layout one layer at a time, each HF layer freed once moved, so 40
+GB of weights are never held twice) and the engine is timed on the same inputs. Input 512
+tokens, exactly 64 greedy output tokens, batch 1 / 8 / 32, median of --repeats timed runs after
+a warm-up (compiling) run. Both sides' greedy outputs and teacher-forced logits on the same rows
+are compared and reported. Also reports the memory-bandwidth bound: the least time any
+implementation needs to read the weights (and the key/value caches) once per decoder step,
+with the bandwidth and bf16 matmul rate measured on the same GPU.
 
     python bench/gpu.py                          # both, UL2 20B, batches 1 8 32, on the GPU
-    python bench/gpu.py --impl jax --batches 1   # one side only
+    python bench/gpu.py --impl jax --batches 1   # one side only (its own random weights)
     python bench/gpu.py --model tiny --input-len 32 --output-len 8   # CPU smoke test
+    python bench/gpu.py --impl check             # GPU vs CPU correctness only
+
+Before timing, the JAX side checks correctness on the same GPU (``check``): a fixture FT folder
+(random weights written at tensor-parallel 2, re-joined by the engine) served in fp32 on the GPU
+gives greedy outputs identical to the same engine on the host CPU, and served in bf16 gives
+logits within BF16_TOLERANCE of the fp32 CPU logits. A failed check fails the benchmark.
 
 Prints a table and, last, one JSON line with every number.
 """
@@ -21,11 +30,14 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+# Both frameworks share the GPU: JAX must not grab 75 % of it at start-up.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -55,11 +67,246 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
+# --- inputs and timing -------------------------------------------------------------------
+
+
+def input_rows(cfg: T5Config, batch: int, in_len: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(2, cfg.vocab_size, size=(batch, in_len))
+
+
+def summarise(runs: list[dict], batch: int, out_len: int, times: list[float], first: float
+              ) -> dict:
+    med = statistics.median(times)
+    run = {"batch": batch, "seconds": med, "tokens_per_s": batch * out_len / med,
+           "first_call_s": first, "all_s": times}
+    runs.append(run)
+    return run
+
+
+# --- correctness on the GPU against the CPU engine -------------------------------------------
+
+# bf16 vs fp32 teacher-forced logits: the largest absolute difference, relative to the largest
+# fp32 logit, and the share of positions whose arg-max agrees. bf16 keeps 8 mantissa bits
+# (~0.4 % per rounding); through 4 + 4 layers the logits drift by a few percent of their scale.
+BF16_TOLERANCE = {"max_abs_over_max_logit": 0.05, "argmax_agreement": 0.95}
+# A fixture larger than the unit tests' (so GPU kernels, not toy shapes, run) but quick on CPU.
+CHECK_MODEL = T5Config(d_model=256, num_heads=8, d_kv=32, d_ff=1024, vocab_size=1000,
+                       num_encoder_layers=4, num_decoder_layers=4,
+                       feed_forward_proj="gated-silu", tie_word_embeddings=False)
+
+
+def run_check(rows: int = 8, out_len: int = 32) -> dict:
+    """fp32 greedy on GPU == on CPU (same engine, same folder); bf16 GPU logits vs fp32 CPU."""
+    import tempfile
+
+    import jax
+
+    from serving.engine import SamplingParams, T5Engine
+    from tests.serving.engine_fixtures import random_ft_weights, write_ft_folder
+
+    cfg = CHECK_MODEL
+    cpu = jax.devices("cpu")[0]
+    rng = np.random.default_rng(1)
+    inputs = [rng.integers(2, cfg.vocab_size, size=int(n)) for n in rng.integers(5, 60, rows)]
+    params = [SamplingParams(max_output_len=out_len)] * rows
+    ids = rng.integers(2, cfg.vocab_size, size=(4, 48))
+    dec = np.concatenate([np.zeros((4, 1), np.int64),
+                          rng.integers(2, cfg.vocab_size, size=(4, 15))], axis=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_ft_folder(Path(tmp), cfg, 2, random_ft_weights(cfg, seed=3))
+        # "fp32" means fp32: without "highest", XLA may run fp32 GPU matmuls in TF32.
+        with jax.default_matmul_precision("highest"):
+            gpu32 = T5Engine.load(str(folder), dtype="fp32")
+            out_gpu = gpu32.generate(inputs, params)
+            logits_gpu32 = gpu32.logits(ids, dec)
+            with jax.default_device(cpu):
+                cpu32 = T5Engine.load(str(folder), dtype="fp32")
+                out_cpu = cpu32.generate(inputs, params)
+                logits_cpu = cpu32.logits(ids, dec)
+                placed = {dev.platform for leaf in jax.tree_util.tree_leaves(cpu32.params)
+                          for dev in leaf.devices()}
+        gpu16 = T5Engine.load(str(folder), dtype="bf16")
+        logits_gpu16 = gpu16.logits(ids, dec)
+        out_gpu16 = gpu16.generate(inputs, params)
+    same = all(np.array_equal(a.output_ids, b.output_ids)
+               and np.array_equal(a.sequence_length, b.sequence_length)
+               for a, b in zip(out_gpu, out_cpu, strict=True))
+    scale = float(np.abs(logits_cpu).max())
+    rel16 = float(np.abs(logits_gpu16 - logits_cpu).max()) / scale
+    agree16 = float((logits_gpu16.argmax(-1) == logits_cpu.argmax(-1)).mean())
+    same16 = sum(np.array_equal(a.output_ids, b.output_ids)
+                 for a, b in zip(out_gpu16, out_cpu, strict=True))
+    result = {
+        "model": dataclasses.asdict(cfg), "gpu": str(jax.devices()[0].device_kind),
+        "cpu_engine_on": sorted(placed),
+        "fp32_greedy_identical": bool(same), "rows": rows, "out_len": out_len,
+        "fp32_logits_max_abs_diff": float(np.abs(logits_gpu32 - logits_cpu).max()),
+        "bf16_logits_max_abs_over_max_logit": rel16, "bf16_argmax_agreement": agree16,
+        "bf16_greedy_rows_identical_to_fp32": f"{same16}/{rows}",
+        "bf16_tolerance": BF16_TOLERANCE,
+    }
+    result["passed"] = bool(same and placed == {"cpu"}
+                            and rel16 <= BF16_TOLERANCE["max_abs_over_max_logit"]
+                            and agree16 >= BF16_TOLERANCE["argmax_agreement"])
+    log(f"check: {result}")
+    return result
+
+
+# --- HF side ---------------------------------------------------------------------------------
+
+
+def hf_model(cfg: T5Config):
+    """HF T5ForConditionalGeneration with random bf16 weights, built on the GPU."""
+    import torch
+    from transformers import T5Config as HFT5Config
+    from transformers import T5ForConditionalGeneration
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_cfg = HFT5Config(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
+        num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
+        num_heads=cfg.num_heads, feed_forward_proj=cfg.feed_forward_proj,
+        tie_word_embeddings=cfg.tie_word_embeddings, dropout_rate=0.0,
+        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        decoder_start_token_id=cfg.decoder_start_token_id, eos_token_id=cfg.eos_token_id,
+        pad_token_id=0)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: fp32 20B does not fit
+    with torch.device(device):
+        model = T5ForConditionalGeneration(hf_cfg).eval()
+        if not cfg.tie_word_embeddings:  # transformers 5 ties the head; UL2's is its own
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight)
+                                                      * cfg.d_model ** -0.5)
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def run_hf(model, cfg: T5Config, batches: list[int], in_len: int, out_len: int,
+           repeats: int) -> dict:
+    import torch
+    import transformers
+
+    device = model.device
+    log(f"torch {torch.__version__}, transformers {transformers.__version__} on {device}")
+    out = {"impl": "hf", "torch": torch.__version__, "transformers": transformers.__version__,
+           "runs": []}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for batch in batches:
+        ids = torch.as_tensor(input_rows(cfg, batch, in_len, seed=batch), device=device)
+
+        def go(ids=ids):
+            with torch.inference_mode():
+                res = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=out_len, min_new_tokens=out_len,
+                                     do_sample=False, num_beams=1)
+            sync()
+            return res
+
+        t = time.perf_counter()
+        res = go()
+        first = time.perf_counter() - t
+        assert res.shape[1] == out_len + 1, res.shape  # start token + out_len
+        run = summarise(out["runs"], batch, out_len, timed(go, repeats), first)
+        log(f"hf batch {batch}: {run['seconds']:.3f}s, {run['tokens_per_s']:.1f} tok/s")
+    return out
+
+
+def hf_probe(model, cfg: T5Config, rows: np.ndarray, dec: np.ndarray, out_len: int
+             ) -> dict:
+    """HF's greedy outputs (stopping at end_id) and teacher-forced fp32 logits on probe rows."""
+    import torch
+
+    ids = torch.as_tensor(rows, device=model.device)
+    with torch.inference_mode():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len,
+                             do_sample=False, num_beams=1)
+        logits = model(input_ids=ids[:len(dec)],
+                       decoder_input_ids=torch.as_tensor(dec, device=model.device)).logits
+    return {"tokens": gen[:, 1:].cpu().numpy(), "logits": logits.float().cpu().numpy()}
+
+
+def hf_to_engine(model, cfg: T5Config) -> dict:
+    """Move HF's weights into the engine's tree (weights.py layout) on the same GPU.
+
+    Each tensor is transposed where the layouts differ (HF's Linear is [out, in], the engine's
+    projections [in, ...]), handed to JAX through DLPack without a copy, and each HF block is
+    freed (moved to the meta device) once taken, so the weights are never held twice.
+    """
+    import jax
+    import torch
+
+    d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
+
+    def sync() -> None:  # the copies are queued on torch's stream; JAX must see them done
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def put(t: torch.Tensor) -> jax.Array:
+        return jax.dlpack.from_dlpack(t.detach().contiguous())
+
+    def heads(w: torch.Tensor) -> jax.Array:  # [H*K, D] -> [D, H, K]
+        return put(w.detach().t().reshape(d, h, k))
+
+    def heads_out(w: torch.Tensor) -> jax.Array:  # [D, H*K] -> [H, K, D]
+        return put(w.detach().t().reshape(h, k, d))
+
+    def mlp(ff) -> dict:
+        dense = ff.DenseReluDense
+        if cfg.gated:  # HF: act(wi_0 x) * wi_1 x; engine: act(x wi) * (x wi2)
+            out = {"wi": put(dense.wi_0.weight.t()), "wi2": put(dense.wi_1.weight.t())}
+        else:
+            out = {"wi": put(dense.wi.weight.t())}
+        return {**out, "wo": put(dense.wo.weight.t())}
+
+    def bias(block) -> jax.Array:  # [buckets, H] -> [H, buckets], fp32
+        table = block.layer[0].SelfAttention.relative_attention_bias.weight
+        return put(table.t().float())
+
+    params = {
+        "embedding": put(model.shared.weight),
+        "lm_head": put(model.lm_head.weight),
+        "encoder_norm": put(model.encoder.final_layer_norm.weight),
+        "decoder_norm": put(model.decoder.final_layer_norm.weight),
+        "encoder_rel_bias": bias(model.encoder.block[0]),
+        "decoder_rel_bias": bias(model.decoder.block[0]),
+        "encoder": [], "decoder": [],
+    }
+    for block in model.encoder.block:
+        a = block.layer[0].SelfAttention
+        params["encoder"].append({
+            "ln_attn": put(block.layer[0].layer_norm.weight),
+            "q": heads(a.q.weight), "k": heads(a.k.weight), "v": heads(a.v.weight),
+            "o": heads_out(a.o.weight),
+            "ln_mlp": put(block.layer[1].layer_norm.weight), **mlp(block.layer[1])})
+        sync()
+        block.to("meta")
+    for block in model.decoder.block:
+        a, c = block.layer[0].SelfAttention, block.layer[1].EncDecAttention
+        params["decoder"].append({
+            "ln_self": put(block.layer[0].layer_norm.weight),
+            "q": heads(a.q.weight), "k": heads(a.k.weight), "v": heads(a.v.weight),
+            "o": heads_out(a.o.weight),
+            "ln_cross": put(block.layer[1].layer_norm.weight),
+            "cq": heads(c.q.weight), "ck": heads(c.k.weight), "cv": heads(c.v.weight),
+            "co": heads_out(c.o.weight),
+            "ln_mlp": put(block.layer[2].layer_norm.weight), **mlp(block.layer[2])})
+        sync()
+        block.to("meta")
+    return params
+
+
 # --- JAX side --------------------------------------------------------------------------------
 
 
 def jax_random_params(cfg: T5Config, seed: int = 0) -> dict:
     """The engine's weights.py tree, bf16, generated on the default device leaf by leaf."""
+    import functools
+
     import jax
     import jax.numpy as jnp
 
@@ -78,19 +325,24 @@ def jax_random_params(cfg: T5Config, seed: int = 0) -> dict:
            "ln_self": ((d,), None), "ln_cross": ((d,), None), "ln_mlp": ((d,), None)}
     key = jax.random.key(seed)
 
+    # One program per (shape, scale, dtype), shared by every layer.
+    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+    def normal(sub, shape, scale, dtype):
+        return (jax.random.normal(sub, shape, jnp.bfloat16) * jnp.bfloat16(scale)).astype(dtype)
+
     def make(shape: tuple[int, ...], scale: float | None, dtype) -> jax.Array:
         nonlocal key
         key, sub = jax.random.split(key)
         if scale is None:  # layer-norm scales
             return jnp.ones(shape, dtype)
-        fn = jax.jit(lambda s: (jax.random.normal(s, shape, jnp.bfloat16)
-                                * jnp.bfloat16(scale)).astype(dtype))
-        return fn(sub)
+        return normal(sub, shape, scale, dtype)
 
     params = {n: make(s, sc, jnp.float32 if n.endswith("rel_bias") else jnp.bfloat16)
               for n, (s, sc) in shapes.items()}
-    params["encoder"] = {n: make((le, *s), sc, jnp.bfloat16) for n, (s, sc) in enc.items()}
-    params["decoder"] = {n: make((ld, *s), sc, jnp.bfloat16) for n, (s, sc) in dec.items()}
+    params["encoder"] = [{n: make(s, sc, jnp.bfloat16) for n, (s, sc) in enc.items()}
+                         for _ in range(le)]
+    params["decoder"] = [{n: make(s, sc, jnp.bfloat16) for n, (s, sc) in dec.items()}
+                         for _ in range(ld)]
     jax.block_until_ready(params)
     return params
 
@@ -140,23 +392,15 @@ def bandwidth_bound(cfg: T5Config, batch: int, in_len: int, out_len: int,
             "tokens_per_s": batch * out_len / (enc_s + sum(step_s))}
 
 
-def run_jax(cfg: T5Config, batches: list[int], in_len: int, out_len: int,
-            repeats: int) -> dict:
+def run_jax(engine, cfg: T5Config, batches: list[int], in_len: int, out_len: int,
+            repeats: int, rates: dict) -> dict:
     import jax
-    import numpy as np
 
-    from serving.engine import SamplingParams, T5Engine
+    from serving.engine import SamplingParams
 
-    log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    rates = hardware_rates()
-    log(f"measured {rates}")
-    t = time.perf_counter()
-    engine = T5Engine(cfg, jax_random_params(cfg), dtype="bf16")
-    log(f"random bf16 weights on device in {time.perf_counter() - t:.1f}s")
-    rng = np.random.default_rng(0)
-    out = {"impl": "jax", "jax": jax.__version__, "rates": rates, "runs": []}
+    out = {"impl": "jax", "jax": jax.__version__, "runs": []}
     for batch in batches:
-        rows = [rng.integers(2, cfg.vocab_size, size=in_len) for _ in range(batch)]
+        rows = list(input_rows(cfg, batch, in_len, seed=batch))
         # Warm-up compiles; then pick an end_id greedy never produces on these inputs, so every
         # row generates exactly out_len tokens (greedy is deterministic).
         t = time.perf_counter()
@@ -168,94 +412,44 @@ def run_jax(cfg: T5Config, batches: list[int], in_len: int, out_len: int,
         res = engine.generate(rows, params)
         assert all(int(r.sequence_length[0]) == out_len for r in res), "ended early"
         times = timed(lambda rows=rows, params=params: engine.generate(rows, params), repeats)
-        med = statistics.median(times)
-        run = {"batch": batch, "seconds": med, "tokens_per_s": batch * out_len / med,
-               "first_call_s": compile_s, "all_s": times,
-               "bound": bandwidth_bound(cfg, batch, in_len, out_len, rates)}
-        log(f"jax batch {batch}: {med:.3f}s, {run['tokens_per_s']:.1f} tok/s "
+        run = summarise(out["runs"], batch, out_len, times, compile_s)
+        run["bound"] = bandwidth_bound(cfg, batch, in_len, out_len, rates)
+        log(f"jax batch {batch}: {run['seconds']:.3f}s, {run['tokens_per_s']:.1f} tok/s "
             f"(bound {run['bound']['total_s']:.3f}s)")
-        out["runs"].append(run)
     return out
 
 
-# --- HF side ---------------------------------------------------------------------------------
+def compare(engine, hf: dict, rows: np.ndarray, dec: np.ndarray, out_len: int) -> dict:
+    """Our greedy outputs and logits against HF's on the same weights and rows (reported)."""
 
+    from serving.engine import SamplingParams
 
-def run_hf(cfg: T5Config, batches: list[int], in_len: int, out_len: int,
-           repeats: int) -> dict:
-    import torch
-    import transformers
-    from transformers import T5Config as HFT5Config
-    from transformers import T5ForConditionalGeneration
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    log(f"torch {torch.__version__}, transformers {transformers.__version__} on {device}")
-    hf_cfg = HFT5Config(
-        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
-        num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
-        num_heads=cfg.num_heads, feed_forward_proj=cfg.feed_forward_proj,
-        tie_word_embeddings=cfg.tie_word_embeddings, dropout_rate=0.0,
-        decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
-    t = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: fp32 20B does not fit
-    with torch.device(device):
-        model = T5ForConditionalGeneration(hf_cfg).eval()
-        if not cfg.tie_word_embeddings:  # transformers 5 ties the head; UL2's is its own
-            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight)
-                                                      * cfg.d_model ** -0.5)
-    torch.set_default_dtype(torch.float32)
-    log(f"random bf16 weights on {device} in {time.perf_counter() - t:.1f}s")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    out = {"impl": "hf", "torch": torch.__version__, "transformers": transformers.__version__,
-           "runs": []}
-
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for batch in batches:
-        ids = torch.randint(2, cfg.vocab_size, (batch, in_len), generator=gen).to(device)
-
-        def go(ids=ids):
-            with torch.inference_mode():
-                res = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                     max_new_tokens=out_len, min_new_tokens=out_len,
-                                     do_sample=False, num_beams=1)
-            sync()
-            return res
-
-        t = time.perf_counter()
-        res = go()
-        first = time.perf_counter() - t
-        assert res.shape[1] == out_len + 1, res.shape  # start token + out_len
-        times = timed(go, repeats)
-        med = statistics.median(times)
-        log(f"hf batch {batch}: {med:.3f}s, {batch * out_len / med:.1f} tok/s")
-        out["runs"].append({"batch": batch, "seconds": med, "first_call_s": first,
-                            "tokens_per_s": batch * out_len / med, "all_s": times})
-    return out
+    ours = engine.generate(list(rows), [SamplingParams(max_output_len=out_len)] * len(rows))
+    end = engine.config.eos_token_id
+    same_rows, prefix = 0, []
+    for r, theirs in zip(ours, hf["tokens"], strict=True):
+        a = r.output_ids[0, :int(r.sequence_length[0])]
+        b = theirs[:np.argmax(theirs == end) + 1] if (theirs == end).any() else theirs
+        same_rows += int(np.array_equal(a, b))
+        n = min(len(a), len(b))
+        prefix.append(int(np.argmin(a[:n] == b[:n])) if (a[:n] != b[:n]).any() else n)
+    logits = engine.logits(rows[:len(dec)], dec)
+    scale = float(np.abs(hf["logits"]).max())
+    return {"rows": len(rows), "greedy_rows_identical": same_rows,
+            "mean_common_prefix_tokens": float(np.mean(prefix)),
+            "logits_max_abs_over_max_logit":
+                float(np.abs(logits - hf["logits"]).max()) / scale,
+            "logits_argmax_agreement": float((logits.argmax(-1) == hf["logits"].argmax(-1)).mean())}
 
 
 # --- driver ----------------------------------------------------------------------------------
 
 
-def child(impl: str, args: argparse.Namespace) -> dict:
-    """Run one implementation in its own process; return its JSON."""
-    cmd = [sys.executable, __file__, "--impl", impl, "--model", args.model,
-           "--batches", ",".join(map(str, args.batches)), "--input-len", str(args.input_len),
-           "--output-len", str(args.output_len), "--repeats", str(args.repeats)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92"}
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    if proc.returncode:
-        return {"impl": impl, "error": f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def table(results: list[dict]) -> str:
     by = {r["impl"]: {x["batch"]: x for x in r.get("runs", [])} for r in results}
     batches = sorted({b for runs in by.values() for b in runs})
-    lines = ["| batch | jax s | jax tok/s | hf s | hf tok/s | jax/hf speedup | bound s | "
-             "jax % of bound |", "|---" * 8 + "|"]
+    lines = ["| batch | ours s | ours tok/s | HF s | HF tok/s | ours / HF | bound s | "
+             "ours / bound |", "|---" * 8 + "|"]
     for b in batches:
         j, h = by.get("jax", {}).get(b), by.get("hf", {}).get(b)
 
@@ -263,18 +457,19 @@ def table(results: list[dict]) -> str:
             return format(x[key], fmt) if x else "-"
         speed = f"{h['seconds'] / j['seconds']:.2f}x" if j and h else "-"
         bound = j["bound"]["total_s"] if j else None
-        pct = f"{100 * bound / j['seconds']:.0f}%" if j else "-"
+        ratio = f"{j['seconds'] / bound:.2f}x" if j else "-"
         lines.append(f"| {b} | {cell(j, 'seconds')} | {cell(j, 'tokens_per_s', '.1f')} | "
                      f"{cell(h, 'seconds')} | {cell(h, 'tokens_per_s', '.1f')} | {speed} | "
-                     f"{f'{bound:.3f}' if bound else '-'} | {pct} |")
+                     f"{f'{bound:.3f}' if bound else '-'} | {ratio} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", choices=["both", "jax", "hf"], default="both",
-                    help="both: each in a child process (default)")
+    ap.add_argument("--impl", choices=["both", "jax", "hf", "check"], default="both",
+                    help="both: HF then ours on the same weights (default); jax / hf: one "
+                         "side on its own random weights; check: correctness only")
     ap.add_argument("--model", choices=sorted(MODELS), default="ul2-20b")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")],
                     default=[1, 8, 32], help="comma-separated batch sizes (default 1,8,32)")
@@ -283,19 +478,57 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch (median)")
     args = ap.parse_args()
     cfg = MODELS[args.model]
-    common = (cfg, args.batches, args.input_len, args.output_len, args.repeats)
-    if args.impl == "jax":
-        print(json.dumps(run_jax(*common)))
-        return
-    if args.impl == "hf":
-        print(json.dumps(run_hf(*common)))
-        return
-    results = [child("jax", args), child("hf", args)]
+    runs = (cfg, args.batches, args.input_len, args.output_len, args.repeats)
+    if args.impl == "check":
+        result = run_check()
+        print(json.dumps(result))
+        sys.exit(0 if result["passed"] else 1)
+
+    results, extra = [], {}
+    if args.impl in ("both", "jax"):
+        import jax
+
+        log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+        extra["check"] = run_check()
+        if not extra["check"]["passed"]:
+            sys.exit(f"correctness check failed: {extra['check']}")
+        extra["rates"] = hardware_rates()
+        log(f"measured {extra['rates']}")
+    if args.impl in ("both", "hf"):
+        t = time.perf_counter()
+        model = hf_model(cfg)
+        log(f"HF model, random bf16 weights, on {model.device} in {time.perf_counter() - t:.1f}s")
+        results.append(run_hf(model, *runs))
+        probe_rows = input_rows(cfg, min(8, max(args.batches)), args.input_len, seed=99)
+        probe_dec = np.concatenate([np.zeros((2, 1), np.int64),
+                                    input_rows(cfg, 2, 15, seed=98)], axis=1)
+        probe = hf_probe(model, cfg, probe_rows, probe_dec, args.output_len)
+    if args.impl in ("both", "jax"):
+        from serving.engine import T5Engine
+
+        t = time.perf_counter()
+        if args.impl == "both":
+            import torch
+
+            params = hf_to_engine(model, cfg)
+            del model
+            if torch.cuda.is_available():  # hand freed HF blocks back for JAX's working memory
+                torch.cuda.empty_cache()
+            log(f"HF weights moved to the engine in {time.perf_counter() - t:.1f}s")
+        else:
+            params = jax_random_params(cfg)
+            log(f"random bf16 weights on device in {time.perf_counter() - t:.1f}s")
+        engine = T5Engine(cfg, params, dtype="bf16")
+        results.append(run_jax(engine, *runs, extra["rates"]))
+        if args.impl == "both":
+            extra["same_weights"] = compare(engine, probe, probe_rows, probe_dec,
+                                            args.output_len)
+            log(f"ours vs HF on the same weights: {extra['same_weights']}")
     print(f"{args.model}: input {args.input_len}, output {args.output_len}, greedy\n")
     print(table(results))
     print(json.dumps({"model": args.model, "config": dataclasses.asdict(cfg),
                       "input_len": args.input_len, "output_len": args.output_len,
-                      "results": results}))
+                      "results": results, **extra}))
 
 
 if __name__ == "__main__":

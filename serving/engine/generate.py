@@ -97,9 +97,11 @@ def _mark_seen(seen: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def _init_cache(cfg: T5Config, rows: int, cache_len: int, dtype: jnp.dtype
-                ) -> tuple[jax.Array, jax.Array]:
-    shape = (cfg.num_decoder_layers, rows, cfg.num_heads, cache_len, cfg.d_kv)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+                ) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Self-attention key and value caches: per decoder layer, zeros [rows, H, M, K]."""
+    shape = (rows, cfg.num_heads, cache_len, cfg.d_kv)
+    n = cfg.num_decoder_layers
+    return [jnp.zeros(shape, dtype) for _ in range(n)], [jnp.zeros(shape, dtype) for _ in range(n)]
 
 
 def generate_sampling(cfg: T5Config, params: dict, r: Rows, out_len: int,
@@ -121,8 +123,8 @@ def generate_sampling(cfg: T5Config, params: dict, r: Rows, out_len: int,
         cum: jax.Array
         lps: jax.Array
         seen: jax.Array
-        cache_k: jax.Array
-        cache_v: jax.Array
+        cache_k: list[jax.Array]
+        cache_v: list[jax.Array]
 
     init = State(
         step=jnp.int32(0), last=r.start, done=r.max_len <= 0,
@@ -180,7 +182,8 @@ def generate_beam(cfg: T5Config, params: dict, r: Rows, out_len: int, width: int
     enc = model.encode(cfg, params, r.ids, r.lengths)
     cross_k, cross_v = model.cross_kv(params, enc)
     # Every beam of a row attends to the same encoder output: repeat once, never gathered.
-    cross_k, cross_v = (jnp.repeat(c, w, axis=1) for c in (cross_k, cross_v))
+    cross_k = [jnp.repeat(c, w, axis=0) for c in cross_k]
+    cross_v = [jnp.repeat(c, w, axis=0) for c in cross_v]
     cross_bias = jnp.repeat(model.key_mask(r.lengths, r.ids.shape[1]), w, axis=0)
     cache_k, cache_v = _init_cache(cfg, bw, n, enc.dtype)
 
@@ -202,8 +205,8 @@ def generate_beam(cfg: T5Config, params: dict, r: Rows, out_len: int, width: int
         fin_cum: jax.Array    # [B, W]
         fin_len: jax.Array    # [B, W]
         fin_score: jax.Array  # [B, W]
-        cache_k: jax.Array
-        cache_v: jax.Array
+        cache_k: list[jax.Array]
+        cache_v: list[jax.Array]
 
     seq0 = jnp.broadcast_to(r.end[:, None, None], (b, w, n)).astype(jnp.int32)
     init = State(
@@ -272,7 +275,7 @@ def generate_beam(cfg: T5Config, params: dict, r: Rows, out_len: int, width: int
         rows = (jnp.arange(b)[:, None] * w + src_beam).reshape(bw)
         new_tok = jnp.take_along_axis(tok, keep, axis=1).reshape(bw)
         seen = _mark_seen(s.seen[rows], new_tok)
-        ck, cv = ck[:, rows], cv[:, rows]
+        ck, cv = [c[rows] for c in ck], [c[rows] for c in cv]
 
         # a row is done when no alive beam can beat its worst finished hypothesis
         best_alive = alive_cum[:, 0]

@@ -1,8 +1,9 @@
 """The T5 encoder-decoder math in JAX (ft-t5-format.md section 5), on the tree of weights.py.
 
 Shapes: B batch rows, S encoder length, T decoder length, M decoder cache length (the output
-bucket), D d_model, H heads, K d_kv, F d_ff, V vocab, L layers (stacked, scanned with lax.scan
-so that compile time does not grow with depth).
+bucket), D d_model, H heads, K d_kv, F d_ff, V vocab, L layers. Layers are a Python loop over
+separate per-layer arrays (weights.py says why: a scan over stacked weights copies each slice
+before a GPU matmul); compile time grows with depth (UL2 20B: about 10 s a program on an H100).
 
 Everything that depends only on shapes (relative-position buckets) is computed with numpy at
 trace time, in float32 like t5x and HF, so the buckets are bit-identical to theirs.
@@ -136,27 +137,23 @@ def encode(cfg: T5Config, params: dict, ids: jax.Array, lengths: jax.Array) -> j
                                        cfg.relative_attention_max_distance)
     bias = position_bias(params["encoder_rel_bias"], buckets)[None] + key_mask(lengths, s)
 
-    def layer(x: jax.Array, p: dict) -> tuple[jax.Array, None]:
+    for p in params["encoder"]:
         h = rms_norm(x, p["ln_attn"])
         o = attention(project_heads(h, p["q"]), project_heads(h, p["k"]),
                       project_heads(h, p["v"]), bias)
         x = x + merge_heads(o, p["o"])
         x = x + mlp(cfg, p, rms_norm(x, p["ln_mlp"]))
-        return x, None
-
-    x, _ = jax.lax.scan(layer, x, params["encoder"])
     return rms_norm(x, params["encoder_norm"])
 
 
-def cross_kv(params: dict, enc: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cross_kv(params: dict, enc: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
     """The cross-attention keys and values, computed once per request.
 
-    enc [B, S, D] -> (k, v), each [L_d, B, H, S, K].
+    enc [B, S, D] -> (k, v), each a list of L_d arrays [B, H, S, K].
     """
     dec = params["decoder"]
-    k = jnp.einsum("bsd,ldhk->lbhsk", enc, dec["ck"])
-    v = jnp.einsum("bsd,ldhk->lbhsk", enc, dec["cv"])
-    return k, v
+    return ([project_heads(enc, p["ck"]) for p in dec],
+            [project_heads(enc, p["cv"]) for p in dec])
 
 
 # --- decoder ---------------------------------------------------------------------------------
@@ -179,8 +176,7 @@ def decode_full(cfg: T5Config, params: dict, dec_ids: jax.Array, enc: jax.Array,
     ck, cv = cross_kv(params, enc)
     x = params["embedding"][dec_ids]
 
-    def layer(x: jax.Array, pc: tuple[dict, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-        p, k_c, v_c = pc
+    for p, k_c, v_c in zip(params["decoder"], ck, cv, strict=True):
         h = rms_norm(x, p["ln_self"])
         o = attention(project_heads(h, p["q"]), project_heads(h, p["k"]),
                       project_heads(h, p["v"]), self_bias)
@@ -188,9 +184,6 @@ def decode_full(cfg: T5Config, params: dict, dec_ids: jax.Array, enc: jax.Array,
         h = rms_norm(x, p["ln_cross"])
         x = x + merge_heads(attention(project_heads(h, p["cq"]), k_c, v_c, cross_bias), p["co"])
         x = x + mlp(cfg, p, rms_norm(x, p["ln_mlp"]))
-        return x, None
-
-    x, _ = jax.lax.scan(layer, x, (params["decoder"], ck, cv))
     return lm_logits(cfg, params, x)
 
 
@@ -202,19 +195,21 @@ def causal_bucket_table(cfg: T5Config, cache_len: int) -> np.ndarray:
 
 
 def decode_step(cfg: T5Config, params: dict, tokens: jax.Array, step: jax.Array,
-                cache_k: jax.Array, cache_v: jax.Array, cross_k: jax.Array, cross_v: jax.Array,
-                cross_bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                cache_k: list[jax.Array], cache_v: list[jax.Array], cross_k: list[jax.Array],
+                cross_v: list[jax.Array], cross_bias: jax.Array
+                ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
     """One incremental decoder step with a preallocated key/value cache.
 
     tokens [B] (the token at position `step`), step scalar int32,
-    cache_k/cache_v [L, B, H, M, K] (positions < step filled), cross_k/cross_v [L, B, H, S, K],
-    cross_bias [B, 1, 1, S].
+    cache_k/cache_v: L lists of [B, H, M, K] (positions < step filled),
+    cross_k/cross_v: L lists of [B, H, S, K], cross_bias [B, 1, 1, S].
     Returns (fp32 logits [B, V], cache_k, cache_v with position `step` written).
 
-    The layer scan reads the cache and emits only this step's keys/values; the cache is
-    written once after the scan, so the while loop can update it in place.
+    Each layer attends to its cache (positions < step) plus this step's own key/value, then
+    writes that key/value into position `step`: one dynamic_update_slice per layer, in place
+    inside the while loop.
     """
-    m = cache_k.shape[3]
+    m = cache_k[0].shape[2]
     key_pos = jnp.arange(m)
     dist = jnp.clip(step - key_pos, 0, m - 1)
     table = jnp.asarray(causal_bucket_table(cfg, m))
@@ -224,8 +219,9 @@ def decode_step(cfg: T5Config, params: dict, tokens: jax.Array, step: jax.Array,
     self_bias = rel[:, table[0]][None, :, None, None]  # [1, H, 1, 1]: distance 0
     x = params["embedding"][tokens][:, None, :]  # [B, 1, D]
 
-    def layer(x: jax.Array, pc: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        p, k_past, v_past, k_c, v_c = pc
+    new_k, new_v = [], []
+    layers = zip(params["decoder"], cache_k, cache_v, cross_k, cross_v, strict=True)
+    for p, k_past, v_past, k_c, v_c in layers:
         h = rms_norm(x, p["ln_self"])
         q, k, v = (project_heads(h, p[n]) for n in ("q", "k", "v"))  # [B, H, 1, K]
         logits_past = einsum_f32("bhqk,bhpk->bhqp", q, k_past) + past_bias
@@ -237,11 +233,7 @@ def decode_step(cfg: T5Config, params: dict, tokens: jax.Array, step: jax.Array,
         h = rms_norm(x, p["ln_cross"])
         x = x + merge_heads(attention(project_heads(h, p["cq"]), k_c, v_c, cross_bias), p["co"])
         x = x + mlp(cfg, p, rms_norm(x, p["ln_mlp"]))
-        return x, (k[:, :, 0], v[:, :, 0])
-
-    x, (k_new, v_new) = jax.lax.scan(
-        layer, x, (params["decoder"], cache_k, cache_v, cross_k, cross_v))
-    # k_new [L, B, H, K] -> position `step` of the cache
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_new[:, :, :, None], step, axis=3)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_new[:, :, :, None], step, axis=3)
-    return lm_logits(cfg, params, x[:, 0]), cache_k, cache_v
+        # this step's k/v [B, H, 1, K] -> position `step` of the layer's cache [B, H, M, K]
+        new_k.append(jax.lax.dynamic_update_slice_in_dim(k_past, k, step, axis=2))
+        new_v.append(jax.lax.dynamic_update_slice_in_dim(v_past, v, step, axis=2))
+    return lm_logits(cfg, params, x[:, 0]), new_k, new_v

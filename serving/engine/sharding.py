@@ -15,13 +15,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "tp"
 
-# leaf name -> spec of the stacked layer arrays [L, ...] (weights.py shapes)
+# leaf name -> spec of one layer's arrays (weights.py shapes)
 _LAYER_SPECS: dict[str, PartitionSpec] = {
-    **{n: PartitionSpec(None, None, AXIS, None) for n in ("q", "k", "v", "cq", "ck", "cv")},
-    **{n: PartitionSpec(None, AXIS, None, None) for n in ("o", "co")},
-    "wi": PartitionSpec(None, None, AXIS),
-    "wi2": PartitionSpec(None, None, AXIS),
-    "wo": PartitionSpec(None, AXIS, None),
+    **{n: PartitionSpec(None, AXIS, None) for n in ("q", "k", "v", "cq", "ck", "cv")},
+    **{n: PartitionSpec(AXIS, None, None) for n in ("o", "co")},
+    "wi": PartitionSpec(None, AXIS),
+    "wi2": PartitionSpec(None, AXIS),
+    "wo": PartitionSpec(AXIS, None),
 }
 
 
@@ -38,7 +38,8 @@ def partition_specs(params: dict) -> dict:
     specs: dict = {}
     for key, value in params.items():
         if key in ("encoder", "decoder"):
-            specs[key] = {n: _LAYER_SPECS.get(n, PartitionSpec()) for n in value}
+            specs[key] = [{n: _LAYER_SPECS.get(n, PartitionSpec()) for n in layer}
+                          for layer in value]
         elif key.endswith("rel_bias"):
             specs[key] = PartitionSpec(AXIS, None)  # [H, B] on heads
         else:

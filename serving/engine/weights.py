@@ -22,7 +22,7 @@ from conversion.ft_format import T5Config
 
 _RANK_FILE = re.compile(r"^encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight\.(\d+)\.bin$")
 
-Params = dict[str, "np.ndarray | dict[str, np.ndarray]"]
+Params = dict[str, "np.ndarray | list[dict[str, np.ndarray]]"]
 
 
 def detect_tensor_parallel(weights_dir: Path) -> int:
@@ -98,15 +98,20 @@ def _mlp(full: dict[str, np.ndarray], prefix: str, cfg: T5Config) -> dict[str, n
 
 
 def to_param_tree(cfg: T5Config, full: dict[str, np.ndarray], dtype: np.dtype) -> Params:
-    """FT tensors -> the engine's tree, layers stacked on a leading axis (for lax.scan).
+    """FT tensors -> the engine's tree, one dict of arrays per layer.
 
     Tree (L_e / L_d = encoder / decoder depth):
       embedding [V, D], lm_head [V, D] (the embedding when tied),
       encoder_norm [D], decoder_norm [D], encoder_rel_bias [H, B], decoder_rel_bias [H, B],
-      encoder: {ln_attn [L_e, D], q/k/v [L_e, D, H, K], o [L_e, H, K, D], ln_mlp [L_e, D],
-                wi (wi2) [L_e, D, F], wo [L_e, F, D]}
-      decoder: {ln_self [L_d, D], q/k/v [L_d, D, H, K], o [L_d, H, K, D], ln_cross [L_d, D],
-                cq/ck/cv [L_d, D, H, K], co [L_d, H, K, D], ln_mlp [L_d, D], wi (wi2), wo}
+      encoder: L_e x {ln_attn [D], q/k/v [D, H, K], o [H, K, D], ln_mlp [D],
+                      wi (wi2) [D, F], wo [F, D]}
+      decoder: L_d x {ln_self [D], q/k/v [D, H, K], o [H, K, D], ln_cross [D],
+                      cq/ck/cv [D, H, K], co [H, K, D], ln_mlp [D], wi (wi2), wo}
+
+    Layers are separate arrays, not stacked on a leading axis: XLA copies a slice of a stacked
+    array before handing it to a GPU matmul, so a scan over stacked weights moved every weight
+    three times per decoder step (bench/layer_layout.py on an H100: 960 GB/s effective against
+    2,875 GB/s for separate arrays; docs/benchmarks.md).
     """
     def cast(a: np.ndarray) -> np.ndarray:
         return np.asarray(a).astype(dtype)
@@ -144,8 +149,8 @@ def to_param_tree(cfg: T5Config, full: dict[str, np.ndarray], dtype: np.dtype) -
             **_mlp(full, f"{p}.layer.2", cfg),
         })
 
-    def stack(layers: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return {k: cast(np.stack([layer[k] for layer in layers])) for k in layers[0]}
+    def each(layers: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        return [{k: cast(a) for k, a in layer.items()} for layer in layers]
 
     emb = full["shared.weight_T"]
     bias_stem = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
@@ -157,6 +162,6 @@ def to_param_tree(cfg: T5Config, full: dict[str, np.ndarray], dtype: np.dtype) -
         # Bias tables stay fp32: they are added to fp32 attention logits.
         "encoder_rel_bias": np.asarray(full[f"encoder.{bias_stem}"], np.float32),
         "decoder_rel_bias": np.asarray(full[f"decoder.{bias_stem}"], np.float32),
-        "encoder": stack(enc_layers),
-        "decoder": stack(dec_layers),
+        "encoder": each(enc_layers),
+        "decoder": each(dec_layers),
     }
