@@ -313,9 +313,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 class _Progress:
-    """A tqdm bar on a terminal; otherwise a plain line per finished task on stdout."""
+    """A tqdm bar on a terminal, otherwise a plain line per finished task on stdout; and the
+    Ray dashboard's view: ``t5ft_convert_tasks_done`` / ``t5ft_convert_tasks_total`` and
+    ``t5ft_convert_bytes_done`` counters, tagged by model and step ("convert" or "verify")."""
 
-    def __init__(self, total_bytes: int, tasks: int, label: str, enabled: bool) -> None:
+    def __init__(self, total_bytes: int, tasks: int, label: str, enabled: bool,
+                 model: str = "") -> None:
         self.enabled, self.label, self.tasks, self.done = enabled, label, tasks, 0
         self.bar = None
         if enabled and sys.stderr.isatty():
@@ -323,9 +326,32 @@ class _Progress:
 
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label,
                             file=sys.stderr)
+        self.metrics: dict[str, Any] = {}
+        try:
+            from ray.util import metrics as rm
+
+            tags = ("model", "step")
+            self.metrics = {
+                "tasks": rm.Counter("t5ft_convert_tasks_done", "Layer tasks finished",
+                                    tag_keys=tags),
+                "bytes": rm.Counter("t5ft_convert_bytes_done",
+                                    "Bytes of FT weight files written (or verified)",
+                                    tag_keys=tags),
+                "total": rm.Gauge("t5ft_convert_tasks_total", "Layer tasks planned",
+                                  tag_keys=tags),
+            }
+            for m in self.metrics.values():
+                m.set_default_tags({"model": model, "step": label})
+            self.metrics["total"].set(tasks)
+        except Exception:  # noqa: BLE001 - metrics are a view, never a reason to fail
+            self.metrics = {}
 
     def update(self, group: str, nbytes: int) -> None:
         self.done += 1
+        if self.metrics:
+            self.metrics["tasks"].inc(1)
+            if nbytes:
+                self.metrics["bytes"].inc(nbytes)
         if self.bar is not None:
             self.bar.update(nbytes)
         elif self.enabled:
@@ -353,7 +379,8 @@ def _run_tasks(fn, calls: list[tuple[LayerTask, tuple]], opts: ConvertOptions,
         runtime_env={"env_vars": forwarded_env()} if forwarded_env() else None,
     )
     pending = {remote.remote(*args): task for task, args in calls}
-    progress = _Progress(sum(t.bytes() for t, _ in calls), len(calls), label, opts.progress)
+    progress = _Progress(sum(t.bytes() for t, _ in calls), len(calls), label, opts.progress,
+                         model=opts.model_name)
     results = []
     try:
         while pending:

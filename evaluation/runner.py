@@ -105,6 +105,10 @@ class Predictor:
         self.failed = ray_metrics.Counter(
             "t5ft_eval_examples_failed", "Examples whose request failed", tag_keys=("model",)
         )
+        self.sent = ray_metrics.Counter(
+            "t5ft_eval_requests_sent", "Triton requests sent (retries included)",
+            tag_keys=("model",),
+        )
         self.retried = ray_metrics.Counter(
             "t5ft_eval_request_retries", "Requests sent again after a transient error",
             tag_keys=("model",),
@@ -113,16 +117,17 @@ class Predictor:
             "t5ft_eval_request_latency_ms", "Triton request latency (ms)",
             boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model",),
         )
-        for m in (self.done, self.failed, self.retried, self.latency):
+        for m in (self.done, self.failed, self.sent, self.retried, self.latency):
             m.set_default_tags(tags)
         self.client = T5Client(
             urls, model_name, start=os.getpid(),
             max_attempts=settings["max_attempts"],
             retry_timeout_s=settings["retry_timeout_s"],
-            on_retry=lambda url, exc: self.retried.inc(),
+            on_retry=lambda url, exc: (self.retried.inc(), self.sent.inc()),
         )
 
     def _generate(self, rows: list[list[int]]) -> list[str]:
+        self.sent.inc()
         outs = self.client.generate(
             rows,
             max_output_len=self.s["max_output_len"],

@@ -1,8 +1,10 @@
 """What the pipeline shows on the Ray dashboard (metrics view, Prometheus export).
 
-The stage jobs emit their own metrics (conversion: tensors and bytes converted; evaluation:
-``t5ft_eval_examples_done``, ``t5ft_eval_examples_failed``, ``t5ft_eval_request_latency_ms``);
-these add the pipeline's view, tagged by pipeline name and run:
+The stage jobs emit their own metrics (conversion: ``t5ft_convert_tasks_done``,
+``t5ft_convert_tasks_total``, ``t5ft_convert_bytes_done``; evaluation:
+``t5ft_eval_examples_done``, ``t5ft_eval_examples_failed``, ``t5ft_eval_requests_sent``,
+``t5ft_eval_request_retries``, ``t5ft_eval_request_latency_ms``); these add the pipeline's view,
+tagged by pipeline name and run:
 
 - ``t5ft_pipeline_stage``: the stage a run is in (see STAGE_VALUES; -1 failed);
 - ``t5ft_pipeline_progress``: stages finished or skipped / stages planned, over all runs;

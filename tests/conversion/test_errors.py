@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conversion.run import ConversionError, ConvertOptions, convert
-from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
+from demo.t5x_writer import gin_config, random_t5x_params, write_t5x_checkpoint
 from tests.conversion.conftest import MODELS, SMALL_CHUNK_BYTES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +39,17 @@ def test_tensor_parallel_that_does_not_divide(t5x_checkpoint, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_tensor_parallel_that_does_not_divide_d_ff(tmp_path):
+    # 4 heads split over 4 ranks, but d_ff 42 does not: the MLP split must be refused too.
+    cfg = dataclasses.replace(MODELS["ul2"], d_ff=42)
+    write_t5x_checkpoint(tmp_path / "ckpt", random_t5x_params(cfg, seed=0), step=1,
+                         gin=gin_config(cfg))
+    proc = run_cli("--src", str(tmp_path / "ckpt"), "--dst", str(tmp_path / "out"),
+                   "--tensor-parallel", "4", "--json")
+    assert_one_line_error(proc, "tensor-parallel size 4 does not divide d_ff 42")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_parameter(tmp_path):
     cfg = MODELS["t5v1"]
     params = random_t5x_params(cfg, seed=0)
@@ -58,18 +70,26 @@ def test_source_that_is_not_a_t5x_checkpoint(tmp_path):
     assert_one_line_error(proc, "is not a T5X")
     proc = run_cli("--src", str(tmp_path / "nowhere"), "--dst", str(tmp_path / "out"))
     assert_one_line_error(proc, "does not exist")
+    assert not (tmp_path / "out").exists()
 
 
 def test_destination_holding_a_different_model(ray_local, t5x_checkpoint, tmp_path):
     ul2, _ = t5x_checkpoint("ul2")
     t5v1, params = t5x_checkpoint("t5v1")
     convert(ConvertOptions(src=str(ul2), dst=str(tmp_path), model_name="m", progress=False))
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(tmp_path)): p.read_bytes()
+                for p in (tmp_path / "m").rglob("*") if p.is_file()}
+
+    before = snapshot()
     proc = run_cli("--src", str(t5v1), "--dst", str(tmp_path), "--model-name", "m")
     assert_one_line_error(proc, "already holds a different model", "--overwrite")
     # Same model, other tensor-parallel size: also a different model in that folder.
     proc = run_cli("--src", str(ul2), "--dst", str(tmp_path), "--model-name", "m",
                    "--tensor-parallel", "2")
     assert_one_line_error(proc, "already holds a different model")
+    assert snapshot() == before  # the refused runs wrote nothing over the existing model
     # Files that are no conversion at all.
     (tmp_path / "other" / "1").mkdir(parents=True)
     (tmp_path / "other" / "1" / "model.plan").write_bytes(b"x")

@@ -262,12 +262,15 @@ def test_ray_job_submit_demo_at_tensor_parallel_2(ray_head, demo_tp1, tmp_path):
     # every rank-1 file FT opens exists: the served model really was split in two
     assert all((weights / f.name).is_file() for f in ft_format.all_files(cfg, 2) if f.rank == 1)
     assert json.loads((out / "pipeline.json").read_text())["metrics"] == summary["metrics"]
-    # the pipeline's own metrics reached the cluster's Prometheus export
+    # the pipeline's and its stages' metrics reached the cluster's Prometheus export
+    wanted = ("t5ft_pipeline_progress", "t5ft_pipeline_stage", "t5ft_convert_bytes_done",
+              "t5ft_convert_tasks_done", "t5ft_eval_examples_done", "t5ft_eval_requests_sent",
+              "t5ft_eval_request_latency_ms")
     exported = ""
     for _ in range(30):
         exported = urllib.request.urlopen(
             f"http://127.0.0.1:{ray_head.metrics_port}/metrics", timeout=10).read().decode()
-        if "t5ft_pipeline_progress" in exported:
+        if all(name in exported for name in wanted):
             break
         time.sleep(1)
-    assert "t5ft_pipeline_progress" in exported and "t5ft_pipeline_stage" in exported
+    assert [name for name in wanted if name not in exported] == []
