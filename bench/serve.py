@@ -94,15 +94,31 @@ def measure(url: str, batch: int, concurrency: int, seconds: float, in_len: int,
         # Concurrent clients make the dynamic batcher form batches of several sizes, each a
         # new compile: run the same load untimed first.
         _load(url, batch, concurrency, warmup, in_len, out_len, vocab)
+    before = _triton_counts(url)
     latencies, tokens, wall = _load(url, batch, concurrency, seconds, in_len, out_len, vocab)
+    after = _triton_counts(url)
     lat = np.array(latencies) * 1000
     return {"batch": batch, "concurrency": concurrency, "requests": len(latencies),
+            # Triton's own counters: rows inferred vs model executions (dynamic batching
+            # merges concurrent requests into one execution).
+            "triton_inferences": after[0] - before[0],
+            "triton_executions": after[1] - before[1],
             "seconds": round(wall, 2), "requests_per_s": round(len(latencies) / wall, 2),
             "rows_per_s": round(len(latencies) * batch / wall, 2),
             "generated_tokens_per_s": round(tokens / wall, 1),
             "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
             "latency_ms_p90": round(float(np.percentile(lat, 90)), 1),
             "first_request_s": round(compile_s, 2)}
+
+
+def _triton_counts(url: str) -> tuple[int, int]:
+    """(inference_count, execution_count) of model t5 from Triton's statistics endpoint."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    stats = client.get_inference_statistics("t5", as_json=True)["model_stats"][0]
+    client.close()
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
 def _load(url: str, batch: int, concurrency: int, seconds: float, in_len: int, out_len: int,

@@ -39,8 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="--demo: tensor-parallel size to convert and serve at (1, 2 or 4; "
                    "default 1)")
+    p.add_argument("--min-rouge-l", type=float, default=None, metavar="X",
+                   help="exit non-zero (after writing every output) when a run's ROUGE-L "
+                   "(mid) is below X; --demo default 0.9, the demo's correctness bar")
     add_common_arguments(p)
     return p
+
+
+DEMO_MIN_ROUGE_L = 0.9  # a correct pipeline reproduces the demo's summaries almost exactly
 
 
 def _start_ray(address: str | None) -> str | None:
@@ -112,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         first = next(r for r in summary["runs"] if r["error"])
         raise UserError(f"{len(summary['failed_runs'])} of {len(summary['runs'])} run(s) "
                         f"failed; {first['run']}: {first['error']}")
+    bar = args.min_rouge_l if args.min_rouge_l is not None else (
+        DEMO_MIN_ROUGE_L if args.demo else None)
+    low = [(r["run"], r["metrics"]["rougeL"]["mid"]) for r in summary["runs"]
+           if bar is not None and r.get("metrics") and r["metrics"]["rougeL"]["mid"] < bar]
+    if low:
+        runs = ", ".join(f"{run} {score:.4f}" for run, score in low)
+        raise UserError(f"ROUGE-L below {bar} (a misplaced or mis-split weight?): {runs}; "
+                        f"outputs kept in {cfg.output}")
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from rouge_score import rouge_scorer, scoring
 
 from evaluation.runner import EvalSettings, evaluate
@@ -111,12 +112,27 @@ def test_outputs_and_metrics_equal_independent_rouge(reference_run, data_with_ho
     assert html.count("data:image/png;base64,") == 2
 
 
+def _inference_counts(urls: list[str]) -> list[int]:
+    """Rows each Triton server has inferred so far (its own statistics endpoint)."""
+    counts = []
+    for url in urls:
+        client = grpcclient.InferenceServerClient(url)
+        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+        counts.append(int(stats.get("inference_count", 0)))
+        client.close()
+    return counts
+
+
 def test_four_actors_give_identical_outputs(tmp_path, reference_run, grpc_urls,
                                             eval_model_repo, data_with_holes):
     out = tmp_path / "out4"
+    before = _inference_counts(grpc_urls)
     m = evaluate(_settings(",".join(grpc_urls), out, data_with_holes, eval_model_repo,
                            num_actors=4))
     assert m["examples"] == N and m["failed"] == 2
+    # the requests were spread over every --url, and every row was inferred exactly once
+    served = [a - b for a, b in zip(_inference_counts(grpc_urls), before, strict=True)]
+    assert all(n > 0 for n in served) and sum(served) == N, served
     for name in ("predictions.jsonl", "errors.jsonl"):
         assert (out / name).read_bytes() == (reference_run / name).read_bytes(), name
     ref = json.loads((reference_run / "metrics.json").read_text())
@@ -154,6 +170,11 @@ def test_sigkilled_run_resumes_to_the_same_files(tmp_path, repo_root, ray_local,
         assert (out / name).read_bytes() == (reference_run / name).read_bytes(), name
     ids = [p["id"] for p in _lines(pred)]
     assert len(ids) == len(set(ids)) == N
+    rouge = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    ref = json.loads((reference_run / "metrics.json").read_text())
+    got = json.loads((out / "metrics.json").read_text())
+    assert {t: got[t] for t in rouge} == {t: ref[t] for t in rouge}
+    assert got["examples"] == N and got["failed"] == 2
 
 
 def test_server_killed_mid_run_costs_no_example(tmp_path, eval_servers, grpc_urls,

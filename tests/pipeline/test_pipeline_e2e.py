@@ -97,7 +97,8 @@ def test_batch_rerun_skips_what_verifies_and_swapped_weights_fail(demo_tp1, tmp_
     - the demo run itself: every stage verifies, so all are skipped;
     - the same model with beam search: served and evaluated, still above the bar;
     - a copy of the converted model with two weight files swapped (``convert: null``, served
-      from that repository): the score collapses below the bar.
+      from that repository): the score collapses below the bar, and with ``--min-rouge-l``
+      the job fails, naming that run, after writing every output.
     One table compares the three.
     """
     from demo.build import build
@@ -116,8 +117,11 @@ def test_batch_rerun_skips_what_verifies_and_swapped_weights_fail(demo_tp1, tmp_
     ]
     path = tmp_path / "batch.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc, summary = _pipeline("--config", str(path))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc, summary = _pipeline("--config", str(path), "--min-rouge-l", str(PASS))
+    assert proc.returncode != 0 and summary, proc.stderr[-2000:]
+    reason = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    assert f"ROUGE-L below {PASS}" in reason and "swapped" in reason, reason
+    assert "beam2" not in reason, reason
     demo_run, beam, swapped = summary["runs"]
     assert demo_run["stages"] == {"convert": "skipped", "serve": "skipped",
                                   "evaluate": "skipped"}
