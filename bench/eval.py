@@ -1,13 +1,16 @@
 """Evaluation throughput: our Ray actor pool against the seed's evaluator loop, same run.
 
-    .venv/bin/python bench/eval.py [--examples 400] [--actors 1,2,4] [--batch-size 8[,1...]]
+    .venv/bin/python bench/eval.py [--examples 120] [--actors 1,2,4] [--batch-size 8[,1...]]
     .venv/bin/python bench/eval.py --baseline          # the seed's loop only
     .venv/bin/python bench/eval.py --url HOST:PORT --http-url HOST:PORT --model-name t5 \
         --vocab spiece.model --dataset data.jsonl      # against a server you run
 
-Without --url it builds the tiny random T5 the tests use (a SentencePiece vocabulary trained on
-the bundled XSum sample, demo.t5x_writer, ``ray_jobs.convert --engine jax``) and serves it with
-``serving.local.LocalServers``; the data is the bundled sample repeated to --examples rows.
+Without --url it builds a random T5 of --d-model / --layers (a SentencePiece vocabulary trained
+on the bundled XSum sample, demo.t5x_writer, ``ray_jobs.convert --engine jax``) and serves it
+with ``serving.local.LocalServers``; the data is the bundled sample repeated to --examples rows.
+The default size (D 512, 6 + 6 layers) makes a request cost the server real work, as on a GPU
+serving a large model; with the tests' 2-layer toy, a request costs ~15 ms and what is measured
+is only client overhead.
 
 The baseline is the seed's ``eval_summarization.py`` mode (ft-t5-format.md section 7), kept for
 comparison only: sequential, one example per request, a new HTTP client for every request.
@@ -37,8 +40,9 @@ from evaluation.tokenizer import load_tokenizer  # noqa: E402
 MODEL = "t5"
 
 
-def build_tiny_model(work: Path) -> tuple[Path, Path]:
-    """Vocabulary + converted model repository, as in tests/evaluation/conftest.py."""
+def build_model(work: Path, d_model: int, layers: int) -> tuple[Path, Path]:
+    """Vocabulary + converted model repository (random weights), as in
+    tests/evaluation/conftest.py but at the given width and depth."""
     import sentencepiece as spm
 
     from conversion.ft_format import T5Config
@@ -49,8 +53,8 @@ def build_tiny_model(work: Path) -> tuple[Path, Path]:
     vocab = train_sentencepiece([r["document"] for r in rows] + [r["summary"] for r in rows],
                                 work / "spiece.model", 200)
     size = spm.SentencePieceProcessor(model_file=str(vocab)).get_piece_size()
-    cfg = T5Config(d_model=32, num_heads=4, d_kv=8, d_ff=64, vocab_size=size,
-                   num_encoder_layers=2, num_decoder_layers=2,
+    cfg = T5Config(d_model=d_model, num_heads=8, d_kv=d_model // 8, d_ff=4 * d_model,
+                   vocab_size=size, num_encoder_layers=layers, num_decoder_layers=layers,
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     write_t5x_checkpoint(work / "ckpt", random_t5x_params(cfg, seed=0, dtype="float32"), step=1)
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
@@ -119,7 +123,9 @@ def main() -> None:
     p.add_argument("--model-name", default=MODEL)
     p.add_argument("--vocab")
     p.add_argument("--dataset", help="jsonl/json/parquet/tsv (default: the sample, repeated)")
-    p.add_argument("--examples", type=int, default=400)
+    p.add_argument("--examples", type=int, default=120)
+    p.add_argument("--d-model", type=int, default=512, help="width of the built model")
+    p.add_argument("--layers", type=int, default=6, help="encoder and decoder depth each")
     p.add_argument("--actors", default="1,2,4")
     p.add_argument("--batch-size", default="8", help="examples per request; a list runs each")
     p.add_argument("--replicas", type=int, default=1, help="servers when building one")
@@ -142,7 +148,7 @@ def main() -> None:
         else:
             from serving.local import LocalServers
 
-            vocab_path, repo = build_tiny_model(work)
+            vocab_path, repo = build_model(work, args.d_model, args.layers)
             vocab = str(vocab_path)
             servers = LocalServers(str(repo), args.model_name, replicas=args.replicas)
             servers.start()
