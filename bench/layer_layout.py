@@ -6,7 +6,7 @@
 and 32 rows 16 times in one compiled program, three ways: ``lax.scan`` over weights stacked
 [L, ...]; a Python loop indexing the stacked arrays; a Python loop over separate per-layer
 arrays. Reports milliseconds per pass over all layers and the effective weight bandwidth
-(weight bytes / time). On an H100 the first two ran at ~960 GB/s and the last at ~2,875 GB/s:
+(weight bytes / time). On an H100 the first two ran at ~960 GB/s and the last at ~2,866 GB/s:
 XLA materialises each slice of a stacked array before the GEMM, so the weights move three
 times. serving/engine therefore holds separate arrays (weights.py).
 """

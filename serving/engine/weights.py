@@ -111,7 +111,7 @@ def to_param_tree(cfg: T5Config, full: dict[str, np.ndarray], dtype: np.dtype) -
     Layers are separate arrays, not stacked on a leading axis: XLA copies a slice of a stacked
     array before handing it to a GPU matmul, so a scan over stacked weights moved every weight
     three times per decoder step (bench/layer_layout.py on an H100: 960 GB/s effective against
-    2,875 GB/s for separate arrays; docs/benchmarks.md).
+    2,866 GB/s for separate arrays; docs/benchmarks.md).
     """
     def cast(a: np.ndarray) -> np.ndarray:
         return np.asarray(a).astype(dtype)
