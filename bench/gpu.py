@@ -263,6 +263,10 @@ def hf_to_engine(model, cfg: T5Config) -> dict:
             out = {"wi": put(dense.wi.weight.t())}
         return {**out, "wo": put(dense.wo.weight.t())}
 
+    def attention(a, prefix: str = "") -> dict:  # q, k, v, o (cq, ck, cv, co for cross)
+        return {f"{prefix}q": heads(a.q.weight), f"{prefix}k": heads(a.k.weight),
+                f"{prefix}v": heads(a.v.weight), f"{prefix}o": heads_out(a.o.weight)}
+
     def bias(block) -> jax.Array:  # [buckets, H] -> [H, buckets], fp32
         table = block.layer[0].SelfAttention.relative_attention_bias.weight
         return put(table.t().float())
@@ -277,23 +281,18 @@ def hf_to_engine(model, cfg: T5Config) -> dict:
         "encoder": [], "decoder": [],
     }
     for block in model.encoder.block:
-        a = block.layer[0].SelfAttention
         params["encoder"].append({
             "ln_attn": put(block.layer[0].layer_norm.weight),
-            "q": heads(a.q.weight), "k": heads(a.k.weight), "v": heads(a.v.weight),
-            "o": heads_out(a.o.weight),
+            **attention(block.layer[0].SelfAttention),
             "ln_mlp": put(block.layer[1].layer_norm.weight), **mlp(block.layer[1])})
         sync()
         block.to("meta")
     for block in model.decoder.block:
-        a, c = block.layer[0].SelfAttention, block.layer[1].EncDecAttention
         params["decoder"].append({
             "ln_self": put(block.layer[0].layer_norm.weight),
-            "q": heads(a.q.weight), "k": heads(a.k.weight), "v": heads(a.v.weight),
-            "o": heads_out(a.o.weight),
+            **attention(block.layer[0].SelfAttention),
             "ln_cross": put(block.layer[1].layer_norm.weight),
-            "cq": heads(c.q.weight), "ck": heads(c.k.weight), "cv": heads(c.v.weight),
-            "co": heads_out(c.o.weight),
+            **attention(block.layer[1].EncDecAttention, "c"),
             "ln_mlp": put(block.layer[2].layer_norm.weight), **mlp(block.layer[2])})
         sync()
         block.to("meta")
