@@ -23,7 +23,10 @@ from tests.serving.engine_fixtures import (
     write_ft_folder,
 )
 
-MODELS = {"ul2": UL2_TINY, "t5": T5_TINY}
+# T5 1.1 / Flan-T5 style: gated-gelu (the tanh approximation, HF's "gelu_new"), untied head.
+T5V11_TINY = dataclasses.replace(UL2_TINY, feed_forward_proj="gated-gelu",
+                                 num_decoder_layers=2)
+MODELS = {"ul2": UL2_TINY, "t5": T5_TINY, "t5v11": T5V11_TINY}
 
 
 @pytest.fixture(scope="module")
