@@ -13,6 +13,7 @@ Any task error stops the run with the error's first line; the manifest then stil
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -77,6 +78,13 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# Stored chunks being fetched and decompressed (on tensorstore's threads) while the task casts,
+# places, writes and hashes the current one: decompression, the dominant cost, then overlaps
+# the rest and uses every core even when fewer tasks than cores remain. Each adds one decoded
+# chunk (<= 64 MiB for t5x) to a worker's memory.
+_READ_AHEAD = 2
+
+
 def _blocks(ckpt: Checkpoint, ref) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
     """A source tensor in pieces aligned to its stored chunks: (region, values) pairs.
 
@@ -92,13 +100,20 @@ def _blocks(ckpt: Checkpoint, ref) -> Iterator[tuple[tuple[slice, ...], np.ndarr
         yield (), np.asarray(ckpt.read(ref.param))
         return
     grid = [range(0, n, c) for n, c in zip(shape, chunk, strict=True)]
+    ahead: collections.deque = collections.deque()
     for starts in itertools.product(*grid):
         region = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunk, shape,
                                                                   strict=True))
         read_region: tuple = region
         if ref.layer_axis is not None:
             read_region = region[:ref.layer_axis] + (ref.layer,) + region[ref.layer_axis:]
-        yield region, ckpt.read(ref.param, read_region)
+        ahead.append((region, ckpt.read_async(ref.param, read_region)))
+        if len(ahead) > _READ_AHEAD:
+            done, values = ahead.popleft()
+            yield done, values()
+    while ahead:
+        done, values = ahead.popleft()
+        yield done, values()
 
 
 class _OutFile:

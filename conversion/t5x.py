@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgpack
@@ -75,19 +76,29 @@ class Checkpoint:
 
         Only the chunks the region touches are fetched and decompressed.
         """
+        return self.read_async(name, region)()
+
+    def read_async(self, name: str, region: tuple[slice, ...] | None = None
+                   ) -> Callable[[], np.ndarray]:
+        """Start reading (tensorstore fetches and decompresses on its own threads); the
+        returned function waits for the values, raising CheckpointError as read() does."""
         if name in self.inline:
             a = self.inline[name]
-            return a if region is None else a[region]
+            values = a if region is None else a[region]
+            return lambda: values
         store = _open(self._spec(name), name)
         if region is not None:
             store = store[region]
-        try:
-            return store.read().result()
-        except Exception as exc:  # tensorstore reports decode errors as ValueError/RuntimeError
-            where = "" if region is None else f" {_fmt_region(region)}"
-            raise CheckpointError(
-                f"cannot read parameter {name!r}{where} from {self.path}: {_first_line(exc)}"
-            ) from exc
+        future = store.read()
+
+        def result() -> np.ndarray:
+            try:
+                return future.result()
+            except Exception as exc:  # tensorstore reports decode errors as ValueError etc.
+                where = "" if region is None else f" {_fmt_region(region)}"
+                raise CheckpointError(f"cannot read parameter {name!r}{where} from "
+                                      f"{self.path}: {_first_line(exc)}") from exc
+        return result
 
     def _spec(self, name: str) -> dict[str, Any]:
         try:

@@ -63,7 +63,16 @@ def _pythonpath() -> str:
 
 
 def emit_summary(summary: dict, as_json: bool) -> None:
-    """Print the run's summary: JSON on the last line with --json, else readable lines."""
+    """Print the run's summary: JSON on the last line with --json, else readable lines.
+
+    The work is done by now: Ray is disconnected first, so that none of its driver-side
+    messages (a node's death, say, which Ray prints to stdout) can land after the summary.
+    """
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
     if as_json:
         print(json.dumps(summary, sort_keys=True, default=str), flush=True)
     else:
