@@ -95,8 +95,9 @@ CHECK_MODEL = T5Config(d_model=256, num_heads=8, d_kv=32, d_ff=1024, vocab_size=
                        feed_forward_proj="gated-silu", tie_word_embeddings=False)
 
 
-def run_check(rows: int = 8, out_len: int = 32) -> dict:
-    """fp32 greedy on GPU == on CPU (same engine, same folder); bf16 GPU logits vs fp32 CPU."""
+def run_check(rows: int = 8, out_len: int = 32, devices: int = 1) -> dict:
+    """fp32 greedy on GPU == on CPU (same engine, same folder); bf16 GPU logits vs fp32 CPU.
+    devices > 1: the GPU engines are tensor-parallel over that many GPUs."""
     import tempfile
 
     import jax
@@ -116,7 +117,7 @@ def run_check(rows: int = 8, out_len: int = 32) -> dict:
         folder = write_ft_folder(Path(tmp), cfg, 2, random_ft_weights(cfg, seed=3))
         # "fp32" means fp32: without "highest", XLA may run fp32 GPU matmuls in TF32.
         with jax.default_matmul_precision("highest"):
-            gpu32 = T5Engine.load(str(folder), dtype="fp32")
+            gpu32 = T5Engine.load(str(folder), dtype="fp32", devices=devices)
             out_gpu = gpu32.generate(inputs, params)
             logits_gpu32 = gpu32.logits(ids, dec)
             with jax.default_device(cpu):
@@ -125,7 +126,7 @@ def run_check(rows: int = 8, out_len: int = 32) -> dict:
                 logits_cpu = cpu32.logits(ids, dec)
                 placed = {dev.platform for leaf in jax.tree_util.tree_leaves(cpu32.params)
                           for dev in leaf.devices()}
-        gpu16 = T5Engine.load(str(folder), dtype="bf16")
+        gpu16 = T5Engine.load(str(folder), dtype="bf16", devices=devices)
         logits_gpu16 = gpu16.logits(ids, dec)
         out_gpu16 = gpu16.generate(inputs, params)
     same = all(np.array_equal(a.output_ids, b.output_ids)
@@ -138,6 +139,7 @@ def run_check(rows: int = 8, out_len: int = 32) -> dict:
                  for a, b in zip(out_gpu16, out_cpu, strict=True))
     result = {
         "model": dataclasses.asdict(cfg), "gpu": str(jax.devices()[0].device_kind),
+        "gpu_devices": devices,
         "cpu_engine_on": sorted(placed),
         "fp32_greedy_identical": bool(same), "rows": rows, "out_len": out_len,
         "fp32_logits_max_abs_diff": float(np.abs(logits_gpu32 - logits_cpu).max()),
@@ -369,7 +371,7 @@ def hardware_rates() -> dict:
 
 
 def bandwidth_bound(cfg: T5Config, batch: int, in_len: int, out_len: int,
-                    rates: dict) -> dict:
+                    rates: dict, devices: int = 1) -> dict:
     """Lower bounds (seconds) from bytes that must move and FLOPs that must run.
 
     Encoder: max(read encoder weights, 2 * params * tokens FLOPs at the measured rate).
@@ -380,7 +382,9 @@ def bandwidth_bound(cfg: T5Config, batch: int, in_len: int, out_len: int,
     mlp = d * f * (3 if cfg.gated else 2)
     enc_params = cfg.num_encoder_layers * (4 * d * i + mlp) + v * d
     dec_params = cfg.num_decoder_layers * (8 * d * i + mlp) + v * d
-    bw, flops = rates["bandwidth_GBps"] * 1e9, rates["bf16_TFLOPs"] * 1e12
+    # tensor parallelism splits every weight and cache over the devices: their rates add up
+    bw = rates["bandwidth_GBps"] * 1e9 * devices
+    flops = rates["bf16_TFLOPs"] * 1e12 * devices
     enc_s = max(2 * enc_params / bw, 2 * enc_params * batch * in_len / flops)
     cross = 2 * cfg.num_decoder_layers * batch * in_len * i * 2
     step_s = []
@@ -397,7 +401,7 @@ def run_jax(engine, cfg: T5Config, batches: list[int], in_len: int, out_len: int
 
     from serving.engine import SamplingParams
 
-    out = {"impl": "jax", "jax": jax.__version__, "runs": []}
+    out = {"impl": "jax", "jax": jax.__version__, "devices": engine.devices, "runs": []}
     for batch in batches:
         rows = list(input_rows(cfg, batch, in_len, seed=batch))
         # Warm-up compiles; then pick an end_id greedy never produces on these inputs, so every
@@ -412,7 +416,7 @@ def run_jax(engine, cfg: T5Config, batches: list[int], in_len: int, out_len: int
         assert all(int(r.sequence_length[0]) == out_len for r in res), "ended early"
         times = timed(lambda rows=rows, params=params: engine.generate(rows, params), repeats)
         run = summarise(out["runs"], batch, out_len, times, compile_s)
-        run["bound"] = bandwidth_bound(cfg, batch, in_len, out_len, rates)
+        run["bound"] = bandwidth_bound(cfg, batch, in_len, out_len, rates, engine.devices)
         log(f"jax batch {batch}: {run['seconds']:.3f}s, {run['tokens_per_s']:.1f} tok/s "
             f"(bound {run['bound']['total_s']:.3f}s)")
     return out
@@ -475,6 +479,9 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch (median)")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="GPUs our engine is tensor-parallel over (FT's head / d_ff split); "
+                         "HF runs on the first")
     args = ap.parse_args()
     cfg = MODELS[args.model]
     runs = (cfg, args.batches, args.input_len, args.output_len, args.repeats)
@@ -488,7 +495,7 @@ def main() -> None:
         import jax
 
         log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-        extra["check"] = run_check()
+        extra["check"] = run_check(devices=args.devices)
         if not extra["check"]["passed"]:
             sys.exit(f"correctness check failed: {extra['check']}")
         extra["rates"] = hardware_rates()
@@ -517,7 +524,7 @@ def main() -> None:
         else:
             params = jax_random_params(cfg)
             log(f"random bf16 weights on device in {time.perf_counter() - t:.1f}s")
-        engine = T5Engine(cfg, params, dtype="bf16")
+        engine = T5Engine(cfg, params, dtype="bf16", devices=args.devices)
         results.append(run_jax(engine, *runs, extra["rates"]))
         if args.impl == "both":
             extra["same_weights"] = compare(engine, probe, probe_rows, probe_dec,
