@@ -147,11 +147,13 @@ def ours(ckpt: Path, workdir: Path, cpus: int, tensor_parallel: int) -> dict:
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
-        # Start one worker per CPU and import the conversion code in each, as on a running
-        # cluster; record their resident size before any conversion work.
-        warm = ray.remote(num_cpus=1)(
+        # Start as many workers as tasks can run at once (ConvertOptions.task_cpus each) and
+        # import the conversion code in each, as on a running cluster; record their resident
+        # size before any conversion work.
+        per_task = ConvertOptions.task_cpus
+        warm = ray.remote(num_cpus=per_task)(
             lambda: (__import__("conversion.run"), _worker_rss())[1])
-        idle = dict(ray.get([warm.remote() for _ in range(cpus)]))
+        idle = dict(ray.get([warm.remote() for _ in range(int(cpus / per_task))]))
         out = workdir / "out"
         opts = ConvertOptions(src=str(ckpt), dst=str(out), tensor_parallel=tensor_parallel,
                               overwrite=True, progress=False)

@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete DST/<model> first, even when it holds a different model")
     p.add_argument("--verify", action="store_true",
                    help="re-read every written file and check it against the manifest")
-    p.add_argument("--task-cpus", type=float, default=1.0,
-                   help="CPUs each per-layer Ray task requests (default 1)")
+    p.add_argument("--task-cpus", type=float, default=0.5,
+                   help="CPUs each per-layer Ray task requests (default 0.5: two tasks per "
+                   "core, one decompressing while the other writes)")
     p.add_argument("--task-gpus", type=float, default=0.0,
                    help="GPUs each per-layer Ray task requests, to run on GPU workers (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
