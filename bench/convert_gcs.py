@@ -72,11 +72,15 @@ def fresh_ray(cpus: int) -> dict[int, int]:
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    # Same runtime_env as conversion.run's tasks, so these very workers run the conversion.
-    warm = ray.remote(num_cpus=1)(
+    from conversion.run import ConvertOptions
+
+    # Same runtime_env and CPU request as conversion.run's tasks, and as many workers as can
+    # run at once, so these very workers run the conversion.
+    per_task = ConvertOptions.task_cpus
+    warm = ray.remote(num_cpus=per_task)(
         lambda: (__import__("conversion.run"), __import__("tensorstore"), _worker_rss())[2]
     ).options(runtime_env={"env_vars": gcs_env.forwarded_env()})
-    return dict(ray.get([warm.remote() for _ in range(cpus)]))
+    return dict(ray.get([warm.remote() for _ in range(int(cpus / per_task))]))
 
 
 def convert(src: str, dst: str) -> dict:
