@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"failed; {first['run']}: {first['error']}")
     bar = args.min_rouge_l if args.min_rouge_l is not None else (
         DEMO_MIN_ROUGE_L if args.demo else None)
-    low = [(r["run"], r["metrics"]["rougeL"]["mid"]) for r in summary["runs"]
-           if bar is not None and r.get("metrics") and r["metrics"]["rougeL"]["mid"] < bar]
+    low = [] if bar is None else [
+        (r["run"], r["metrics"]["rougeL"]["mid"]) for r in summary["runs"]
+        if r.get("metrics") and r["metrics"]["rougeL"]["mid"] < bar]
     if low:
         runs = ", ".join(f"{run} {score:.4f}" for run, score in low)
         raise UserError(f"ROUGE-L below {bar} (a misplaced or mis-split weight?): {runs}; "

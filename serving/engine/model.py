@@ -3,7 +3,7 @@
 Shapes: B batch rows, S encoder length, T decoder length, M decoder cache length (the output
 bucket), D d_model, H heads, K d_kv, F d_ff, V vocab, L layers. Layers are a Python loop over
 separate per-layer arrays (weights.py says why: a scan over stacked weights copies each slice
-before a GPU matmul); compile time grows with depth (UL2 20B: about 10 s a program on an H100).
+before a GPU matmul); compile time grows with depth (UL2 20B: a first call of 15-24 s per bucket on an H100).
 
 Everything that depends only on shapes (relative-position buckets) is computed with numpy at
 trace time, in float32 like t5x and HF, so the buckets are bit-identical to theirs.
