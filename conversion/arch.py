@@ -20,6 +20,9 @@ from typing import Literal
 
 from conversion.ft_format import T5Config
 
+# config.gin is read by conversion.gin_config; parse_gin stays importable from here.
+from conversion.gin_config import parse_gin as parse_gin
+
 Source = Literal["shapes", "gin", "flag", "default"]
 
 _LAYER = re.compile(r"^(encoder|decoder)\.layers_(\d+)\.")
@@ -51,95 +54,6 @@ class T5Arch:
     def inferred(self) -> list[str]:
         """Fields not read from shapes, gin or a flag: defaults that may be wrong."""
         return sorted(k for k, v in self.sources.items() if v == "default")
-
-
-# --- config.gin --------------------------------------------------------------------------------
-
-_MACROS = {
-    "vocab_size": "NUM_EMBEDDINGS",
-    "d_model": "EMBED_DIM",
-    "d_kv": "HEAD_DIM",
-    "d_ff": "MLP_DIM",
-    "num_heads": "NUM_HEADS",
-    "num_encoder_layers": "NUM_ENCODER_LAYERS",
-    "num_decoder_layers": "NUM_DECODER_LAYERS",
-}
-# network.T5Config bindings (t5x/examples/t5/network.py field names).
-_BINDINGS = {
-    "vocab_size": "vocab_size",
-    "d_model": "emb_dim",
-    "d_kv": "head_dim",
-    "d_ff": "mlp_dim",
-    "num_heads": "num_heads",
-    "num_encoder_layers": "num_encoder_layers",
-    "num_decoder_layers": "num_decoder_layers",
-}
-
-
-def parse_gin(text: str) -> dict[str, object]:
-    """The values a T5X config.gin gives for T5Config fields (those it binds; others absent).
-
-    Reads the ``NUM_EMBEDDINGS``-style macros and ``network.T5Config.*`` bindings (both
-    ``network.T5Config.x = v`` and the block form ``network.T5Config:`` then ``  x = v``),
-    ``mlp_activations``/``activations``, ``logits_via_embedding`` and ``param_scan_axis``.
-    Includes are not followed: what is not in this file is inferred and reported.
-    """
-    macros: dict[str, str] = {}
-    bindings: dict[str, str] = {}
-    block: str | None = None
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].rstrip()
-        if not line.strip():
-            continue
-        if re.match(r"^[\w.]+\s*:\s*$", line):  # "network.T5Config:" opens a block
-            block = line.strip()[:-1].strip()
-            continue
-        m = re.match(r"^(\s*)([\w.%/]+)\s*=\s*(.+)$", line)
-        if not m:
-            continue
-        indent, key, value = m.groups()
-        if indent and block:
-            key = f"{block}.{key}"
-        elif not indent:
-            block = None
-        if re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
-            macros[key] = value.strip()
-        else:
-            bindings[key.split("/")[-1]] = value.strip()
-
-    def resolve(value: str) -> str:
-        seen = 0
-        while value.startswith("%") and seen < 10:
-            value = macros.get(value[1:], value)
-            seen += 1
-        return value
-
-    def binding(field: str) -> str | None:
-        for key, value in bindings.items():
-            if key.endswith(f"T5Config.{field}"):
-                return resolve(value)
-        return None
-
-    out: dict[str, object] = {}
-    for field, macro in _MACROS.items():
-        value = binding(_BINDINGS[field])
-        if value is None and macro in macros:
-            value = resolve(macros[macro])
-        if value is not None and re.fullmatch(r"\d+", value):
-            out[field] = int(value)
-    acts = binding("mlp_activations") or binding("activations")
-    if acts:
-        names = re.findall(r"['\"](\w+)['\"]", acts)
-        if names:
-            gated = len(names) > 1
-            out["feed_forward_proj"] = f"gated-{names[0]}" if gated else names[0]
-    tied = binding("logits_via_embedding")
-    if tied in ("True", "False"):
-        out["tie_word_embeddings"] = tied == "True"
-    scan_axis = binding("param_scan_axis")
-    if scan_axis and re.fullmatch(r"\d+", scan_axis):
-        out["param_scan_axis"] = int(scan_axis)
-    return out
 
 
 # --- inference from shapes ---------------------------------------------------------------------

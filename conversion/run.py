@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from conversion import ft_format, storage, triton_config
-from conversion.arch import ArchError, T5Arch, infer_arch, parse_gin
+from conversion.arch import ArchError, T5Arch, infer_arch
 from conversion.ft_format import ManifestEntry
 from conversion.gcs_env import forwarded_env
+from conversion.gin_config import GinConfig, GinError, read_gin
 from conversion.plan import ConversionPlan, LayerTask, OutputTensor, PlanError, make_plan
 from conversion.t5x import Checkpoint, CheckpointError, open_checkpoint
 
@@ -507,20 +508,49 @@ def find_gin(ckpt_path: str) -> str | None:
     return None
 
 
-def prepare(opts: ConvertOptions) -> tuple[Checkpoint, T5Arch, ConversionPlan, str | None]:
-    """Open the checkpoint, infer its architecture and plan the conversion (no Ray, no writes)."""
+def prepare(opts: ConvertOptions
+            ) -> tuple[Checkpoint, T5Arch, ConversionPlan, GinConfig | None]:
+    """Open the checkpoint, read its config.gin (``--gin`` or :func:`find_gin`; None when there
+    is none), infer the architecture and plan the conversion (no Ray, no writes)."""
     ckpt = open_checkpoint(opts.src)
     gin_url = opts.gin or find_gin(ckpt.path)
-    gin_values = None
+    gin = None
     if gin_url:
+        if not storage.exists(gin_url):
+            raise ConversionError(f"gin file {gin_url} does not exist")
         try:
-            gin_values = parse_gin(storage.read_text(gin_url))
-        except FileNotFoundError:
-            raise ConversionError(f"gin file {gin_url} does not exist") from None
+            gin = read_gin(storage.read_text(gin_url), gin_url)
+        except GinError as exc:
+            raise ConversionError(f"gin file {exc}") from None
     shapes = {name: p.shape for name, p in ckpt.params.items()}
-    arch = infer_arch(shapes, gin_values, opts.activation)
+    arch = infer_arch(shapes, gin.t5_values() if gin else None, opts.activation)
     plan = make_plan(ckpt.params, arch, opts.tensor_parallel, opts.weight_dtype)
-    return ckpt, arch, plan, gin_url
+    return ckpt, arch, plan, gin
+
+
+def choose_vocab(flag: str | None, gin: GinConfig | None
+                 ) -> tuple[str | None, str | None, list[str]]:
+    """(vocabulary to copy, "flag" or "gin" or None, gin problems to report).
+
+    ``--vocab`` wins; without it, the SentencePiece model config.gin names
+    (``seqio.SentencePieceVocabulary.sentencepiece_model_file``) is used when it can be read.
+    Neither an unreachable one nor an absent include stops the conversion: they are reported.
+    """
+    warnings = list(gin.warnings) if gin else []
+    if flag:
+        return flag, "flag", warnings
+    named = gin.vocab_file if gin else None
+    if not named:
+        return None, None, warnings
+    try:
+        reachable, why = storage.exists(named), "does not exist"
+    except Exception as exc:  # e.g. no credentials for its bucket: report, do not fail
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        reachable, why = False, f"cannot be read ({first})"
+    if reachable:
+        return named, "gin", warnings
+    warnings.append(f"vocabulary {named} named by config.gin {why}: no spiece.model written")
+    return None, None, warnings
 
 
 def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -537,7 +567,9 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         raise ConversionError(f"pipeline-parallel size must be >= 1, got {opts.pipeline_parallel}")
     if opts.vocab and not storage.exists(opts.vocab):
         raise ConversionError(f"vocabulary {opts.vocab} does not exist")
-    ckpt, arch, plan, gin_url = prepare(opts)
+    ckpt, arch, plan, gin = prepare(opts)
+    gin_url = gin.url if gin else None
+    vocab, vocab_source, gin_warnings = choose_vocab(opts.vocab, gin)
     t = plan.tensor_parallel
     model_dir = storage.join(opts.dst, opts.model_name)
     out_dir = storage.join(model_dir, "1", ft_format.weights_dir_name(t))
@@ -586,8 +618,8 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
 
     storage.write_text(storage.join(out_dir, ft_format.CONFIG_INI),
                        ft_format.config_ini(plan.config, plan.weight_dtype, t))
-    if opts.vocab:
-        storage.write_bytes(storage.join(model_dir, "spiece.model"), storage.read_bytes(opts.vocab))
+    if vocab:
+        storage.write_bytes(storage.join(model_dir, "spiece.model"), storage.read_bytes(vocab))
     if opts.engine == "jax":
         storage.write_text(storage.join(model_dir, "1", "model.py"), triton_config.JAX_MODEL_PY)
     manifest_text = ft_format.manifest_json({**header, "complete": True}, entries)
@@ -624,6 +656,9 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         "inferred": arch.inferred(),
         "read_from_gin": sorted(k for k, v in arch.sources.items() if v == "gin"),
         "gin": gin_url,
+        "gin_warnings": gin_warnings,
+        "vocab": vocab,
+        "vocab_source": vocab_source,
         "scanned": arch.scanned,
         "verified": verified,
         "tasks": len(plan.tasks),
