@@ -41,13 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-dtype", choices=DTYPES, default="bf16",
                    help="data_type in config.pbtxt (default bf16)")
     p.add_argument("--gin", default=None,
-                   help="config.gin giving what shapes cannot tell (activation); default: a "
-                   "config.gin beside or up to two folders above the checkpoint")
+                   help="config.gin giving what shapes cannot tell (activation) and the "
+                   "vocabulary; default: a config.gin beside or up to two folders above the "
+                   "checkpoint (docs/gin.md)")
     p.add_argument("--activation", choices=list(ft_format.ACTIVATIONS), default=None,
                    help="feed_forward_proj, overriding config.gin (default: from gin, else "
                    "gated-gelu for gated MLPs and relu otherwise, reported as inferred)")
     p.add_argument("--vocab", default=None,
-                   help="SentencePiece model copied to DST/<model>/spiece.model")
+                   help="SentencePiece model copied to DST/<model>/spiece.model (default: the "
+                   "one config.gin names, seqio.SentencePieceVocabulary.sentencepiece_model_file,"
+                   " when it exists)")
     p.add_argument("--engine", choices=list(ENGINES), default="fastertransformer",
                    help="Triton backend config.pbtxt is written for (default fastertransformer)")
     p.add_argument("--resume", action="store_true",
