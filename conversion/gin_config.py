@@ -26,16 +26,20 @@ from gin import config_parser
 
 from conversion import storage
 
-# T5Config fields (t5x/examples/t5/network.py, scalable_t5/network.py) -> parse_gin keys, and
-# the UL2 release's macros for the same values.
-_T5CONFIG_INTS = {
-    "vocab_size": ("vocab_size", "NUM_EMBEDDINGS"),
-    "d_model": ("emb_dim", "EMBED_DIM"),
-    "d_kv": ("head_dim", "HEAD_DIM"),
-    "d_ff": ("mlp_dim", "MLP_DIM"),
-    "num_heads": ("num_heads", "NUM_HEADS"),
-    "num_encoder_layers": ("num_encoder_layers", "NUM_ENCODER_LAYERS"),
-    "num_decoder_layers": ("num_decoder_layers", "NUM_DECODER_LAYERS"),
+# Where each size may be bound, first match wins: t5x's T5Config (t5x/examples/t5/network.py,
+# scalable_t5/network.py), flaxformer's modules (the UL2 release's architecture), then the
+# macros those configs define the sizes with.
+_SIZES: dict[str, tuple[tuple[str, str], tuple[str, str], str]] = {
+    "vocab_size": (("T5Config", "vocab_size"), ("Embed", "num_embeddings"), "NUM_EMBEDDINGS"),
+    "d_model": (("T5Config", "emb_dim"), ("Embed", "features"), "EMBED_DIM"),
+    "d_kv": (("T5Config", "head_dim"), ("MultiHeadDotProductAttention", "head_dim"), "HEAD_DIM"),
+    "d_ff": (("T5Config", "mlp_dim"), ("MlpBlock", "intermediate_dim"), "MLP_DIM"),
+    "num_heads": (("T5Config", "num_heads"), ("MultiHeadDotProductAttention", "num_heads"),
+                  "NUM_HEADS"),
+    "num_encoder_layers": (("T5Config", "num_encoder_layers"), ("Encoder", "num_layers"),
+                           "NUM_ENCODER_LAYERS"),
+    "num_decoder_layers": (("T5Config", "num_decoder_layers"), ("Decoder", "num_layers"),
+                           "NUM_DECODER_LAYERS"),
 }
 # Flax's swish is silu; FT and Hugging Face call it silu.
 _ACTIVATION_NAMES = {"swish": "silu"}
@@ -164,11 +168,10 @@ class GinConfig:
     def t5_values(self) -> dict[str, object]:
         """What this config says about the model, under :func:`parse_gin`'s keys."""
         out: dict[str, object] = {}
-        for key, (field, macro) in _T5CONFIG_INTS.items():
-            value = self.lookup("T5Config", field)
-            if value is None:
-                value = self.macro(macro)
-            if _is_int(value):
+        for key, (t5x, flaxformer, macro) in _SIZES.items():
+            values = (self.lookup(*t5x), self.lookup(*flaxformer), self.macro(macro))
+            value = next((v for v in values if _is_int(v)), None)
+            if value is not None:
                 out[key] = value
         acts = (self.lookup("T5Config", "mlp_activations") or self.lookup("T5Config", "activations")
                 or self.lookup("MlpBlock", "activations"))  # flaxformer (the UL2 release)

@@ -150,6 +150,20 @@ network.T5Config.param_scan_axis = %gin.REQUIRED
     assert "import t5x.examples.t5.network as network" in gin.imports
 
 
+def test_flaxformer_bindings_without_macros():
+    text = ("NUM_HEADS = 8  # defined but unused: the binding the model reads wins\n"
+            "embedding.Embed.num_embeddings = 32128\n"
+            "embedding.Embed.features = 4096\n"
+            "dense_attention.MultiHeadDotProductAttention.num_heads = 16\n"
+            "dense_attention.MultiHeadDotProductAttention.head_dim = 256\n"
+            "dense.MlpBlock.intermediate_dim = 16384\n"
+            "t5_architecture.Encoder.num_layers = 32\n"
+            "t5_architecture.Decoder.num_layers = 32\n")
+    assert parse_gin(text) == {"vocab_size": 32128, "d_model": 4096, "num_heads": 16,
+                               "d_kv": 256, "d_ff": 16384, "num_encoder_layers": 32,
+                               "num_decoder_layers": 32}
+
+
 def test_single_activation_and_swish():
     assert parse_gin("network.T5Config.mlp_activations = ('relu',)\n") == \
         {"feed_forward_proj": "relu"}
