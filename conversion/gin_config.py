@@ -236,7 +236,8 @@ def parse_gin(text: str, url: str | None = None) -> dict[str, object]:
     Keys: vocab_size, d_model, d_kv, d_ff, num_heads, num_encoder_layers, num_decoder_layers,
     feed_forward_proj, tie_word_embeddings, param_scan_axis, scan_layers and vocab_file. Read
     from ``network.T5Config`` bindings (any form: dotted, block, scoped, module-qualified),
-    else from the UL2 release's macros (``NUM_EMBEDDINGS``, ``EMBED_DIM``, ...). Use
+    else flaxformer's (``embedding.Embed.features``, ``dense.MlpBlock.activations``, ...),
+    else the UL2 release's macros (``NUM_EMBEDDINGS``, ``EMBED_DIM``, ...); docs/gin.md. Use
     :func:`read_gin` to also see the warnings (includes that could not be read).
     """
     return read_gin(text, url).t5_values()
