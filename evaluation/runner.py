@@ -385,7 +385,8 @@ def evaluate(
                       "endpoints": ", ".join(urls), "actors": s.num_actors,
                       "batch size": s.batch_size, "max input len": s.max_input_len,
                       "max output len": s.max_output_len, "beam width": s.beam_width,
-                      "top k": s.top_k},
+                      "top k": s.top_k, "vocabulary pieces": tokenizer.vocab_size,
+                      "model vocab_size": "unknown" if model_vocab is None else model_vocab},
         )
         out.write_file(REPORT, html)
         result.update(output=s.output, predictions=out.remote(PREDICTIONS),
