@@ -64,6 +64,10 @@ class Tokenizer:
         piece count -> unk id; cut just after the first EOS; SentencePiece ``DecodeIds``, which
         renders pad and EOS (control pieces) as nothing. Never raises for an id the server can
         send (any non-negative integer).
+
+        The vocabulary is the bare spiece.model, i.e. seqio's ``SentencePieceVocabulary`` with
+        ``extra_ids=0``: sentinel ids (T5 1.1's 32000..32099) are beyond it and decode as unk.
+        (With ``extra_ids=100`` seqio would add pieces "<extra_id_N>" and print those instead.)
         """
         pieces, unk = self._sp.get_piece_size(), self._sp.unk_id()
         clean = [unk if int(i) >= pieces else int(i) for i in ids]
