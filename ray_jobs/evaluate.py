@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ray_jobs.evaluate",
         description="Evaluate a Triton-served T5 (FasterTransformer request contract) on XSum "
         "with ROUGE, over a pool of Ray actors. Greedy decoding (--top-k 1 --beam-width 1) "
-        "gives the same predictions whatever --num-actors is.",
+        "gives the same predictions whatever --num-actors is. Generated ids are decoded as "
+        "seqio does: ids the vocabulary has no piece for become unk, nothing after EOS counts.",
     )
     p.add_argument("--url", required=True, metavar="HOST:PORT[,HOST:PORT...]",
                    help="Triton gRPC endpoint(s), HOST:PORT[,HOST:PORT...]; requests are "
@@ -38,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", default=None, metavar="DST",
                    help="the served model repository: its vocabulary (unless --vocab) and its "
                    "config.ini vocab_size, checked against the vocabulary before any request "
-                   "(more pieces than logits is an error); ids the vocabulary has no piece "
-                   "for decode as unk, as seqio does")
+                   "(more pieces than logits is an error)")
     p.add_argument("--document-field", default="document", help="(default: document)")
     p.add_argument("--summary-field", default="summary", help="(default: summary)")
     p.add_argument("--input-template", default="summarize: {document}",
