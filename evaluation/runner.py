@@ -29,7 +29,7 @@ from evaluation import report as eval_report
 from evaluation.client import RequestFailed, T5Client, describe, is_transient, parse_urls
 from evaluation.data import DEFAULT_TEMPLATE, Example, load_examples
 from evaluation.outputs import METRICS, PREDICTIONS, REPORT, OutputDir, prediction_line
-from evaluation.tokenizer import Tokenizer, load_tokenizer
+from evaluation.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer, model_vocab_size
 
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
@@ -126,16 +126,15 @@ class Predictor:
             on_retry=lambda url, exc: (self.retried.inc(), self.sent.inc()),
         )
 
-    def _generate(self, rows: list[list[int]]) -> list[str]:
+    def _generate(self, rows: list[list[int]]) -> list[list[int]]:
         self.sent.inc()
-        outs = self.client.generate(
+        return self.client.generate(
             rows,
             max_output_len=self.s["max_output_len"],
             beam_width=self.s["beam_width"],
             top_k=self.s["top_k"],
             random_seed=self.s["random_seed"],
         )
-        return [self.tokenizer.decode(o) for o in outs]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"id": [], "prediction": [], "latency_ms": [], "error": []}
@@ -146,13 +145,17 @@ class Predictor:
             for group_ids, preds, ms, err in self._request([str(i) for i in ids], rows):
                 for i, ex_id in enumerate(group_ids):
                     out["id"].append(ex_id)
-                    out["prediction"].append(preds[i] if preds else "")
+                    out["prediction"].append(self.tokenizer.decode(preds[i]) if preds else "")
                     out["latency_ms"].append(ms)
                     out["error"].append(err)
         return out
 
     def _request(self, ids: list[str], rows: list[list[int]]):
-        """Yield (ids, predictions or None, latency ms, error) for one request.
+        """Yield (ids, generated ids or None, latency ms, error) for one request.
+
+        Decoding happens after this, outside the request's error handling: it cannot fail
+        (seqio's rule maps every id, in range or not), so an example fails only when its
+        request does.
 
         A request the server rejects is split into single examples, so one example it cannot
         take (too long, say) fails alone; when the server is away, all of them fail with the
@@ -198,6 +201,26 @@ def request_batches(
             "tokens": [tok for t, _ in chunk for tok in t],
         })
     return batches
+
+
+def vocab_against_model(
+    s: EvalSettings, tokenizer: Tokenizer, log: Callable[[str], None]
+) -> int | None:
+    """The model's vocab_size (config.ini) when ``--model-repository`` is given, else None.
+
+    Logs how the vocabulary compares; raises VocabError, before any request, when the
+    vocabulary has more pieces than the model has logits.
+    """
+    if not s.model_repository:
+        return None
+    found = model_vocab_size(s.model_repository, s.model_name)
+    if found is None:
+        log(f"evaluate: no config.ini for {s.model_name!r} in {s.model_repository}; the "
+            "model's vocab_size is not checked against the vocabulary")
+        return None
+    vocab_size, ini = found
+    log(f"evaluate: {check_vocab_fits(tokenizer, vocab_size, ini)}")
+    return vocab_size
 
 
 def wait_until_ready(urls: Sequence[str], model_name: str, timeout_s: float) -> None:
@@ -279,6 +302,7 @@ def evaluate(
     s = settings
     urls = s.validate()
     tokenizer = load_tokenizer(s.vocab, s.model_repository, s.model_name)
+    model_vocab = vocab_against_model(s, tokenizer, log)
     data = load_examples(
         s.dataset, split=s.split, max_examples=s.max_examples,
         document_field=s.document_field, summary_field=s.summary_field,
@@ -348,6 +372,7 @@ def evaluate(
             seconds=time.perf_counter() - t_start, request_seconds=request_seconds, sent=sent,
             latencies_ms=latencies, resumed=len(data.examples) - len(pending),
         )
+        result.update(vocab_pieces=tokenizer.vocab_size, model_vocab_size=model_vocab)
         out.write_file(METRICS, json.dumps(result, indent=2, sort_keys=True) + "\n")
         html = eval_report.render_report(
             result,
@@ -360,7 +385,8 @@ def evaluate(
                       "endpoints": ", ".join(urls), "actors": s.num_actors,
                       "batch size": s.batch_size, "max input len": s.max_input_len,
                       "max output len": s.max_output_len, "beam width": s.beam_width,
-                      "top k": s.top_k},
+                      "top k": s.top_k, "vocabulary pieces": tokenizer.vocab_size,
+                      "model vocab_size": "unknown" if model_vocab is None else model_vocab},
         )
         out.write_file(REPORT, html)
         result.update(output=s.output, predictions=out.remote(PREDICTIONS),

@@ -2,8 +2,17 @@
 
 T5 vocabularies: pad 0, EOS 1, unk 2, no BOS. Inputs end with EOS; when a document is longer than
 ``max_input_len`` it is cut to ``max_input_len - 1`` pieces and EOS is appended after the cut
-(seqio's ``append_eos_after_trim``), so the encoder always sees the end marker. Decoding stops at
-the first EOS: whatever the server generated after it is not part of the summary.
+(seqio's ``append_eos_after_trim``), so the encoder always sees the end marker.
+
+Decoding follows seqio's ``Vocabulary.decode`` / ``SentencePieceVocabulary._decode``
+(seqio/vocabularies.py): every id at or beyond the vocabulary's piece count becomes the unk id,
+the ids are cut after the first EOS, and SentencePiece decodes the rest (control pieces such as
+pad 0 and EOS decode to nothing, unk to SentencePiece's unk surface " \u2047 "). A T5's output layer
+has more logits than the vocabulary has pieces (T5 1.1: 32128 logits, 32000 pieces), so a served
+model can emit such ids; they are text, not errors.
+
+The model's logit count is its config.ini ``vocab_size``, found from the model repository the
+way serving finds it (:func:`model_vocab_size`).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Pieces in the SentencePiece model (seqio's ``_base_vocab_size``, no extra ids)."""
         return self._sp.get_piece_size()
 
     def encode(self, text: str, max_len: int) -> list[int]:
@@ -48,15 +58,22 @@ class Tokenizer:
         return [*ids[: max_len - 1], EOS_ID]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids`` up to (not including) the first EOS; pad ids are dropped."""
-        out: list[int] = []
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if i != PAD_ID:
-                out.append(i)
-        return self._sp.decode(out)
+        """Text of ``ids`` as seqio's ``SentencePieceVocabulary.decode`` gives it.
+
+        Same steps as seqio (vocabularies.py, ``Vocabulary.decode``): ids at or beyond the
+        piece count -> unk id; cut just after the first EOS; SentencePiece ``DecodeIds``, which
+        renders pad and EOS (control pieces) as nothing. Never raises for an id the server can
+        send (any non-negative integer).
+
+        The vocabulary is the bare spiece.model, i.e. seqio's ``SentencePieceVocabulary`` with
+        ``extra_ids=0``: sentinel ids (T5 1.1's 32000..32099) are beyond it and decode as unk.
+        (With ``extra_ids=100`` seqio would add pieces "<extra_id_N>" and print those instead.)
+        """
+        pieces, unk = self._sp.get_piece_size(), self._sp.unk_id()
+        clean = [unk if int(i) >= pieces else int(i) for i in ids]
+        if EOS_ID in clean:
+            clean = clean[: clean.index(EOS_ID) + 1]
+        return self._sp.decode_ids(clean)
 
 
 def vocab_location(
@@ -80,3 +97,67 @@ def load_tokenizer(
     if not storage.exists(location):
         raise VocabError(f"vocabulary {location} does not exist")
     return Tokenizer(storage.read_bytes(location), source=location)
+
+
+def weights_location(model_repository: str, model_name: str) -> str:
+    """The served model's FT weights folder, found as serving finds it from config.pbtxt.
+
+    ``model_checkpoint_path`` (FT, an explicit folder), else ``1/<weights_dir>`` (our jax
+    engine) or ``1/<default_model_filename>`` (FT), else ``1/<tensor_para_size>-gpu``.
+    """
+    from google.protobuf import text_format
+
+    from conversion import ft_format, storage
+    from conversion.triton_config import parse_pbtxt
+
+    model_dir = storage.join(model_repository, model_name)
+    pbtxt = storage.join(model_dir, "config.pbtxt")
+    params: dict[str, str] = {}
+    default = ""
+    if storage.exists(pbtxt):
+        try:
+            config = parse_pbtxt(storage.read_text(pbtxt))
+        except text_format.ParseError as exc:
+            raise VocabError(f"{pbtxt}: unreadable config.pbtxt ({exc})") from exc
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        default = config.default_model_filename
+    if params.get("model_checkpoint_path"):
+        return params["model_checkpoint_path"]
+    tp = int(params.get("tensor_para_size") or 1)
+    sub = params.get("weights_dir") or default or ft_format.weights_dir_name(tp)
+    return storage.join(model_dir, "1", sub)
+
+
+def model_vocab_size(model_repository: str, model_name: str) -> tuple[int, str] | None:
+    """(config.ini ``vocab_size``, that config.ini's location), or None when there is none.
+
+    ``vocab_size`` is the number of logits the model's output layer has: the ids it can emit.
+    """
+    from conversion import ft_format, storage
+
+    ini = storage.join(weights_location(model_repository, model_name), ft_format.CONFIG_INI)
+    if not storage.exists(ini):
+        return None
+    try:
+        cfg, _ = ft_format.parse_config_ini(storage.read_text(ini))
+    except (ValueError, KeyError) as exc:
+        raise VocabError(f"{ini}: unreadable config.ini ({exc})") from exc
+    return cfg.vocab_size, ini
+
+
+def check_vocab_fits(tokenizer: Tokenizer, model_vocab: int, ini: str) -> str:
+    """A line comparing the vocabulary with the model's logits; VocabError when it cannot fit.
+
+    Fewer pieces than logits is normal (T5 1.1: 32000 pieces, 32128 logits): the extra ids
+    decode as unk. More pieces than logits means the vocabulary belongs to another model.
+    """
+    pieces = tokenizer.vocab_size
+    if pieces > model_vocab:
+        raise VocabError(
+            f"vocabulary {tokenizer.source} has {pieces} pieces but the model has only "
+            f"{model_vocab} logits (vocab_size in {ini}): it is not this model's vocabulary"
+        )
+    if pieces == model_vocab:
+        return f"vocabulary {pieces} pieces = model vocab_size {model_vocab}"
+    return (f"vocabulary {pieces} pieces, model vocab_size {model_vocab}: the "
+            f"{model_vocab - pieces} ids {pieces}..{model_vocab - 1} decode as unk")

@@ -170,8 +170,9 @@ def _complete(name: str, convert: dict | None, serve: dict, evaluate: dict) -> R
         raise ConfigError(f"{where}evaluate.model_name differs from the served model "
                           f"{serve['model_name']!r}; leave it out")
     evaluate["model_name"] = serve["model_name"]
-    if not evaluate.get("vocab"):
-        evaluate.setdefault("model_repository", serve["model_repository"])
+    # Always the served repository: it gives the vocabulary (unless evaluate.vocab says
+    # otherwise) and the model's vocab_size, which evaluate checks the vocabulary against.
+    evaluate.setdefault("model_repository", serve["model_repository"])
     return RunSpec(name, convert, serve, evaluate)
 
 

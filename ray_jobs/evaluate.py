@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ray_jobs.evaluate",
         description="Evaluate a Triton-served T5 (FasterTransformer request contract) on XSum "
         "with ROUGE, over a pool of Ray actors. Greedy decoding (--top-k 1 --beam-width 1) "
-        "gives the same predictions whatever --num-actors is.",
+        "gives the same predictions whatever --num-actors is. Generated ids are decoded as "
+        "seqio does: ids the vocabulary has no piece for become unk, nothing after EOS counts.",
     )
     p.add_argument("--url", required=True, metavar="HOST:PORT[,HOST:PORT...]",
                    help="Triton gRPC endpoint(s), HOST:PORT[,HOST:PORT...]; requests are "
@@ -32,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="hub split (default: test)")
     p.add_argument("--max-examples", type=int, default=None, metavar="K",
                    help="evaluate only the first K rows")
-    vocab = p.add_mutually_exclusive_group()
-    vocab.add_argument("--vocab", default=None, metavar="SPIECE.model", help="SentencePiece model (local or gs://)")
-    vocab.add_argument("--model-repository", default=None, metavar="DST",
-                       help="model repository DST: the vocabulary is "
-                       "DST/<model-name>/spiece.model")
+    p.add_argument("--vocab", default=None, metavar="SPIECE.model",
+                   help="SentencePiece model (local or gs://) (default: "
+                   "DST/<model-name>/spiece.model from --model-repository)")
+    p.add_argument("--model-repository", default=None, metavar="DST",
+                   help="the served model repository: its vocabulary (unless --vocab) and its "
+                   "config.ini vocab_size, checked against the vocabulary before any request "
+                   "(more pieces than logits is an error)")
     p.add_argument("--document-field", default="document", help="(default: document)")
     p.add_argument("--summary-field", default="summary", help="(default: summary)")
     p.add_argument("--input-template", default="summarize: {document}",

@@ -50,31 +50,38 @@ def subprocess_env(repo_root: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def eval_model_repo(tmp_path_factory, repo_root, eval_vocab) -> Path:
-    """A Triton model repository (jax engine, fp32) with ``t5/spiece.model``, made by the real
-    chain: demo.t5x_writer -> python -m ray_jobs.convert --engine jax --vocab."""
+def convert_tiny_model(work: Path, repo_root: Path, vocab: Path, extra_logits: int = 0) -> Path:
+    """``work/repo``: a tiny random T5 with ``vocab``'s pieces plus ``extra_logits`` logits
+    (config vocab_size) and ``vocab`` as its spiece.model, made by the real chain:
+    demo.t5x_writer -> python -m ray_jobs.convert --engine jax --vocab.
+    """
     import sentencepiece as spm
 
     from conversion.ft_format import T5Config
     from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
 
-    vocab_size = spm.SentencePieceProcessor(model_file=str(eval_vocab)).get_piece_size()
-    cfg = T5Config(d_model=32, num_heads=4, d_kv=8, d_ff=64, vocab_size=vocab_size,
+    pieces = spm.SentencePieceProcessor(model_file=str(vocab)).get_piece_size()
+    cfg = T5Config(d_model=32, num_heads=4, d_kv=8, d_ff=64, vocab_size=pieces + extra_logits,
                    num_encoder_layers=2, num_decoder_layers=2,
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-    work = tmp_path_factory.mktemp("eval_model")
     ckpt = work / "ckpt"
     write_t5x_checkpoint(ckpt, random_t5x_params(cfg, seed=0, dtype="float32"), step=1)
     repo = work / "repo"
     cmd = [sys.executable, "-m", "ray_jobs.convert", "--src", str(ckpt), "--dst", str(repo),
            "--model-name", MODEL, "--engine", "jax", "--inference-dtype", "fp32",
-           "--vocab", str(eval_vocab), "--json"]
+           "--vocab", str(vocab), "--json"]
     proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(repo_root),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"convert failed: {proc.stderr[-2000:]}"
     assert (repo / MODEL / "spiece.model").is_file()
     return repo
+
+
+@pytest.fixture(scope="session")
+def eval_model_repo(tmp_path_factory, repo_root, eval_vocab) -> Path:
+    """A Triton model repository (jax engine, fp32) with ``t5/spiece.model``, as many logits
+    as the vocabulary has pieces."""
+    return convert_tiny_model(tmp_path_factory.mktemp("eval_model"), repo_root, eval_vocab)
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,15 @@ def test_stage_settings_flow_into_the_next_stage():
     assert ev.max_examples == 5 and ev.model_repository == "repo"
 
 
+def test_evaluate_always_knows_the_served_repository():
+    """With its own vocabulary, evaluate still gets the repository (its config.ini vocab_size
+    is checked against the vocabulary)."""
+    (run,) = parse({**BASE, "evaluate": {"vocab": "gs://b/spiece.model"}}).runs
+    ev = evaluate.build_parser().parse_args(
+        to_argv("evaluate", {**run.evaluate, "url": "h:1", "output": "o"}))
+    assert (ev.vocab, ev.model_repository) == ("gs://b/spiece.model", "repo")
+
+
 def test_boolean_flags_are_given_only_when_true():
     assert to_argv("convert", {"verify": True, "no_progress": False}) == ["--verify"]
 
