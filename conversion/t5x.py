@@ -28,7 +28,8 @@ from conversion.gcs_env import is_gcs, tensorstore_kvstore
 # "legacy": t5x's msgpack + zarr; "ocdbt": orbax, arrays in an OCDBT store; "orbax": orbax with
 # one array folder per parameter (use_ocdbt=False). Checkpoint.detail says more.
 Layout = Literal["legacy", "ocdbt", "orbax"]
-_STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
+# t5x names steps checkpoint_<step>; an orbax CheckpointManager without a step_prefix, <step>.
+_STEP_DIR = re.compile(r"^(?:checkpoint_)?(\d+)$")
 _LEGACY_DETAIL = "t5x legacy (msgpack 'checkpoint', one zarr folder per array)"
 # Prefixes under which trainers keep the model parameters (t5x: target; orbax trainers: params).
 _PARAM_ROOTS = ("target.", "params.")
@@ -184,7 +185,8 @@ def resolve(src: str) -> tuple[str, Literal["legacy", "orbax"], int | None, set[
             return path, layout, step, step_names
     raise CheckpointError(
         f"{src} is not a T5X checkpoint: it holds no 'checkpoint' msgpack file, no orbax "
-        f"metadata ({', '.join(orbax_layout.MARKERS)}) and no complete checkpoint_<step> folder"
+        f"metadata ({', '.join(orbax_layout.MARKERS)}) and no complete checkpoint_<step> "
+        f"(or <step>) folder"
     )
 
 

@@ -124,6 +124,26 @@ def test_newest_finished_step_wins(t5x_checkpoint, tmp_path):
     assert (ckpt.step, ckpt.layout) == (20, "orbax")
 
 
+def test_default_step_names_and_single_item(t5x_checkpoint, tmp_path):
+    """orbax's own defaults: steps named <step> (no step_prefix), one unnamed item (default)."""
+    import orbax.checkpoint as ocp
+
+    from tests.conversion.orbax_t5x import t5x_state_dict
+
+    _, params = t5x_checkpoint("t5v1", "legacy", "float32")
+    with ocp.CheckpointManager(tmp_path / "model") as manager:
+        for step in (5, 7):
+            manager.save(step, args=ocp.args.StandardSave(t5x_state_dict(params, step)))
+        manager.wait_until_finished()
+    ckpt = t5x.open_checkpoint(str(tmp_path / "model"))
+    assert (ckpt.path, ckpt.step) == (str(tmp_path / "model" / "7"), 7)
+    assert ckpt.detail == ("orbax CheckpointManager step (items: default); item 'default': "
+                           "PyTree (OCDBT, zarr)")
+    assert set(ckpt.params) == set(params)
+    for name, want in params.items():
+        np.testing.assert_array_equal(ckpt.read(name), want)
+
+
 def test_state_item_without_parameters_is_a_clear_error(tmp_path):
     import orbax.checkpoint as ocp
 
