@@ -91,8 +91,14 @@ def _ocdbt_base(path: str) -> str:
 
 
 def is_orbax(names: set[str]) -> bool:
-    """Whether a folder holding the files/folders ``names`` is an orbax checkpoint."""
+    """Whether a folder holding the files/folders ``names`` has orbax metadata."""
     return any(m in names for m in MARKERS)
+
+
+def has_items(path: str) -> bool:
+    """Whether ``path`` holds items (sub-folders with a tree _METADATA): a step written by an
+    orbax CheckpointManager older than ``_CHECKPOINT_METADATA``."""
+    return bool(_tree_subfolders(path))
 
 
 def is_finalized(path: str, names: set[str]) -> bool:
@@ -118,17 +124,24 @@ def _read_json(url: str) -> dict[str, Any]:
 def _item_names(path: str, names: set[str]) -> list[str] | None:
     """The step's item names from ``_CHECKPOINT_METADATA``, or None if the step has no items.
 
-    Orbax before ``_CHECKPOINT_METADATA`` existed: every sub-folder holding a ``_METADATA``.
+    When the metadata names no items (older orbax wrote no ``_CHECKPOINT_METADATA``, or no
+    ``item_handlers`` in it) and the folder is not a tree itself: every sub-folder holding a
+    ``_METADATA``.
     """
     if CHECKPOINT_METADATA in names:
         handlers = _read_json(storage.join(path, CHECKPOINT_METADATA)).get("item_handlers")
-        # A dict {item: handler} for a CheckpointManager step; one handler name (a string) or
-        # nothing for a tree saved directly.
-        return sorted(handlers) if isinstance(handlers, dict) else None
+        # A dict {item: handler} for a CheckpointManager step; one handler name (a string) for
+        # a tree saved directly.
+        if isinstance(handlers, dict):
+            return sorted(handlers)
     if TREE_METADATA in names or OCDBT_MANIFEST in names:
         return None
+    return _tree_subfolders(path) or None
+
+
+def _tree_subfolders(path: str) -> list[str]:
     return [d for d in storage.list_dirs(path)
-            if storage.exists(storage.join(path, d, TREE_METADATA))] or None
+            if storage.exists(storage.join(path, d, TREE_METADATA))]
 
 
 def _choose_item(path: str, items: list[str]) -> str:

@@ -161,6 +161,27 @@ def _top_names(path: str) -> set[str]:
         return set()
 
 
+def _step_of(path: str) -> int | None:
+    m = _STEP_DIR.match(os.path.basename(path.rstrip("/")))
+    return int(m.group(1)) if m else None
+
+
+def _newest_step(src: str, names: set[str]
+                 ) -> tuple[str, Literal["legacy", "orbax"], int, set[str]] | None:
+    """The newest finished step folder in SRC, if any."""
+    # Orbax's unfinished steps are named checkpoint_<step>.orbax-checkpoint-tmp-*, so the
+    # pattern skips them; on gs:// an unfinished orbax step lacks commit_success.txt.
+    steps = sorted(((step, n) for n in names if (step := _step_of(n)) is not None), reverse=True)
+    for step, name in steps:
+        path = storage.join(src, name)
+        step_names = _top_names(path)
+        layout = _looks_like_checkpoint(step_names) or (
+            "orbax" if orbax_layout.has_items(path) else None)
+        if layout and orbax_layout.is_finalized(path, step_names):
+            return path, layout, step, step_names
+    return None
+
+
 def resolve(src: str) -> tuple[str, Literal["legacy", "orbax"], int | None, set[str]]:
     """(checkpoint folder, "legacy" or "orbax", step, names in the folder) for SRC: a
     checkpoint, or a folder of several (the newest complete step wins)."""
@@ -170,19 +191,14 @@ def resolve(src: str) -> tuple[str, Literal["legacy", "orbax"], int | None, set[
     names = _top_names(src)
     layout = _looks_like_checkpoint(names)
     if layout:
-        m = _STEP_DIR.match(os.path.basename(src))
-        return src, layout, int(m.group(1)) if m else None, names
-    # Orbax's unfinished steps are named checkpoint_<step>.orbax-checkpoint-tmp-*, so the
-    # pattern skips them; on gs:// an unfinished orbax step lacks commit_success.txt.
-    steps = sorted(
-        ((int(m.group(1)), n) for n in names if (m := _STEP_DIR.match(n))), reverse=True
-    )
-    for step, name in steps:
-        path = storage.join(src, name)
-        step_names = _top_names(path)
-        layout = _looks_like_checkpoint(step_names)
-        if layout and orbax_layout.is_finalized(path, step_names):
-            return path, layout, step, step_names
+        return src, layout, _step_of(src), names
+    newest = _newest_step(src, names)
+    if newest:
+        return newest
+    # Last, as its sub-folders could also be PyTrees saved directly as steps: an older orbax
+    # CheckpointManager step, whose items are not listed in any metadata file.
+    if orbax_layout.has_items(src):
+        return src, "orbax", _step_of(src), names
     raise CheckpointError(
         f"{src} is not a T5X checkpoint: it holds no 'checkpoint' msgpack file, no orbax "
         f"metadata ({', '.join(orbax_layout.MARKERS)}) and no complete checkpoint_<step> "

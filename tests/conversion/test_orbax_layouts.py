@@ -144,6 +144,18 @@ def test_default_step_names_and_single_item(t5x_checkpoint, tmp_path):
         np.testing.assert_array_equal(ckpt.read(name), want)
 
 
+def test_step_without_checkpoint_metadata(t5x_checkpoint, tmp_path):
+    """Orbax before _CHECKPOINT_METADATA: the items are the sub-folders with a tree _METADATA."""
+    _, params = t5x_checkpoint("t5v1", "legacy", "float32")
+    step_dir = write_orbax_t5x(tmp_path / "model", params, step=4, use_ocdbt=False)
+    (step_dir / "_CHECKPOINT_METADATA").unlink()
+    ckpt = t5x.open_checkpoint(str(tmp_path / "model"))
+    assert (ckpt.step, ckpt.layout) == (4, "orbax")
+    assert ckpt.detail == ITEMS.replace("dataset, ", "") + STORES[(False, False)][1]
+    assert set(ckpt.params) == set(params)
+    assert t5x.open_checkpoint(str(step_dir)).detail == ckpt.detail  # the step folder itself
+
+
 def test_state_item_without_parameters_is_a_clear_error(tmp_path):
     import orbax.checkpoint as ocp
 
