@@ -645,6 +645,7 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         "seconds": round(time.monotonic() - t0, 3),
         "source": ckpt.path,
         "layout": ckpt.layout,
+        "layout_detail": ckpt.detail,
         "step": ckpt.step,
         "engine": opts.engine,
         "tensor_parallel": t,

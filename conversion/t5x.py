@@ -1,16 +1,17 @@
-"""Open a T5X checkpoint, legacy (msgpack + zarr) or orbax OCDBT, local or gs://.
+"""Open a T5X checkpoint, legacy (msgpack + zarr) or any orbax layout, local or gs://.
 
 Lists the parameters under ``target`` (name, shape, dtype) and reads any parameter, or any
 sub-region of one, through tensorstore (t5x-checkpoint-format.md). Parameter names are the
 dotted tree paths without the ``target.`` prefix: ``encoder.layers_0.attention.query.kernel``.
 
 A :class:`Checkpoint` is plain data (strings and dicts), so it pickles into Ray tasks; each
-process opens the arrays it reads lazily and keeps them open.
+process opens the arrays it reads lazily and keeps them open. The orbax layouts (a PyTree saved
+directly or a CheckpointManager step; OCDBT or one folder per array) are recognised by
+conversion.orbax_layout.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -21,12 +22,15 @@ from typing import Any, Literal
 import msgpack
 import numpy as np
 
-from conversion import storage
+from conversion import orbax_layout, storage
 from conversion.gcs_env import is_gcs, tensorstore_kvstore
 
-Layout = Literal["legacy", "ocdbt"]
-_STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
-_ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA")
+# "legacy": t5x's msgpack + zarr; "ocdbt": orbax, arrays in an OCDBT store; "orbax": orbax with
+# one array folder per parameter (use_ocdbt=False). Checkpoint.detail says more.
+Layout = Literal["legacy", "ocdbt", "orbax"]
+# t5x names steps checkpoint_<step>; an orbax CheckpointManager without a step_prefix, <step>.
+_STEP_DIR = re.compile(r"^(?:checkpoint_)?(\d+)$")
+_LEGACY_DETAIL = "t5x legacy (msgpack 'checkpoint', one zarr folder per array)"
 # Prefixes under which trainers keep the model parameters (t5x: target; orbax trainers: params).
 _PARAM_ROOTS = ("target.", "params.")
 
@@ -50,11 +54,12 @@ class Checkpoint:
 
     Attributes:
       path: the ``checkpoint_<step>`` folder (local path or gs:// URL).
-      layout: "legacy" or "ocdbt".
+      layout: "legacy", "ocdbt" or "orbax" (see ``Layout``).
       step: the step from the folder name, when it has one.
       params: name -> ParamInfo for every array parameter.
       specs: name -> tensorstore spec (JSON) that opens it, or None for inline arrays.
       inline: name -> small array stored inside the msgpack file (legacy scalars).
+      detail: the layout found, in words (e.g. which CheckpointManager item, zarr or zarr3).
     """
 
     path: str
@@ -63,6 +68,7 @@ class Checkpoint:
     params: dict[str, ParamInfo]
     specs: dict[str, dict[str, Any]]
     inline: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    detail: str = ""
 
     def chunk_shape(self, name: str) -> tuple[int, ...]:
         """The stored chunk shape of a parameter (its whole shape when inline)."""
@@ -137,11 +143,11 @@ def _fmt_region(region: tuple[slice, ...]) -> str:
 # --- finding the checkpoint folder -------------------------------------------------------------
 
 
-def _looks_like_checkpoint(names: set[str]) -> Layout | None:
+def _looks_like_checkpoint(names: set[str]) -> Literal["legacy", "orbax"] | None:
     if "checkpoint" in names:
         return "legacy"
-    if any(m in names for m in _ORBAX_MARKERS):
-        return "ocdbt"
+    if orbax_layout.is_orbax(names):
+        return "orbax"
     return None
 
 
@@ -155,37 +161,61 @@ def _top_names(path: str) -> set[str]:
         return set()
 
 
-def resolve(src: str) -> tuple[str, Layout, int | None]:
-    """(checkpoint folder, layout, step) for SRC: a checkpoint, or a folder of several (the
-    newest complete step wins)."""
+def _step_of(path: str) -> int | None:
+    m = _STEP_DIR.match(os.path.basename(path.rstrip("/")))
+    return int(m.group(1)) if m else None
+
+
+def _newest_step(src: str, names: set[str]
+                 ) -> tuple[str, Literal["legacy", "orbax"], int, set[str]] | None:
+    """The newest finished step folder in SRC, if any."""
+    # Orbax's unfinished steps are named checkpoint_<step>.orbax-checkpoint-tmp-*, so the
+    # pattern skips them; on gs:// an unfinished orbax step lacks commit_success.txt.
+    steps = sorted(((step, n) for n in names if (step := _step_of(n)) is not None), reverse=True)
+    for step, name in steps:
+        path = storage.join(src, name)
+        step_names = _top_names(path)
+        layout = _looks_like_checkpoint(step_names) or (
+            "orbax" if orbax_layout.has_items(path) else None)
+        if layout and orbax_layout.is_finalized(path, step_names):
+            return path, layout, step, step_names
+    return None
+
+
+def resolve(src: str) -> tuple[str, Literal["legacy", "orbax"], int | None, set[str]]:
+    """(checkpoint folder, "legacy" or "orbax", step, names in the folder) for SRC: a
+    checkpoint, or a folder of several (the newest complete step wins)."""
     src = str(src).rstrip("/")
     if not is_gcs(src) and not os.path.exists(src):
         raise CheckpointError(f"source {src} does not exist")
     names = _top_names(src)
     layout = _looks_like_checkpoint(names)
     if layout:
-        m = _STEP_DIR.match(os.path.basename(src))
-        return src, layout, int(m.group(1)) if m else None
-    steps = sorted(
-        ((int(m.group(1)), n) for n in names if (m := _STEP_DIR.match(n))), reverse=True
-    )
-    for step, name in steps:
-        path = storage.join(src, name)
-        layout = _looks_like_checkpoint(_top_names(path))
-        if layout:
-            return path, layout, step
+        return src, layout, _step_of(src), names
+    newest = _newest_step(src, names)
+    if newest:
+        return newest
+    # Last, as its sub-folders could also be PyTrees saved directly as steps: an older orbax
+    # CheckpointManager step, whose items are not listed in any metadata file.
+    if orbax_layout.has_items(src):
+        return src, "orbax", _step_of(src), names
     raise CheckpointError(
         f"{src} is not a T5X checkpoint: it holds no 'checkpoint' msgpack file, no orbax "
-        f"metadata ({', '.join(_ORBAX_MARKERS)}) and no complete checkpoint_<step> folder"
+        f"metadata ({', '.join(orbax_layout.MARKERS)}) and no complete checkpoint_<step> "
+        f"(or <step>) folder"
     )
 
 
 def open_checkpoint(src: str) -> Checkpoint:
     """Open SRC (see :func:`resolve`) and list its parameters."""
-    path, layout, step = resolve(src)
+    path, layout, step, names = resolve(src)
     if layout == "legacy":
         return _open_legacy(path, step)
-    return _open_ocdbt(path, step)
+    try:
+        tree = orbax_layout.find_tree(path, names)
+    except orbax_layout.OrbaxLayoutError as exc:
+        raise CheckpointError(f"{path} is not a T5X checkpoint: {exc}") from exc
+    return _open_orbax(path, step, tree)
 
 
 # --- legacy: msgpack + zarr --------------------------------------------------------------------
@@ -267,60 +297,29 @@ def _open_legacy(path: str, step: int | None) -> Checkpoint:
         params[name] = ParamInfo(name, tuple(int(s) for s in shape), str(dtype))
     if not specs:
         raise CheckpointError(f"{url} is not a T5X checkpoint: no tensorstore arrays in it")
-    return Checkpoint(path, "legacy", step, params, specs, inline)
+    return Checkpoint(path, "legacy", step, params, specs, inline, _LEGACY_DETAIL)
 
 
-# --- orbax / OCDBT -----------------------------------------------------------------------------
+# --- orbax: a PyTree saved directly or a CheckpointManager step, OCDBT or not -----------------
 
 
-def _ocdbt_base(path: str) -> str:
-    if is_gcs(path):
-        return path.rstrip("/") + "/"
-    return "file://" + os.path.abspath(path).rstrip("/") + "/"
-
-
-def _ocdbt_keys_from_metadata(path: str) -> tuple[list[str], bool] | None:
-    url = storage.join(path, "_METADATA")
-    if not storage.exists(url):
-        return None
-    meta = json.loads(storage.read_text(url))
-    keys = []
-    for tree_key, entry in meta.get("tree_metadata", {}).items():
-        parts = [k["key"] for k in entry.get("key_metadata", [])]
-        if not parts:  # older orbax: the key is a stringified tuple
-            parts = list(ast.literal_eval(tree_key))
-        keys.append(".".join(str(p) for p in parts))
-    return keys, bool(meta.get("use_zarr3", False))
-
-
-def _open_ocdbt(path: str, step: int | None) -> Checkpoint:
-    import tensorstore as ts
-
-    base = _ocdbt_base(path)
-    found = _ocdbt_keys_from_metadata(path)
-    if found is None:
-        # No tree metadata: list the arrays the OCDBT store holds.
-        kv = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
-        listed = [k.decode() for k in kv.list().result()]
-        keys = sorted({k.rsplit("/", 1)[0] for k in listed
-                       if k.endswith("/.zarray") or k.endswith("/zarr.json")})
-        zarr3 = any(k.endswith("/zarr.json") for k in listed)
-    else:
-        keys, zarr3 = found
+def _open_orbax(path: str, step: int | None, tree: orbax_layout.OrbaxTree) -> Checkpoint:
+    keys = tree.keys
     roots = [r for r in _PARAM_ROOTS if any(k.startswith(r) for k in keys)]
     root = roots[0] if roots else ""
     params: dict[str, ParamInfo] = {}
     specs: dict[str, dict[str, Any]] = {}
     for key in keys:
         if not key.startswith(root):
-            continue
+            continue  # the optimizer state, the step, flax mutables
         name = key[len(root):]
-        spec = {"driver": "zarr3" if zarr3 else "zarr",
-                "kvstore": {"driver": "ocdbt", "base": base, "path": key + "/"}}
+        spec = tree.spec(key)
         store = _open(spec, name)
         specs[name] = spec
         params[name] = ParamInfo(name, tuple(int(s) for s in store.shape),
                                  store.dtype.numpy_dtype.name)
     if not specs:
-        raise CheckpointError(f"{path} is not a T5X checkpoint: its OCDBT store holds no arrays")
-    return Checkpoint(path, "ocdbt", step, params, specs)
+        where = tree.path if tree.item is None else f"item '{tree.item}' of {path}"
+        raise CheckpointError(f"{path} is not a T5X checkpoint: {where} holds no arrays "
+                              f"({tree.describe()})")
+    return Checkpoint(path, tree.layout, step, params, specs, detail=tree.describe())

@@ -1,8 +1,8 @@
 """conversion.t5x reads T5X checkpoints that live on gs://, through tensorstore's gcs driver.
 
-Three ways a checkpoint reaches a bucket: t5x saving to gs:// itself (gcs specs with the
+Ways a checkpoint reaches a bucket: t5x saving to gs:// itself (gcs specs with the
 "t5x-dummy-bucket" placeholder), a local legacy checkpoint copied up (file specs, relative
-paths), and an orbax OCDBT checkpoint copied up.
+paths), an orbax OCDBT checkpoint copied up, and t5x orbax CheckpointManager steps copied up.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 from conversion import t5x
 from conversion.ft_format import T5Config
 from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
+from tests.conversion.orbax_t5x import write_orbax_t5x
 from tests.gcs.t5x_on_gcs import write_t5x_checkpoint_gcs
 
 CFG = T5Config(d_model=32, num_heads=2, d_kv=8, d_ff=64, vocab_size=96,
@@ -63,6 +64,26 @@ def test_local_checkpoints_copied_to_gcs(gcs, gcs_prefix, params, tmp_path):
 
     ckpt = t5x.open_checkpoint(ocdbt_url.rsplit("/", 1)[0])  # the folder of steps
     assert (ckpt.layout, ckpt.step) == ("ocdbt", 8)
+    _assert_reads_back(ckpt, params)
+
+
+def test_checkpoint_manager_steps_on_gcs(gcs, gcs_prefix, params, tmp_path):
+    # Step 10: one zarr3 folder per array; step 20: OCDBT (t5x's choice).
+    write_orbax_t5x(tmp_path / "model", params, step=10, use_ocdbt=False, use_zarr3=True)
+    write_orbax_t5x(tmp_path / "model", params, step=20, use_ocdbt=True)
+    url = gcs.upload_tree(tmp_path / "model", f"{gcs_prefix}/model")
+
+    ckpt = t5x.open_checkpoint(url)
+    assert (ckpt.path, ckpt.layout, ckpt.step) == (f"{url}/checkpoint_20", "ocdbt", 20)
+    assert ckpt.detail.endswith("item 'state': PyTree (OCDBT, zarr)")
+    _assert_reads_back(ckpt, params)
+
+    # On gs:// orbax writes a step in place and adds commit_success.txt last: without it the
+    # step is unfinished and the previous one is used.
+    gcs.blobs(f"{gcs_prefix}/model/checkpoint_20")["commit_success.txt"].delete()
+    ckpt = t5x.open_checkpoint(url)
+    assert (ckpt.layout, ckpt.step) == ("orbax", 10)
+    assert ckpt.specs["encoder.encoder_norm.scale"]["kvstore"]["driver"] == "gcs"
     _assert_reads_back(ckpt, params)
 
 
