@@ -38,7 +38,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def init_ray(address: str | None, **kwargs) -> None:
-    """Connect to ADDRESS / RAY_ADDRESS, or start a local Ray.
+    """Connect to ADDRESS / RAY_ADDRESS (sending Ray's auth token if found), or start a local Ray.
 
     Workers get the repository on PYTHONPATH so the packages import the same way under
     `python -m` and under `ray job submit --working-dir .`.
