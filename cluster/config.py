@@ -244,7 +244,7 @@ def parse_config(data: Any) -> ClusterConfig:
     if not cfg.image or not cfg.gpu_image:
         raise ConfigError("config.image and config.gpu_image must name images")
     if cfg.ray_version not in cfg.image or cfg.ray_version not in cfg.gpu_image:
-        # The driver's Ray must match the cluster's (platform-conventions.md).
+        # The driver's Ray must match the cluster's (docs/gke.md, section 0).
         raise ConfigError(f"config.ray_version {cfg.ray_version} does not appear in image tags "
                           f"{cfg.image!r} / {cfg.gpu_image!r}")
     _check_quantity(cfg.triton.cpu, "triton.cpu")

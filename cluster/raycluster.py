@@ -3,7 +3,7 @@
 Pod templates are `kubernetes.client` models, so a misspelt field fails here rather than being
 dropped by the API server; the CRD top level is a dict built around their serialised form
 (`ApiClient().sanitize_for_serialization`), since the client has no models for CRDs.
-Schemas: ../shared/schemas/ray.io_rayclusters.yaml and ray.io_rayjobs.yaml (KubeRay v1).
+Schemas: cluster/schemas/ray.io_rayclusters.yaml and ray.io_rayjobs.yaml (KubeRay v1.7.0, ray.io/v1).
 """
 
 from __future__ import annotations

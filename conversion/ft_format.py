@@ -1,6 +1,6 @@
 """The FasterTransformer T5 weight format, in one place.
 
-What FT's loaders open (../shared/docs/ft-t5-format.md, read from models/t5/*Weight.cc): one raw,
+What FT's loaders open (docs/ft-t5-format.md, read from models/t5/*Weight.cc): one raw,
 headerless, row-major file per tensor and per tensor-parallel rank, plus ``config.ini``.
 This module is pure: names, shapes, split rules, dtypes, config.ini and the manifest. Conversion
 writes what it describes and serving reads it back; neither imports the other.

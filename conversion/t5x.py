@@ -1,7 +1,7 @@
 """Open a T5X checkpoint, legacy (msgpack + zarr) or any orbax layout, local or gs://.
 
 Lists the parameters under ``target`` (name, shape, dtype) and reads any parameter, or any
-sub-region of one, through tensorstore (t5x-checkpoint-format.md). Parameter names are the
+sub-region of one, through tensorstore (docs/t5x-checkpoint-format.md). Parameter names are the
 dotted tree paths without the ``target.`` prefix: ``encoder.layers_0.attention.query.kernel``.
 
 A :class:`Checkpoint` is plain data (strings and dicts), so it pickles into Ray tasks; each

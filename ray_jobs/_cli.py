@@ -2,17 +2,20 @@
 
 - exit 0 on success; non-zero with a one-line reason on stderr otherwise;
 - with --json, the last stdout line is one JSON object summarising the run;
-- without --address and RAY_ADDRESS, a local Ray is started.
+- without --address and RAY_ADDRESS, a local Ray is started; with one, Ray's auth token is sent
+  when this machine has one (Ray 2.60 heads require it), and a refusal is one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +38,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def init_ray(address: str | None, **kwargs) -> None:
-    """Connect to ADDRESS / RAY_ADDRESS, or start a local Ray.
+    """Connect to ADDRESS / RAY_ADDRESS (sending Ray's auth token if found), or start a local Ray.
 
     Workers get the repository on PYTHONPATH so the packages import the same way under
     `python -m` and under `ray job submit --working-dir .`.
@@ -50,9 +53,86 @@ def init_ray(address: str | None, **kwargs) -> None:
         env_vars = dict(runtime_env.get("env_vars", {}))
         env_vars.setdefault("PYTHONPATH", _pythonpath())
         runtime_env = {**runtime_env, "env_vars": env_vars}
-    # "local", not None: ray.init(None) would join any cluster `ray start` left on this machine.
-    ray.init(address=address or "local", runtime_env=runtime_env or None,
-             log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
+    kwargs = {"runtime_env": runtime_env or None,
+              "log_to_driver": kwargs.pop("log_to_driver", True), **kwargs}
+    if address is None:
+        # "local", not None: ray.init(None) would join any cluster `ray start` left here.
+        ray.init(address="local", **kwargs)
+    else:
+        _join(address, **kwargs)
+
+
+# What a user joining a token-protected head needs to know, in one line.
+_TOKEN_HELP = ("set RAY_AUTH_TOKEN to the head's token (`ray get-auth-token` on the head) or "
+               "RAY_AUTH_TOKEN_PATH to a file holding it, and RAY_AUTH_MODE=token")
+
+
+def _send_token_if_found() -> bool:
+    """Before joining a head: send Ray's auth token when this machine has one.
+
+    Ray 2.60's `ray start --head` requires a token whenever one exists on its machine (its
+    default file ~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH), but ray.init with an
+    address sends it only under RAY_AUTH_MODE=token. Ray's own loader looks for it in the same
+    places; an explicit RAY_AUTH_MODE is left as the user set it. True when a token will be sent.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader
+
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        return False
+    _enable_token_auth()  # RAY_AUTH_MODE=token here and in child jobs (the pipeline's stages)
+    return True
+
+
+@contextlib.contextmanager
+def _stderr_to(file) -> Iterator[None]:
+    """Point file descriptor 2 at FILE (Ray's C++ client logs there, below sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _join(address: str, **kwargs) -> None:
+    """ray.init(address=ADDRESS); a head that refuses us for want of a token is one line.
+
+    Ray's client retries a refused connection for several seconds, logging each refusal to
+    stderr; that log is held back and, unless the cause was the token, passed on as it was.
+    """
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    sending = _send_token_if_found()
+    with tempfile.TemporaryFile() as log:
+        try:
+            with _stderr_to(log):
+                ray.init(address=address, **kwargs)
+        except AuthenticationError as exc:  # RAY_AUTH_MODE=token, yet no token anywhere
+            raise UserError(f"RAY_AUTH_MODE=token but no Ray auth token was found: "
+                            f"{_TOKEN_HELP}") from exc
+        except ConnectionError as exc:
+            held = _read(log)
+            if "InvalidAuthToken" not in held and "Unauthenticated" not in held:
+                sys.stderr.write(held)
+                raise
+            found = ("refused the auth token found here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+                     "or ~/.ray/auth_token)" if sending else
+                     "requires token authentication and no auth token was found here")
+            raise UserError(f"the Ray head at {address} {found}: {_TOKEN_HELP}") from exc
+        sys.stderr.write(_read(log))
+
+
+def _read(file) -> str:
+    file.seek(0)
+    return file.read().decode(errors="replace")
 
 
 def _pythonpath() -> str:

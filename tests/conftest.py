@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
 
 # Keep Ray quiet and local in tests; jobs launched by tests find the repo on PYTHONPATH.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -40,6 +39,5 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def xsum_sample() -> Path:
-    """The 10 real XSum rows (bundled copy; ../shared when present)."""
-    bundled = REPO / "demo" / "data" / "xsum_sample.jsonl"
-    return bundled if bundled.exists() else SHARED / "data" / "xsum_sample.jsonl"
+    """The 10 real XSum rows bundled in demo/data (sources in demo/data/SOURCES.md)."""
+    return REPO / "demo" / "data" / "xsum_sample.jsonl"

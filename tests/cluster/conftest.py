@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEMAS = REPO.parent / "shared" / "schemas"
+SCHEMAS = REPO / "cluster" / "schemas"  # KubeRay v1.7.0 CRDs, vendored (README.md there)
 
 PLURALS = {"namespaces", "serviceaccounts", "services", "pods", "events", "deployments",
            "roles", "rolebindings", "rayclusters", "rayjobs"}
@@ -210,7 +210,7 @@ def crd_schema(file_name: str) -> dict:
     """
     path = SCHEMAS / file_name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: the KubeRay CRDs live in ../shared/schemas")
+        raise FileNotFoundError(f"{path} missing: the KubeRay CRDs live in cluster/schemas/")
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
 

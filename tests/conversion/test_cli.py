@@ -7,6 +7,7 @@ what `ray stop` would do without touching anyone else's Ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,14 +80,11 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture()
-def ray_head():
-    """A Ray head of our own: (dashboard URL, env); stopped with its whole process group."""
+@contextlib.contextmanager
+def _ray_head(env: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """A Ray head of our own: (dashboard URL, GCS address); stopped with its process group."""
     gcs, dash, agent, agent_grpc, metrics, client, runtime_env = _free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rh")  # short: Ray puts sockets in it
-    # Ray 2.60 turns token authentication on for `ray start` heads; this throwaway local head
-    # and its client run without it, so the test needs no token file.
-    env = {**_env(), "RAY_AUTH_MODE": "disabled"}
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port",
@@ -111,7 +110,7 @@ def ray_head():
                 if time.monotonic() > deadline:
                     pytest.fail("the Ray head's job API never answered")
                 time.sleep(0.5)
-        yield url, env
+        yield url, f"127.0.0.1:{gcs}"
     finally:
         head.terminate()  # `ray start --block` stops everything it started on SIGTERM
         try:
@@ -125,6 +124,16 @@ def ray_head():
         except ProcessLookupError:
             pass
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture()
+def ray_head():
+    """(dashboard URL, env) of a head without token authentication, and its clients' env."""
+    # Ray 2.60 turns token authentication on for `ray start` heads when a token exists; this
+    # throwaway local head and its client run without it, so the test needs no token file.
+    env = {**_env(), "RAY_AUTH_MODE": "disabled"}
+    with _ray_head(env) as (url, _):
+        yield url, env
 
 
 def test_ray_job_submit(ray_head, t5x_checkpoint, tmp_path):
@@ -159,3 +168,74 @@ def test_cli_task_error_is_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "'decoder.layers_2.mlp.wi_1.kernel'" in lines[0]
     assert not (tmp_path / "out" / "t5" / "config.pbtxt").exists()
+
+
+# --- a head as `ray start --head` starts by default: token authentication on ----------------------
+
+
+def _no_auth_env(home: Path) -> dict[str, str]:
+    """The clients' env with no RAY_AUTH_* setting and HOME (where Ray's token file is) at HOME."""
+    env = {k: v for k, v in _env().items() if not k.startswith("RAY_AUTH_")}
+    env["HOME"] = str(home)
+    return env
+
+
+@pytest.fixture(scope="module")
+def default_head(tmp_path_factory):
+    """(dashboard URL, GCS address, env): a head started with Ray's default auth settings on a
+    machine that has a token in Ray's default file, HOME/.ray/auth_token (made by Ray's CLI, as
+    a user would: `ray get-auth-token --generate`). Ray 2.60 then requires that token."""
+    home = tmp_path_factory.mktemp("home")
+    env = _no_auth_env(home)
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    assert (home / ".ray" / "auth_token").is_file()
+    with _ray_head(env) as (url, gcs):
+        yield url, gcs, env
+
+
+def _convert(src: Path, dst: Path, env: dict[str, str], *extra: str):
+    return subprocess.run(
+        [sys.executable, "-m", "ray_jobs.convert", "--src", str(src), "--dst", str(dst),
+         "--tensor-parallel", "2", "--json", *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_address_joins_a_default_head(default_head, t5x_checkpoint, tmp_path):
+    """`--address` against a default `ray start --head` on this machine works without
+    RAY_AUTH_MODE: the token in Ray's default file is sent."""
+    _, gcs, env = default_head
+    src, params = t5x_checkpoint("ul2")
+    proc = _convert(src, tmp_path, env, "--address", gcs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check(_last_json(proc.stdout), tmp_path, params, 2)
+
+
+def test_no_token_is_one_line(default_head, t5x_checkpoint, tmp_path):
+    """With no token findable (empty HOME, no RAY_AUTH_TOKEN), joining through RAY_ADDRESS fails
+    with one line naming what to set, and nothing is written."""
+    _, gcs, _ = default_head
+    src, _ = t5x_checkpoint("ul2")
+    env = {**_no_auth_env(tmp_path / "empty-home"), "RAY_ADDRESS": gcs}
+    proc = _convert(src, tmp_path / "out", env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: the Ray head at {gcs} requires token authentication")
+    assert "RAY_AUTH_TOKEN" in lines[0] and "RAY_AUTH_MODE=token" in lines[0]
+    assert not (tmp_path / "out" / "t5").exists()
+
+
+def test_job_submit_to_a_default_head(default_head, t5x_checkpoint, tmp_path):
+    """The README's `RAY_AUTH_MODE=token ray job submit`: Ray's job CLI sends the token only in
+    token mode; the job's own driver (the head's `python`) joins the head with it."""
+    url, _, env = default_head
+    src, params = t5x_checkpoint("ul2")
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--",
+         "python", "-m", "ray_jobs.convert", "--src", str(src), "--dst", str(tmp_path),
+         "--tensor-parallel", "2", "--json"],
+        cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    _check(_last_json(proc.stdout), tmp_path, params, 2)
