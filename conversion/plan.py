@@ -141,10 +141,14 @@ class LayerTask:
 
 @dataclasses.dataclass(frozen=True)
 class ConversionPlan:
+    """Every task of a conversion; ``layer_tables``: the sides whose every layer's own
+    relative-bias table is written (JAX engine, scanned checkpoints with per-layer tables)."""
+
     config: T5Config
     tensor_parallel: int
     weight_dtype: str
     tasks: tuple[LayerTask, ...]
+    layer_tables: tuple[str, ...] = ()
 
     def files(self) -> list[OutputFile]:
         out = []
@@ -333,7 +337,7 @@ def make_plan(
             tensors.append(OutputTensor(refs, transform, full_shape, files[0].split,
                                         tuple(files), weight_dtype))
         tasks.append(LayerTask(group, tuple(tensors)))
-    return ConversionPlan(cfg, tensor_parallel, weight_dtype, tuple(tasks))
+    return ConversionPlan(cfg, tensor_parallel, weight_dtype, tuple(tasks), sides)
 
 
 def _checked(ref: SourceRef, params: Mapping[str, _Param], shapes: Mapping[str, tuple[int, ...]],

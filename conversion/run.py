@@ -672,9 +672,7 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         "scanned": arch.scanned,
         # Where the scan axis came from is arch_sources["param_scan_axis"] (gin, flag, shapes).
         "param_scan_axis": arch.scan_axis if arch.scanned else None,
-        "layer_relative_bias": [s for s in ("encoder", "decoder") if any(
-            f.name.startswith(f"{s}.block.1.layer.0.SelfAttention.relative_attention_bias")
-            for f in plan.files())],
+        "layer_relative_bias": list(plan.layer_tables),
         "verified": verified,
         "tasks": len(plan.tasks),
         "peak_worker_rss_bytes": peak,

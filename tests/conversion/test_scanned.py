@@ -78,6 +78,15 @@ def test_scan_axis_from_shapes_gin_or_flag(naming: str, axis: int):
         infer_arch(shapes, {"param_scan_axis": 1 - axis})
 
 
+def test_heads_equal_to_layers_is_told_apart_by_the_other_shapes():
+    # The tables [H, L, B] alone read either way; the kernels ([D, L, H, K]) do not.
+    cfg = dataclasses.replace(UL2, num_heads=3, d_kv=8, num_encoder_layers=3)
+    shapes = _shapes(scan_params(random_t5x_params(cfg, seed=12), cfg, naming="current"))
+    assert shapes["decoder.decoder.relpos_bias.rel_embedding"] == (3, 3, 32)
+    arch = infer_arch(shapes, activation="gated-silu")
+    assert (arch.scan_axis, arch.sources["param_scan_axis"], arch.config) == (1, "shapes", cfg)
+
+
 def test_ambiguous_scan_axis_asks_for_the_flag():
     params = random_t5x_params(SQUARE, seed=3)
     shapes = _shapes(scan_params(params, SQUARE, axis=1, naming="current"))
