@@ -294,7 +294,7 @@ def _relpos_table_shape(shapes: Mapping[str, tuple[int, ...]], prefix: Mapping[s
     if name is None:
         raise ArchError(f"missing parameter {prefix[side]}relpos_bias.rel_embedding: no "
                         f"relative-bias table for the scanned {side}")
-    return _unstacked(shapes, name, axis) if name.startswith(prefix[side]) else shapes[name]
+    return _unstacked(shapes, name, axis) if name.startswith(prefix[side]) else _shape(shapes, name)
 
 
 def _axis_fits(shapes: Mapping[str, tuple[int, ...]], prefix: Mapping[str, str], d: int,
