@@ -348,7 +348,7 @@ def _scan_axis(shapes: Mapping[str, tuple[int, ...]], prefix: Mapping[str, str],
         given = (int(gin["param_scan_axis"]), "gin")  # type: ignore[call-overload]
     if given is not None:
         axis, source = given
-        if not _axis_fits(shapes, prefix, d, axis):
+        if axis < 0 or not _axis_fits(shapes, prefix, d, axis):
             where = f"{FLAG_HINT} {axis}" if source == "flag" else (
                 f"config.gin sets param_scan_axis = {axis}")
             raise ArchError(f"{where}, but the scanned parameters under "

@@ -74,6 +74,8 @@ def test_scan_axis_from_shapes_gin_or_flag(naming: str, axis: int):
     assert (flagged.scan_axis, flagged.sources["param_scan_axis"]) == (axis, "flag")
     with pytest.raises(ArchError, match=f"--param-scan-axis {1 - axis}, but the scanned"):
         infer_arch(shapes, gin, param_scan_axis=1 - axis)
+    with pytest.raises(ArchError, match="--param-scan-axis -1, but the scanned"):
+        infer_arch(shapes, gin, param_scan_axis=-1)
     with pytest.raises(ArchError, match=f"config.gin sets param_scan_axis = {1 - axis}"):
         infer_arch(shapes, {"param_scan_axis": 1 - axis})
 
