@@ -156,7 +156,7 @@ def _ranked(stem: str, full_shape: tuple[int, ...], split: Split, t: int) -> lis
 
 def global_files(cfg: T5Config, t: int) -> list[FileSpec]:
     """Embedding, LM head, final norms and the two relative-bias tables."""
-    v, d, h, b = cfg.vocab_size, cfg.d_model, cfg.num_heads, cfg.relative_attention_num_buckets
+    v, d = cfg.vocab_size, cfg.d_model
     files = [FileSpec("shared.weight_T.bin", (v, d), "none")]
     if not cfg.tie_word_embeddings:
         files.append(FileSpec("lm_head.weight.bin", (v, d), "none"))
@@ -165,10 +165,20 @@ def global_files(cfg: T5Config, t: int) -> list[FileSpec]:
         FileSpec("decoder.final_layer_norm.weight.bin", (d,), "none"),
     ]
     for side in ("encoder", "decoder"):
-        stem = f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-        # FT's table is [H, B] split on heads, i.e. the first axis.
-        files += _ranked(stem, (h, b), "first", t)
+        files += layer_relative_bias_files(cfg, side, 0, t)
     return files
+
+
+def layer_relative_bias_files(cfg: T5Config, side: str, layer: int, t: int) -> list[FileSpec]:
+    """A relative-bias table [H, B], split on heads (the first axis) like FT's.
+
+    Layer 0's is FT's one table per side. Those of layers 1.. are our extension, written only
+    for the JAX engine and only for models whose every layer has its own table (current t5x
+    ``scalable_t5``): ``<side>.block.<i>.layer.0.SelfAttention.relative_attention_bias.weight
+    .<rank>.bin``, named as FT names block 0's. FT never opens them.
+    """
+    stem = f"{side}.block.{layer}.layer.0.SelfAttention.relative_attention_bias.weight"
+    return _ranked(stem, (cfg.num_heads, cfg.relative_attention_num_buckets), "first", t)
 
 
 def _mlp_files(prefix: str, cfg: T5Config, t: int) -> list[FileSpec]:
@@ -361,11 +371,18 @@ def parse_manifest(text: str) -> tuple[dict, dict[str, ManifestEntry]]:
     }
 
 
-def iter_layer_groups(cfg: T5Config, t: int) -> Iterator[tuple[str, list[FileSpec]]]:
-    """Files grouped as conversion schedules them: globals, then each layer."""
+def iter_layer_groups(cfg: T5Config, t: int, layer_tables: tuple[str, ...] = ()
+                      ) -> Iterator[tuple[str, list[FileSpec]]]:
+    """Files grouped as conversion schedules them: globals, then each layer.
+
+    layer_tables: the sides ("encoder", "decoder") whose layers 1.. also get their own
+    relative-bias table (:func:`layer_relative_bias_files`, JAX engine only).
+    """
     cfg.check_tensor_parallel(t)
     yield "globals", global_files(cfg, t)
-    for layer in range(cfg.num_encoder_layers):
-        yield f"encoder.{layer}", encoder_layer_files(cfg, layer, t)
-    for layer in range(cfg.num_decoder_layers):
-        yield f"decoder.{layer}", decoder_layer_files(cfg, layer, t)
+    for side, depth, files in (("encoder", cfg.num_encoder_layers, encoder_layer_files),
+                               ("decoder", cfg.num_decoder_layers, decoder_layer_files)):
+        for layer in range(depth):
+            extra = (layer_relative_bias_files(cfg, side, layer, t)
+                     if side in layer_tables and layer else [])
+            yield f"{side}.{layer}", files(cfg, layer, t) + extra

@@ -14,7 +14,13 @@ sources ``S_0, S_1, ...`` by its transform, then cut into ranks and cast:
   relative-bias tables, which FT can only hold once)
 
 File r of T is ``ft_format.split_for_rank(F, split, r, T)`` cast to the weight dtype (cast from
-any source float dtype). A scanned source is indexed at ``layer`` on its ``layer_axis`` first.
+any source float dtype). A scanned source is indexed at ``layer`` on its ``layer_axis`` first;
+an attention kernel stored with heads on their own axis ([D, H, K] or [H, K, D], current
+scalable_t5) is then read as its row-major [D, H*K] or [H*K, D] ``view``.
+
+For the JAX engine (``layer_tables=True``) a scanned side whose layers each have their own
+relative-bias table gets every layer's table (``ft_format.layer_relative_bias_files``) and no
+``copy_identical``: the model is served exactly.
 
 Fixes to NVIDIA's converter (spec section 6) are here: the untied LM head comes from
 ``decoder.logits_dense``, non-gated ``mlp.wi`` is mapped, each side has its own depth, every
@@ -30,7 +36,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from conversion import ft_format
-from conversion.arch import SCANNED_PREFIX, T5Arch, scanned_relpos_name
+from conversion.arch import T5Arch, scanned_relpos_name
 from conversion.ft_format import FileSpec, Split, T5Config
 
 Transform = Literal["copy", "transpose", "fuse_qkv", "copy_identical"]
@@ -55,11 +61,14 @@ class SourceRef:
       param: name under ``target``.
       layer_axis: for scanned parameters, the layer axis to index; None otherwise.
       layer: the layer index on ``layer_axis``.
+      view: the 2-D shape one layer is read as when it is stored with heads on their own
+        axis (row-major merge of consecutive axes); None when stored as the transform reads it.
     """
 
     param: str
     layer_axis: int | None = None
     layer: int = 0
+    view: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
         if self.layer_axis is None:
@@ -132,10 +141,14 @@ class LayerTask:
 
 @dataclasses.dataclass(frozen=True)
 class ConversionPlan:
+    """Every task of a conversion; ``layer_tables``: the sides whose every layer's own
+    relative-bias table is written (JAX engine, scanned checkpoints with per-layer tables)."""
+
     config: T5Config
     tensor_parallel: int
     weight_dtype: str
     tasks: tuple[LayerTask, ...]
+    layer_tables: tuple[str, ...] = ()
 
     def files(self) -> list[OutputFile]:
         out = []
@@ -169,10 +182,6 @@ def _t5x_sources(stem: str, cfg: T5Config) -> tuple[list[str], Transform]:
         "lm_head.weight": (["decoder.logits_dense.kernel"], "transpose"),
         "encoder.final_layer_norm.weight": (["encoder.encoder_norm.scale"], "copy"),
         "decoder.final_layer_norm.weight": (["decoder.decoder_norm.scale"], "copy"),
-        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-            (["encoder.relpos_bias.rel_embedding"], "copy"),
-        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-            (["decoder.relpos_bias.rel_embedding"], "copy"),
     }
     if stem in glob:
         names, transform = glob[stem]
@@ -201,9 +210,9 @@ def _t5x_sources(stem: str, cfg: T5Config) -> tuple[list[str], Transform]:
     return [f"{prefix}.{attn}.{_PROJ[proj]}.kernel"], "copy"
 
 
-def _scanned_ref(name: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]]) -> SourceRef:
+def _scanned_ref(name: str, arch: T5Arch) -> SourceRef:
     """Map an unscanned T5X name (``encoder.layers_3.mlp.wo.kernel``) to its stacked source."""
-    for side, prefix in SCANNED_PREFIX.items():
+    for side, prefix in arch.scan_prefix.items():
         head = f"{side}.layers_"
         if name.startswith(head):
             layer, rest = name[len(head):].split(".", 1)
@@ -211,23 +220,66 @@ def _scanned_ref(name: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]])
     return SourceRef(name)
 
 
-def _sources(stem: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]]
-             ) -> tuple[tuple[SourceRef, ...], Transform]:
+def _depth(cfg: T5Config, side: str) -> int:
+    return cfg.num_encoder_layers if side == "encoder" else cfg.num_decoder_layers
+
+
+def layer_table_sides(arch: T5Arch, shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """The sides of a scanned checkpoint whose every layer has its own relative-bias table."""
+    if not arch.scanned:
+        return ()
+    return tuple(side for side in ("encoder", "decoder")
+                 if (scanned_relpos_name(shapes, side, arch.scan_prefix) or "").startswith(
+                     arch.scan_prefix[side]))
+
+
+def _table_sources(stem: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]],
+                   layer_tables: bool) -> tuple[tuple[SourceRef, ...], Transform]:
+    """A relative-bias table's sources: ``<side>.block.<i>....relative_attention_bias.weight``."""
+    side, _, layer = stem.split(".", 3)[:3]
+    if not arch.scanned:
+        return (SourceRef(f"{side}.relpos_bias.rel_embedding"),), "copy"
+    table = scanned_relpos_name(shapes, side, arch.scan_prefix)
+    if table is None:
+        raise PlanError(f"missing parameter {arch.scan_prefix[side]}relpos_bias.rel_embedding: "
+                        f"no relative-bias table for the scanned {side}")
+    if not table.startswith(arch.scan_prefix[side]):  # one table beside the scanned layers
+        return (SourceRef(table),), "copy"
+    if layer_tables:  # every layer's own table, each in its own file
+        return (SourceRef(table, arch.scan_axis, int(layer)),), "copy"
+    refs = tuple(SourceRef(table, arch.scan_axis, i) for i in range(_depth(arch.config, side)))
+    return refs, "copy_identical"
+
+
+def _sources(stem: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]],
+             layer_tables: bool = False) -> tuple[tuple[SourceRef, ...], Transform]:
+    if stem.endswith("relative_attention_bias.weight"):
+        return _table_sources(stem, arch, shapes, layer_tables)
     names, transform = _t5x_sources(stem, arch.config)
     if not arch.scanned:
         return tuple(SourceRef(n) for n in names), transform
-    if stem.endswith("relative_attention_bias.weight"):
-        side = stem.split(".", 1)[0]
-        table = scanned_relpos_name(shapes, side)
-        if table is None:
-            raise PlanError(f"missing parameter: no relative-bias table for the scanned {side}")
-        if table.startswith(SCANNED_PREFIX[side]):  # one table per layer, stacked
-            depth = (arch.config.num_encoder_layers if side == "encoder"
-                     else arch.config.num_decoder_layers)
-            refs = tuple(SourceRef(table, arch.scan_axis, i) for i in range(depth))
-            return refs, "copy_identical"
-        return (SourceRef(table),), "copy"
-    return tuple(_scanned_ref(n, arch, shapes) for n in names), transform
+    return tuple(_scanned_ref(n, arch) for n in names), transform
+
+
+def _heads_view(ref: SourceRef, stored: tuple[int, ...], want: tuple[int, ...],
+                cfg: T5Config) -> SourceRef | None:
+    """``ref`` read through a [D, H*K] / [H*K, D] view when its layer is stored as
+    [D, H, K] / [H, K, D] (scalable_t5's DenseGeneral keeps the head axis); else None."""
+    axis = ref.layer_axis
+    one = stored if axis is None else stored[:axis] + stored[axis + 1:]
+    flat = want if axis is None else want[:axis] + want[axis + 1:]
+    if len(flat) != 2 or not ref.param.endswith(".kernel") or "attention." not in ref.param:
+        return None
+    h, k = cfg.num_heads, cfg.d_kv
+    if ref.param.endswith(".out.kernel"):
+        split = (h, k, flat[1]) if flat[0] == h * k else None
+    else:
+        split = (flat[0], h, k) if flat[1] == h * k else None
+    if split != one:
+        return None
+    if axis is not None and stored[axis] != want[axis]:
+        return None
+    return dataclasses.replace(ref, view=flat)
 
 
 def _expected_source_shape(full_shape: tuple[int, ...], transform: Transform, ref: SourceRef,
@@ -239,9 +291,7 @@ def _expected_source_shape(full_shape: tuple[int, ...], transform: Transform, re
     else:
         shape = full_shape
     if ref.layer_axis is not None:
-        prefix = ref.param.split(".", 1)[0]
-        depth = (arch.config.num_encoder_layers if prefix == "encoder"
-                 else arch.config.num_decoder_layers)
+        depth = _depth(arch.config, ref.param.split(".", 1)[0])
         shape = shape[:ref.layer_axis] + (depth,) + shape[ref.layer_axis:]
     return shape
 
@@ -251,6 +301,7 @@ def make_plan(
     arch: T5Arch,
     tensor_parallel: int = 1,
     weight_dtype: str = "fp32",
+    layer_tables: bool = False,
 ) -> ConversionPlan:
     """Plan the conversion of ``params`` (name -> shape and dtype) for ``arch``.
 
@@ -258,6 +309,9 @@ def make_plan(
     its output tensors. Raises PlanError naming the first problem: a tensor-parallel size that
     does not divide the heads or d_ff, a missing parameter, a parameter of the wrong shape, or
     a non-float dtype.
+
+    layer_tables: keep a scanned checkpoint's per-layer relative-bias tables, one file per
+    layer (the JAX engine serves them); False plans FT's one table per side.
     """
     cfg = arch.config
     if weight_dtype not in ft_format.WEIGHT_DTYPES:
@@ -268,27 +322,39 @@ def make_plan(
     except ValueError as exc:
         raise PlanError(str(exc)) from None
     shapes = {name: tuple(p.shape) for name, p in params.items()}
+    sides = layer_table_sides(arch, shapes) if layer_tables else ()
     tasks = []
-    for group, specs in ft_format.iter_layer_groups(cfg, tensor_parallel):
+    for group, specs in ft_format.iter_layer_groups(cfg, tensor_parallel, sides):
         by_stem: dict[str, list[FileSpec]] = {}
         for spec in specs:
             by_stem.setdefault(_stem(spec), []).append(spec)
         tensors = []
         for stem, files in by_stem.items():
-            refs, transform = _sources(stem, arch, shapes)
+            refs, transform = _sources(stem, arch, shapes, bool(sides))
             full_shape = files[0].full_shape
-            for ref in refs:
-                if ref.param not in params:
-                    raise PlanError(f"missing parameter {ref.param!r} (needed for FT tensor "
-                                    f"{stem})")
-                want = _expected_source_shape(full_shape, transform, ref, arch)
-                if shapes[ref.param] != want:
-                    raise PlanError(f"parameter {ref.param!r} has shape "
-                                    f"{list(shapes[ref.param])}, expected {list(want)}")
-                if params[ref.param].dtype not in _FLOAT_DTYPES:
-                    raise PlanError(f"parameter {ref.param!r} has dtype "
-                                    f"{params[ref.param].dtype}, expected a float type")
+            refs = tuple(_checked(ref, params, shapes, full_shape, transform, arch, stem)
+                         for ref in refs)
             tensors.append(OutputTensor(refs, transform, full_shape, files[0].split,
                                         tuple(files), weight_dtype))
         tasks.append(LayerTask(group, tuple(tensors)))
-    return ConversionPlan(cfg, tensor_parallel, weight_dtype, tuple(tasks))
+    return ConversionPlan(cfg, tensor_parallel, weight_dtype, tuple(tasks), sides)
+
+
+def _checked(ref: SourceRef, params: Mapping[str, _Param], shapes: Mapping[str, tuple[int, ...]],
+             full_shape: tuple[int, ...], transform: Transform, arch: T5Arch,
+             stem: str) -> SourceRef:
+    """``ref`` once its parameter is there, a float, and of the shape the transform reads
+    (with a heads ``view`` where it is stored with heads on their own axis)."""
+    if ref.param not in params:
+        raise PlanError(f"missing parameter {ref.param!r} (needed for FT tensor {stem})")
+    want = _expected_source_shape(full_shape, transform, ref, arch)
+    if shapes[ref.param] != want:
+        viewed = _heads_view(ref, shapes[ref.param], want, arch.config)
+        if viewed is None:
+            raise PlanError(f"parameter {ref.param!r} has shape {list(shapes[ref.param])}, "
+                            f"expected {list(want)}")
+        ref = viewed
+    if params[ref.param].dtype not in _FLOAT_DTYPES:
+        raise PlanError(f"parameter {ref.param!r} has dtype {params[ref.param].dtype}, "
+                        "expected a float type")
+    return ref

@@ -63,6 +63,7 @@ class ConvertOptions:
     vocab: str | None = None
     engine: str = "fastertransformer"
     activation: str | None = None
+    param_scan_axis: int | None = None
     resume: bool = False
     overwrite: bool = False
     verify: bool = False
@@ -93,7 +94,8 @@ def _blocks(ckpt: Checkpoint, ref) -> Iterator[tuple[tuple[slice, ...], np.ndarr
     """A source tensor in pieces aligned to its stored chunks: (region, values) pairs.
 
     The region is in the source's own coordinates with the layer axis (scanned sources)
-    removed; each stored chunk is decompressed once.
+    removed, and in its ``view``'s coordinates when it has one; each stored chunk is
+    decompressed once.
     """
     shape = list(ckpt.params[ref.param].shape)
     chunk = list(ckpt.chunk_shape(ref.param))
@@ -102,6 +104,9 @@ def _blocks(ckpt: Checkpoint, ref) -> Iterator[tuple[tuple[slice, ...], np.ndarr
         del chunk[ref.layer_axis]
     if not shape:
         yield (), np.asarray(ckpt.read(ref.param))
+        return
+    if ref.view is not None:
+        yield from _viewed(_blocks(ckpt, dataclasses.replace(ref, view=None)), shape, ref.view)
         return
     grid = [range(0, n, c) for n, c in zip(shape, chunk, strict=True)]
     ahead: collections.deque = collections.deque()
@@ -118,6 +123,42 @@ def _blocks(ckpt: Checkpoint, ref) -> Iterator[tuple[tuple[slice, ...], np.ndarr
     while ahead:
         done, values = ahead.popleft()
         yield done, values()
+
+
+def _viewed(blocks: Iterator[tuple[tuple[slice, ...], np.ndarray]], shape: list[int],
+            view: tuple[int, ...]) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """Blocks of an array of ``shape`` as blocks of its row-major reshape to ``view``, which
+    merges consecutive axes ([D, H, K] -> [D, H*K]).
+
+    A box is contiguous in a merged axis when, within the merged group, the axes after its
+    last short one are whole and those before it have length 1: a block is cut into such
+    boxes (stored chunks usually span K, so usually it is one box).
+    """
+    groups, axis = [], 0
+    for n in view:  # the consecutive source axes each view axis merges
+        group = [axis]
+        while int(np.prod([shape[a] for a in group])) < n:
+            axis += 1
+            group.append(axis)
+        groups.append(group)
+        axis += 1
+    for region, values in blocks:
+        cut = []  # axes taken one index at a time
+        for g in groups:
+            short = [j for j, a in enumerate(g) if values.shape[a] != shape[a]]
+            if short:
+                cut += g[:short[-1]]
+        for idx in itertools.product(*(range(values.shape[a]) for a in cut)):
+            lo = [r.start for r in region]
+            index = [slice(None)] * values.ndim
+            for a, i in zip(cut, idx, strict=True):
+                index[a], lo[a] = slice(i, i + 1), lo[a] + i
+            box = values[tuple(index)]
+            out = []
+            for g in groups:
+                start = int(np.ravel_multi_index([lo[a] for a in g], [shape[a] for a in g]))
+                out.append(slice(start, start + int(np.prod([box.shape[a] for a in g]))))
+            yield tuple(out), box.reshape([r.stop - r.start for r in out])
 
 
 class _OutFile:
@@ -206,14 +247,16 @@ def _sha256_file(path: str) -> str:
 
 
 def _check_identical(ckpt: Checkpoint, tensor: OutputTensor) -> None:
+    """Refuse (one line) a scanned side whose per-layer relative-position tables differ."""
     first = ckpt.read(tensor.sources[0].param, _layer_index(tensor.sources[0]))
     for ref in tensor.sources[1:]:
         other = ckpt.read(ref.param, _layer_index(ref))
         if first.tobytes() != other.tobytes():
             raise ConversionError(
-                f"scanned checkpoint: {ref.param} differs between layer 0 and layer {ref.layer}; "
-                "FasterTransformer holds one relative-bias table per side, so this model "
-                "cannot be converted exactly"
+                f"scanned checkpoint: the per-layer relative-position tables differ "
+                f"({ref.param} differs between layer 0 and layer {ref.layer}); FasterTransformer "
+                "holds one table per stack, so it cannot serve this model exactly: convert with "
+                "--engine jax, which keeps each layer's table"
             )
 
 
@@ -523,8 +566,11 @@ def prepare(opts: ConvertOptions
         except GinError as exc:
             raise ConversionError(f"gin file {exc}") from None
     shapes = {name: p.shape for name, p in ckpt.params.items()}
-    arch = infer_arch(shapes, gin.t5_values() if gin else None, opts.activation)
-    plan = make_plan(ckpt.params, arch, opts.tensor_parallel, opts.weight_dtype)
+    arch = infer_arch(shapes, gin.t5_values() if gin else None, opts.activation,
+                      opts.param_scan_axis)
+    # The JAX engine serves per-layer relative-position tables exactly; FT holds one per stack.
+    plan = make_plan(ckpt.params, arch, opts.tensor_parallel, opts.weight_dtype,
+                     layer_tables=opts.engine == "jax")
     return ckpt, arch, plan, gin
 
 
@@ -661,6 +707,9 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         "vocab": vocab,
         "vocab_source": vocab_source,
         "scanned": arch.scanned,
+        # Where the scan axis came from is arch_sources["param_scan_axis"] (gin, flag, shapes).
+        "param_scan_axis": arch.scan_axis if arch.scanned else None,
+        "layer_relative_bias": list(plan.layer_tables),
         "verified": verified,
         "tasks": len(plan.tasks),
         "peak_worker_rss_bytes": peak,

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=list(ft_format.ACTIVATIONS), default=None,
                    help="feed_forward_proj, overriding config.gin (default: from gin, else "
                    "gated-gelu for gated MLPs and relu otherwise, reported as inferred)")
+    p.add_argument("--param-scan-axis", type=int, default=None, metavar="N",
+                   help="layer axis of a scanned (scalable_t5) checkpoint's stacked parameters, "
+                   "t5x's param_scan_axis, overriding config.gin (default: from gin, else from "
+                   "the shapes when only one axis fits; ignored for unscanned checkpoints)")
     p.add_argument("--vocab", default=None,
                    help="SentencePiece model copied to DST/<model>/spiece.model (default: the "
                    "one config.gin names, seqio.SentencePieceVocabulary.sentencepiece_model_file,"
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         src=args.src, dst=args.dst, model_name=args.model_name,
         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
         weight_dtype=args.weight_dtype, inference_dtype=args.inference_dtype, gin=args.gin,
-        vocab=args.vocab, engine=args.engine, activation=args.activation, resume=args.resume,
+        vocab=args.vocab, engine=args.engine, activation=args.activation,
+        param_scan_axis=args.param_scan_axis, resume=args.resume,
         overwrite=args.overwrite, verify=args.verify, task_cpus=args.task_cpus,
         task_gpus=args.task_gpus, progress=not args.no_progress,
     )

@@ -7,6 +7,9 @@ before a GPU matmul); compile time grows with depth (UL2 20B: a first call of 15
 
 Everything that depends only on shapes (relative-position buckets) is computed with numpy at
 trace time, in float32 like t5x and HF, so the buckets are bit-identical to theirs.
+
+Relative-position bias: as in FT, one table per side (``<side>_rel_bias``) serves every layer;
+a layer that carries its own table (``rel_bias``, weights.py: scalable_t5 checkpoints) uses it.
 """
 
 from __future__ import annotations
@@ -135,9 +138,11 @@ def encode(cfg: T5Config, params: dict, ids: jax.Array, lengths: jax.Array) -> j
     buckets = relative_position_bucket(pos[None, :] - pos[:, None], True,
                                        cfg.relative_attention_num_buckets,
                                        cfg.relative_attention_max_distance)
-    bias = position_bias(params["encoder_rel_bias"], buckets)[None] + key_mask(lengths, s)
+    mask = key_mask(lengths, s)
+    shared = position_bias(params["encoder_rel_bias"], buckets)[None] + mask
 
     for p in params["encoder"]:
+        bias = shared if "rel_bias" not in p else position_bias(p["rel_bias"], buckets)[None] + mask
         h = rms_norm(x, p["ln_attn"])
         o = attention(project_heads(h, p["q"]), project_heads(h, p["k"]),
                       project_heads(h, p["v"]), bias)
@@ -171,12 +176,14 @@ def decode_full(cfg: T5Config, params: dict, dec_ids: jax.Array, enc: jax.Array,
                                        cfg.relative_attention_num_buckets,
                                        cfg.relative_attention_max_distance)
     causal = np.where(pos[None, :] <= pos[:, None], 0.0, NEG_INF).astype(np.float32)
-    self_bias = position_bias(params["decoder_rel_bias"], buckets)[None] + causal
+    shared = position_bias(params["decoder_rel_bias"], buckets)[None] + causal
     cross_bias = key_mask(enc_lengths, enc.shape[1])
     ck, cv = cross_kv(params, enc)
     x = params["embedding"][dec_ids]
 
     for p, k_c, v_c in zip(params["decoder"], ck, cv, strict=True):
+        self_bias = (shared if "rel_bias" not in p
+                     else position_bias(p["rel_bias"], buckets)[None] + causal)
         h = rms_norm(x, p["ln_self"])
         o = attention(project_heads(h, p["q"]), project_heads(h, p["k"]),
                       project_heads(h, p["v"]), self_bias)
@@ -213,15 +220,19 @@ def decode_step(cfg: T5Config, params: dict, tokens: jax.Array, step: jax.Array,
     key_pos = jnp.arange(m)
     dist = jnp.clip(step - key_pos, 0, m - 1)
     table = jnp.asarray(causal_bucket_table(cfg, m))
-    rel = params["decoder_rel_bias"]  # [H, B]
-    past_bias = rel[:, table[dist]]  # [H, M]
-    past_bias = jnp.where(key_pos < step, past_bias, NEG_INF)[None, :, None, :]  # [1, H, 1, M]
-    self_bias = rel[:, table[0]][None, :, None, None]  # [1, H, 1, 1]: distance 0
+
+    def step_bias(rel: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """rel [H, B] -> (bias to the cache [1, H, 1, M], bias to this step [1, H, 1, 1])."""
+        past = jnp.where(key_pos < step, rel[:, table[dist]], NEG_INF)  # [H, M]
+        return past[None, :, None, :], rel[:, table[0]][None, :, None, None]  # distance 0
+
+    shared = step_bias(params["decoder_rel_bias"])
     x = params["embedding"][tokens][:, None, :]  # [B, 1, D]
 
     new_k, new_v = [], []
     layers = zip(params["decoder"], cache_k, cache_v, cross_k, cross_v, strict=True)
     for p, k_past, v_past, k_c, v_c in layers:
+        past_bias, self_bias = shared if "rel_bias" not in p else step_bias(p["rel_bias"])
         h = rms_norm(x, p["ln_self"])
         q, k, v = (project_heads(h, p[n]) for n in ("q", "k", "v"))  # [B, H, 1, K]
         logits_past = einsum_f32("bhqk,bhpk->bhqp", q, k_past) + past_bias

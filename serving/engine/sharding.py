@@ -22,6 +22,7 @@ _LAYER_SPECS: dict[str, PartitionSpec] = {
     "wi": PartitionSpec(None, AXIS),
     "wi2": PartitionSpec(None, AXIS),
     "wo": PartitionSpec(AXIS, None),
+    "rel_bias": PartitionSpec(AXIS, None),  # a layer's own table [H, B], on heads
 }
 
 

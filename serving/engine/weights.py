@@ -4,6 +4,11 @@ The folder's layout is described by :mod:`conversion.ft_format` (the only module
 with conversion). Files of any tensor-parallel size T are read and the ranks re-joined with
 ``ft_format.join_ranks``, so one engine serves a folder written for any T.
 
+Beyond FT's files, a folder may hold every layer's own relative-bias table
+(``ft_format.layer_relative_bias_files``, our extension, written by ``--engine jax`` for
+scalable_t5 checkpoints whose layers each have one); they are read when present, so such a
+model is served exactly.
+
 The tree keeps heads as their own axis ([D, H, K] rather than [D, I]): FT splits the attention
 projections on the head axis and the MLP on d_ff, so sharding this tree later over T devices
 along H and F reproduces FT's split exactly.
@@ -72,11 +77,36 @@ def read_ft_folder(weights_dir: str | Path) -> tuple[T5Config, str, int, dict[st
             stem = stem.rsplit(".", 1)[0]  # drop the rank suffix
         parts[stem].append((spec.rank, arr))
         splits[stem] = spec.split
+    for spec in _layer_table_files(weights_dir, cfg, t):
+        path = weights_dir / spec.name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the folder holds per-layer "
+                                    "relative-bias tables, so every layer needs one")
+        try:
+            arr = ft_format.from_bytes(path.read_bytes(), spec.shape(t), weight_dtype)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        stem = spec.name.removesuffix(".bin").rsplit(".", 1)[0]
+        parts[stem].append((spec.rank, arr))
+        splits[stem] = spec.split
     full = {
         stem: ft_format.join_ranks([a for _, a in sorted(ps, key=lambda x: x[0])], splits[stem])
         for stem, ps in parts.items()
     }
     return cfg, weight_dtype, t, full
+
+
+def _layer_table_files(weights_dir: Path, cfg: T5Config, t: int) -> list[ft_format.FileSpec]:
+    """The per-layer relative-bias files (layers 1..) of each side that has them: a side has
+    them when its block 1 table is there."""
+    files: list[ft_format.FileSpec] = []
+    for side, depth in (("encoder", cfg.num_encoder_layers),
+                        ("decoder", cfg.num_decoder_layers)):
+        if depth > 1 and (weights_dir / ft_format.layer_relative_bias_files(
+                cfg, side, 1, t)[0].name).is_file():
+            for layer in range(1, depth):
+                files += ft_format.layer_relative_bias_files(cfg, side, layer, t)
+    return files
 
 
 def _heads(w: np.ndarray, cfg: T5Config) -> np.ndarray:
@@ -104,9 +134,13 @@ def to_param_tree(cfg: T5Config, full: dict[str, np.ndarray], dtype: np.dtype) -
       embedding [V, D], lm_head [V, D] (the embedding when tied),
       encoder_norm [D], decoder_norm [D], encoder_rel_bias [H, B], decoder_rel_bias [H, B],
       encoder: L_e x {ln_attn [D], q/k/v [D, H, K], o [H, K, D], ln_mlp [D],
-                      wi (wi2) [D, F], wo [F, D]}
+                      wi (wi2) [D, F], wo [F, D], (rel_bias [H, B])}
       decoder: L_d x {ln_self [D], q/k/v [D, H, K], o [H, K, D], ln_cross [D],
-                      cq/ck/cv [D, H, K], co [H, K, D], ln_mlp [D], wi (wi2), wo}
+                      cq/ck/cv [D, H, K], co [H, K, D], ln_mlp [D], wi (wi2), wo,
+                      (rel_bias [H, B])}
+    A layer has ``rel_bias``, its own relative-bias table, only when the folder holds
+    per-layer tables for its side (layer 0's is then ``<side>_rel_bias``); without it the
+    layer uses ``<side>_rel_bias`` as in FT.
 
     Layers are separate arrays, not stacked on a leading axis: XLA copies a slice of a stacked
     array before handing it to a GPU matmul, so a scan over stacked weights moved every weight
@@ -149,19 +183,26 @@ def to_param_tree(cfg: T5Config, full: dict[str, np.ndarray], dtype: np.dtype) -
             **_mlp(full, f"{p}.layer.2", cfg),
         })
 
-    def each(layers: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        return [{k: cast(a) for k, a in layer.items()} for layer in layers]
+    bias_stem = "layer.0.SelfAttention.relative_attention_bias.weight"
+
+    def each(layers: list[dict[str, np.ndarray]], side: str) -> list[dict[str, np.ndarray]]:
+        out = [{k: cast(a) for k, a in layer.items()} for layer in layers]
+        if f"{side}.block.1.{bias_stem}" in full:  # per-layer tables (our extension)
+            for i, layer in enumerate(out):
+                # Bias tables stay fp32: they are added to fp32 attention logits.
+                layer["rel_bias"] = np.asarray(full[f"{side}.block.{i}.{bias_stem}"],
+                                               np.float32)
+        return out
 
     emb = full["shared.weight_T"]
-    bias_stem = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     return {
         "embedding": cast(emb),
         "lm_head": cast(emb if cfg.tie_word_embeddings else full["lm_head.weight"]),
         "encoder_norm": cast(full["encoder.final_layer_norm.weight"]),
         "decoder_norm": cast(full["decoder.final_layer_norm.weight"]),
         # Bias tables stay fp32: they are added to fp32 attention logits.
-        "encoder_rel_bias": np.asarray(full[f"encoder.{bias_stem}"], np.float32),
-        "decoder_rel_bias": np.asarray(full[f"decoder.{bias_stem}"], np.float32),
-        "encoder": each(enc_layers),
-        "decoder": each(dec_layers),
+        "encoder_rel_bias": np.asarray(full[f"encoder.block.0.{bias_stem}"], np.float32),
+        "decoder_rel_bias": np.asarray(full[f"decoder.block.0.{bias_stem}"], np.float32),
+        "encoder": each(enc_layers, "encoder"),
+        "decoder": each(dec_layers, "decoder"),
     }

@@ -71,22 +71,37 @@ def reference_files(p: dict[str, np.ndarray], cfg: T5Config, t: int, wd: str
 
 
 def scan_params(p: dict[str, np.ndarray], cfg: T5Config, axis: int = 1,
-                relpos: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                relpos: dict[str, np.ndarray] | None = None, naming: str = "layers",
+                tables: dict[str, list[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
     """The same model as a scalable_t5 (scan_layers=True) checkpoint: per-layer parameters
-    stacked on ``axis`` under ``<side>.layers.``, each layer with its own relative-bias table
-    (``relpos`` overrides the stacked tables, e.g. to make them differ)."""
+    stacked on ``axis``, each layer with its own relative-bias table.
+
+    naming "current" is current t5x's scalable_t5 (network.py, layers.py): the scanned module
+    is named like its parent (``encoder.encoder.*``), DenseGeneral keeps the head axis (q/k/v
+    [D, H, K], out [H, K, D] per layer) and every layer owns ``relpos_bias.rel_embedding``.
+    naming "layers" is the older ``encoder.layers.*`` with [D, H*K] kernels and
+    ``relative_posemb`` tables. ``tables`` gives each layer's table per side (default: the
+    unscanned table in every layer); ``relpos`` overrides stacked arrays by name.
+    """
+    h, k = cfg.num_heads, cfg.d_kv
     out: dict[str, np.ndarray] = {}
-    per_layer: dict[str, list[np.ndarray]] = {}
+    per_layer: dict[str, list[tuple[int, np.ndarray]]] = {}
     for name, value in p.items():
         side, _, rest = name.partition(".")
+        scope = f"{side}.{side}." if naming == "current" else f"{side}.layers."
         if rest.startswith("layers_"):
             layer, sub = rest.split(".", 1)
-            per_layer.setdefault(f"{side}.layers.{sub}", []).append(
+            if naming == "current" and sub.endswith("out.kernel"):
+                value = value.reshape(h, k, -1)
+            elif naming == "current" and "attention." in sub:
+                value = value.reshape(-1, h, k)
+            per_layer.setdefault(scope + sub, []).append(
                 (int(layer.removeprefix("layers_")), value))
         elif rest == "relpos_bias.rel_embedding":
             depth = cfg.num_encoder_layers if side == "encoder" else cfg.num_decoder_layers
-            name = f"{side}.layers.relative_posemb.rel_embedding"
-            out[name] = np.stack([value] * depth, axis=axis)
+            table = (tables or {}).get(side) or [value] * depth
+            sub = "relpos_bias" if naming == "current" else "relative_posemb"
+            out[f"{scope}{sub}.rel_embedding"] = np.stack(table, axis=axis)
         else:
             out[name] = value
     for name, items in per_layer.items():

@@ -9,6 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import pytest
+
+from conversion import ft_format
 from tests.serving.engine_fixtures import UL2_TINY, random_ft_weights, write_ft_folder
 
 CHILD = textwrap.dedent("""
@@ -19,6 +23,7 @@ CHILD = textwrap.dedent("""
     one = T5Engine.load(sys.argv[1])
     two = T5Engine.load(sys.argv[1], devices=2)
     q = two.params["decoder"][0]["q"]
+    own = two.params["decoder"][2].get("rel_bias")
     rng = np.random.default_rng(0)
     rows = [rng.integers(2, 100, n) for n in (5, 9, 3)]
     ps = [SamplingParams(max_output_len=10),
@@ -29,6 +34,7 @@ CHILD = textwrap.dedent("""
     print(json.dumps({
         "q_devices": len(q.sharding.device_set),
         "q_shard_shape": list(q.addressable_shards[0].data.shape),
+        "own_table_shard": None if own is None else list(own.addressable_shards[0].data.shape),
         "same_tokens": all(np.array_equal(x.output_ids, y.output_ids) for x, y in zip(a, b)),
         "same_lengths": all(np.array_equal(x.sequence_length, y.sequence_length)
                             for x, y in zip(a, b)),
@@ -37,8 +43,23 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_two_device_tensor_parallel_matches_one_device(tmp_path, repo_root) -> None:
+def _write_layer_tables(folder, seed: int) -> None:
+    """Every layer's own relative-bias table (ft_format.layer_relative_bias_files), random."""
+    rng = np.random.default_rng(seed)
+    for side, depth in (("encoder", UL2_TINY.num_encoder_layers),
+                        ("decoder", UL2_TINY.num_decoder_layers)):
+        for layer in range(1, depth):
+            for spec in ft_format.layer_relative_bias_files(UL2_TINY, side, layer, 1):
+                table = rng.standard_normal(spec.shape(1)).astype(np.float32)
+                (folder / spec.name).write_bytes(ft_format.to_bytes(table, "fp32"))
+
+
+@pytest.mark.parametrize("layer_tables", [False, True])
+def test_two_device_tensor_parallel_matches_one_device(tmp_path, repo_root,
+                                                       layer_tables: bool) -> None:
     folder = write_ft_folder(tmp_path, UL2_TINY, 1, random_ft_weights(UL2_TINY, seed=3))
+    if layer_tables:
+        _write_layer_tables(folder, seed=4)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo_root)}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(folder)], env=env, cwd=repo_root,
@@ -48,5 +69,7 @@ def test_two_device_tensor_parallel_matches_one_device(tmp_path, repo_root) -> N
     h, d, k = UL2_TINY.num_heads, UL2_TINY.d_model, UL2_TINY.d_kv
     assert got["q_devices"] == 2
     assert got["q_shard_shape"] == [d, h // 2, k]  # heads split
+    own = [h // 2, UL2_TINY.relative_attention_num_buckets] if layer_tables else None
+    assert got["own_table_shard"] == own  # a layer's own table split on heads too
     assert got["same_tokens"] and got["same_lengths"]
     assert got["logit_diff"] < 1e-5
