@@ -61,7 +61,7 @@ def _staged_weights(folder: Path) -> list[str]:
     return [name for name in _scratch_in(folder) if ".bin.tmp-" in name]
 
 
-def _lease_owners(folder: Path) -> dict[int, str | None]:
+def lease_owners(folder: Path) -> dict[int, str | None]:
     """pid -> process start time, from the leases of the writers staging in ``folder``."""
     owners = {}
     for lease in folder.rglob(".t5ft-*.lease"):
@@ -73,14 +73,14 @@ def _lease_owners(folder: Path) -> dict[int, str | None]:
     return owners
 
 
-def _kill_writers(owners: dict[int, str | None]) -> None:
+def kill_writers(owners: dict[int, str | None]) -> None:
     """SIGKILL the processes named by leases, unless their pid now runs another process."""
     for pid, start in owners.items():
         if scratch._process_start(pid) == start:
             os.kill(pid, signal.SIGKILL)
 
 
-def _wait_gone(pids: list[int], timeout: float = 60) -> None:
+def wait_gone(pids: list[int], timeout: float = 60) -> None:
     """Until every pid has exited (orphaned Ray workers are reaped by whoever adopts them)."""
     deadline = time.monotonic() + timeout
     while any(scratch._process_start(p) is not None for p in pids):
@@ -118,14 +118,14 @@ def test_killed_conversion_resumes_and_leaves_no_scratch(big_checkpoint, tmp_pat
         # The job's process group (the driver and the local Ray it started), and the Ray
         # workers writing its files, which Ray puts in process groups of their own (left
         # alone, they see the raylet go and exit cleanly, tidying up as they go).
-        writers = _lease_owners(out)
-        _kill_writers(writers)
+        writers = lease_owners(out)
+        kill_writers(writers)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-    _wait_gone(list(writers))
+    wait_gone(list(writers))
     done = _recorded(out / "manifest.json")
     expected = reference_files(params, KILL_CFG, 2, "fp32")
     assert 1 <= len(done) < len(expected), f"{len(done)} of {len(expected)} recorded"
