@@ -497,6 +497,11 @@ def _task_env() -> dict[str, Any] | None:
     return {"env_vars": env} if env else None
 
 
+# A node's sweep lists one folder or two: a node that takes longer is busy or unwell, and the
+# conversion need not wait for it (it only means scratch stays there until the next run).
+_SWEEP_TIMEOUT_S = 120.0
+
+
 def _sweep_nodes(model_dir: str) -> scratch.Removed:
     """Run :func:`_sweep_node` once on every alive node, where conversion tasks may have staged.
 
@@ -511,8 +516,14 @@ def _sweep_nodes(model_dir: str) -> scratch.Removed:
                            scheduling_strategy=NodeAffinitySchedulingStrategy(
                                node["NodeID"], soft=False)).remote(model_dir)
             for node in ray.nodes() if node.get("Alive")]
+    done, late = ray.wait(refs, num_returns=len(refs), timeout=_SWEEP_TIMEOUT_S)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    if late:
+        print(f"convert: {len(late)} node(s) did not clear their scratch folder within "
+              f"{_SWEEP_TIMEOUT_S:.0f} s; the next run will", file=sys.stderr, flush=True)
     removed = scratch.Removed()
-    for ref in refs:
+    for ref in done:
         with contextlib.suppress(ray.exceptions.RayError):
             removed.add(scratch.Removed(**ray.get(ref)))
     return removed

@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-# The node's scratch folder (gs:// staging) is $T5FT_SCRATCH_DIR, else <temp dir>/t5ft-scratch.
+# The node's scratch folder (gs:// staging): $T5FT_SCRATCH_DIR, else <temp dir>/t5ft-scratch-<uid>.
 SCRATCH_DIR_ENV = "T5FT_SCRATCH_DIR"
 # A lease is touched this often while its owner lives ...
 REFRESH_SECONDS = 30.0
@@ -73,8 +73,15 @@ def is_scratch(path: str | os.PathLike) -> bool:
 
 
 def node_dir() -> Path:
-    """This node's scratch folder for staged gs:// writes."""
-    return Path(os.environ.get(SCRATCH_DIR_ENV) or Path(tempfile.gettempdir(), "t5ft-scratch"))
+    """This node's scratch folder for staged gs:// writes.
+
+    The default is per user (``t5ft-scratch-<uid>``): a folder that one user creates in a shared
+    temp dir is not writable by the others.
+    """
+    if value := os.environ.get(SCRATCH_DIR_ENV):
+        return Path(value)
+    user = f"-{os.getuid()}" if hasattr(os, "getuid") else ""
+    return Path(tempfile.gettempdir(), f"t5ft-scratch{user}")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -235,7 +242,7 @@ def _remove(path: Path) -> Removed:
             shutil.rmtree(path)
         else:
             path.unlink()
-    except FileNotFoundError:
+    except OSError:  # gone already (another sweep), or not ours to delete
         return Removed()
     return found
 
