@@ -516,6 +516,8 @@ def _sweep_nodes(model_dir: str) -> scratch.Removed:
                            scheduling_strategy=NodeAffinitySchedulingStrategy(
                                node["NodeID"], soft=False)).remote(model_dir)
             for node in ray.nodes() if node.get("Alive")]
+    if not refs:
+        return scratch.Removed()
     done, late = ray.wait(refs, num_returns=len(refs), timeout=_SWEEP_TIMEOUT_S)
     for ref in late:
         ray.cancel(ref, force=True)

@@ -126,14 +126,17 @@ class _Owner:
     def lease_path(self, folder: Path) -> Path:
         return folder / f".t5ft-{self.id}.lease"
 
+    def write_lease(self, folder: Path) -> None:
+        lease = self.lease_path(folder)
+        tmp = lease.with_name(lease.name + ".w")  # whole or absent, never half a lease
+        tmp.write_text(self.record)
+        os.replace(tmp, lease)
+
     def acquire(self, folder: Path) -> None:
+        """Count one more scratch in ``folder`` (a real path: one lease per folder)."""
         with self.lock:
             if self.held.get(folder, 0) == 0:
-                folder.mkdir(parents=True, exist_ok=True)
-                lease = self.lease_path(folder)
-                tmp = lease.with_name(lease.name + ".w")  # whole or absent, never half a lease
-                tmp.write_text(self.record)
-                os.replace(tmp, lease)
+                self.write_lease(folder)
             self.held[folder] = self.held.get(folder, 0) + 1
             if self.refresher is None:
                 self.refresher = threading.Thread(target=self._refresh, daemon=True,
@@ -153,8 +156,13 @@ class _Owner:
             time.sleep(REFRESH_SECONDS)
             with self.lock:
                 for folder in self.held:
-                    with contextlib.suppress(OSError):
+                    try:
                         os.utime(self.lease_path(folder))
+                    except FileNotFoundError:  # taken for abandoned after a long pause
+                        with contextlib.suppress(OSError):
+                            self.write_lease(folder)
+                    except OSError:
+                        pass
 
 
 _owner: _Owner | None = None
@@ -172,6 +180,9 @@ def _me() -> _Owner:
 @contextlib.contextmanager
 def _held(folder: Path, target_name: str) -> Iterator[Path]:
     owner = _me()
+    folder.mkdir(parents=True, exist_ok=True)
+    # One spelling per folder, so that two spellings never share a lease that one then deletes.
+    folder = Path(os.path.realpath(folder))
     owner.acquire(folder)
     try:
         yield folder / f"{target_name}.tmp-{owner.id}-{uuid.uuid4().hex[:12]}"

@@ -259,3 +259,17 @@ def test_sweep_judges_other_hosts_by_lease_age_and_this_host_by_pid(tmp_path):
                            ".t5ft-cccccccccccc.lease", "w.bin.tmp-cccccccccccc-0123456789ab",
                            "old.bin.tmp-0123456789ab", "model.bin"])
     assert removed.files == 2 + 2 + 1  # b's and d's lease and scratch, the lease-less file
+
+
+def test_a_lease_covers_its_folder_whatever_the_path_spelling(tmp_path, monkeypatch):
+    from conversion import storage
+
+    monkeypatch.chdir(tmp_path)
+    with storage.staged_file("d/a.bin") as a:
+        Path(a).write_bytes(b"a")
+        with storage.staged_file(str(tmp_path / "d" / ".." / "d" / "b.bin")) as b:
+            Path(b).write_bytes(b"b")
+        # b is published; a is still staged, so its owner's lease must still be there.
+        assert [p.name for p in (tmp_path / "d").glob(".t5ft-*.lease")]
+        assert scratch.sweep(tmp_path / "d").files == 0 and Path(a).exists()
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a.bin", "b.bin"]
