@@ -101,7 +101,12 @@ def big_checkpoint(tmp_path_factory) -> tuple[Path, dict]:
     return d, params
 
 
-def test_killed_conversion_resumes_and_leaves_no_scratch(big_checkpoint, tmp_path):
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_killed_conversion_resumes_and_leaves_no_scratch(ray_local, big_checkpoint, tmp_path):
     src, params = big_checkpoint
     dst = tmp_path / "repo"
     out = dst / WEIGHTS
@@ -149,6 +154,11 @@ def test_killed_conversion_resumes_and_leaves_no_scratch(big_checkpoint, tmp_pat
     for name, data in expected.items():
         assert (out / name).read_bytes() == data, name
     assert _scratch_in(dst) == []
+    # The whole model folder (config.pbtxt, config.ini, manifest.json included) is an
+    # uninterrupted run's, byte for byte.
+    clean = tmp_path / "clean"
+    convert(ConvertOptions(src=str(src), dst=str(clean), tensor_parallel=2, progress=False))
+    assert _tree(dst) == _tree(clean)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["complete"] is True
     final = {e["name"]: e for e in manifest["files"]}
