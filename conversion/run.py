@@ -489,7 +489,7 @@ def _sweep_here(model_dir: str) -> scratch.Removed:
 
 def _sweep_node(model_dir: str) -> dict[str, int]:
     """What one node's sweep task runs: its gs:// staging folder and a local model folder."""
-    return scratch.sweep(scratch.node_dir()).add(_sweep_here(model_dir)).as_dict()
+    return scratch.sweep_node().add(_sweep_here(model_dir)).as_dict()
 
 
 def _task_env() -> dict[str, Any] | None:

@@ -18,7 +18,8 @@ beside that scratch for as long as the scratch exists:
 - lease written on another host (a shared folder): liveness cannot be checked from here, so
   it is gone only once not refreshed for :data:`STALE_SECONDS`;
 - scratch whose lease is missing: gone (the lease outlives its scratch); scratch named the
-  older way, ``<name>.tmp-<hex>`` with no owner, once older than :data:`STALE_SECONDS`.
+  older way, with no owner (``<name>.tmp-<hex>``, ``<temp>/t5ft-*.part``,
+  ``<temp>/t5ft-eval-*``), once untouched for :data:`STALE_SECONDS`.
 """
 
 from __future__ import annotations
@@ -291,6 +292,32 @@ def sweep(folder: str | os.PathLike) -> Removed:
         if not owner_alive(owner):
             removed.add(_remove(path))
     return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        times += [p.lstat().st_mtime for p in path.rglob("*")]
+    return max(times)
+
+
+def _sweep_unowned_temp() -> Removed:
+    """Staging that versions before owned scratch left in the system temp folder
+    (``t5ft-*.part`` files, ``t5ft-eval-*`` folders): no owner to ask, so by age alone."""
+    removed = Removed()
+    now = time.time()
+    for path in Path(tempfile.gettempdir()).glob("t5ft-*"):
+        if not re.fullmatch(r"t5ft-\w+\.part|t5ft-eval-\w+", path.name):
+            continue
+        with contextlib.suppress(OSError):
+            if now - _newest_mtime(path) >= STALE_SECONDS:
+                removed.add(_remove(path))
+    return removed
+
+
+def sweep_node() -> Removed:
+    """:func:`sweep` this node's scratch folder (and what earlier versions left in temp)."""
+    return sweep(node_dir()).add(_sweep_unowned_temp())
 
 
 def sweep_tree(root: str | os.PathLike) -> Removed:

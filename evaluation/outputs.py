@@ -50,7 +50,7 @@ class OutputDir:
         self._last_sync = time.monotonic()
         self._scratch = contextlib.ExitStack()
         self._staged = storage.is_gcs(output)
-        self.scratch_removed = scratch.sweep(scratch.node_dir() if self._staged else output)
+        self.scratch_removed = scratch.sweep_node() if self._staged else scratch.sweep(output)
         if self.scratch_removed.files:
             print(f"evaluate: removed {self.scratch_removed.files} scratch file(s) "
                   f"({self.scratch_removed.bytes} bytes) left by runs that are gone",

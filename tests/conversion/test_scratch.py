@@ -283,3 +283,31 @@ def test_a_lease_covers_its_folder_whatever_the_path_spelling(tmp_path, monkeypa
         assert [p.name for p in (tmp_path / "d").glob(".t5ft-*.lease")]
         assert scratch.sweep(tmp_path / "d").files == 0 and Path(a).exists()
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a.bin", "b.bin"]
+
+
+def test_staging_left_in_temp_by_earlier_versions_goes_by_age(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the stdlib's own setting
+    monkeypatch.setenv(scratch.SCRATCH_DIR_ENV, str(tmp_path / "node"))
+    old = time.time() - scratch.STALE_SECONDS - 60
+
+    def make(rel: str, data: bytes, aged: bool) -> None:
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if aged:
+            os.utime(path, (old, old))
+            os.utime(path.parent, (old, old))
+
+    make("t5ft-k2j4_x9a.part", b"12345", aged=True)
+    make("t5ft-eval-ab_c1/predictions.jsonl", b"{}\n", aged=True)
+    make("t5ft-n65j9vrn.part", b"being written", aged=False)
+    make("t5ft-eval-live/predictions.jsonl", b"{}\n", aged=False)
+    make("t5ft-jax-cache/entry", b"not staging", aged=True)
+    # An evaluation still appending: the folder itself is old, the file in it is not.
+    os.utime(tmp_path / "t5ft-eval-live", (old, old))
+    removed = scratch.sweep_node()
+    assert removed.as_dict() == {"files": 2, "bytes": 5 + 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "t5ft-eval-live", "t5ft-jax-cache", "t5ft-n65j9vrn.part"]
