@@ -316,8 +316,13 @@ def _sweep_unowned_temp() -> Removed:
 
 
 def sweep_node() -> Removed:
-    """:func:`sweep` this node's scratch folder (and what earlier versions left in temp)."""
-    return sweep(node_dir()).add(_sweep_unowned_temp())
+    """:func:`sweep` this node's scratch folder, and, when that is the default one in the temp
+    folder, what earlier versions staged in the temp folder itself (with $T5FT_SCRATCH_DIR set,
+    staging is where it says and nothing else is looked through)."""
+    removed = sweep(node_dir())
+    if not os.environ.get(SCRATCH_DIR_ENV):
+        removed.add(_sweep_unowned_temp())
+    return removed
 
 
 def sweep_tree(root: str | os.PathLike) -> Removed:

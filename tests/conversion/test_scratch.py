@@ -289,7 +289,7 @@ def test_staging_left_in_temp_by_earlier_versions_goes_by_age(tmp_path, monkeypa
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the stdlib's own setting
-    monkeypatch.setenv(scratch.SCRATCH_DIR_ENV, str(tmp_path / "node"))
+    monkeypatch.delenv(scratch.SCRATCH_DIR_ENV, raising=False)  # the default node folder
     old = time.time() - scratch.STALE_SECONDS - 60
 
     def make(rel: str, data: bytes, aged: bool) -> None:
@@ -311,3 +311,4 @@ def test_staging_left_in_temp_by_earlier_versions_goes_by_age(tmp_path, monkeypa
     assert removed.as_dict() == {"files": 2, "bytes": 5 + 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "t5ft-eval-live", "t5ft-jax-cache", "t5ft-n65j9vrn.part"]
+    assert scratch.node_dir().parent == tmp_path
