@@ -69,6 +69,15 @@ class ClusterProcess:
             self.proc.communicate()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def node_scratch(tmp_path_factory):
+    """The nodes' scratch folder for this module's jobs (a killed node's part files stay in the
+    test's temp folder, not in the machine's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(scratch.SCRATCH_DIR_ENV, str(tmp_path_factory.mktemp("node-scratch")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def cluster(gcs):
     """A head with no CPUs and two 1-CPU worker nodes (tests/gcs/cluster_proc.py)."""
