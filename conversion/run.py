@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from conversion import ft_format, storage, triton_config
+from conversion import ft_format, scratch, storage, triton_config
 from conversion.arch import ArchError, T5Arch, infer_arch
 from conversion.ft_format import ManifestEntry
 from conversion.gcs_env import forwarded_env
@@ -438,7 +438,7 @@ def _run_tasks(fn, calls: list[tuple[LayerTask, tuple]], opts: ConvertOptions,
         # Lost workers or nodes are retried (tasks are idempotent: files publish atomically);
         # errors raised by the conversion itself are not, they are deterministic.
         max_retries=2, retry_exceptions=False, scheduling_strategy="SPREAD",
-        runtime_env={"env_vars": forwarded_env()} if forwarded_env() else None,
+        runtime_env=_task_env(),
     )
     pending = {remote.remote(*args): task for task, args in calls}
     progress = _Progress(sum(t.bytes() for t, _ in calls), len(calls), label, opts.progress,
@@ -493,10 +493,13 @@ def _check_destination(model_dir: str, manifest_url: str, identity: dict[str, An
                        opts: ConvertOptions) -> dict[str, ManifestEntry]:
     """Refuse to mix models in one folder; returns the entries a resumed run may keep."""
     existing = storage.list_files(model_dir) if storage.is_dir(model_dir) else []
+    # What is still scratch here belongs to a live writer: neither foreign nor to delete.
+    existing = [f for f in existing if not scratch.is_scratch(f)]
     if not existing:
         return {}
     if opts.overwrite:
-        storage.delete_tree(model_dir)
+        for name in existing:
+            storage.delete(storage.join(model_dir, name))
         return {}
     ours = manifest_url[len(model_dir.rstrip("/")) + 1:]
     manifests = sorted(f for f in existing if f.startswith("1/") and
@@ -523,11 +526,59 @@ def _check_destination(model_dir: str, manifest_url: str, identity: dict[str, An
     return entries if opts.resume else {}
 
 
-def _remove_staged(out_dir: str) -> None:
-    """Delete scratch files a killed task may have left beside the outputs."""
-    for name in storage.list_files(out_dir):
-        if ".tmp-" in name:
-            storage.delete(storage.join(out_dir, name))
+def _sweep_here(model_dir: str) -> scratch.Removed:
+    """Scratch left in a local model folder by writers that are gone (see conversion/scratch)."""
+    return scratch.Removed() if storage.is_gcs(model_dir) else scratch.sweep_tree(model_dir)
+
+
+def _sweep_node(model_dir: str) -> dict[str, int]:
+    """What one node's sweep task runs: its gs:// staging folder and a local model folder."""
+    return scratch.sweep_node().add(_sweep_here(model_dir)).as_dict()
+
+
+def _task_env() -> dict[str, Any] | None:
+    env = {**forwarded_env(), **scratch.forwarded_env()}
+    return {"env_vars": env} if env else None
+
+
+# A node's sweep lists one folder or two: a node that takes longer is busy or unwell, and the
+# conversion need not wait for it (it only means scratch stays there until the next run).
+_SWEEP_TIMEOUT_S = 120.0
+
+
+def _sweep_nodes(model_dir: str) -> scratch.Removed:
+    """Run :func:`_sweep_node` once on every alive node, where conversion tasks may have staged.
+
+    A task pinned to each node (zero CPUs, so a busy or CPU-less head still runs it); nodes that
+    die meanwhile are skipped: their scratch went with them or waits for the next run.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(_sweep_node)
+    refs = [remote.options(num_cpus=0, max_retries=0, runtime_env=_task_env(),
+                           scheduling_strategy=NodeAffinitySchedulingStrategy(
+                               node["NodeID"], soft=False)).remote(model_dir)
+            for node in ray.nodes() if node.get("Alive")]
+    if not refs:
+        return scratch.Removed()
+    done, late = ray.wait(refs, num_returns=len(refs), timeout=_SWEEP_TIMEOUT_S)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    if late:
+        print(f"convert: {len(late)} node(s) did not clear their scratch folder within "
+              f"{_SWEEP_TIMEOUT_S:.0f} s; the next run will", file=sys.stderr, flush=True)
+    removed = scratch.Removed()
+    for ref in done:
+        with contextlib.suppress(ray.exceptions.RayError):
+            removed.add(scratch.Removed(**ray.get(ref)))
+    return removed
+
+
+def _unaccounted(out_dir: str, manifest: dict[str, ManifestEntry]) -> list[str]:
+    """Files in the weights folder that neither the manifest nor the FT format names."""
+    known = set(manifest) | {ft_format.CONFIG_INI, ft_format.MANIFEST}
+    return [name for name in storage.list_files(out_dir) if name not in known]
 
 
 def _jsonable(value: Any) -> Any:
@@ -628,9 +679,16 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         for tensor in task.tensors:
             if tensor.transform == "copy_identical":
                 _check_identical(ckpt, tensor)
+    # Scratch of writers that are gone goes first, so that it counts neither as foreign files
+    # here nor as disk used on the nodes; a live writer's is left alone (conversion/scratch).
+    removed = _sweep_here(model_dir)
     previous = _check_destination(model_dir, manifest_url, identity, opts)
     if connect is not None:
         connect()
+    removed.add(_sweep_nodes(model_dir))
+    if removed.files:
+        print(f"convert: removed {removed.files} scratch file(s) ({removed.bytes} bytes) left by "
+              "runs that are gone", file=sys.stderr, flush=True)
 
     # Until the last step the folder says it is incomplete: no config.pbtxt (Triton would try to
     # load it) and a manifest with "complete": false.
@@ -652,7 +710,7 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         results = _run_tasks(convert_layer, [(task, (ckpt, task, out_dir, previous))
                                              for task in plan.tasks], opts, "convert", record)
     except ConversionError:
-        _remove_staged(out_dir)
+        _sweep_here(model_dir)  # what tasks killed by the failure left
         raise
     entries = [e for r in results for e in r["entries"]]
     expected = {f.name for f in plan.files()}
@@ -671,11 +729,19 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     manifest_text = ft_format.manifest_json({**header, "complete": True}, entries)
     storage.write_text(manifest_url, manifest_text)
     verified = False
+    unaccounted = None
     if opts.verify:
         _, by_name = ft_format.parse_manifest(manifest_text)
         _run_tasks(verify_layer, [(task, (task, out_dir, by_name)) for task in plan.tasks],
                    opts, "verify")
         verified = True
+        # Reported, not fatal: every file the model needs checked out, and Triton loads files
+        # by name, so an extra one changes nothing served; the user decides what it is.
+        unaccounted = _unaccounted(out_dir, by_name)
+        if unaccounted:
+            print(f"convert: verify: {len(unaccounted)} file(s) in {out_dir} that neither the "
+                  f"manifest nor the FT format accounts for: {', '.join(unaccounted[:5])}",
+                  file=sys.stderr, flush=True)
     config = triton_config.model_config(opts.model_name, opts.engine, t, opts.pipeline_parallel,
                                         opts.inference_dtype)
     storage.write_text(config_url, triton_config.to_pbtxt(config))
@@ -711,6 +777,8 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         "param_scan_axis": arch.scan_axis if arch.scanned else None,
         "layer_relative_bias": list(plan.layer_tables),
         "verified": verified,
+        "unaccounted": unaccounted,
+        "scratch_removed": removed.as_dict(),
         "tasks": len(plan.tasks),
         "peak_worker_rss_bytes": peak,
     }

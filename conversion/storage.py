@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from conversion import scratch
 from conversion.gcs_env import is_gcs, split_gs_url, storage_client
 
 # Resumable-upload and ranged-download chunk size (a multiple of 256 KiB). Every GCS transfer
@@ -112,24 +111,20 @@ def staged_file(url: str | os.PathLike) -> Iterator[str]:
     clean exit, deleted otherwise.
 
     Local: the scratch file lies beside the target and is renamed over it. GCS: it lies in the
-    system temp folder and is uploaded whole.
+    node's scratch folder and is uploaded whole. Either way it is named after, and leased by,
+    this process (conversion.scratch), so a run that is killed mid-write leaves scratch that
+    the next run can tell from a live writer's and remove.
     """
     url = str(url)
-    if is_gcs(url):
-        fd, tmp = tempfile.mkstemp(prefix="t5ft-", suffix=".part")
-        os.close(fd)
-    else:
+    gcs = is_gcs(url)
+    if not gcs:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{url}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
+    with scratch.scratch_file(None if gcs else url, name="t5ft.part") as tmp:
         yield tmp
-        if is_gcs(url):
+        if gcs:
             _blob(url).upload_from_filename(tmp)
         else:
             os.replace(tmp, url)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def write_bytes(url: str | os.PathLike, data: bytes) -> None:

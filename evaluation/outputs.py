@@ -7,21 +7,23 @@ the rest. At the end both files are rewritten in example order, so a resumed run
 byte-identical to an uninterrupted run's.
 
 A ``gs://`` output is staged in a local folder: lines are appended there and the file is copied
-to the bucket every ``sync_seconds`` and at the end (GCS objects cannot be appended to).
+to the bucket every ``sync_seconds`` and at the end (GCS objects cannot be appended to). That
+folder is scratch with an owner (conversion.scratch): a run first removes what runs that are
+gone left, in the node's scratch folder (gs://) or beside its outputs (local), never a live
+run's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
-import tempfile
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from conversion import storage
+from conversion import scratch, storage
 
 PREDICTIONS = "predictions.jsonl"
 ERRORS = "errors.jsonl"
@@ -46,12 +48,17 @@ class OutputDir:
         self.resume = resume
         self.sync_seconds = sync_seconds
         self._last_sync = time.monotonic()
-        if storage.is_gcs(output):
-            self.local = Path(tempfile.mkdtemp(prefix="t5ft-eval-"))
-            self._staged = True
+        self._scratch = contextlib.ExitStack()
+        self._staged = storage.is_gcs(output)
+        self.scratch_removed = scratch.sweep_node() if self._staged else scratch.sweep(output)
+        if self.scratch_removed.files:
+            print(f"evaluate: removed {self.scratch_removed.files} scratch file(s) "
+                  f"({self.scratch_removed.bytes} bytes) left by runs that are gone",
+                  file=sys.stderr, flush=True)
+        if self._staged:
+            self.local = self._scratch.enter_context(scratch.scratch_dir("t5ft-eval"))
         else:
             self.local = Path(output)
-            self._staged = False
         self.local.mkdir(parents=True, exist_ok=True)
         self._pred_path = self.local / PREDICTIONS
         self._err_path = self.local / ERRORS
@@ -143,15 +150,12 @@ class OutputDir:
         self._pred = self._err = None
 
     def cleanup(self) -> None:
+        """Close the files and delete the local staging folder of a gs:// output."""
         self.close()
-        if self._staged:
-            shutil.rmtree(self.local, ignore_errors=True)
+        self._scratch.close()
 
     def _write_local(self, name: str, text: str) -> None:
-        path = self.local / name
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        storage.write_text(str(self.local / name), text)
 
     def _maybe_sync(self) -> None:
         if not self._staged or time.monotonic() - self._last_sync < self.sync_seconds:

@@ -14,6 +14,9 @@ is skipped when its outputs exist and verify: a conversion whose manifest lists 
 needs with the right sizes and hashes, an evaluation whose metrics.json was written for the
 same settings and the same model (manifest digest) with no failed example. Otherwise the
 stage's job runs with ``--resume`` where it was interrupted before, so a rerun continues.
+
+A run starts by removing the scratch that killed pipelines left beside OUT's files (their
+staged writes, conversion.scratch); each stage's job does the same for its own outputs.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conversion import storage
+from conversion import scratch, storage
 from pipeline import compare, stages
 from pipeline.config import PipelineConfig, RunSpec
 from pipeline.monitor import PipelineMetrics
@@ -88,6 +91,7 @@ class Pipeline:
         }
         self._planned = 3 * len(cfg.runs)
         self._done = 0
+        self.scratch_removed = scratch.Removed()
 
     def run_output(self, run: RunSpec) -> str:
         return storage.join(self.cfg.output, run.name)
@@ -183,8 +187,19 @@ class Pipeline:
             by_key.setdefault(run.serve_key(), []).append(run)
         return list(by_key.values())
 
+    def clear_scratch(self) -> scratch.Removed:
+        """Remove what writers that are gone staged beside OUT's files (local OUT: a gs:// one
+        is written without local scratch), and say so."""
+        if not storage.is_gcs(self.cfg.output):
+            self.scratch_removed = scratch.sweep(self.cfg.output)
+        if self.scratch_removed.files:
+            self.log(f"removed {self.scratch_removed.files} scratch file(s) "
+                     f"({self.scratch_removed.bytes} bytes) left by runs that are gone")
+        return self.scratch_removed
+
     def run(self) -> dict[str, Any]:
         start = time.monotonic()
+        self.clear_scratch()
         for run in self.cfg.runs:
             self.metrics.stage(run.name, "pending")
         self.metrics.progress(0.0)
@@ -274,6 +289,7 @@ class Pipeline:
             "comparison": comparison_md,
             "comparison_json": comparison_json,
             "seconds": round(seconds, 2),
+            "scratch_removed": self.scratch_removed.as_dict(),
         }
         storage.write_text(storage.join(self.cfg.output, "pipeline.json"),
                            json.dumps(summary, indent=1, default=str))

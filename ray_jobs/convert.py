@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="delete DST/<model> first, even when it holds a different model")
     p.add_argument("--verify", action="store_true",
-                   help="re-read every written file and check it against the manifest")
+                   help="re-read every written file and check it against the manifest; also "
+                   "report files in the weights folder that nothing accounts for")
     p.add_argument("--task-cpus", type=float, default=0.5,
                    help="CPUs each per-layer Ray task requests (default 0.5: two tasks per "
                    "core, one decompressing while the other writes)")

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from conversion import ft_format
+from conversion import ft_format, scratch
 from conversion.ft_format import T5Config
 from demo.t5x_writer import gin_config, random_t5x_params, write_t5x_checkpoint
+from tests.conversion.test_scratch import kill_writers, lease_owners, wait_gone
 from tests.gcs.conftest import sha256_local_tree
 from tests.gcs.t5x_on_gcs import write_t5x_checkpoint_gcs
 
@@ -68,6 +69,15 @@ class ClusterProcess:
             self.proc.communicate()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def node_scratch(tmp_path_factory):
+    """The nodes' scratch folder for this module's jobs (a killed node's part files stay in the
+    test's temp folder, not in the machine's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(scratch.SCRATCH_DIR_ENV, str(tmp_path_factory.mktemp("node-scratch")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def cluster(gcs):
     """A head with no CPUs and two 1-CPU worker nodes (tests/gcs/cluster_proc.py)."""
@@ -94,9 +104,10 @@ def convert_cmd(src: str, dst: str, address: str, *extra: str) -> list[str]:
             "--address", address, "--no-progress", "--json", *extra]
 
 
-def run_convert(src: str, dst: str, address: str, *extra: str) -> dict:
+def run_convert(src: str, dst: str, address: str, *extra: str,
+                env: dict[str, str] | None = None) -> dict:
     proc = subprocess.run(convert_cmd(src, dst, address, *extra), cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"convert failed: {proc.stderr[-3000:]}"
     return last_json(proc.stdout, proc.stderr)
 
@@ -155,9 +166,9 @@ def _bin_count(gcs, prefix: str) -> int:
     return sum(1 for name in gcs.blobs(prefix) if name.endswith(".bin"))
 
 
-def _start(cmd: list[str]) -> subprocess.Popen:
+def _start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
 
 
 def _wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 120) -> None:
@@ -189,11 +200,15 @@ def test_worker_node_killed_mid_run(gcs, cluster, sources, reference):
 
 
 def test_killed_conversion_resumes_rewriting_only_missing_files(gcs, cluster, sources,
-                                                               reference):
+                                                               reference, tmp_path):
+    """Also: the killed run's part files, staged in the nodes' scratch folder (one local temp
+    folder here, as every node runs on this machine), are removed by the resumed run."""
     c = cluster
     prefix = "out/resumed"
     dst = f"gs://{gcs.bucket}/{prefix}"
     manifest = f"{prefix}/{WEIGHTS}/manifest.json"
+    node_scratch = tmp_path / "node-scratch"
+    env = {**os.environ, scratch.SCRATCH_DIR_ENV: str(node_scratch)}  # forwarded to the tasks
 
     def recorded() -> list[dict]:
         # A new Blob each time: one that has been read pins the generation it read.
@@ -202,21 +217,34 @@ def test_killed_conversion_resumes_rewriting_only_missing_files(gcs, cluster, so
         except Exception:  # noqa: BLE001 - not written yet
             return []
 
-    proc = _start(convert_cmd(sources["gcs"], dst, c.address))
-    _wait_for(proc, lambda: len(recorded()) >= N_BIN // 3, "a third of the files recorded")
-    proc.send_signal(signal.SIGKILL)  # the job's driver: its tasks go with it
+    def parts() -> list[str]:
+        return [p.name for p in node_scratch.glob("t5ft.part.tmp-*")]
+
+    proc = _start(convert_cmd(sources["gcs"], dst, c.address), env)
+    _wait_for(proc, lambda: len(recorded()) >= N_BIN // 3 and parts(),
+              "a third of the files recorded, more being staged")
+    # The job's driver, and the workers staging its files (their leases name them): killed
+    # outright, as a lost machine would be, they cannot tidy up.
+    writers = lease_owners(node_scratch)
+    kill_writers(writers)
+    proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    time.sleep(2)  # let Ray reap the dead job's workers before we look
+    wait_gone(list(writers))
+    time.sleep(2)  # let Ray reap the dead job's other workers before we look
+    left = parts()
+    assert left, "the kill left no staged part file"
     done = {e["name"]: e for e in recorded()}
     assert N_BIN // 3 <= len(done) < N_BIN, f"{len(done)} of {N_BIN} recorded at the kill"
     assert not gcs.blobs(prefix).get("t5/config.pbtxt"), "an interrupted run looks complete"
     blobs = gcs.blobs(f"{prefix}/{WEIGHTS}")
     generations = {name: blobs[name].generation for name in done}
 
-    summary = run_convert(sources["gcs"], dst, c.address, "--resume")
+    summary = run_convert(sources["gcs"], dst, c.address, "--resume", env=env)
     assert summary["skipped_files"] == len(done)
+    assert summary["scratch_removed"]["files"] >= len(left)
     after = gcs.blobs(f"{prefix}/{WEIGHTS}")
     rewritten = [n for n, g in generations.items() if after[n].generation != g]
     assert not rewritten, f"--resume rewrote finished files: {rewritten[:5]}"
     assert_same_as_reference(gcs, prefix, reference)
+    assert [p.name for p in node_scratch.iterdir()] == []  # no part file, no lease
