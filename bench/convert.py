@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from conversion.ft_format import T5Config  # noqa: E402
+from core.ft_format import T5Config  # noqa: E402
 from demo.t5x_writer import gin_config, t5x_param_shapes, write_t5x_checkpoint  # noqa: E402
 
 UL2_WIDTHS = T5Config(d_model=4096, num_heads=16, d_kv=256, d_ff=16384, vocab_size=32128,

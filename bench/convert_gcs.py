@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from conversion import gcs_env, storage  # noqa: E402
-from conversion.ft_format import T5Config  # noqa: E402
+from core.ft_format import T5Config  # noqa: E402
 from demo.t5x_writer import gin_config, t5x_param_shapes  # noqa: E402
 
 BUCKET = "t5ft-bench"

@@ -45,7 +45,7 @@ def build_model(work: Path, d_model: int, layers: int) -> tuple[Path, Path]:
     tests/evaluation/conftest.py but at the given width and depth."""
     import sentencepiece as spm
 
-    from conversion.ft_format import T5Config
+    from core.t5config import T5Config
     from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
     from demo.vocab import train_sentencepiece
 

@@ -41,7 +41,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from conversion.ft_format import T5Config  # noqa: E402
+from core.t5config import T5Config  # noqa: E402
 
 MODELS = {
     # UL2 20B (google/ul2): 32 + 32 layers, D 4096, 16 heads of 256, F 16384, gated-silu, untied.

@@ -204,7 +204,7 @@ def main() -> None:
                    help="serve this model repository (model t5) instead of building one")
     args = p.parse_args()
 
-    from conversion.ft_format import T5Config
+    from core.t5config import T5Config
 
     cfg = T5Config(d_model=args.d_model, num_heads=4, d_kv=args.d_model // 4,
                    d_ff=args.d_model * 4, vocab_size=args.vocab,

@@ -27,7 +27,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from ray_jobs._cli import UserError
+from core.errors import UserError
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 

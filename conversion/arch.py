@@ -31,10 +31,9 @@ from typing import Literal
 
 import numpy as np
 
-from conversion.ft_format import T5Config
-
 # config.gin is read by conversion.gin_config; parse_gin stays importable from here.
 from conversion.gin_config import parse_gin as parse_gin
+from core.t5config import T5Config
 
 Source = Literal["shapes", "gin", "flag", "default"]
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from gin import config_parser
 
-from conversion import storage
+from core import storage
 
 # Where each size may be bound, first match wins: t5x's T5Config (t5x/examples/t5/network.py,
 # scalable_t5/network.py), flaxformer's modules (the UL2 release's architecture), then the

@@ -22,8 +22,8 @@ import json
 import os
 from typing import Any
 
-from conversion import storage
-from conversion.gcs_env import is_gcs, tensorstore_kvstore
+from core import storage
+from core.gcs_env import is_gcs, tensorstore_kvstore
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"  # one per saved step (any orbax checkpointer)
 TREE_METADATA = "_METADATA"  # PyTreeCheckpointHandler: the tree and its storage options

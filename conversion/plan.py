@@ -1,7 +1,7 @@
 """The conversion plan: every FT output file, its source tensors and its transform. Pure.
 
 All the rules that turn T5X parameters into FasterTransformer files live here, on top of the
-file list of :mod:`conversion.ft_format` (ft-t5-format.md sections 2 and 6), so they can be read
+file list of :mod:`core.ft_format` (ft-t5-format.md sections 2 and 6), so they can be read
 and tested in one place. Nothing here reads or writes data.
 
 An :class:`OutputTensor` is one FT tensor in its full (unsplit) layout ``F``, built from its
@@ -35,9 +35,10 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from conversion import ft_format
 from conversion.arch import T5Arch, scanned_relpos_name
-from conversion.ft_format import FileSpec, Split, T5Config
+from core import ft_format
+from core.ft_format import FileSpec, Split
+from core.t5config import T5Config
 
 Transform = Literal["copy", "transpose", "fuse_qkv", "copy_identical"]
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")

@@ -1,7 +1,7 @@
 """Execute a conversion plan on Ray: one task per layer, a manifest, config files.
 
 Data flow: :mod:`conversion.t5x` (read) -> :mod:`conversion.arch` -> :mod:`conversion.plan`
-(pure) -> this module (Ray tasks) -> :mod:`conversion.storage` (atomic writes).
+(pure) -> this module (Ray tasks) -> :mod:`core.storage` (atomic writes).
 
 Each task converts one :class:`conversion.plan.LayerTask` (the globals, one encoder layer or one
 decoder layer): it reads only its own source tensors, chunk by chunk as they are stored (t5x
@@ -28,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from conversion import ft_format, scratch, storage, triton_config
 from conversion.arch import ArchError, T5Arch, infer_arch
-from conversion.ft_format import ManifestEntry
-from conversion.gcs_env import forwarded_env
 from conversion.gin_config import GinConfig, GinError, read_gin
 from conversion.plan import ConversionPlan, LayerTask, OutputTensor, PlanError, make_plan
 from conversion.t5x import Checkpoint, CheckpointError, open_checkpoint
+from core import ft_format, repository, scratch, storage
+from core.errors import first_line
+from core.ft_format import ManifestEntry
+from core.gcs_env import forwarded_env
 
 _HASH_PIECE = 16 * 1024 * 1024
 
@@ -369,10 +370,6 @@ def _cause(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 class _Progress:
     """A tqdm bar on a terminal, otherwise a plain line per finished task on stdout; and the
@@ -460,7 +457,7 @@ def _run_tasks(fn, calls: list[tuple[LayerTask, tuple]], opts: ConvertOptions,
                         ray.wait(list(pending), num_returns=len(pending), timeout=60)
                     cause = _cause(exc)
                     raise ConversionError(
-                        f"{label} of {task.group} failed: {_first_line(cause)}") from cause
+                        f"{label} of {task.group} failed: {first_line(cause)}") from cause
                 progress.update(task.group, task.bytes())
                 if on_result is not None:
                     on_result(results)
@@ -486,7 +483,7 @@ def _read_manifest(url: str) -> tuple[dict, dict[str, ManifestEntry]] | None:
     try:
         return ft_format.parse_manifest(storage.read_text(url))
     except (ValueError, KeyError) as exc:
-        raise ConversionError(f"{url} is not a readable manifest: {_first_line(exc)}") from exc
+        raise ConversionError(f"{url} is not a readable manifest: {first_line(exc)}") from exc
 
 
 def _check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any],
@@ -658,8 +655,8 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     Without it, Ray must already be initialised.
     """
     t0 = time.monotonic()
-    if opts.engine not in triton_config.ENGINES:
-        raise ConversionError(f"engine {opts.engine!r} is not one of {triton_config.ENGINES}")
+    if opts.engine not in repository.ENGINES:
+        raise ConversionError(f"engine {opts.engine!r} is not one of {repository.ENGINES}")
     if opts.pipeline_parallel < 1:
         raise ConversionError(f"pipeline-parallel size must be >= 1, got {opts.pipeline_parallel}")
     if opts.vocab and not storage.exists(opts.vocab):
@@ -725,7 +722,7 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     if vocab:
         storage.write_bytes(storage.join(model_dir, "spiece.model"), storage.read_bytes(vocab))
     if opts.engine == "jax":
-        storage.write_text(storage.join(model_dir, "1", "model.py"), triton_config.JAX_MODEL_PY)
+        storage.write_text(storage.join(model_dir, "1", "model.py"), repository.JAX_MODEL_PY)
     manifest_text = ft_format.manifest_json({**header, "complete": True}, entries)
     storage.write_text(manifest_url, manifest_text)
     verified = False
@@ -742,9 +739,9 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
             print(f"convert: verify: {len(unaccounted)} file(s) in {out_dir} that neither the "
                   f"manifest nor the FT format accounts for: {', '.join(unaccounted[:5])}",
                   file=sys.stderr, flush=True)
-    config = triton_config.model_config(opts.model_name, opts.engine, t, opts.pipeline_parallel,
+    config = repository.model_config(opts.model_name, opts.engine, t, opts.pipeline_parallel,
                                         opts.inference_dtype)
-    storage.write_text(config_url, triton_config.to_pbtxt(config))
+    storage.write_text(config_url, repository.to_pbtxt(config))
 
     peak = max(r.get("peak_rss", 0) for r in results)
     return {

@@ -22,8 +22,10 @@ from typing import Any, Literal
 import msgpack
 import numpy as np
 
-from conversion import orbax_layout, storage
-from conversion.gcs_env import is_gcs, tensorstore_kvstore
+from conversion import orbax_layout
+from core import storage
+from core.errors import first_line
+from core.gcs_env import is_gcs, tensorstore_kvstore
 
 # "legacy": t5x's msgpack + zarr; "ocdbt": orbax, arrays in an OCDBT store; "orbax": orbax with
 # one array folder per parameter (use_ocdbt=False). Checkpoint.detail says more.
@@ -103,7 +105,7 @@ class Checkpoint:
             except Exception as exc:  # tensorstore reports decode errors as ValueError etc.
                 where = "" if region is None else f" {_fmt_region(region)}"
                 raise CheckpointError(f"cannot read parameter {name!r}{where} from "
-                                      f"{self.path}: {_first_line(exc)}") from exc
+                                      f"{self.path}: {first_line(exc)}") from exc
         return result
 
     def _spec(self, name: str) -> dict[str, Any]:
@@ -126,14 +128,10 @@ def _open(spec: dict[str, Any], name: str):
         try:
             store = ts.open(spec, read=True).result()
         except Exception as exc:
-            raise CheckpointError(f"cannot open parameter {name!r}: {_first_line(exc)}") from exc
+            raise CheckpointError(f"cannot open parameter {name!r}: {first_line(exc)}") from exc
         _OPEN[key] = store
     return store
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _fmt_region(region: tuple[slice, ...]) -> str:
@@ -263,7 +261,7 @@ def _open_legacy(path: str, step: int | None) -> Checkpoint:
         state = msgpack.unpackb(storage.read_bytes(url), ext_hook=_ext_hook, raw=False,
                                 strict_map_key=False)
     except Exception as exc:
-        raise CheckpointError(f"{url} is not a T5X msgpack checkpoint: {_first_line(exc)}") from exc
+        raise CheckpointError(f"{url} is not a T5X msgpack checkpoint: {first_line(exc)}") from exc
     if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
         raise CheckpointError(f"{url} is not a T5X checkpoint: no 'optimizer' state in it")
     target = state["optimizer"].get("target")

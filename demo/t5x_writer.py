@@ -9,7 +9,7 @@ Scalars (the step) are stored inline as flax's msgpack ndarray extension.
 
 Used by the demo model to save what it trained, by tests to build fixture checkpoints, and by
 ``bench/convert.py``. ``random_t5x_params`` gives every parameter name of t5x's
-``examples/t5`` network for a :class:`conversion.ft_format.T5Config`.
+``examples/t5`` network for a :class:`core.T5Config`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 
 # t5x/checkpoints.py
 VERSION = 3

@@ -8,7 +8,7 @@ Sources (``--dataset``):
   - ``FILE.tsv``: the original evaluator's ``document<TAB>summary`` lines (no quoting; an optional
     header line naming the two fields is skipped); ids are the row index.
 
-Local paths may also be ``gs://`` URLs (copied to a temporary file through ``conversion.storage``).
+Local paths may also be ``gs://`` URLs (copied to a temporary file through ``core.storage``).
 A row with a missing or empty document or reference is not dropped silently: it becomes a
 :class:`DataError` that the runner writes to ``errors.jsonl``.
 """
@@ -226,7 +226,7 @@ class _local_copy:  # noqa: N801 - used as a context manager, reads like a funct
             if not os.path.isfile(self.path):
                 raise DataError(f"--dataset {self.path}: no such file")
             return self.path
-        from conversion import storage
+        from core import storage
 
         data = storage.read_bytes(self.path)
         fd, self._tmp = tempfile.mkstemp(suffix=_suffix(self.path))

@@ -8,7 +8,7 @@ byte-identical to an uninterrupted run's.
 
 A ``gs://`` output is staged in a local folder: lines are appended there and the file is copied
 to the bucket every ``sync_seconds`` and at the end (GCS objects cannot be appended to). That
-folder is scratch with an owner (conversion.scratch): a run first removes what runs that are
+folder is scratch with an owner (core.scratch): a run first removes what runs that are
 gone left, in the node's scratch folder (gs://) or beside its outputs (local), never a live
 run's.
 """
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from conversion import scratch, storage
+from core import scratch, storage
 
 PREDICTIONS = "predictions.jsonl"
 ERRORS = "errors.jsonl"

@@ -91,7 +91,7 @@ def load_tokenizer(
     vocab: str | None, model_repository: str | None, model_name: str
 ) -> Tokenizer:
     """Read the vocabulary (local path or gs:// URL) and open it."""
-    from conversion import storage
+    from core import storage
 
     location = vocab_location(vocab, model_repository, model_name)
     if not storage.exists(location):
@@ -107,8 +107,8 @@ def weights_location(model_repository: str, model_name: str) -> str:
     """
     from google.protobuf import text_format
 
-    from conversion import ft_format, storage
-    from conversion.triton_config import parse_pbtxt
+    from core import ft_format, storage
+    from core.repository import parse_pbtxt
 
     model_dir = storage.join(model_repository, model_name)
     pbtxt = storage.join(model_dir, "config.pbtxt")
@@ -133,7 +133,7 @@ def model_vocab_size(model_repository: str, model_name: str) -> tuple[int, str] 
 
     ``vocab_size`` is the number of logits the model's output layer has: the ids it can emit.
     """
-    from conversion import ft_format, storage
+    from core import ft_format, storage
 
     ini = storage.join(weights_location(model_repository, model_name), ft_format.CONFIG_INI)
     if not storage.exists(ini):

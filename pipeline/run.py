@@ -16,7 +16,7 @@ same settings and the same model (manifest digest) with no failed example. Other
 stage's job runs with ``--resume`` where it was interrupted before, so a rerun continues.
 
 A run starts by removing the scratch that killed pipelines left beside OUT's files (their
-staged writes, conversion.scratch); each stage's job does the same for its own outputs.
+staged writes, core.scratch); each stage's job does the same for its own outputs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conversion import scratch, storage
+from core import scratch, storage
 from pipeline import compare, stages
 from pipeline.config import PipelineConfig, RunSpec
 from pipeline.monitor import PipelineMetrics

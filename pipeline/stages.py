@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from conversion import ft_format, storage
+from core import ft_format, storage
 from pipeline.config import to_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

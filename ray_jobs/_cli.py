@@ -18,11 +18,9 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from core.errors import UserError, first_line
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class UserError(Exception):
-    """Bad input or a failed precondition: reported as one line, no traceback."""
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,7 +171,7 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except Exception as exc:  # noqa: BLE001 - the contract is one line, the trace goes to a log
         if os.environ.get("T5FT_TRACEBACK"):
             traceback.print_exc()
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         print(f"error: {type(exc).__name__}: {reason}", file=sys.stderr, flush=True)
         sys.exit(1)
     sys.exit(code or 0)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from conversion import ft_format
 from conversion.run import USER_ERRORS, ConvertOptions, convert
-from conversion.triton_config import ENGINES
+from core import ft_format
+from core.repository import ENGINES
 from ray_jobs._cli import UserError, add_common_arguments, emit_summary, init_ray, run_main
 
 DTYPES = list(ft_format.WEIGHT_DTYPES)

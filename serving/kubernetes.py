@@ -31,7 +31,7 @@ from google.protobuf import text_format
 from cluster import diagnose, pods, raycluster, triton
 from cluster.config import DEFAULT_TRITON_IMAGE
 from cluster.kubeapi import Kube, new_api_client
-from ray_jobs._cli import UserError
+from core.errors import UserError
 
 MONITOR_PERIOD_S = 10.0
 

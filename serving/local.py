@@ -150,10 +150,10 @@ def stage_model(repository: str, model_name: str, dst: Path) -> Path:
     """Download ``repository/model_name`` (a gs:// URL) into ``dst``; returns the new root.
 
     tritonserver reads gs:// itself only with credentials in its own environment; going
-    through conversion.storage uses the same client (and emulator settings) as the rest of the
+    through core.storage uses the same client (and emulator settings) as the rest of the
     pipeline, and runs on the node that serves, so every node gets its own copy.
     """
-    from conversion import storage
+    from core import storage
 
     src = storage.join(repository, model_name)
     names = storage.list_files(src)
@@ -170,7 +170,7 @@ def stage_model(repository: str, model_name: str, dst: Path) -> Path:
 
 def _check_repository(model_repository: str, model_name: str) -> None:
     if is_gcs(model_repository):
-        from conversion import storage
+        from core import storage
 
         ok = storage.exists(storage.join(model_repository, model_name, "config.pbtxt"))
     else:
@@ -476,7 +476,7 @@ class TritonServerActor:
 
 def _runtime_env() -> dict | None:
     """GCS emulator / auth variables of this process, for the actors (they stage gs://)."""
-    from conversion.gcs_env import forwarded_env
+    from core.gcs_env import forwarded_env
 
     env = forwarded_env()
     return {"env_vars": env} if env else None

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 from serving.engine import generate, model, sharding, weights
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 from serving.engine import model
 
 NEG = -1e30  # "impossible" score, finite so that arithmetic on it stays defined

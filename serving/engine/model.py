@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 
 NEG_INF = -1e9  # additive mask; large but finite so that fully masked rows stay NaN-free
 RMS_EPS = 1e-6

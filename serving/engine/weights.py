@@ -1,6 +1,6 @@
 """Load an FT weights folder (``<T>-gpu/``) into one full-size parameter tree.
 
-The folder's layout is described by :mod:`conversion.ft_format` (the only module serving shares
+The folder's layout is described by :mod:`core.ft_format` (the only module serving shares
 with conversion). Files of any tensor-parallel size T are read and the ranks re-joined with
 ``ft_format.join_ranks``, so one engine serves a folder written for any T.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion import ft_format
-from conversion.ft_format import T5Config
+from core import ft_format
+from core.t5config import T5Config
 
 _RANK_FILE = re.compile(r"^encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight\.(\d+)\.bin$")
 

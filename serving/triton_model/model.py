@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from conversion import ft_format
+from core import ft_format
 from serving.engine import T5Engine
 from serving.triton_model.contract import (
     ParsedRequest,

@@ -13,7 +13,7 @@ from cluster import raycluster, rbac
 from cluster.__main__ import main
 from cluster.config import load_config
 from cluster.kubeapi import Kube, KubeApiError
-from ray_jobs._cli import UserError
+from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 GKE = str(REPO / "examples" / "cluster-gke.yaml")

@@ -17,7 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from cluster import triton
-from ray_jobs._cli import UserError
+from core.errors import UserError
 from serving import kubernetes as k8s_serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,7 +193,7 @@ def test_wait_reports_why_replicas_are_pending(api, capsys):
 
 def test_gpu_count_read_from_a_gs_model_repository(monkeypatch):
     """The real path on GKE: config.pbtxt read from gs:// (here fake-gcs-server)."""
-    from conversion import gcs_env
+    from core import gcs_env
 
     proc, url = gcs_env.start_emulator()
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 from demo.t5x_writer import gin_config, random_t5x_params, write_t5x_checkpoint
 
 MODELS: dict[str, T5Config] = {

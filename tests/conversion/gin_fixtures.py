@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gin
 
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 
 # Stand-ins with the real module paths and signatures (t5x/examples/t5/network.py,
 # t5x/examples/scalable_t5/network.py, seqio/vocabularies.py, t5x/adafactor.py, t5x/models.py).

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 
 
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from conversion import ft_format
 from conversion.arch import ArchError, infer_arch, parse_gin
 from conversion.plan import PlanError, make_plan
+from core import ft_format
 from demo.t5x_writer import gin_config, t5x_param_shapes
 from tests.conversion.conftest import MODELS
 

@@ -15,7 +15,7 @@ import json
 import pytest
 
 from conversion.run import ConvertOptions, convert
-from conversion.triton_config import parse_pbtxt
+from core.repository import parse_pbtxt
 from tests.conversion.conftest import MODELS
 from tests.conversion.reference import reference_files
 

@@ -10,7 +10,7 @@ import pytest
 
 from conversion import run
 from conversion.run import ConversionError, ConvertOptions, convert
-from conversion.triton_config import parse_pbtxt
+from core.repository import parse_pbtxt
 from demo.t5x_writer import gin_config, write_t5x_checkpoint
 from tests.conversion.conftest import MODELS, SMALL_CHUNK_BYTES
 from tests.conversion.reference import reference_files, scan_params
@@ -48,7 +48,7 @@ def test_verify_catches_a_changed_file(ray_local, t5x_checkpoint, tmp_path):
     assert summary["verified"] is True
     ckpt, arch, plan, _ = run.prepare(opts)
     out = summary["output"]
-    import conversion.ft_format as ff
+    import core.ft_format as ff
 
     _, manifest = ff.parse_manifest(open(f"{out}/manifest.json").read())
     task = plan.tasks[1]  # encoder.0

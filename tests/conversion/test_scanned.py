@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from conversion.arch import ArchError, infer_arch
-from conversion.ft_format import T5Config
 from conversion.plan import make_plan
 from conversion.run import ConversionError, ConvertOptions, convert
+from core.errors import UserError
+from core.t5config import T5Config
 from demo.t5x_writer import gin_config, random_t5x_params, write_t5x_checkpoint
 from ray_jobs import convert as convert_cli
-from ray_jobs._cli import UserError
 from serving.engine import SamplingParams, T5Engine
 from tests.conversion import t5x_forward
 from tests.conversion.conftest import MODELS, SMALL_CHUNK_BYTES
@@ -236,7 +236,7 @@ def test_cli_asks_for_the_scan_axis_and_takes_it(ray_local, tmp_path):
 
 
 def test_engine_refuses_a_folder_missing_one_layer_table(tmp_path):
-    from conversion import ft_format
+    from core import ft_format
     from tests.serving.engine_fixtures import UL2_TINY, random_ft_weights, write_ft_folder
 
     folder = write_ft_folder(tmp_path, UL2_TINY, 2, random_ft_weights(UL2_TINY, seed=11))

@@ -1,9 +1,9 @@
 """Scratch with an owner: a killed conversion's staged files are removed by the next run, a live
-writer's never; --verify names files nothing accounts for (conversion/scratch.py, docs/scratch.md).
+writer's never; --verify names files nothing accounts for (core/scratch.py, docs/scratch.md).
 
 Writers here are real processes: the conversion job itself (`python -m ray_jobs.convert`,
 killed with SIGKILL to its process group), or a Python process staging through
-conversion.storage as a conversion task does, killed or left running.
+core.storage as a conversion task does, killed or left running.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conversion import scratch
-from conversion.ft_format import T5Config
 from conversion.run import ConvertOptions, convert
+from core import scratch
+from core.t5config import T5Config
 from demo.t5x_writer import gin_config, random_t5x_params, write_t5x_checkpoint
 from tests.conversion.reference import reference_files
 
@@ -169,7 +169,7 @@ def test_killed_conversion_resumes_and_leaves_no_scratch(ray_local, big_checkpoi
 
 _WRITER = """
 import sys
-from conversion import scratch, storage
+from core import scratch, storage
 local, size = sys.argv[1], int(sys.argv[2])
 with storage.staged_file(local) as a, scratch.scratch_file(name="t5ft.part") as b:
     for p in (a, b):
@@ -272,7 +272,7 @@ def test_sweep_judges_other_hosts_by_lease_age_and_this_host_by_pid(tmp_path):
 
 
 def test_a_lease_covers_its_folder_whatever_the_path_spelling(tmp_path, monkeypatch):
-    from conversion import storage
+    from core import storage
 
     monkeypatch.chdir(tmp_path)
     with storage.staged_file("d/a.bin") as a:

@@ -1,4 +1,4 @@
-"""conversion.storage on local paths: atomic writes, listing, deletion.
+"""core.storage on local paths: atomic writes, listing, deletion.
 
 (gs:// behind the same interface is exercised against the GCS emulator in tests/gcs.)
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conversion import storage
+from core import storage
 
 
 def test_writes_are_atomic_and_leave_no_scratch_files(tmp_path):

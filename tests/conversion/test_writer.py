@@ -11,7 +11,7 @@ import pytest
 import tensorstore as ts
 
 from conversion import t5x
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 from demo.t5x_writer import (
     choose_chunk_shape,
     random_t5x_params,

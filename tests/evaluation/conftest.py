@@ -57,7 +57,7 @@ def convert_tiny_model(work: Path, repo_root: Path, vocab: Path, extra_logits: i
     """
     import sentencepiece as spm
 
-    from conversion.ft_format import T5Config
+    from core.t5config import T5Config
     from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
 
     pieces = spm.SentencePieceProcessor(model_file=str(vocab)).get_piece_size()
@@ -100,7 +100,7 @@ def gcs_bucket():
     Only the driver talks to GCS (the actors get the vocabulary as bytes), so the variables
     need not reach Ray workers.
     """
-    from conversion import gcs_env
+    from core import gcs_env
 
     proc, url = gcs_env.start_emulator()
     env = gcs_env.emulator_env(url)

@@ -234,7 +234,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, repo_root, grpc_urls, eval_
 
 def test_gs_paths_max_examples_then_resume(gcs_bucket, grpc_urls, eval_vocab, data_with_holes,
                                            reference_run):
-    from conversion import storage
+    from core import storage
 
     dataset = f"{gcs_bucket}/data/xsum.jsonl"
     vocab = f"{gcs_bucket}/vocab/spiece.model"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conversion import gcs_env
+from core import gcs_env
 
 BUCKET = "t5ft-test"
 

@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import tensorstore as ts
 
-from conversion import gcs_env
+from core import gcs_env
 from demo.t5x_writer import (
     _DESIRED_CHUNK_SIZE_BYTES,
     _NP_DTYPES,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conversion import t5x
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
 from tests.conversion.orbax_t5x import write_orbax_t5x
 from tests.gcs.t5x_on_gcs import write_t5x_checkpoint_gcs

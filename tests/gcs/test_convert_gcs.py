@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conversion import ft_format, scratch
-from conversion.ft_format import T5Config
+from core import ft_format, scratch
+from core.t5config import T5Config
 from demo.t5x_writer import gin_config, random_t5x_params, write_t5x_checkpoint
 from tests.conversion.test_scratch import kill_writers, lease_owners, wait_gone
 from tests.gcs.conftest import sha256_local_tree

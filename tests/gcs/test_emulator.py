@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from conversion import gcs_env, storage
+from core import gcs_env, storage
 
 MiB = 1 << 20
 

@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from conversion import storage
-from conversion.ft_format import T5Config
+from core import storage
+from core.t5config import T5Config
 
 MODEL = "t5"
 COPIES = 4  # the 10 bundled XSum rows, 4 times over: 40 examples, 20 requests of 2

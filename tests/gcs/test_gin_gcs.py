@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from conversion import storage
 from conversion.gin_config import read_gin
 from conversion.run import choose_vocab, find_gin
+from core import storage
 
 
 def test_config_gin_includes_and_vocabulary_on_gcs(gcs, gcs_prefix, tmp_path, xsum_sample):

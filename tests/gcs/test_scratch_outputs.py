@@ -1,5 +1,5 @@
 """Evaluation outputs on gs:// are staged in the node's scratch folder: a killed evaluation's
-staging folder is removed by the next one, a live one's is not (conversion/scratch.py)."""
+staging folder is removed by the next one, a live one's is not (core/scratch.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conversion import scratch
+from core import scratch
 from evaluation.outputs import PREDICTIONS, OutputDir, prediction_line
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 from demo import model as m
 from demo import train as tr
 from demo.build import DemoSettings, cache_key, gin_text, load_rows

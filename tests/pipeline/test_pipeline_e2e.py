@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conversion import ft_format
+from core import ft_format
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conversion import scratch
+from core import scratch
 from pipeline.config import parse
 from pipeline.run import Pipeline
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 _WRITER = """
 import sys
-from conversion import storage
+from core import storage
 with storage.staged_file(sys.argv[1]) as tmp:
     open(tmp, "w").write(sys.argv[2])
     print(tmp, flush=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conversion.ft_format import T5Config
+from core.t5config import T5Config
 
 MODEL = "t5"
 # Small enough to compile and run in seconds; unequal depths and an untied head, like T5 1.1.

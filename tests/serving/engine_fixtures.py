@@ -1,4 +1,4 @@
-"""Tiny FT weights folders from random numpy weights, written through conversion/ft_format.py.
+"""Tiny FT weights folders from random numpy weights, written through core/ft_format.py.
 
 Independent of the converter: the Triton tests may import `write_ft_folder` and the two
 configs below to build a model repository.
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion import ft_format
-from conversion.ft_format import T5Config
+from core import ft_format
+from core.t5config import T5Config
 
 # UL2-style: gated-silu, untied LM head, unequal depths, I = H*K (48) != D (32).
 UL2_TINY = T5Config(d_model=32, num_heads=4, d_kv=12, d_ff=64, vocab_size=100,

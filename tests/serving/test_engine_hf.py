@@ -12,8 +12,8 @@ import torch
 from transformers import T5Config as HFT5Config
 from transformers import T5ForConditionalGeneration
 
-from conversion import ft_format
-from conversion.ft_format import T5Config
+from core import ft_format
+from core.t5config import T5Config
 from serving.engine import SamplingParams, T5Engine
 from tests.serving.engine_fixtures import (
     T5_TINY,

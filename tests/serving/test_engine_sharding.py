@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conversion import ft_format
+from core import ft_format
 from tests.serving.engine_fixtures import UL2_TINY, random_ft_weights, write_ft_folder
 
 CHILD = textwrap.dedent("""

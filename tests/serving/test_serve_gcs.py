@@ -1,5 +1,5 @@
 """ray_jobs.serve --model-repository gs://...: the local backend downloads the model folder
-through conversion.storage (here from a real fake-gcs-server) and serves the copy."""
+through core.storage (here from a real fake-gcs-server) and serves the copy."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conversion import gcs_env
+from core import gcs_env
 from tests.serving.conftest import (
     MODEL,
     ServeProcess,

@@ -16,7 +16,7 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from conversion.ft_format import weights_dir_name
+from core.ft_format import weights_dir_name
 
 Engine = Literal["fastertransformer", "jax"]
 ENGINES: tuple[str, ...] = ("fastertransformer", "jax")

@@ -3,7 +3,7 @@
 Every write is atomic: a local file is written under a temporary name in the same folder and
 renamed into place; a GCS object is uploaded in one (resumable) upload and only becomes visible
 once whole. A reader therefore never sees half a file, and a retried writer (a Ray task retry)
-just writes again. GCS goes through google-cloud-storage (``conversion.gcs_env`` points it at an
+just writes again. GCS goes through google-cloud-storage (``core.gcs_env`` points it at an
 emulator when one is configured). Used by conversion for model repositories and by evaluation
 for its outputs.
 """
@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from conversion import scratch
-from conversion.gcs_env import is_gcs, split_gs_url, storage_client
+from core import scratch
+from core.gcs_env import is_gcs, split_gs_url, storage_client
 
 # Resumable-upload and ranged-download chunk size (a multiple of 256 KiB). Every GCS transfer
 # holds about one chunk in memory; google-cloud-storage's own default is 100 MiB per upload.
@@ -112,7 +112,7 @@ def staged_file(url: str | os.PathLike) -> Iterator[str]:
 
     Local: the scratch file lies beside the target and is renamed over it. GCS: it lies in the
     node's scratch folder and is uploaded whole. Either way it is named after, and leased by,
-    this process (conversion.scratch), so a run that is killed mid-write leaves scratch that
+    this process (core.scratch), so a run that is killed mid-write leaves scratch that
     the next run can tell from a live writer's and remove.
     """
     url = str(url)
