@@ -65,8 +65,8 @@ def _pytriton_package() -> Path:
     """The installed ``pytriton`` package folder, found without importing it."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerError("the nvidia-pytriton wheel (tritonserver) is not installed: "
-                          "pip install --no-deps nvidia-pytriton==0.7.0, or run make")
+        raise ServerError("the nvidia-pytriton wheel (tritonserver) is not installed: run make, "
+                          "or pip install --no-deps the version pyproject.toml pins")
     return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
