@@ -6,10 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
+# tritonserver's wheel goes in with --no-deps: its metadata pins numpy<2 for pytriton's own Python
+# API, which this project never imports (pyproject.toml, [tool.t5x-ft-ray]).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$$($(PY) -c 'import tomllib; \
+		print(tomllib.load(open("pyproject.toml", "rb"))["tool"]["t5x-ft-ray"]["tritonserver-wheel"])')"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from conversion import gcs_env, storage  # noqa: E402
+from core import gcs_env, storage  # noqa: E402
 from core.ft_format import T5Config  # noqa: E402
 from demo.t5x_writer import gin_config, t5x_param_shapes  # noqa: E402
 

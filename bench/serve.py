@@ -1,10 +1,17 @@
-"""Serving throughput on CPU: requests/s and generated tokens/s through tritonclient.grpc.
+"""Serving throughput: requests/s and generated tokens/s through tritonclient.grpc.
 
-The whole served path: a random T5X checkpoint (demo.t5x_writer) -> ``ray_jobs.convert
+CPU mode, the whole served path: a random T5X checkpoint (demo.t5x_writer) -> ``ray_jobs.convert
 --engine jax`` -> ``ray_jobs.serve`` (tritonserver + the JAX engine in Triton's Python backend)
 -> gRPC requests of B rows each, from C client threads.
 
     .venv/bin/python bench/serve.py [--runs 1:1,8:1,32:1,1:8] [--seconds 20]
+
+GPU mode (``--gpu``), for a machine with a CUDA jax and no Ray: random FT weights written
+straight into a model repository (the test fixtures' writer; conversion itself needs Ray), one
+tritonserver started by the plain launcher :mod:`serving.tritonserver`, the engine inside it on
+the GPU (checked from the model's log line), and the in-process baseline on the same GPU.
+
+    python bench/serve.py --gpu --runs 1:1,8:1,32:1 [--seconds 20]
 
 Each run is BATCH:CLIENTS (rows per request : concurrent client threads; 1:8 shows Triton's
 dynamic batching merging single-row requests). Prints one JSON line per run and a final
@@ -60,6 +67,42 @@ def start_server(repo: Path) -> tuple[subprocess.Popen, str]:
                 return proc, json.loads(line)["endpoints"][0]["grpc"]
     proc.kill()
     raise SystemExit("ray_jobs.serve did not become ready")
+
+
+def build_repository_plain(work: Path, cfg, dtype: str) -> Path:
+    """A jax-engine model repository ``t5`` from random FT-layout weights, without Ray."""
+    from core import repository
+    from tests.serving.engine_fixtures import random_ft_weights, write_ft_folder
+
+    repo = work / "repo"
+    version = repo / "t5" / "1"
+    write_ft_folder(version, cfg, 1, random_ft_weights(cfg, seed=0))
+    (version / "model.py").write_text(repository.JAX_MODEL_PY)
+    (repo / "t5" / "config.pbtxt").write_text(
+        repository.to_pbtxt(repository.model_config("t5", "jax", 1, data_type=dtype)))
+    return repo
+
+
+def start_plain_server(repo: Path, log_dir: Path):
+    """One tritonserver through serving.tritonserver (no Ray); returns (server, gRPC url)."""
+    from serving.tritonserver import TritonServer
+
+    server = TritonServer(str(repo), "t5", log_dir=str(log_dir))
+    server.start()
+    try:
+        server.wait_ready(600)
+    except BaseException:
+        server.stop()
+        raise
+    return server, server.endpoints["grpc"]
+
+
+def server_device(log_path: Path) -> str:
+    """The device the served engine reports in its load line (model.py logs it)."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "T5 engine loaded from" in line and " on " in line:
+            return line.split(" on ", 1)[1].split(";", 1)[0].strip()
+    return "unknown"
 
 
 def make_inputs(batch: int, in_len: int, out_len: int, vocab: int, seed: int):
@@ -202,6 +245,9 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--repository", default=None,
                    help="serve this model repository (model t5) instead of building one")
+    p.add_argument("--gpu", action="store_true",
+                   help="GPU mode: no Ray; build the repository from random FT weights and "
+                   "serve it with serving.tritonserver (the engine on JAX's default device)")
     args = p.parse_args()
 
     from core.t5config import T5Config
@@ -214,8 +260,21 @@ def main() -> None:
             repo = Path(args.repository)
         else:
             print(f"building a random model: {cfg}", file=sys.stderr, flush=True)
-            repo = build_repository(Path(tmp), cfg, args.dtype)
-        proc, url = start_server(repo)
+            build = build_repository_plain if args.gpu else build_repository
+            repo = build(Path(tmp), cfg, args.dtype)
+        if args.gpu:
+            server, url = start_plain_server(repo, Path(tmp) / "triton")
+            served_on = server_device(server.log_path)
+            print(f"tritonserver pid {server.pid} ready at {url}; engine on {served_on}",
+                  file=sys.stderr, flush=True)
+            stop = server.stop
+        else:
+            proc, url = start_server(repo)
+            served_on = "default"
+
+            def stop() -> None:
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=120)
         results = []
         try:
             for run in args.runs.split(","):
@@ -225,8 +284,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 results.append(r)
         finally:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=120)
+            stop()
         if not args.no_baseline:
             for b in sorted({r["batch"] for r in results}):
                 base = measure_engine(repo, b, args.seconds, args.input_len, args.output_len,
@@ -241,7 +299,15 @@ def main() -> None:
                                 "vocab": cfg.vocab_size, "dtype": args.dtype,
                                 "params": cfg.num_parameters()},
                       "input_len": args.input_len, "output_len": args.output_len,
-                      "cpus": os.cpu_count(), "results": results}), flush=True)
+                      "cpus": os.cpu_count(), "server": "serving.tritonserver" if args.gpu
+                      else "ray_jobs.serve", "server_engine_device": served_on,
+                      "baseline_device": _baseline_device(), "results": results}), flush=True)
+
+
+def _baseline_device() -> str:
+    import jax
+
+    return str(jax.devices()[0])
 
 
 if __name__ == "__main__":

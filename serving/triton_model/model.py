@@ -8,6 +8,19 @@ A model repository written by ``ray_jobs.convert --engine jax`` holds
 Every row of every request in a dynamic batch goes to the engine in one ``generate`` call (the
 engine groups rows it can run together); each request gets its own response, or a TritonError
 naming what is wrong with it, and the other requests of the batch are still answered.
+
+Every tensor crosses the Triton/Python boundary through DLPack, both ways, the small per-row
+settings too: inputs with ``jax.numpy.from_dlpack(tensor)``, outputs with
+``pb_utils.Tensor.from_dlpack(name, jax_array)``. The stub's numpy bridge (``as_numpy()``,
+``pb_utils.Tensor(name, ndarray)``) predates numpy 2: under it, inputs read that way hold the
+first element everywhere and outputs built that way arrive empty. DLPack is right under numpy 2
+(docs/triton-numpy2.md).
+
+Where the data lives: Triton hands the model host tensors (the instance group is KIND_CPU); the
+contract checks them on the host, and the engine puts each dynamic batch's padded token matrix
+on its device (the GPU when JAX has one) in one transfer, not one per tensor. Decoded results
+come back to the host to be split per request, so the outputs are host (CPU-device) jax arrays:
+putting them on the GPU only for Triton to copy them back would cost two copies per response.
 """
 
 from __future__ import annotations
@@ -15,6 +28,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -55,9 +70,13 @@ class TritonPythonModel:
         self.max_input_len = min(asked, limit)
         self.max_batch_size = int(self.model_config.get("max_batch_size", 0))
         self.output_names = {o["name"] for o in self.model_config.get("output", [])}
+        # Outputs are built on the host device (see the module docstring).
+        self.host = jax.devices("cpu")[0]
+        self.device = next(iter(jax.tree_util.tree_leaves(self.engine.params)[0].devices()))
         self.logger = pb_utils.Logger
         self.logger.log_info(
-            f"T5 engine loaded from {weights_dir} ({dtype}); max_input_len {self.max_input_len}"
+            f"T5 engine loaded from {weights_dir} ({dtype}) on {self.device}; "
+            f"max_input_len {self.max_input_len}"
         )
 
     def execute(self, requests: list) -> list:
@@ -66,7 +85,7 @@ class TritonPythonModel:
         parsed: dict[int, ParsedRequest] = {}
         for i, request in enumerate(requests):
             try:
-                inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+                inputs = {t.name(): self._read(t) for t in request.inputs()}
                 parsed[i] = parse_request(inputs, max_input_len=self.max_input_len,
                                           vocab_size=self.vocab_size,
                                           max_batch_size=self.max_batch_size)
@@ -87,6 +106,16 @@ class TritonPythonModel:
                         responses[i] = self._error(f"generation failed: {one}")
         return responses
 
+    @staticmethod
+    def _read(tensor) -> np.ndarray:
+        """One input tensor through DLPack (the tensor object itself: current jax refuses a raw
+        capsule); the contract reads its host view, a copy only if it was on a GPU.
+
+        64-bit mode for the call: without it JAX narrows a UINT64 ``random_seed`` to 32 bits.
+        """
+        with jax.enable_x64(True):
+            return np.asarray(jnp.from_dlpack(tensor))
+
     def _generate(self, reqs: list[ParsedRequest]) -> list[list]:
         """All rows of ``reqs`` in one engine call; the results split back per request."""
         tokens = [t for r in reqs for t in r.tokens]
@@ -100,7 +129,8 @@ class TritonPythonModel:
 
     def _response(self, req: ParsedRequest, results: list):
         arrays = assemble_outputs(req, results, self.end_id)
-        tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in arrays.items()
+        tensors = [pb_utils.Tensor.from_dlpack(name, jax.device_put(a, self.host))
+                   for name, a in arrays.items()
                    if not self.output_names or name in self.output_names]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
