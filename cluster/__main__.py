@@ -25,7 +25,8 @@ import yaml
 from cluster import diagnose, raycluster, rbac
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.kubeapi import Kube, new_api_client
-from ray_jobs._cli import UserError, emit_summary, run_main
+from core.errors import UserError
+from ray_jobs._cli import emit_summary, run_main
 
 TRITON_SELECTOR = "app.kubernetes.io/name=triton,app.kubernetes.io/managed-by=t5x-ft-ray"
 

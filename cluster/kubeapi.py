@@ -8,7 +8,8 @@ Decisions, so that `up` and `serve` can be re-run safely:
 - create answered 409 (already exists): PATCH the existing object with the rendered one
   (strategic merge for built-in kinds, JSON merge for RayCluster/RayJob), so a re-run applies
   config changes; a Namespace that exists is left as it is.
-- 429 and 5xx, and connection errors: retried with exponential backoff (`retries` times).
+- 429 and 5xx, and connection errors: retried with exponential backoff (`retries` times),
+  through tenacity.
 - 403: one line naming the verb, the resource and the namespace, and the Role that grants it.
 - 404 on read/delete: None / False, not an error.
 """
@@ -18,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
+import tenacity
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -30,6 +31,8 @@ from kubernetes.config.config_exception import ConfigException
 from core.errors import UserError
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
 class KubeApiError(UserError):
@@ -42,35 +45,97 @@ class KubeApiError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """How the client reaches one kind: the typed API and its method stem, or a CRD plural."""
+    """How the client reaches one kind: its typed API class and that class's five verbs.
 
-    api: str  # CoreV1Api | AppsV1Api | RbacAuthorizationV1Api | CustomObjectsApi
-    stem: str  # e.g. "namespaced_deployment"; the CRD plural for CustomObjectsApi
+    The verbs are the API class's own (unbound) methods, named here once, so that a kind we do
+    not know, or a method the client does not have, fails at import rather than at the call.
+    Every method is called with keyword arguments only, which is what lets one `Kube._call`
+    serve all of them: `scope` (below) supplies the namespace (and, for a CRD, its group,
+    version and plural), each verb adds `name` and `body` as it needs.
+
+    Why not the dynamic client or server-side apply: tests/cluster/test_api.py asserts the
+    merge-patch content types on the wire (`application/strategic-merge-patch+json` for built-in
+    kinds, `application/merge-patch+json` for RayCluster/RayJob), and the recording FakeKubeAPI
+    of tests/cluster/conftest.py serves no discovery (/apis), which the dynamic client needs.
+    """
+
+    api: type  # client.CoreV1Api | AppsV1Api | RbacAuthorizationV1Api | CustomObjectsApi
     resource: str  # RBAC resource name, as a Role would grant it (e.g. "deployments.apps")
+    create: Callable[..., Any]
+    get: Callable[..., Any]
+    patch: Callable[..., Any]
+    delete: Callable[..., Any]
+    list: Callable[..., Any]
     namespaced: bool = True
-    group: str = ""
-    version: str = "v1"
+    crd: tuple[str, str, str] | None = None  # (group, version, plural) of a custom resource
+
+    def scope(self, namespace: str | None) -> dict[str, str | None]:
+        """The keyword arguments that place a call: CRD coordinates and/or the namespace."""
+        if self.crd is not None:
+            group, version, plural = self.crd
+            return {"group": group, "version": version, "plural": plural, "namespace": namespace}
+        return {"namespace": namespace} if self.namespaced else {}
+
+    @property
+    def patch_type(self) -> str:
+        # The API server does not know a CRD's schema for strategic merge: JSON merge there.
+        return MERGE_PATCH if self.crd is not None else STRATEGIC_MERGE_PATCH
+
+
+_CORE, _APPS = client.CoreV1Api, client.AppsV1Api
+_RBAC, _CUSTOM = client.RbacAuthorizationV1Api, client.CustomObjectsApi
+
+
+def _custom(plural: str) -> Kind:
+    """A KubeRay kind (ray.io/v1), reached through CustomObjectsApi."""
+    return Kind(_CUSTOM, f"{plural}.ray.io", _CUSTOM.create_namespaced_custom_object,
+                _CUSTOM.get_namespaced_custom_object, _CUSTOM.patch_namespaced_custom_object,
+                _CUSTOM.delete_namespaced_custom_object, _CUSTOM.list_namespaced_custom_object,
+                crd=("ray.io", "v1", plural))
 
 
 KINDS: dict[str, Kind] = {
-    "Namespace": Kind("CoreV1Api", "namespace", "namespaces", namespaced=False),
-    "ServiceAccount": Kind("CoreV1Api", "namespaced_service_account", "serviceaccounts"),
-    "Service": Kind("CoreV1Api", "namespaced_service", "services"),
-    "Pod": Kind("CoreV1Api", "namespaced_pod", "pods"),
-    "Event": Kind("CoreV1Api", "namespaced_event", "events"),
-    "Deployment": Kind("AppsV1Api", "namespaced_deployment", "deployments.apps"),
-    "Role": Kind("RbacAuthorizationV1Api", "namespaced_role",
-                 "roles.rbac.authorization.k8s.io"),
-    "RoleBinding": Kind("RbacAuthorizationV1Api", "namespaced_role_binding",
-                        "rolebindings.rbac.authorization.k8s.io"),
-    "RayCluster": Kind("CustomObjectsApi", "rayclusters", "rayclusters.ray.io", group="ray.io"),
-    "RayJob": Kind("CustomObjectsApi", "rayjobs", "rayjobs.ray.io", group="ray.io"),
+    "Namespace": Kind(
+        _CORE, "namespaces", _CORE.create_namespace, _CORE.read_namespace,
+        _CORE.patch_namespace, _CORE.delete_namespace, _CORE.list_namespace, namespaced=False),
+    "ServiceAccount": Kind(
+        _CORE, "serviceaccounts", _CORE.create_namespaced_service_account,
+        _CORE.read_namespaced_service_account, _CORE.patch_namespaced_service_account,
+        _CORE.delete_namespaced_service_account, _CORE.list_namespaced_service_account),
+    "Service": Kind(
+        _CORE, "services", _CORE.create_namespaced_service, _CORE.read_namespaced_service,
+        _CORE.patch_namespaced_service, _CORE.delete_namespaced_service,
+        _CORE.list_namespaced_service),
+    "Pod": Kind(
+        _CORE, "pods", _CORE.create_namespaced_pod, _CORE.read_namespaced_pod,
+        _CORE.patch_namespaced_pod, _CORE.delete_namespaced_pod, _CORE.list_namespaced_pod),
+    "Event": Kind(
+        _CORE, "events", _CORE.create_namespaced_event, _CORE.read_namespaced_event,
+        _CORE.patch_namespaced_event, _CORE.delete_namespaced_event,
+        _CORE.list_namespaced_event),
+    "Deployment": Kind(
+        _APPS, "deployments.apps", _APPS.create_namespaced_deployment,
+        _APPS.read_namespaced_deployment, _APPS.patch_namespaced_deployment,
+        _APPS.delete_namespaced_deployment, _APPS.list_namespaced_deployment),
+    "Role": Kind(
+        _RBAC, "roles.rbac.authorization.k8s.io", _RBAC.create_namespaced_role,
+        _RBAC.read_namespaced_role, _RBAC.patch_namespaced_role, _RBAC.delete_namespaced_role,
+        _RBAC.list_namespaced_role),
+    "RoleBinding": Kind(
+        _RBAC, "rolebindings.rbac.authorization.k8s.io", _RBAC.create_namespaced_role_binding,
+        _RBAC.read_namespaced_role_binding, _RBAC.patch_namespaced_role_binding,
+        _RBAC.delete_namespaced_role_binding, _RBAC.list_namespaced_role_binding),
+    "RayCluster": _custom("rayclusters"),
+    "RayJob": _custom("rayjobs"),
 }
 
 
 def new_api_client(kubeconfig: str | None = None, context: str | None = None
                    ) -> client.ApiClient:
-    """An ApiClient from KUBECONFIG's file if given, else in-cluster, else ~/.kube/config."""
+    """An ApiClient from KUBECONFIG's file if given, else in-cluster, else ~/.kube/config.
+
+    Raises UserError (one line) when none of them yields usable credentials.
+    """
     try:
         if kubeconfig:
             return config.new_client_from_config(config_file=kubeconfig, context=context)
@@ -103,39 +168,27 @@ class Kube:
         self.retries = retries
         self.backoff = backoff
         self.log = log
-        self._apis: dict[str, Any] = {}
+        self._apis: dict[type, Any] = {}
 
     @property
     def host(self) -> str:
+        """The API server's URL, for error messages."""
         return self.api_client.configuration.host
 
     # -- the verbs ------------------------------------------------------------------------
 
     def create(self, obj: dict) -> dict:
+        """POST OBJ (a dict with kind and metadata.name); returns the created object."""
         kind, name, ns = _identify(obj)
         k = KINDS[kind]
-        if k.api == "CustomObjectsApi":
-            call = lambda: self._api(k).create_namespaced_custom_object(  # noqa: E731
-                k.group, k.version, ns, k.stem, obj, _preload_content=False)
-        else:
-            args = (ns, obj) if k.namespaced else (obj,)
-            call = lambda: getattr(self._api(k), f"create_{k.stem}")(  # noqa: E731
-                *args, _preload_content=False)
-        return self._call(call, "create", k, ns, name)
+        return self._call(k.create, "create", k, ns, name, body=obj)
 
     def patch(self, obj: dict) -> dict:
+        """PATCH the existing object named by OBJ with OBJ itself (see Kind.patch_type)."""
         kind, name, ns = _identify(obj)
         k = KINDS[kind]
-        if k.api == "CustomObjectsApi":
-            call = lambda: self._api(k).patch_namespaced_custom_object(  # noqa: E731
-                k.group, k.version, ns, k.stem, name, obj,
-                _content_type="application/merge-patch+json", _preload_content=False)
-        else:
-            args = (name, ns, obj) if k.namespaced else (name, obj)
-            call = lambda: getattr(self._api(k), f"patch_{k.stem}")(  # noqa: E731
-                *args, _content_type="application/strategic-merge-patch+json",
-                _preload_content=False)
-        return self._call(call, "patch", k, ns, name)
+        return self._call(k.patch, "patch", k, ns, name, name=name, body=obj,
+                          _content_type=k.patch_type)
 
     def apply(self, obj: dict) -> tuple[str, dict]:
         """Create OBJ, or patch it when it exists; returns ("created"|"patched"|"exists", obj)."""
@@ -149,16 +202,10 @@ class Kube:
         return "patched", self.patch(obj)
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        """The object as the API's JSON, or None when it does not exist (404)."""
         k = KINDS[kind]
-        if k.api == "CustomObjectsApi":
-            call = lambda: self._api(k).get_namespaced_custom_object(  # noqa: E731
-                k.group, k.version, namespace, k.stem, name, _preload_content=False)
-        else:
-            args = (name, namespace) if k.namespaced else (name,)
-            call = lambda: getattr(self._api(k), f"read_{k.stem}")(  # noqa: E731
-                *args, _preload_content=False)
         try:
-            return self._call(call, "get", k, namespace, name)
+            return self._call(k.get, "get", k, namespace, name, name=name)
         except KubeApiError as exc:
             if exc.status == 404:
                 return None
@@ -166,30 +213,21 @@ class Kube:
 
     def list(self, kind: str, namespace: str, label_selector: str | None = None,
              field_selector: str | None = None) -> list[dict]:
+        """The items of KIND in NAMESPACE matching the selectors (each left out when None)."""
         k = KINDS[kind]
-        opts = {key: value for key, value in (("label_selector", label_selector),
-                                             ("field_selector", field_selector)) if value}
-        if k.api == "CustomObjectsApi":
-            call = lambda: self._api(k).list_namespaced_custom_object(  # noqa: E731
-                k.group, k.version, namespace, k.stem, _preload_content=False, **opts)
-        else:
-            call = lambda: getattr(self._api(k), f"list_{k.stem}")(  # noqa: E731
-                namespace, _preload_content=False, **opts)
-        return self._call(call, "list", k, namespace, None).get("items") or []
+        selectors = {key: value for key, value in (("label_selector", label_selector),
+                                                  ("field_selector", field_selector)) if value}
+        return self._call(k.list, "list", k, namespace, None, **selectors).get("items") or []
 
     def delete(self, kind: str, name: str, namespace: str | None = None) -> bool:
-        """Delete, letting dependents (ReplicaSets, pods) go in the background."""
+        """Delete, letting dependents (ReplicaSets, pods) go in the background.
+
+        Returns False when there was nothing to delete (404).
+        """
         k = KINDS[kind]
-        body = {"propagationPolicy": "Background"}
-        if k.api == "CustomObjectsApi":
-            call = lambda: self._api(k).delete_namespaced_custom_object(  # noqa: E731
-                k.group, k.version, namespace, k.stem, name, body=body, _preload_content=False)
-        else:
-            args = (name, namespace) if k.namespaced else (name,)
-            call = lambda: getattr(self._api(k), f"delete_{k.stem}")(  # noqa: E731
-                *args, body=body, _preload_content=False)
         try:
-            self._call(call, "delete", k, namespace, name)
+            self._call(k.delete, "delete", k, namespace, name, name=name,
+                       body={"propagationPolicy": "Background"})
             return True
         except KubeApiError as exc:
             if exc.status == 404:
@@ -198,39 +236,58 @@ class Kube:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _api(self, k: Kind):
+    def _api(self, k: Kind) -> Any:
+        # One instance per API class, all sharing this Kube's ApiClient (its connection pool).
         if k.api not in self._apis:
-            self._apis[k.api] = getattr(client, k.api)(self.api_client)
+            self._apis[k.api] = k.api(self.api_client)
         return self._apis[k.api]
 
-    def _call(self, call: Callable[[], Any], verb: str, k: Kind, namespace: str | None,
-              name: str | None) -> dict:
-        what = f"{k.resource}/{name}" if name else k.resource
-        where = f" in namespace {namespace!r}" if k.namespaced else ""
-        for attempt in range(self.retries + 1):
-            try:
-                response = call()
-                data = response.data if hasattr(response, "data") else response
-                return json.loads(data) if data else {}
-            except ApiException as exc:
-                if exc.status in RETRY_STATUSES and attempt < self.retries:
-                    self._wait(attempt, f"{verb} {what}: HTTP {exc.status}")
-                    continue
-                raise _api_error(exc, verb, k, what, namespace, where, self.host) from exc
-            except urllib3.exceptions.HTTPError as exc:
-                if attempt < self.retries:
-                    self._wait(attempt, f"{verb} {what}: {type(exc).__name__}")
-                    continue
-                raise KubeApiError(f"cannot reach the Kubernetes API at {self.host} to {verb} "
-                                   f"{what}{where}: {type(exc).__name__}") from exc
-        raise AssertionError("unreachable")
+    def _call(self, method: Callable[..., Any], verb: str, k: Kind, namespace: str | None,
+              subject: str | None, **kwargs: Any) -> dict:
+        """Call METHOD on K's API with tenacity's retry; the JSON body as a dict.
 
-    def _wait(self, attempt: int, note: str) -> None:
-        delay = self.backoff * (2 ** attempt)
-        if self.log:
-            self.log(f"kubernetes: {note}; retrying in {delay:.1f}s "
-                     f"({attempt + 1}/{self.retries})")
-        time.sleep(delay)
+        VERB, NAMESPACE and SUBJECT (the object's name, None for a list) are for messages;
+        KWARGS go to METHOD after K's scope.
+
+        `_preload_content=False` keeps the client from deserialising into its models: we want the
+        API's JSON as it is (and CRDs have no models anyway).
+        """
+        what = f"{k.resource}/{subject}" if subject else k.resource
+        where = f" in namespace {namespace!r}" if k.namespaced else ""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.retries + 1),
+            # backoff * 2**(attempt - 1): the first wait is `backoff`, then it doubles.
+            wait=tenacity.wait_exponential(multiplier=self.backoff, exp_base=2, min=0),
+            retry=tenacity.retry_if_exception(_transient),
+            before_sleep=lambda state: self._note(state, f"{verb} {what}"),
+            reraise=True)
+        try:
+            response = retrying(method, self._api(k), **k.scope(namespace), **kwargs,
+                                _preload_content=False)
+        except ApiException as exc:
+            raise _api_error(exc, verb, k, what, namespace, where, self.host) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise KubeApiError(f"cannot reach the Kubernetes API at {self.host} to {verb} "
+                               f"{what}{where}: {type(exc).__name__}") from exc
+        data = response.data if hasattr(response, "data") else response
+        return json.loads(data) if data else {}
+
+    def _note(self, state: tenacity.RetryCallState, action: str) -> None:
+        """Say on the log which call failed how, and when it is tried again."""
+        if not self.log:
+            return
+        exc = state.outcome.exception() if state.outcome else None
+        cause = f"HTTP {exc.status}" if isinstance(exc, ApiException) else type(exc).__name__
+        delay = state.next_action.sleep if state.next_action else 0.0
+        self.log(f"kubernetes: {action}: {cause}; retrying in {delay:.1f}s "
+                 f"({state.attempt_number}/{self.retries})")
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth another attempt: throttling (429), a server-side 5xx, or no connection at all."""
+    if isinstance(exc, ApiException):
+        return exc.status in RETRY_STATUSES
+    return isinstance(exc, urllib3.exceptions.HTTPError)
 
 
 def _identify(obj: dict) -> tuple[str, str, str | None]:
@@ -260,7 +317,7 @@ def _api_error(exc: ApiException, verb: str, k: Kind, what: str, namespace: str 
             f"forbidden: cannot {verb} {k.resource}{where} ({message or 'no reason given'}); "
             f"grant {verb} on {k.resource} with {scope} bound to this service account "
             f"(`python -m cluster render` prints the Role the Ray head needs)", 403)
-    if exc.status == 404 and verb == "create" and k.api == "CustomObjectsApi":
+    if exc.status == 404 and verb == "create" and k.crd is not None:
         return KubeApiError(f"cannot create {what}{where}: the API has no {k.resource} "
                             f"(HTTP 404); is the KubeRay operator installed with its CRDs? "
                             f"(helm install kuberay-operator kuberay/kuberay-operator)", 404)
