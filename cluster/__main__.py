@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import yaml
 
 from cluster import diagnose, raycluster, rbac
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.kubeapi import Kube, new_api_client
+from cluster.wait import wait_for
 from core.errors import UserError
 from ray_jobs._cli import emit_summary, run_main
 
@@ -143,21 +143,6 @@ def dashboard_address(kube: Kube, cfg: ClusterConfig) -> str:
     return raycluster.dashboard_url(cfg)
 
 
-def _wait(timeout: float, poll: float, check, describe) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        if check():
-            return
-        note = describe()
-        if note != last:
-            _progress(note)
-            last = note
-        if time.monotonic() >= deadline:
-            raise UserError(f"not ready after {timeout:.0f}s: {note}")
-        time.sleep(poll)
-
-
 def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json))
     applied = []
@@ -179,7 +164,7 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         short = [g.line() for g in groups if not g.ok]
         return headline + ("; " + "; ".join(short) if short else "")
 
-    _wait(args.timeout, args.poll, check, describe)
+    wait_for(check, describe, args.timeout, args.poll, log=_progress)
     url = dashboard_address(kube, cfg)
     if cfg.head.service_type != "LoadBalancer":
         _progress(f"from outside the cluster: kubectl -n {cfg.namespace} port-forward "
@@ -205,7 +190,7 @@ def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         return (f"RayJob {name}: deployment {s.get('jobDeploymentStatus', 'pending')}, "
                 f"job {s.get('jobStatus', 'pending')}")
 
-    _wait(args.timeout, args.poll, check, describe)
+    wait_for(check, describe, args.timeout, args.poll, log=_progress)
     status = state["status"]
     if status.get("jobStatus") != "SUCCEEDED":
         raise UserError(f"RayJob {name} ended {status.get('jobStatus') or 'without a job'} "
