@@ -9,12 +9,13 @@ Example: examples/cluster-gke.yaml (UL2 20B) and examples/cluster-small.yaml.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 # NeMo's inference image carries Triton with the FasterTransformer backend built in.
 DEFAULT_TRITON_IMAGE = "nvcr.io/ea-bignlp/bignlp-inference:22.08-py3"
@@ -35,15 +36,30 @@ class ConfigError(ValueError):
     """The config file is wrong; the message names the key."""
 
 
-@dataclasses.dataclass(frozen=True)
-class HeadGroup:
+# Kubernetes counts (replicas, GPUs) and ids: YAML integers only (strict: "3" and true are not
+# counted as 3 and 1), never negative.
+Count = Annotated[int, Field(strict=True, ge=0)]
+
+
+class _Section(BaseModel):
+    """A mapping of the YAML file: unknown keys are errors; `cpu: 4` is read as the string "4".
+
+    YAML reads `cpu: 4` and `memory: 0.5` as numbers; Kubernetes quantities are strings, so
+    numbers given for string fields become strings (coerce_numbers_to_str; bool stays an error).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+
+class HeadGroup(_Section):
+    """The Ray head pod's resources and how its Service is exposed."""
+
     cpu: str = "2"
     memory: str = "8Gi"
-    service_type: str = "ClusterIP"  # ClusterIP | LoadBalancer | NodePort
+    service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkerGroup:
+class WorkerGroup(_Section):
     """One KubeRay worker group.
 
     accelerator and gpus are set together for a GPU group: the pods then carry the GKE
@@ -53,28 +69,29 @@ class WorkerGroup:
     group: str
     cpu: str
     memory: str
-    replicas: int = 0
-    min_replicas: int = 0
-    max_replicas: int = 1
+    replicas: Count = 0
+    min_replicas: Count = 0
+    max_replicas: Count = 1
     ephemeral_storage: str | None = None
     accelerator: str | None = None
-    gpus: int = 0
+    gpus: Count = 0
     spot: bool = False
 
     @property
     def is_gpu(self) -> bool:
+        """Whether the group's pods ask for GPUs (and so go to the accelerator's nodes)."""
         return self.gpus > 0
 
 
-@dataclasses.dataclass(frozen=True)
-class Autoscaling:
+class Autoscaling(_Section):
+    """KubeRay's in-tree autoscaler: on or off, and how eagerly it adds and removes pods."""
+
     enabled: bool = True
-    idle_timeout_seconds: int = 60
-    upscaling_mode: str = "Default"  # Default | Conservative | Aggressive
+    idle_timeout_seconds: Count = 60
+    upscaling_mode: Literal["Default", "Conservative", "Aggressive"] = "Default"
 
 
-@dataclasses.dataclass(frozen=True)
-class ServiceAccounts:
+class ServiceAccounts(_Section):
     """The Kubernetes service accounts, bound to a Google one through Workload Identity.
 
     ray: the Ray pods' account; the only one the Role is bound to (it launches Triton).
@@ -86,8 +103,7 @@ class ServiceAccounts:
     triton: str = "triton"
 
 
-@dataclasses.dataclass(frozen=True)
-class TritonDefaults:
+class TritonDefaults(_Section):
     """What `ray_jobs.serve --backend kubernetes` uses unless its flags say otherwise.
 
     They reach the job through environment variables on the Ray pods (serving/kubernetes.py).
@@ -95,13 +111,14 @@ class TritonDefaults:
 
     image: str = DEFAULT_TRITON_IMAGE
     accelerator: str | None = None  # default: the GPU worker group's
-    run_as_user: int | None = 1000  # null for images that must run as root
+    run_as_user: Count | None = 1000  # null for images that must run as root
     cpu: str | None = None
     memory: str | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class ClusterConfig:
+class ClusterConfig(_Section):
+    """The whole file: one KubeRay cluster (or RayJob) on GKE, and Triton's defaults there."""
+
     name: str
     project: str
     zone: str
@@ -110,16 +127,17 @@ class ClusterConfig:
     image: str
     gpu_image: str
     ray_version: str = DEFAULT_RAY_VERSION
-    head: HeadGroup = HeadGroup()
+    head: HeadGroup = Field(default_factory=HeadGroup)
     cpu_workers: WorkerGroup | None = None
     gpu_workers: WorkerGroup | None = None
-    autoscaling: Autoscaling = Autoscaling()
-    triton: TritonDefaults = TritonDefaults()
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    triton: TritonDefaults = Field(default_factory=TritonDefaults)
     create_namespace: bool = True
-    run_as_user: int = 1000  # the `ray` user of rayproject/ray images
+    run_as_user: Count = 1000  # the `ray` user of rayproject/ray images
 
     @property
     def worker_groups(self) -> list[WorkerGroup]:
+        """The worker groups that are configured, CPU first."""
         return [g for g in (self.cpu_workers, self.gpu_workers) if g is not None]
 
     @property
@@ -129,32 +147,54 @@ class ClusterConfig:
 
     @property
     def triton_accelerator(self) -> str | None:
+        """The GPU type Triton pods ask for: triton.accelerator, else the GPU group's."""
         if self.triton.accelerator:
             return self.triton.accelerator
         return self.gpu_workers.accelerator if self.gpu_workers else None
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Construct dataclass CLS from mapping DATA; unknown or missing keys name WHERE."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(fields)})")
-    missing = [name for name, f in fields.items()
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and name not in data]
-    if missing:
-        raise ConfigError(f"missing key {where}.{missing[0]}")
-    values = {}
-    for key, value in data.items():
-        expected = fields[key].type
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and "str" in expected \
-                and "int" not in expected:
-            value = str(value)  # YAML reads `cpu: 4` as an int; quantities are strings
-        values[key] = value
-    return cls(**values)
+# The nested mappings, in the order their errors are reported (before the top level's).
+_SECTIONS: dict[str, type[_Section]] = {
+    "head": HeadGroup, "cpu_workers": WorkerGroup, "gpu_workers": WorkerGroup,
+    "autoscaling": Autoscaling, "service_accounts": ServiceAccounts, "triton": TritonDefaults,
+}
+_STRUCTURE = ("model_type", "extra_forbidden", "missing")  # reported before value errors
+
+
+def _first_error(errors: list[ErrorDetails]) -> ErrorDetails:
+    """The error a person should fix first: the file's shape (unknown, missing keys, a section
+    that is not a mapping) before values; the nested sections, in _SECTIONS order, before the
+    top level; within one mapping, unknown keys before missing ones."""
+
+    def rank(item: tuple[int, ErrorDetails]) -> tuple[int, int, int, int]:
+        index, err = item
+        loc, kind = err["loc"], err["type"]
+        nested = len(loc) > 1 or kind == "model_type"
+        section = list(_SECTIONS).index(loc[0]) if nested else len(_SECTIONS)
+        order = _STRUCTURE.index(kind) if kind in _STRUCTURE else len(_STRUCTURE)
+        return (kind not in _STRUCTURE, section, order, index)
+
+    return min(enumerate(errors), key=rank)[1]
+
+
+def _message(err: ErrorDetails) -> str:
+    """One pydantic error as the line this file has always printed for it, naming the key."""
+    loc, kind, value = err["loc"], err["type"], err["input"]
+    if kind == "model_type":
+        return f"{loc[0]} must be a mapping, got {type(value).__name__}"
+    where, model = (str(loc[0]), _SECTIONS[str(loc[0])]) if len(loc) > 1 \
+        else ("config", ClusterConfig)
+    key = str(loc[-1])
+    if kind == "extra_forbidden":
+        return f"unknown key {where}.{key} (known: {', '.join(model.model_fields)})"
+    if kind == "missing":
+        return f"missing key {where}.{key}"
+    if kind == "literal_error":
+        choices = get_args(model.model_fields[key].annotation)
+        return f"{where}.{key} {value!r} is not one of {', '.join(choices)}"
+    if kind in ("int_type", "greater_than_equal"):
+        return f"{where}.{key} must be a non-negative integer, got {value!r}"
+    return f"{where}.{key}: {err['msg']} (got {value!r})"
 
 
 def _check_quantity(value: str | None, where: str) -> None:
@@ -168,10 +208,6 @@ def _check_group(g: WorkerGroup, where: str, gpu: bool) -> None:
     _check_quantity(g.cpu, f"{where}.cpu")
     _check_quantity(g.memory, f"{where}.memory")
     _check_quantity(g.ephemeral_storage, f"{where}.ephemeral_storage")
-    for key in ("replicas", "min_replicas", "max_replicas", "gpus"):
-        value = getattr(g, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{where}.{key} must be a non-negative integer, got {value!r}")
     if g.min_replicas > g.max_replicas:
         raise ConfigError(f"{where}.min_replicas {g.min_replicas} exceeds max_replicas "
                           f"{g.max_replicas}")
@@ -189,25 +225,25 @@ def _check_group(g: WorkerGroup, where: str, gpu: bool) -> None:
 
 
 def parse_config(data: Any) -> ClusterConfig:
-    """Validate a parsed YAML document and return the ClusterConfig it describes."""
+    """Validate a parsed YAML document and return the ClusterConfig it describes.
+
+    Raises ConfigError with one line naming the key (the first problem, see _first_error).
+    """
     if not isinstance(data, dict):
         raise ConfigError("the cluster config must be a YAML mapping")
-    data = dict(data)
-    nested = {
-        "head": (HeadGroup, "head"),
-        "cpu_workers": (WorkerGroup, "cpu_workers"),
-        "gpu_workers": (WorkerGroup, "gpu_workers"),
-        "autoscaling": (Autoscaling, "autoscaling"),
-        "service_accounts": (ServiceAccounts, "service_accounts"),
-        "triton": (TritonDefaults, "triton"),
-    }
-    for key, (cls, where) in nested.items():
-        if data.get(key) is not None:
-            data[key] = _build(cls, data[key], where)
-        else:
-            data.pop(key, None)
-    cfg: ClusterConfig = _build(ClusterConfig, data, "config")
+    # `head:` with nothing under it reads as None: the section's defaults, as if left out.
+    data = {key: value for key, value in data.items()
+            if not (key in _SECTIONS and value is None)}
+    try:
+        cfg = ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_message(_first_error(exc.errors()))) from None
+    _check_values(cfg)
+    return cfg
 
+
+def _check_values(cfg: ClusterConfig) -> None:
+    """What types cannot say: names, quantities, accounts, groups and images that fit together."""
     for key in ("name", "namespace"):
         value = getattr(cfg, key)
         if not isinstance(value, str) or not _DNS_LABEL.match(value) or len(value) > 40:
@@ -227,9 +263,6 @@ def parse_config(data: Any) -> ClusterConfig:
     if gsa.split("@")[1].split(".")[0] != cfg.project:
         raise ConfigError(f"service_accounts.google_service_account {gsa!r} is not in "
                           f"project {cfg.project!r}")
-    if cfg.head.service_type not in ("ClusterIP", "LoadBalancer", "NodePort"):
-        raise ConfigError(f"head.service_type {cfg.head.service_type!r} is not one of "
-                          f"ClusterIP, LoadBalancer, NodePort")
     _check_quantity(cfg.head.cpu, "head.cpu")
     _check_quantity(cfg.head.memory, "head.memory")
     if cfg.cpu_workers:
@@ -238,9 +271,6 @@ def parse_config(data: Any) -> ClusterConfig:
         _check_group(cfg.gpu_workers, "gpu_workers", gpu=True)
     if cfg.cpu_workers and cfg.gpu_workers and cfg.cpu_workers.group == cfg.gpu_workers.group:
         raise ConfigError("cpu_workers.group and gpu_workers.group must differ")
-    if cfg.autoscaling.upscaling_mode not in ("Default", "Conservative", "Aggressive"):
-        raise ConfigError(f"autoscaling.upscaling_mode {cfg.autoscaling.upscaling_mode!r} is "
-                          f"not one of Default, Conservative, Aggressive")
     if not cfg.image or not cfg.gpu_image:
         raise ConfigError("config.image and config.gpu_image must name images")
     if cfg.ray_version not in cfg.image or cfg.ray_version not in cfg.gpu_image:
@@ -249,7 +279,6 @@ def parse_config(data: Any) -> ClusterConfig:
                           f"{cfg.image!r} / {cfg.gpu_image!r}")
     _check_quantity(cfg.triton.cpu, "triton.cpu")
     _check_quantity(cfg.triton.memory, "triton.memory")
-    return cfg
 
 
 def load_config(path: str | Path) -> ClusterConfig:
@@ -265,6 +294,4 @@ def load_config(path: str | Path) -> ClusterConfig:
     try:
         return parse_config(data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    except TypeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
