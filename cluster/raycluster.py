@@ -55,68 +55,79 @@ def _triton_env(cfg: ClusterConfig) -> list[client.V1EnvVar]:
 
 
 def _ray_volumes() -> tuple[list[client.V1Volume], list[client.V1VolumeMount]]:
+    """A memory-backed /dev/shm (object store, NCCL) and /tmp/ray (logs, sockets) as emptyDirs."""
     shm, shm_mount = pods.shm_volume()
     logs = client.V1Volume(name="ray-logs", empty_dir=client.V1EmptyDirVolumeSource())
     return [shm, logs], [shm_mount, client.V1VolumeMount(name="ray-logs", mount_path="/tmp/ray")]
 
 
-def head_template(cfg: ClusterConfig) -> client.V1PodTemplateSpec:
-    """The head pod: dashboard and job API, the Ray KSA (the only pod that mounts its token:
-    it is the one that launches Triton)."""
+def _ray_pod_template(cfg: ClusterConfig, component: str, *, image: str,
+                      resources: client.V1ResourceRequirements, mount_token: bool,
+                      node_selector: dict[str, str] | None = None,
+                      tolerations: list[client.V1Toleration] | None = None,
+                      **container: object) -> client.V1PodTemplateSpec:
+    """A Ray pod: one container named COMPONENT (also its app.kubernetes.io/name label).
+
+    What every Ray pod shares is written here once: the Ray service account, the /dev/shm and
+    /tmp/ray volumes, `ray stop` before the pod goes (so the node leaves the cluster cleanly
+    rather than being declared dead), and the non-root security contexts.
+
+    Args:
+      cfg: the cluster config (name, service account, run_as_user).
+      component: "ray-head" or "ray-worker".
+      image, resources: the container's.
+      mount_token: whether the pod gets the service account's Kubernetes token; only the head
+        does, since only it launches Triton (the Role is bound to that account).
+      node_selector, tolerations: GPU node-pool scheduling (pods.gpu_scheduling), or None.
+      **container: further V1Container fields (ports, env).
+    """
     volumes, mounts = _ray_volumes()
-    container = client.V1Container(
-        name="ray-head",
-        image=cfg.image,
-        ports=[client.V1ContainerPort(container_port=GCS_PORT, name="gcs"),
-               client.V1ContainerPort(container_port=DASHBOARD_PORT, name="dashboard"),
-               client.V1ContainerPort(container_port=CLIENT_PORT, name="client"),
-               client.V1ContainerPort(container_port=METRICS_PORT, name="metrics")],
-        resources=pods.resources(cfg.head.cpu, cfg.head.memory),
-        env=_triton_env(cfg),
+    ray_container = client.V1Container(
+        name=component,
+        image=image,
+        resources=resources,
         volume_mounts=mounts,
         lifecycle=client.V1Lifecycle(pre_stop=client.V1LifecycleHandler(
             _exec=client.V1ExecAction(command=["/bin/sh", "-c", "ray stop"]))),
         security_context=pods.container_security(cfg.run_as_user),
+        **container,
     )
     return client.V1PodTemplateSpec(
-        metadata=client.V1ObjectMeta(labels=pods.labels("ray-head", cfg.name)),
+        metadata=client.V1ObjectMeta(labels=pods.labels(component, cfg.name)),
         spec=client.V1PodSpec(
             service_account_name=cfg.service_accounts.ray,
-            automount_service_account_token=True,
-            containers=[container],
-            volumes=volumes,
-            security_context=pods.pod_security(cfg.run_as_user),
-        ),
-    )
-
-
-def worker_template(cfg: ClusterConfig, group: WorkerGroup) -> client.V1PodTemplateSpec:
-    """A worker pod. It shares the Ray KSA for Workload Identity (GCS) but does not mount its
-    Kubernetes token, so the Role bound to that account is usable from the head only."""
-    volumes, mounts = _ray_volumes()
-    node_selector, tolerations = (pods.gpu_scheduling(group.accelerator, group.spot)
-                                  if group.is_gpu else (None, None))
-    container = client.V1Container(
-        name="ray-worker",
-        image=cfg.gpu_image if group.is_gpu else cfg.image,
-        resources=pods.resources(group.cpu, group.memory, group.gpus, group.ephemeral_storage),
-        volume_mounts=mounts,
-        lifecycle=client.V1Lifecycle(pre_stop=client.V1LifecycleHandler(
-            _exec=client.V1ExecAction(command=["/bin/sh", "-c", "ray stop"]))),
-        security_context=pods.container_security(cfg.run_as_user),
-    )
-    return client.V1PodTemplateSpec(
-        metadata=client.V1ObjectMeta(labels=pods.labels("ray-worker", cfg.name)),
-        spec=client.V1PodSpec(
-            service_account_name=cfg.service_accounts.ray,
-            automount_service_account_token=False,
-            containers=[container],
+            automount_service_account_token=mount_token,
+            containers=[ray_container],
             volumes=volumes,
             node_selector=node_selector,
             tolerations=tolerations,
             security_context=pods.pod_security(cfg.run_as_user),
         ),
     )
+
+
+def head_template(cfg: ClusterConfig) -> client.V1PodTemplateSpec:
+    """The head pod: dashboard and job API, the Ray KSA (the only pod that mounts its token:
+    it is the one that launches Triton), and the T5FT_* env that tells serve how."""
+    ports = [client.V1ContainerPort(container_port=GCS_PORT, name="gcs"),
+             client.V1ContainerPort(container_port=DASHBOARD_PORT, name="dashboard"),
+             client.V1ContainerPort(container_port=CLIENT_PORT, name="client"),
+             client.V1ContainerPort(container_port=METRICS_PORT, name="metrics")]
+    return _ray_pod_template(cfg, "ray-head", image=cfg.image,
+                             resources=pods.resources(cfg.head.cpu, cfg.head.memory),
+                             mount_token=True, ports=ports, env=_triton_env(cfg))
+
+
+def worker_template(cfg: ClusterConfig, group: WorkerGroup) -> client.V1PodTemplateSpec:
+    """A worker pod. It shares the Ray KSA for Workload Identity (GCS) but does not mount its
+    Kubernetes token, so the Role bound to that account is usable from the head only."""
+    node_selector, tolerations = (pods.gpu_scheduling(group.accelerator, group.spot)
+                                  if group.is_gpu else (None, None))
+    resources = pods.resources(group.cpu, group.memory, group.gpus, group.ephemeral_storage)
+    return _ray_pod_template(cfg, "ray-worker",
+                             image=cfg.gpu_image if group.is_gpu else cfg.image,
+                             resources=resources, mount_token=False,
+                             node_selector=node_selector, tolerations=tolerations)
 
 
 def raycluster_spec(cfg: ClusterConfig) -> dict:
