@@ -112,6 +112,7 @@ def _runtime_env(text: str | None) -> dict | None:
 # -- commands --------------------------------------------------------------------------------
 
 def cmd_render(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
+    """`render`: the objects as YAML on stdout or --output; nothing is contacted."""
     objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json))
     text = yaml.safe_dump_all(objects, sort_keys=False)
     if args.output:
@@ -144,6 +145,7 @@ def dashboard_address(kube: Kube, cfg: ClusterConfig) -> str:
 
 
 def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
+    """`up`: apply every object, then wait for the RayCluster (or run the RayJob to its end)."""
     objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json))
     applied = []
     for obj in objects:
@@ -201,6 +203,7 @@ def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
 
 
 def cmd_status(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
+    """`status`: the RayCluster's (or RayJob's) state and, per group, ready/wanted and why."""
     result: dict = {"namespace": cfg.namespace}
     name = cfg.name
     if args.job:
@@ -236,6 +239,8 @@ def cmd_status(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict
 
 
 def cmd_down(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
+    """`down`: delete the cluster (or job), leftover Tritons and, unless --keep-access, the
+    service accounts, Role and RoleBinding; the namespace stays (it may hold other things)."""
     deleted = []
     if args.job:
         targets = [("RayJob", raycluster.rayjob_name(cfg))]
@@ -258,6 +263,7 @@ def cmd_down(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ARGV, run the command, print the summary; returns 0 (errors raise UserError)."""
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config)

@@ -33,9 +33,11 @@ class GroupHealth:
 
     @property
     def ok(self) -> bool:
+        """Every wanted pod of the group is ready."""
         return self.ready >= self.desired
 
     def line(self) -> str:
+        """One human line: `gpu: 0/1 ready (1 pods exist); short of nvidia.com/gpu; ...`."""
         text = f"{self.group}: {self.ready}/{self.desired} ready"
         if self.existing != self.ready:
             text += f" ({self.existing} pods exist)"
@@ -46,6 +48,7 @@ class GroupHealth:
         return text
 
     def to_json(self) -> dict:
+        """The group for `status --json` (the same facts as line())."""
         return {"group": self.group, "desired": self.desired, "existing": self.existing,
                 "ready": self.ready, "ok": self.ok, "short": self.short,
                 "reasons": self.reasons}
@@ -71,6 +74,7 @@ def raycluster_ready(rc: dict) -> bool:
 
 
 def pod_ready(pod: dict) -> bool:
+    """Running with the Ready condition True (Running alone includes failing probes)."""
     cond = _condition(pod, "Ready")
     return (pod.get("status") or {}).get("phase") == "Running" and bool(
         cond and cond.get("status") == "True")
@@ -108,6 +112,8 @@ def explain_scheduling(message: str, node_selector: dict[str, str] | None) -> tu
 
 
 def pod_problems(pod: dict, events: list[dict]) -> tuple[list[str], list[str]]:
+    """(short resources, reasons) why POD is not ready: its PodScheduled condition and the
+    scheduler's and autoscaler's EVENTS about it, oldest first, then container waiting states."""
     short: list[str] = []
     reasons: list[str] = []
     name = pod.get("metadata", {}).get("name", "?")

@@ -78,6 +78,7 @@ class Kind:
 
     @property
     def patch_type(self) -> str:
+        """The PATCH content type for this kind (strategic merge, or JSON merge for CRDs)."""
         # The API server does not know a CRD's schema for strategic merge: JSON merge there.
         return MERGE_PATCH if self.crd is not None else STRATEGIC_MERGE_PATCH
 

@@ -38,6 +38,7 @@ def pod_security(run_as_user: int | None) -> client.V1PodSecurityContext:
 
 
 def container_security(run_as_user: int | None) -> client.V1SecurityContext:
+    """No privilege escalation and no Linux capabilities; non-root when a user is given."""
     return client.V1SecurityContext(
         allow_privilege_escalation=False,
         run_as_non_root=True if run_as_user is not None else None,

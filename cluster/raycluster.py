@@ -36,6 +36,7 @@ ENV_TRITON_MEMORY = "T5FT_TRITON_MEMORY"
 
 
 def _triton_env(cfg: ClusterConfig) -> list[client.V1EnvVar]:
+    # The namespace comes from the downward API, so the same pod spec works if it is moved.
     env = [
         client.V1EnvVar(name=ENV_NAMESPACE, value_from=client.V1EnvVarSource(
             field_ref=client.V1ObjectFieldSelector(field_path="metadata.namespace"))),
@@ -177,6 +178,7 @@ def raycluster(cfg: ClusterConfig) -> dict:
 
 
 def rayjob_name(cfg: ClusterConfig) -> str:
+    """The RayJob's name: the cluster's, suffixed, so a RayJob and a RayCluster can coexist."""
     return f"{cfg.name}-job"
 
 

@@ -22,16 +22,19 @@ LAUNCH_VERBS = ["get", "list", "watch", "create", "patch", "delete"]
 
 
 def role_name(cfg: ClusterConfig) -> str:
+    """The Role and RoleBinding's name (`down` deletes them by it)."""
     return f"{cfg.name}-triton-launcher"
 
 
 def namespace(cfg: ClusterConfig) -> dict:
+    """The Namespace object (applied only when config.create_namespace)."""
     return pods.to_dict(client.V1Namespace(
         api_version="v1", kind="Namespace",
         metadata=client.V1ObjectMeta(name=cfg.namespace, labels=pods.labels("ray", cfg.name))))
 
 
 def service_account(cfg: ClusterConfig, name: str) -> dict:
+    """A ServiceAccount NAME bound to the Google service account through Workload Identity."""
     return pods.to_dict(client.V1ServiceAccount(
         api_version="v1", kind="ServiceAccount",
         metadata=client.V1ObjectMeta(
@@ -51,6 +54,7 @@ def launch_rules() -> list[client.V1PolicyRule]:
 
 
 def role(cfg: ClusterConfig) -> dict:
+    """The namespaced Role granting launch_rules() (never a ClusterRole)."""
     return pods.to_dict(client.V1Role(
         api_version="rbac.authorization.k8s.io/v1", kind="Role",
         metadata=client.V1ObjectMeta(name=role_name(cfg), namespace=cfg.namespace,
@@ -59,6 +63,7 @@ def role(cfg: ClusterConfig) -> dict:
 
 
 def role_binding(cfg: ClusterConfig) -> dict:
+    """Binds the Role to the Ray service account only; the Triton account gets no rights."""
     return pods.to_dict(client.V1RoleBinding(
         api_version="rbac.authorization.k8s.io/v1", kind="RoleBinding",
         metadata=client.V1ObjectMeta(name=role_name(cfg), namespace=cfg.namespace,

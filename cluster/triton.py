@@ -53,6 +53,7 @@ class TritonSpec:
 
     @property
     def name(self) -> str:
+        """The Deployment's and Service's name (object_name of the model)."""
         return object_name(self.model_name)
 
 
