@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict
 
 from core import ft_format
-from core.options import StageOptions
+from core.options import StageOptions, option
 from core.repository import ENGINES
 from core.t5config import ACTIVATIONS
 
@@ -27,53 +27,53 @@ class ConvertOptions(StageOptions):
     # Frozen, as the dataclass it replaces: copy with a change, ConvertOptions(**{**o.__dict__}).
     model_config = ConfigDict(frozen=True)
 
-    src: str = Field(
-        description="T5X checkpoint folder (checkpoint_<step>), or a folder holding several "
+    src: str = option(
+        help="T5X checkpoint folder (checkpoint_<step>), or a folder holding several "
         "(the newest step is used); local path or gs:// URL")
-    dst: str = Field(description="Triton model repository root (local or gs://)")
-    model_name: str = Field("t5", description="model folder name in DST (default t5)")
-    tensor_parallel: int = Field(
-        1, description="T: split attention heads and d_ff over T GPUs (default 1)")
-    pipeline_parallel: int = Field(
-        1, description="pipeline_para_size written to config.pbtxt (default 1)")
-    weight_dtype: WeightDtype = Field(
-        "fp32", description="dtype of the stored .bin files (default fp32)")
-    inference_dtype: WeightDtype = Field(
-        "bf16", description="data_type in config.pbtxt (default bf16)")
-    gin: str | None = Field(
-        None, description="config.gin giving what shapes cannot tell (activation) and the "
+    dst: str = option(help="Triton model repository root (local or gs://)")
+    model_name: str = option("t5", help="model folder name in DST (default t5)")
+    tensor_parallel: int = option(
+        1, help="T: split attention heads and d_ff over T GPUs (default 1)")
+    pipeline_parallel: int = option(
+        1, help="pipeline_para_size written to config.pbtxt (default 1)")
+    weight_dtype: WeightDtype = option(
+        "fp32", help="dtype of the stored .bin files (default fp32)")
+    inference_dtype: WeightDtype = option(
+        "bf16", help="data_type in config.pbtxt (default bf16)")
+    gin: str | None = option(
+        None, help="config.gin giving what shapes cannot tell (activation) and the "
         "vocabulary; default: a config.gin beside or up to two folders above the "
         "checkpoint (docs/gin.md)")
-    activation: Activation | None = Field(
-        None, description="feed_forward_proj, overriding config.gin (default: from gin, else "
+    activation: Activation | None = option(
+        None, help="feed_forward_proj, overriding config.gin (default: from gin, else "
         "gated-gelu for gated MLPs and relu otherwise, reported as inferred)")
-    param_scan_axis: int | None = Field(
-        None, json_schema_extra={"metavar": "N"},
-        description="layer axis of a scanned (scalable_t5) checkpoint's stacked parameters, "
+    param_scan_axis: int | None = option(
+        None, metavar="N",
+        help="layer axis of a scanned (scalable_t5) checkpoint's stacked parameters, "
         "t5x's param_scan_axis, overriding config.gin (default: from gin, else from "
         "the shapes when only one axis fits; ignored for unscanned checkpoints)")
-    vocab: str | None = Field(
-        None, description="SentencePiece model copied to DST/<model>/spiece.model (default: the "
+    vocab: str | None = option(
+        None, help="SentencePiece model copied to DST/<model>/spiece.model (default: the "
         "one config.gin names, seqio.SentencePieceVocabulary.sentencepiece_model_file,"
         " when it exists)")
-    engine: Engine = Field(
+    engine: Engine = option(
         "fastertransformer",
-        description="Triton backend config.pbtxt is written for (default fastertransformer)")
-    resume: bool = Field(
-        False, description="keep files whose manifest entry, size and sha256 check out")
-    overwrite: bool = Field(
-        False, description="delete DST/<model> first, even when it holds a different model")
-    verify: bool = Field(
-        False, description="re-read every written file and check it against the manifest; also "
+        help="Triton backend config.pbtxt is written for (default fastertransformer)")
+    resume: bool = option(
+        False, help="keep files whose manifest entry, size and sha256 check out")
+    overwrite: bool = option(
+        False, help="delete DST/<model> first, even when it holds a different model")
+    verify: bool = option(
+        False, help="re-read every written file and check it against the manifest; also "
         "report files in the weights folder that nothing accounts for")
     # Two tasks per core: a task alternates between decompressing (tensorstore's threads) and
     # writing, hashing or uploading; with one per core a core idles while its task writes
     # (bench/convert.py: 16.3 -> 12.7-13.6 s on 2 cores).
-    task_cpus: float = Field(
-        0.5, description="CPUs each per-layer Ray task requests (default 0.5: two tasks per "
+    task_cpus: float = option(
+        0.5, help="CPUs each per-layer Ray task requests (default 0.5: two tasks per "
         "core, one decompressing while the other writes)")
-    task_gpus: float = Field(
-        0.0, description="GPUs each per-layer Ray task requests, to run on GPU workers "
+    task_gpus: float = option(
+        0.0, help="GPUs each per-layer Ray task requests, to run on GPU workers "
         "(default 0)")
-    progress: bool = Field(True, description="no progress output",
-                           json_schema_extra={"flag": "--no-progress"})
+    progress: bool = option(True, help="no progress output",
+                           flag="--no-progress")

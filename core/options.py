@@ -44,6 +44,25 @@ class StageOptions(pydantic.BaseModel):
             for spec in flag_specs(type(self)).values()})
 
 
+def option(default: Any = ..., *, help: str, metavar: str | None = None,  # noqa: A002
+           flag: str | None = None, group: str | None = None, cli: bool = True) -> Any:
+    """A field of an options model with its command-line metadata (no default: required).
+
+    Args:
+      default: the default value; ``...`` (the default) makes the field required.
+      help: the --help text (the field's description).
+      metavar: argparse's metavar.
+      flag: the long option when it is not ``--`` + the name with dashes (``--no-progress``).
+      group: the title of the argparse argument group the flag is listed under.
+      cli: False for a library-only knob: neither a flag nor a pipeline key.
+    """
+    extra = {k: v for k, v in (("metavar", metavar), ("flag", flag), ("group", group))
+             if v is not None}
+    if not cli:
+        extra["cli"] = False
+    return pydantic.Field(default, description=help, json_schema_extra=extra or None)
+
+
 @dataclasses.dataclass(frozen=True)
 class FlagSpec:
     """One option field as a command-line flag (and a YAML key of the pipeline).

@@ -8,75 +8,71 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import Field
-
-from core.options import StageOptions
+from core.options import StageOptions, option
 from evaluation.data import DEFAULT_TEMPLATE
-
-_LIBRARY_ONLY = {"cli": False}
 
 
 class EvalOptions(StageOptions):
     """Everything ``ray_jobs.evaluate``'s flags set (interfaces.md), plus retry knobs."""
 
-    url: str | Sequence[str] = Field(
-        json_schema_extra={"metavar": "HOST:PORT[,HOST:PORT...]"},
-        description="Triton gRPC endpoint(s), HOST:PORT[,HOST:PORT...]; requests are "
+    url: str | Sequence[str] = option(
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="Triton gRPC endpoint(s), HOST:PORT[,HOST:PORT...]; requests are "
         "spread over all of them and retried on another when one is down")
-    model_name: str = Field(json_schema_extra={"metavar": "NAME"},
-                            description="the model's name in the repository")
-    output: str = Field(
-        json_schema_extra={"metavar": "OUT"},
-        description="output folder or gs:// prefix: predictions.jsonl, errors.jsonl, "
+    model_name: str = option(metavar="NAME",
+                            help="the model's name in the repository")
+    output: str = option(
+        metavar="OUT",
+        help="output folder or gs:// prefix: predictions.jsonl, errors.jsonl, "
         "metrics.json, report.html")
-    dataset: str = Field(
-        "xsum", json_schema_extra={"metavar": "xsum|FILE"},
-        description="'xsum' (EdinburghNLP/xsum from the Hugging Face hub) or a local / "
+    dataset: str = option(
+        "xsum", metavar="xsum|FILE",
+        help="'xsum' (EdinburghNLP/xsum from the Hugging Face hub) or a local / "
         "gs:// FILE.jsonl|.json|.parquet|.tsv (tsv: document<TAB>summary lines) "
         "(default: xsum)")
-    split: str = Field("test", description="hub split (default: test)")
-    max_examples: int | None = Field(None, json_schema_extra={"metavar": "K"},
-                                     description="evaluate only the first K rows")
-    vocab: str | None = Field(
-        None, json_schema_extra={"metavar": "SPIECE.model"},
-        description="SentencePiece model (local or gs://) (default: "
+    split: str = option("test", help="hub split (default: test)")
+    max_examples: int | None = option(None, metavar="K",
+                                     help="evaluate only the first K rows")
+    vocab: str | None = option(
+        None, metavar="SPIECE.model",
+        help="SentencePiece model (local or gs://) (default: "
         "DST/<model-name>/spiece.model from --model-repository)")
-    model_repository: str | None = Field(
-        None, json_schema_extra={"metavar": "DST"},
-        description="the served model repository: its vocabulary (unless --vocab) and its "
+    model_repository: str | None = option(
+        None, metavar="DST",
+        help="the served model repository: its vocabulary (unless --vocab) and its "
         "config.ini vocab_size, checked against the vocabulary before any request "
         "(more pieces than logits is an error)")
-    document_field: str = Field("document", description="(default: document)")
-    summary_field: str = Field("summary", description="(default: summary)")
-    input_template: str = Field(
+    document_field: str = option("document", help="(default: document)")
+    summary_field: str = option("summary", help="(default: summary)")
+    input_template: str = option(
         DEFAULT_TEMPLATE,
-        description="model input built from the document (default: 'summarize: {document}')")
-    max_input_len: int = Field(
-        512, description="input tokens, EOS included; longer documents are cut (default: 512)")
-    max_output_len: int = Field(64, description="generated tokens at most (default: 64)")
-    beam_width: int = Field(1, description="(default: 1)")
-    top_k: int = Field(1, description="1 = greedy (default: 1)")
-    num_actors: int = Field(4, description="Ray actors sending requests (default: 4)")
-    batch_size: int = Field(8, description="examples per request (default: 8)")
-    requests_per_actor: int = Field(
-        2, description="requests each actor keeps in flight (default: 2)")
-    random_seed: int = Field(
-        0, description="random_seed sent with each request (matters for sampling only)")
-    retry_timeout_s: float = Field(
-        180.0, json_schema_extra={"flag": "--retry-timeout"},
-        description="seconds a request keeps retrying transient errors (server down or "
+        help="model input built from the document (default: 'summarize: {document}')")
+    max_input_len: int = option(
+        512, help="input tokens, EOS included; longer documents are cut (default: 512)")
+    max_output_len: int = option(64, help="generated tokens at most (default: 64)")
+    beam_width: int = option(1, help="(default: 1)")
+    top_k: int = option(1, help="1 = greedy (default: 1)")
+    num_actors: int = option(4, help="Ray actors sending requests (default: 4)")
+    batch_size: int = option(8, help="examples per request (default: 8)")
+    requests_per_actor: int = option(
+        2, help="requests each actor keeps in flight (default: 2)")
+    random_seed: int = option(
+        0, help="random_seed sent with each request (matters for sampling only)")
+    retry_timeout_s: float = option(
+        180.0, flag="--retry-timeout",
+        help="seconds a request keeps retrying transient errors (server down or "
         "restarting) before its examples go to errors.jsonl (default: 180)")
-    resume: bool = Field(
-        False, description="keep OUT/predictions.jsonl's complete lines and send only the rest; "
+    resume: bool = option(
+        False, help="keep OUT/predictions.jsonl's complete lines and send only the rest; "
         "without it OUT's predictions are started afresh")
-    progress: bool = Field(True, description="no progress bar on stderr",
-                           json_schema_extra={"flag": "--no-progress"})
-    max_attempts: int = Field(10, json_schema_extra=_LIBRARY_ONLY,
-                              description="tries per request, the first included")
-    ready_timeout_s: float = Field(60.0, json_schema_extra=_LIBRARY_ONLY,
-                                   description="seconds to wait for the servers to be ready")
-    actor_num_cpus: float = Field(0.25, json_schema_extra=_LIBRARY_ONLY,
-                                  description="Ray CPUs each request-sending actor reserves")
+    progress: bool = option(True, help="no progress bar on stderr",
+                           flag="--no-progress")
+    max_attempts: int = option(10, cli=False,
+                              help="tries per request, the first included")
+    ready_timeout_s: float = option(60.0, cli=False,
+                                   help="seconds to wait for the servers to be ready")
+    actor_num_cpus: float = option(0.25, cli=False,
+                                  help="Ray CPUs each request-sending actor reserves")
 
     def validate(self) -> list[str]:
         """Check the settings; returns the parsed endpoint list ("host:port" strings).

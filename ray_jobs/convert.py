@@ -15,15 +15,7 @@ import logging
 
 from conversion.options import ConvertOptions
 from conversion.run import USER_ERRORS, convert
-from ray_jobs._cli import (
-    UserError,
-    add_common_arguments,
-    add_options,
-    emit_summary,
-    init_ray,
-    options_from_args,
-    run_main,
-)
+from ray_jobs import _cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,25 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
         "gs://) into FasterTransformer weight shards in a Triton model repository: "
         "DST/<model>/config.pbtxt, DST/<model>/1/<T>-gpu/{config.ini, *.bin, manifest.json}.",
     )
-    add_options(p, ConvertOptions)
-    add_common_arguments(p)
+    _cli.add_options(p, ConvertOptions)
+    _cli.add_common_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, convert, print the summary."""
     args = build_parser().parse_args(argv)
-    opts = options_from_args(ConvertOptions, args)
+    opts = _cli.options_from_args(ConvertOptions, args)
     if opts.overwrite and opts.resume:
-        raise UserError("--resume and --overwrite exclude each other")
+        raise _cli.UserError("--resume and --overwrite exclude each other")
     try:
-        summary = convert(opts, connect=lambda: init_ray(
+        summary = convert(opts, connect=lambda: _cli.init_ray(
             args.address, log_to_driver=False, logging_level=logging.ERROR))
     except USER_ERRORS as exc:
-        raise UserError(str(exc).splitlines()[0]) from exc
-    emit_summary(summary, args.json)
+        raise _cli.UserError(str(exc).splitlines()[0]) from exc
+    _cli.emit_summary(summary, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    run_main(main)
+    _cli.run_main(main)

@@ -10,15 +10,7 @@ from __future__ import annotations
 import argparse
 
 from evaluation.options import EvalOptions
-from ray_jobs._cli import (
-    UserError,
-    add_common_arguments,
-    add_options,
-    emit_summary,
-    init_ray,
-    options_from_args,
-    run_main,
-)
+from ray_jobs import _cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         "gives the same predictions whatever --num-actors is. Generated ids are decoded as "
         "seqio does: ids the vocabulary has no piece for become unk, nothing after EOS counts.",
     )
-    add_options(p, EvalOptions)
-    add_common_arguments(p)
+    _cli.add_options(p, EvalOptions)
+    _cli.add_common_arguments(p)
     return p
 
 
@@ -43,17 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.runner import EvaluationError, evaluate
     from evaluation.tokenizer import VocabError
 
-    settings = options_from_args(EvalOptions, args)
+    settings = _cli.options_from_args(EvalOptions, args)
     try:
-        result = evaluate(settings, init_ray=lambda: init_ray(args.address, log_to_driver=False))
+        result = evaluate(settings,
+                          init_ray=lambda: _cli.init_ray(args.address, log_to_driver=False))
     except (DataError, VocabError, ResumeError, EvaluationError) as exc:
-        raise UserError(str(exc)) from exc
+        raise _cli.UserError(str(exc)) from exc
     paths = ("output", "predictions", "report")
-    emit_summary({"metrics": {k: v for k, v in result.items() if k not in paths},
+    _cli.emit_summary({"metrics": {k: v for k, v in result.items() if k not in paths},
                   "examples": result["examples"], "failed": result["failed"],
                   **{k: result[k] for k in paths}}, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    run_main(main)
+    _cli.run_main(main)

@@ -17,14 +17,7 @@ import sys
 import threading
 from typing import Any
 
-from ray_jobs._cli import (
-    UserError,
-    add_common_arguments,
-    add_options,
-    init_ray,
-    options_from_args,
-    run_main,
-)
+from ray_jobs import _cli
 from serving.options import ServeOptions
 
 # How often the driver asks the replicas how they are (restarts are reported on stderr).
@@ -40,20 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON line with the endpoints once every replica is ready, then serves until "
         "SIGINT/SIGTERM and stops every server it started.",
     )
-    add_options(p, ServeOptions)
-    add_common_arguments(p)
+    _cli.add_options(p, ServeOptions)
+    _cli.add_common_arguments(p)
     return p
 
 
 def _check(opts: ServeOptions) -> None:
     if opts.replicas < 1:
-        raise UserError(f"--replicas must be >= 1, got {opts.replicas}")
+        raise _cli.UserError(f"--replicas must be >= 1, got {opts.replicas}")
     for name in ("grpc_port", "http_port", "metrics_port"):
         port = getattr(opts, name)
         if not 0 <= port <= 65535 - opts.replicas:
-            raise UserError(f"--{name.replace('_', '-')} {port} is not a usable port")
+            raise _cli.UserError(f"--{name.replace('_', '-')} {port} is not a usable port")
     if opts.ready_timeout <= 0:
-        raise UserError(f"--ready-timeout must be > 0, got {opts.ready_timeout}")
+        raise _cli.UserError(f"--ready-timeout must be > 0, got {opts.ready_timeout}")
 
 
 def _install_signal_handlers(stop: threading.Event, ready: threading.Event) -> None:
@@ -87,7 +80,7 @@ def _watch(servers, stop: threading.Event, died: tuple[type[BaseException], ...]
         try:
             now = servers.status()
         except died as exc:
-            raise UserError(f"a server's actor died: {exc}") from None
+            raise _cli.UserError(f"a server's actor died: {exc}") from None
         _report_changes(last, now)
         last = now
 
@@ -95,7 +88,7 @@ def _watch(servers, stop: threading.Event, died: tuple[type[BaseException], ...]
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, start the servers, print the ready line, serve until a signal."""
     args = build_parser().parse_args(argv)
-    opts = options_from_args(ServeOptions, args)
+    opts = _cli.options_from_args(ServeOptions, args)
     _check(opts)
     from serving.api import open_servers
 
@@ -103,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.backend == "local":
         import ray
 
-        init_ray(args.address)
+        _cli.init_ray(args.address)
         died = (ray.exceptions.RayActorError,)
     # After ray.init, so these handlers are the ones in force.
     stop, ready = threading.Event(), threading.Event()
@@ -121,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    _cli.run_main(main)
