@@ -39,6 +39,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def stage_parser(name: str, description: str, model: type[StageOptions] | None = None,
+                 add_own: Callable[[argparse.ArgumentParser], None] | None = None,
+                 ) -> argparse.ArgumentParser:
+    """``python -m ray_jobs.NAME``'s parser: MODEL's flags, ADD_OWN's, then --address/--json."""
+    p = argparse.ArgumentParser(prog=f"python -m ray_jobs.{name}", description=description)
+    if model is not None:
+        add_options(p, model)
+    if add_own is not None:
+        add_own(p)
+    add_common_arguments(p)
+    return p
+
+
 def add_options(parser: argparse.ArgumentParser, model: type[StageOptions],
                 exclude: Iterable[str] = ()) -> None:
     """Add one flag per field of MODEL (but EXCLUDE): its help, default, choices and metavar.

@@ -17,18 +17,16 @@ from conversion.options import ConvertOptions
 from conversion.run import USER_ERRORS, convert
 from ray_jobs import _cli
 
+DESCRIPTION = (
+    "Convert a T5X checkpoint (T5 1.1, Flan-T5, UL2; legacy or OCDBT, local or "
+    "gs://) into FasterTransformer weight shards in a Triton model repository: "
+    "DST/<model>/config.pbtxt, DST/<model>/1/<T>-gpu/{config.ini, *.bin, manifest.json}."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: ConvertOptions' flags plus --address and --json."""
-    p = argparse.ArgumentParser(
-        prog="python -m ray_jobs.convert",
-        description="Convert a T5X checkpoint (T5 1.1, Flan-T5, UL2; legacy or OCDBT, local or "
-        "gs://) into FasterTransformer weight shards in a Triton model repository: "
-        "DST/<model>/config.pbtxt, DST/<model>/1/<T>-gpu/{config.ini, *.bin, manifest.json}.",
-    )
-    _cli.add_options(p, ConvertOptions)
-    _cli.add_common_arguments(p)
-    return p
+    return _cli.stage_parser("convert", DESCRIPTION, ConvertOptions)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,18 +24,17 @@ from serving.options import ServeOptions
 _MONITOR_PERIOD_S = 5.0
 
 
+DESCRIPTION = (
+    "Serve NAME from a Triton model repository with tritonserver processes "
+    "owned by Ray actors (local) or as a Kubernetes Deployment (kubernetes). Prints one "
+    "JSON line with the endpoints once every replica is ready, then serves until "
+    "SIGINT/SIGTERM and stops every server it started."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: ServeOptions' flags plus --address and --json."""
-    p = argparse.ArgumentParser(
-        prog="python -m ray_jobs.serve",
-        description="Serve NAME from a Triton model repository with tritonserver processes "
-        "owned by Ray actors (local) or as a Kubernetes Deployment (kubernetes). Prints one "
-        "JSON line with the endpoints once every replica is ready, then serves until "
-        "SIGINT/SIGTERM and stops every server it started.",
-    )
-    _cli.add_options(p, ServeOptions)
-    _cli.add_common_arguments(p)
-    return p
+    return _cli.stage_parser("serve", DESCRIPTION, ServeOptions)
 
 
 def _check(opts: ServeOptions) -> None:
