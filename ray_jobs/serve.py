@@ -72,14 +72,14 @@ def _report_changes(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> 
                   file=sys.stderr, flush=True)
 
 
-def _watch(servers, stop: threading.Event, died: tuple[type[BaseException], ...]) -> None:
-    """Until STOP: ask the servers how they are every few seconds and report changes."""
-    last = servers.status()
+def _watch(servers, stop: threading.Event, replicas: int) -> None:
+    """Until STOP: ask the servers how they are every few seconds and report changes.
+
+    A replica's actor that died is serving.api.ServeError (one line, exit 2).
+    """
+    last: list[dict[str, Any]] = [{"ready": True, "restarts": 0}] * replicas
     while not stop.wait(_MONITOR_PERIOD_S):
-        try:
-            now = servers.status()
-        except died as exc:
-            raise _cli.UserError(f"a server's actor died: {exc}") from None
+        now = servers.status()
         _report_changes(last, now)
         last = now
 
@@ -91,25 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     _check(opts)
     from serving.api import open_servers
 
-    died: tuple[type[BaseException], ...] = ()  # kubernetes: API errors are one line already
+    # Before Ray starts: a repository without the model fails at once.
+    servers = open_servers(opts)
     if opts.backend == "local":
-        import ray
-
         _cli.init_ray(args.address)
-        died = (ray.exceptions.RayActorError,)
     # After ray.init, so these handlers are the ones in force.
     stop, ready = threading.Event(), threading.Event()
     _install_signal_handlers(stop, ready)
-    with open_servers(opts) as servers:
+    try:
         print(f"starting {opts.replicas} tritonserver replica(s) for {opts.model_name}",
               file=sys.stderr, flush=True)
         endpoints = servers.start()
         ready.set()
         # The ready line: always JSON, whatever --json says (readers wait for it).
         print(json.dumps({"model": opts.model_name, "endpoints": endpoints}), flush=True)
-        _watch(servers, stop, died)
+        _watch(servers, stop, len(endpoints))
         print("stopping servers", file=sys.stderr, flush=True)
-    return 0
+        return 0
+    finally:
+        servers.stop()
 
 
 if __name__ == "__main__":
