@@ -30,6 +30,7 @@ import numpy as np
 
 from conversion.arch import ArchError, T5Arch, infer_arch
 from conversion.gin_config import GinConfig, GinError, read_gin
+from conversion.options import ConvertOptions  # noqa: F401 - re-exported (tests, ray_jobs)
 from conversion.plan import ConversionPlan, LayerTask, OutputTensor, PlanError, make_plan
 from conversion.t5x import Checkpoint, CheckpointError, open_checkpoint
 from core import ft_format, repository, scratch, storage
@@ -47,33 +48,6 @@ class ConversionError(RuntimeError):
 # Errors caused by the input or the options: entry points report them as one line, exit 2.
 USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, ArchError, PlanError,
                                             ConversionError)
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvertOptions:
-    """Everything ``ray_jobs.convert`` accepts (interfaces.md)."""
-
-    src: str
-    dst: str
-    model_name: str = "t5"
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    weight_dtype: str = "fp32"
-    inference_dtype: str = "bf16"
-    gin: str | None = None
-    vocab: str | None = None
-    engine: str = "fastertransformer"
-    activation: str | None = None
-    param_scan_axis: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    verify: bool = False
-    # Two tasks per core: a task alternates between decompressing (tensorstore's threads) and
-    # writing, hashing or uploading; with one per core a core idles while its task writes
-    # (bench/convert.py: 16.3 -> 12.7-13.6 s on 2 cores).
-    task_cpus: float = 0.5
-    task_gpus: float = 0.0
-    progress: bool = True
 
 
 # --- the per-layer task ------------------------------------------------------------------------

@@ -15,7 +15,6 @@ Ray Data gives the pool, streaming, backpressure and actor restarts; the actor n
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -26,8 +25,9 @@ import numpy as np
 
 from evaluation import metrics as eval_metrics
 from evaluation import report as eval_report
-from evaluation.client import RequestFailed, T5Client, describe, is_transient, parse_urls
-from evaluation.data import DEFAULT_TEMPLATE, Example, load_examples
+from evaluation.client import RequestFailed, T5Client, describe, is_transient
+from evaluation.data import Example, load_examples
+from evaluation.options import EvalOptions, EvalSettings  # noqa: F401 - EvalSettings kept
 from evaluation.outputs import METRICS, PREDICTIONS, REPORT, OutputDir, prediction_line
 from evaluation.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer, model_vocab_size
 
@@ -36,51 +36,6 @@ LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 
 
 class EvaluationError(ValueError):
     """Settings or preconditions that make the evaluation impossible (reported as one line)."""
-
-
-@dataclasses.dataclass
-class EvalSettings:
-    """Everything ``ray_jobs.evaluate``'s flags set (interfaces.md), plus retry knobs."""
-
-    url: str | Sequence[str]
-    model_name: str
-    output: str
-    dataset: str = "xsum"
-    split: str = "test"
-    max_examples: int | None = None
-    vocab: str | None = None
-    model_repository: str | None = None
-    document_field: str = "document"
-    summary_field: str = "summary"
-    input_template: str = DEFAULT_TEMPLATE
-    max_input_len: int = 512
-    max_output_len: int = 64
-    beam_width: int = 1
-    top_k: int = 1
-    num_actors: int = 4
-    batch_size: int = 8
-    requests_per_actor: int = 2
-    resume: bool = False
-    random_seed: int = 0
-    max_attempts: int = 10
-    retry_timeout_s: float = 180.0
-    ready_timeout_s: float = 60.0
-    actor_num_cpus: float = 0.25
-    progress: bool = True
-
-    def validate(self) -> list[str]:
-        try:
-            urls = parse_urls(self.url)
-        except ValueError as exc:
-            raise EvaluationError(str(exc)) from exc
-        for name in ("max_input_len", "max_output_len", "beam_width", "top_k", "num_actors",
-                     "batch_size", "requests_per_actor", "max_attempts"):
-            if getattr(self, name) < 1:
-                flag = "--" + name.replace("_", "-")
-                raise EvaluationError(f"{flag} must be >= 1, got {getattr(self, name)}")
-        if not self.model_name:
-            raise EvaluationError("--model-name is empty")
-        return urls
 
 
 class Predictor:

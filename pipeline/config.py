@@ -16,15 +16,15 @@ can say anything the jobs can, and a flag added to a job is usable here at once:
         evaluate: {beam_width: 4}
 
 A run inherits the top-level stage sections and overrides them key by key. Keys are checked
-against each job's own argument parser, so a misspelt key is an error naming the key, the
-stage and what the job accepts. Without a ``convert`` section (or with ``convert: null`` in a
+against each stage's options model (conversion/, serving/, evaluation/options.py), the same
+models the jobs' flags are built from, so a misspelt key is an error naming the key, the stage
+and what the job accepts. Without a ``convert`` section (or with ``convert: null`` in a
 run), ``serve`` must name an existing ``model_repository`` and ``model_name`` (evaluate a model
 that is already converted).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from core.options import FlagSpec, StageOptions, flag_specs, from_keys, specs_to_argv
 
 STAGES = ("convert", "serve", "evaluate")
 # Flags the pipeline sets itself: a config may not give them.
@@ -77,71 +79,67 @@ class PipelineConfig:
     runs: list[RunSpec]
 
 
-def _parsers() -> dict[str, argparse.ArgumentParser]:
-    from ray_jobs import convert, evaluate, serve
+def _models() -> dict[str, type[StageOptions]]:
+    from conversion.options import ConvertOptions
+    from evaluation.options import EvalOptions
+    from serving.options import ServeOptions
 
-    return {"convert": convert.build_parser(), "serve": serve.build_parser(),
-            "evaluate": evaluate.build_parser()}
-
-
-def stage_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """The job's long options, keyed as a config writes them (``--max-input-len`` ->
-    ``max_input_len``)."""
-    out = {}
-    for action in parser._actions:  # argparse keeps no public list of its actions
-        for opt in action.option_strings:
-            if opt.startswith("--") and opt != "--help":
-                out[opt[2:].replace("-", "_")] = action
-    return out
+    return {"convert": ConvertOptions, "serve": ServeOptions, "evaluate": EvalOptions}
 
 
-def to_argv(stage: str, settings: dict[str, Any],
-            parser: argparse.ArgumentParser | None = None) -> list[str]:
+def stage_flags(stage: str) -> dict[str, FlagSpec]:
+    """The stage's flags keyed as a config writes them (``--max-input-len`` ->
+    ``max_input_len``, ``--no-progress`` -> ``no_progress``)."""
+    return {spec.key: spec for spec in flag_specs(_models()[stage]).values()}
+
+
+def to_argv(stage: str, settings: dict[str, Any]) -> list[str]:
     """A stage's settings as its command line. True flags are given, False ones left out."""
-    options = stage_options(parser or _parsers()[stage])
-    argv: list[str] = []
-    for key, value in settings.items():
-        if value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        action = options[key]
-        if action.nargs == 0:  # store_true (or store_false): the flag alone
-            if bool(value) == bool(action.const):
-                argv.append(flag)
-            continue
-        argv += [flag, str(value)]
-    return argv
+    return specs_to_argv(flag_specs(_models()[stage]), settings)
 
 
-def _check_section(stage: str, section: Any, where: str,
-                   parsers: dict[str, argparse.ArgumentParser]) -> dict[str, Any]:
+def options_for(stage: str, settings: dict[str, Any]) -> StageOptions:
+    """A stage's settings (YAML keys, or field names) as its options model.
+
+    ``options_for("evaluate", {**run.evaluate, "url": url, "output": out})`` is what
+    ``ray_jobs.evaluate`` would have built from ``to_argv`` of the same settings.
+    """
+    model = _models()[stage]
+    return model.model_validate(from_keys(model, settings))
+
+
+def _check_value(spec: FlagSpec, value: Any, where: str) -> None:
+    """A YAML value against its flag's type and choices (what argparse would reject)."""
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{where}: expected a single value, got {type(value).__name__}")
+    if value is None or spec.type is bool:
+        return
+    if spec.type in (int, float):
+        try:
+            spec.type(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {list(spec.choices)}")
+
+
+def _check_section(stage: str, section: Any, where: str) -> dict[str, Any]:
     if section is None:
         return {}
     if not isinstance(section, dict):
         raise ConfigError(f"{where}{stage}: expected a mapping of flags, got "
                           f"{type(section).__name__}")
-    options = stage_options(parsers[stage])
+    flags = stage_flags(stage)
     out = {}
     for key, value in section.items():
         key = str(key).replace("-", "_")
         if key in _MANAGED[stage]:
             raise ConfigError(f"{where}{stage}.{key}: set by the pipeline itself, remove it")
-        if key not in options:
-            known = ", ".join(sorted(k for k in options if k not in _MANAGED[stage]))
+        if key not in flags:
+            known = ", ".join(sorted(k for k in flags if k not in _MANAGED[stage]))
             raise ConfigError(f"{where}{stage}.{key}: not a flag of ray_jobs.{stage} "
                               f"(it takes: {known})")
-        action = options[key]
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}{stage}.{key}: expected a single value, got "
-                              f"{type(value).__name__}")
-        if action.nargs != 0 and value is not None and action.type in (int, float):
-            try:
-                action.type(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}{stage}.{key}: {value!r} is not a number") from None
-        if action.choices is not None and value is not None and value not in action.choices:
-            raise ConfigError(f"{where}{stage}.{key}: {value!r} is not one of "
-                              f"{list(action.choices)}")
+        _check_value(flags[key], value, f"{where}{stage}.{key}")
         out[key] = value
     return out
 
@@ -187,8 +185,7 @@ def parse(obj: Any, output: str | None = None) -> PipelineConfig:
     output = output or obj.get("output")
     if not output:
         raise ConfigError("no output folder: set 'output' in the config or pass --output")
-    parsers = _parsers()
-    base = {s: _check_section(s, obj.get(s), "", parsers) for s in STAGES}
+    base = {s: _check_section(s, obj.get(s), "") for s in STAGES}
     has_convert = obj.get("convert") is not None
     run_list = obj.get("runs") or [{"name": obj.get("name") or base["convert"].get(
         "model_name") or base["serve"].get("model_name") or "t5"}]
@@ -208,7 +205,7 @@ def parse(obj: Any, output: str | None = None) -> PipelineConfig:
             raise ConfigError(f"runs[{n}].name {name!r} is used twice")
         names.add(name)
         where = f"runs[{n}] ({name}): "
-        merged = {s: {**base[s], **_check_section(s, run.get(s), where, parsers)}
+        merged = {s: {**base[s], **_check_section(s, run.get(s), where)}
                   for s in STAGES}
         # ``convert: null`` in a run: serve an existing repository (given in its serve).
         opted_out = "convert" in run and run["convert"] is None

@@ -15,10 +15,14 @@ import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from core.errors import UserError, first_line
+from core.options import StageOptions, flag_specs
+
+T = TypeVar("T", bound=StageOptions)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +37,56 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print a JSON summary as the last stdout line"
     )
+
+
+def stage_parser(name: str, description: str, model: type[StageOptions] | None = None,
+                 add_own: Callable[[argparse.ArgumentParser], None] | None = None,
+                 ) -> argparse.ArgumentParser:
+    """``python -m ray_jobs.NAME``'s parser: MODEL's flags, ADD_OWN's, then --address/--json."""
+    p = argparse.ArgumentParser(prog=f"python -m ray_jobs.{name}", description=description)
+    if model is not None:
+        add_options(p, model)
+    if add_own is not None:
+        add_own(p)
+    add_common_arguments(p)
+    return p
+
+
+def add_options(parser: argparse.ArgumentParser, model: type[StageOptions],
+                exclude: Iterable[str] = ()) -> None:
+    """Add one flag per field of MODEL (but EXCLUDE): its help, default, choices and metavar.
+
+    A bool is a store_true flag, or store_false when negated (``--no-progress`` sets
+    ``progress``); a field without a default is a required flag; a field's ``group`` puts it in
+    an argument group of that title. The dest is always the field name.
+    """
+    groups: dict[str, argparse._ActionsContainer] = {}
+    for spec in flag_specs(model).values():
+        if spec.name in exclude:
+            continue
+        where = parser
+        if spec.group:
+            if spec.group not in groups:
+                groups[spec.group] = parser.add_argument_group(spec.group)
+            where = groups[spec.group]
+        kwargs: dict = {"dest": spec.name, "help": spec.help}
+        if spec.type is bool:
+            kwargs["action"] = "store_false" if spec.negated else "store_true"
+        else:
+            kwargs.update(type=spec.type, default=spec.default)
+            if spec.required:
+                kwargs["required"] = True
+            if spec.choices is not None:
+                kwargs["choices"] = list(spec.choices)
+            if spec.metavar or spec.key != spec.name:  # --retry-timeout, not RETRY_TIMEOUT_S
+                kwargs["metavar"] = spec.metavar or spec.key.upper()
+        where.add_argument(spec.flag, **kwargs)
+
+
+def options_from_args(model: type[T], ns: argparse.Namespace, **extra) -> T:
+    """MODEL built from the parsed flags (its fields present in NS), plus EXTRA fields."""
+    fields = {name: getattr(ns, name) for name in model.flag_fields() if hasattr(ns, name)}
+    return model(**fields, **extra)
 
 
 def init_ray(address: str | None, **kwargs) -> None:

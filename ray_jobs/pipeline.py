@@ -17,16 +17,16 @@ import argparse
 import os
 import sys
 
-from ray_jobs._cli import UserError, add_common_arguments, emit_summary, init_ray, run_main
+from ray_jobs._cli import UserError, emit_summary, init_ray, run_main, stage_parser
+
+DESCRIPTION = (
+    "Convert a T5X checkpoint, serve it with Triton, evaluate it on XSum with "
+    "ROUGE, stop the servers, keep the outputs; one or several runs from a YAML config, "
+    "or the self-contained --demo."
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m ray_jobs.pipeline",
-        description="Convert a T5X checkpoint, serve it with Triton, evaluate it on XSum with "
-        "ROUGE, stop the servers, keep the outputs; one or several runs from a YAML config, "
-        "or the self-contained --demo.",
-    )
+def _add_own(p: argparse.ArgumentParser) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", help="PIPELINE.yaml: convert, serve, evaluate sections "
                       "(their jobs' flags) and optionally output and runs")
@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-rouge-l", type=float, default=None, metavar="X",
                    help="exit non-zero (after writing every output) when a run's ROUGE-L "
                    "(mid) is below X; --demo default 0.9, the demo's correctness bar")
-    add_common_arguments(p)
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: what to run (--config or --demo), --output, the bar, common flags."""
+    return stage_parser("pipeline", DESCRIPTION, add_own=_add_own)
 
 
 DEMO_MIN_ROUGE_L = 0.9  # a correct pipeline reproduces the demo's summaries almost exactly

@@ -1,0 +1,79 @@
+"""ConvertOptions: everything ``ray_jobs.convert`` accepts (interfaces.md), as one model.
+
+The --help texts live here (ray_jobs/_cli.py builds the flags from this model) and so do the
+pipeline's ``convert:`` keys (pipeline/config.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict
+
+from core import ft_format
+from core.options import StageOptions, option
+from core.repository import ENGINES
+from core.t5config import ACTIVATIONS
+
+# The choices come from the tables the converter uses, so a new dtype or engine is a flag at once.
+WeightDtype = Literal[tuple(ft_format.WEIGHT_DTYPES)]  # type: ignore[valid-type]
+Engine = Literal[ENGINES]  # type: ignore[valid-type]
+Activation = Literal[ACTIVATIONS]  # type: ignore[valid-type]
+
+
+class ConvertOptions(StageOptions):
+    """Everything ``ray_jobs.convert`` accepts (interfaces.md)."""
+
+    # Frozen, as the dataclass it replaces: copy with a change, ConvertOptions(**{**o.__dict__}).
+    model_config = ConfigDict(frozen=True)
+
+    src: str = option(
+        help="T5X checkpoint folder (checkpoint_<step>), or a folder holding several "
+        "(the newest step is used); local path or gs:// URL")
+    dst: str = option(help="Triton model repository root (local or gs://)")
+    model_name: str = option("t5", help="model folder name in DST (default t5)")
+    tensor_parallel: int = option(
+        1, help="T: split attention heads and d_ff over T GPUs (default 1)")
+    pipeline_parallel: int = option(
+        1, help="pipeline_para_size written to config.pbtxt (default 1)")
+    weight_dtype: WeightDtype = option(
+        "fp32", help="dtype of the stored .bin files (default fp32)")
+    inference_dtype: WeightDtype = option(
+        "bf16", help="data_type in config.pbtxt (default bf16)")
+    gin: str | None = option(
+        None, help="config.gin giving what shapes cannot tell (activation) and the "
+        "vocabulary; default: a config.gin beside or up to two folders above the "
+        "checkpoint (docs/gin.md)")
+    activation: Activation | None = option(
+        None, help="feed_forward_proj, overriding config.gin (default: from gin, else "
+        "gated-gelu for gated MLPs and relu otherwise, reported as inferred)")
+    param_scan_axis: int | None = option(
+        None, metavar="N",
+        help="layer axis of a scanned (scalable_t5) checkpoint's stacked parameters, "
+        "t5x's param_scan_axis, overriding config.gin (default: from gin, else from "
+        "the shapes when only one axis fits; ignored for unscanned checkpoints)")
+    vocab: str | None = option(
+        None, help="SentencePiece model copied to DST/<model>/spiece.model (default: the "
+        "one config.gin names, seqio.SentencePieceVocabulary.sentencepiece_model_file,"
+        " when it exists)")
+    engine: Engine = option(
+        "fastertransformer",
+        help="Triton backend config.pbtxt is written for (default fastertransformer)")
+    resume: bool = option(
+        False, help="keep files whose manifest entry, size and sha256 check out")
+    overwrite: bool = option(
+        False, help="delete DST/<model> first, even when it holds a different model")
+    verify: bool = option(
+        False, help="re-read every written file and check it against the manifest; also "
+        "report files in the weights folder that nothing accounts for")
+    # Two tasks per core: a task alternates between decompressing (tensorstore's threads) and
+    # writing, hashing or uploading; with one per core a core idles while its task writes
+    # (bench/convert.py: 16.3 -> 12.7-13.6 s on 2 cores).
+    task_cpus: float = option(
+        0.5, help="CPUs each per-layer Ray task requests (default 0.5: two tasks per "
+        "core, one decompressing while the other writes)")
+    task_gpus: float = option(
+        0.0, help="GPUs each per-layer Ray task requests, to run on GPU workers "
+        "(default 0)")
+    progress: bool = option(True, help="no progress output",
+                           flag="--no-progress")

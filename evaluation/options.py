@@ -1,0 +1,100 @@
+"""EvalOptions: everything ``ray_jobs.evaluate``'s flags set (interfaces.md), plus retry knobs.
+
+The knobs marked ``cli: False`` (max_attempts, ready_timeout_s, actor_num_cpus) are for library
+callers and tests; they are neither flags nor pipeline keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from core.options import StageOptions, option
+from evaluation.data import DEFAULT_TEMPLATE
+
+
+class EvalOptions(StageOptions):
+    """Everything ``ray_jobs.evaluate``'s flags set (interfaces.md), plus retry knobs."""
+
+    url: str | Sequence[str] = option(
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="Triton gRPC endpoint(s), HOST:PORT[,HOST:PORT...]; requests are "
+        "spread over all of them and retried on another when one is down")
+    model_name: str = option(metavar="NAME",
+                            help="the model's name in the repository")
+    output: str = option(
+        metavar="OUT",
+        help="output folder or gs:// prefix: predictions.jsonl, errors.jsonl, "
+        "metrics.json, report.html")
+    dataset: str = option(
+        "xsum", metavar="xsum|FILE",
+        help="'xsum' (EdinburghNLP/xsum from the Hugging Face hub) or a local / "
+        "gs:// FILE.jsonl|.json|.parquet|.tsv (tsv: document<TAB>summary lines) "
+        "(default: xsum)")
+    split: str = option("test", help="hub split (default: test)")
+    max_examples: int | None = option(None, metavar="K",
+                                     help="evaluate only the first K rows")
+    vocab: str | None = option(
+        None, metavar="SPIECE.model",
+        help="SentencePiece model (local or gs://) (default: "
+        "DST/<model-name>/spiece.model from --model-repository)")
+    model_repository: str | None = option(
+        None, metavar="DST",
+        help="the served model repository: its vocabulary (unless --vocab) and its "
+        "config.ini vocab_size, checked against the vocabulary before any request "
+        "(more pieces than logits is an error)")
+    document_field: str = option("document", help="(default: document)")
+    summary_field: str = option("summary", help="(default: summary)")
+    input_template: str = option(
+        DEFAULT_TEMPLATE,
+        help="model input built from the document (default: 'summarize: {document}')")
+    max_input_len: int = option(
+        512, help="input tokens, EOS included; longer documents are cut (default: 512)")
+    max_output_len: int = option(64, help="generated tokens at most (default: 64)")
+    beam_width: int = option(1, help="(default: 1)")
+    top_k: int = option(1, help="1 = greedy (default: 1)")
+    num_actors: int = option(4, help="Ray actors sending requests (default: 4)")
+    batch_size: int = option(8, help="examples per request (default: 8)")
+    requests_per_actor: int = option(
+        2, help="requests each actor keeps in flight (default: 2)")
+    random_seed: int = option(
+        0, help="random_seed sent with each request (matters for sampling only)")
+    retry_timeout_s: float = option(
+        180.0, flag="--retry-timeout",
+        help="seconds a request keeps retrying transient errors (server down or "
+        "restarting) before its examples go to errors.jsonl (default: 180)")
+    resume: bool = option(
+        False, help="keep OUT/predictions.jsonl's complete lines and send only the rest; "
+        "without it OUT's predictions are started afresh")
+    progress: bool = option(True, help="no progress bar on stderr",
+                           flag="--no-progress")
+    max_attempts: int = option(10, cli=False,
+                              help="tries per request, the first included")
+    ready_timeout_s: float = option(60.0, cli=False,
+                                   help="seconds to wait for the servers to be ready")
+    actor_num_cpus: float = option(0.25, cli=False,
+                                  help="Ray CPUs each request-sending actor reserves")
+
+    def validate(self) -> list[str]:
+        """Check the settings; returns the parsed endpoint list ("host:port" strings).
+
+        Raises evaluation.runner.EvaluationError naming the flag at fault.
+        """
+        # Imported here: runner imports this module.
+        from evaluation.client import parse_urls
+        from evaluation.runner import EvaluationError
+
+        try:
+            urls = parse_urls(self.url)
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from exc
+        for name in ("max_input_len", "max_output_len", "beam_width", "top_k", "num_actors",
+                     "batch_size", "requests_per_actor", "max_attempts"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise EvaluationError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if not self.model_name:
+            raise EvaluationError("--model-name is empty")
+        return urls
+
+
+EvalSettings = EvalOptions

@@ -1,0 +1,50 @@
+"""ServeOptions: everything ``ray_jobs.serve`` accepts (interfaces.md), as one model.
+
+``address`` and ``json`` are flags every entry point shares (ray_jobs/_cli.py), not options.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from core.options import StageOptions, option
+
+_K8S = "kubernetes backend"
+
+
+def _port(what: str) -> str:
+    return (f"{what} port; 0 picks a free one; with several replicas, replica i gets PORT + i "
+            f"(default 0)")
+
+
+class ServeOptions(StageOptions):
+    """Everything ``ray_jobs.serve`` accepts (interfaces.md)."""
+
+    model_repository: str = option(
+        help="Triton model repository root: a local folder or gs://bucket/prefix "
+        "(local backend: each server downloads a gs:// model to its node first)")
+    model_name: str = option(help="the model to load (a folder in it)")
+    backend: Literal["local", "kubernetes"] = option(
+        "local", help="local: tritonserver on the Ray cluster's nodes (default); "
+        "kubernetes: a Triton Deployment and Service")
+    replicas: int = option(1, help="number of servers (default 1)")
+    grpc_port: int = option(0, help=_port("gRPC"))
+    http_port: int = option(0, help=_port("HTTP"))
+    metrics_port: int = option(0, help=_port("metrics"))
+    host: str = option(
+        "127.0.0.1", help="address to bind; 0.0.0.0 binds all and advertises each "
+        "node's IP (default 127.0.0.1)")
+    ready_timeout: float = option(
+        300.0, help="seconds to wait for every replica to be ready (default 300)")
+    num_cpus: float = option(
+        1.0, help="local: Ray CPUs each server's actor reserves (default 1)")
+    log_verbose: int = option(0, help="tritonserver --log-verbose level")
+    namespace: str = option("default", help="namespace (default 'default')",
+                           group=_K8S)
+    image: str | None = option(None, help="Triton image to run", group=_K8S)
+    kubeconfig: str | None = option(
+        None, help="kubeconfig file (default: in-cluster config, else ~/.kube/config)",
+        group=_K8S)
+    service_account: str | None = option(
+        None, help="Kubernetes service account for the pods (Workload Identity for "
+        "gs://)", group=_K8S)
