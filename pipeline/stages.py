@@ -84,9 +84,9 @@ def convert(settings: dict[str, Any]) -> dict[str, Any]:
 
     Ray must already be initialised. Raises StageError (``convert failed: ...``).
     """
-    from conversion.run import convert as run_convert
-
     with reported("convert"):
+        from conversion.run import convert as run_convert
+
         opts = options_for("convert", settings)
         if opts.overwrite and opts.resume:
             raise UserError("--resume and --overwrite exclude each other")
@@ -98,9 +98,9 @@ def open_servers(settings: dict[str, Any]) -> Any:
 
     Raises StageError (``serve failed: ...``) when the settings or the repository are wrong.
     """
-    from serving.api import open_servers as open_serving
-
     with reported("serve"):
+        from serving.api import open_servers as open_serving
+
         return open_serving(options_for("serve", settings))
 
 
@@ -113,9 +113,9 @@ def evaluate(settings: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
 
     Ray must already be initialised. Raises StageError (``evaluate failed: ...``).
     """
-    from evaluation.runner import evaluate as run_evaluate
-
     with reported("evaluate"):
+        from evaluation.runner import evaluate as run_evaluate
+
         result = run_evaluate(options_for("evaluate", settings), log=log)
     return {k: v for k, v in result.items() if k not in _EVAL_PATHS}
 
