@@ -217,6 +217,6 @@ def to_json(model: DemoModel) -> dict:
 
 
 if __name__ == "__main__":
-    # A process of its own: JAX's threads and memory end with it, before the pipeline forks
-    # its stage jobs. Progress on stderr; the last stdout line is the model's paths as JSON.
+    # A process of its own: JAX's threads and memory end with it, before the pipeline runs
+    # its stages. Progress on stderr; the last stdout line is the model's paths as JSON.
     print(json.dumps(to_json(build())), flush=True)

@@ -1,6 +1,6 @@
 """What the pipeline shows on the Ray dashboard (metrics view, Prometheus export).
 
-The stage jobs emit their own metrics (conversion: ``t5ft_convert_tasks_done``,
+The stages emit their own metrics (conversion: ``t5ft_convert_tasks_done``,
 ``t5ft_convert_tasks_total``, ``t5ft_convert_bytes_done``; evaluation:
 ``t5ft_eval_examples_done``, ``t5ft_eval_examples_failed``, ``t5ft_eval_requests_sent``,
 ``t5ft_eval_request_retries``, ``t5ft_eval_request_latency_ms``); these add the pipeline's view,
