@@ -56,15 +56,19 @@ class PipelineMetrics:
                 pass
 
     def stage(self, run: str, stage: str) -> None:
+        """The stage ``run`` is in now (a key of STAGE_VALUES)."""
         self._set("stage", STAGE_VALUES[stage], run=run)
 
     def progress(self, fraction: float) -> None:
+        """Stages finished or skipped / stages planned, in [0, 1]."""
         self._set("progress", fraction)
 
     def stage_seconds(self, run: str, stage: str, seconds: float) -> None:
+        """How long ``stage`` of ``run`` took (0 when skipped)."""
         self._set("seconds", seconds, run=run, stage=stage)
 
     def result(self, run: str, metrics: dict[str, Any]) -> None:
+        """The run's ROUGE-L (mid) and examples/s from its metrics.json content."""
         rouge_l = (metrics.get("rougeL") or {}).get("mid")
         if rouge_l is not None:
             self._set("rouge_l", float(rouge_l), run=run)
