@@ -27,6 +27,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from core.t5config import T5Config
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = Path(__file__).resolve().parent / "data" / "xsum_sample.jsonl"
 # Code whose change changes the model: part of the cache key.
@@ -36,16 +38,10 @@ _CODE = ("model.py", "train.py", "vocab.py", "t5x_writer.py")
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """What the demo model is built from (UL2's architecture at toy size)."""
+    """What the demo model is built from: a model of demo.model.MODELS (its sizes, a
+    core.t5config.T5Config; the default is UL2's architecture at toy size) and training."""
 
-    vocab_size: int = 800
-    d_model: int = 128
-    num_heads: int = 4
-    head_dim: int = 32
-    mlp_dim: int = 256
-    num_encoder_layers: int = 2
-    num_decoder_layers: int = 2
-    activation: str = "silu"
+    model: str = "ul2-demo"
     steps: int = 300
     learning_rate: float = 3e-3
     seed: int = 0
@@ -68,10 +64,12 @@ class DemoModel:
 
 
 def cache_root() -> Path:
+    """Where built models are cached: $T5FT_DEMO_CACHE, else .demo-cache/ in the repository."""
     return Path(os.environ.get("T5FT_DEMO_CACHE") or REPO_ROOT / ".demo-cache")
 
 
 def load_rows(path: Path = SAMPLE) -> list[dict]:
+    """The sample's rows (each with 'document' and 'summary'); ValueError names a bad row."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -83,9 +81,21 @@ def load_rows(path: Path = SAMPLE) -> list[dict]:
     return rows
 
 
+def model_config(settings: DemoSettings) -> T5Config:
+    """The T5Config that ``settings.model`` names (demo.model.MODELS)."""
+    from demo.model import MODELS
+
+    try:
+        return MODELS[settings.model]
+    except KeyError:
+        raise ValueError(f"no demo model {settings.model!r} (known: {sorted(MODELS)})") from None
+
+
 def cache_key(settings: DemoSettings, sample: Path = SAMPLE) -> str:
+    """What the built model depends on, hashed: settings, model sizes, sample, gin, code."""
     h = hashlib.sha256()
     h.update(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
+    h.update(json.dumps(dataclasses.asdict(model_config(settings)), sort_keys=True).encode())
     h.update(sample.read_bytes())
     h.update(gin_text(settings).encode())
     for name in _CODE:
@@ -96,31 +106,9 @@ def cache_key(settings: DemoSettings, sample: Path = SAMPLE) -> str:
 
 def gin_text(s: DemoSettings) -> str:
     """t5x-style gin bindings for the demo network (what the converter reads)."""
-    return "\n".join([
-        "# Demo model: UL2's architecture (gated-silu, untied head, relative attention).",
-        "from t5x.examples.t5 import network",
-        f"NUM_EMBEDDINGS = {s.vocab_size}",
-        f"EMBED_DIM = {s.d_model}",
-        f"NUM_HEADS = {s.num_heads}",
-        f"HEAD_DIM = {s.head_dim}",
-        f"MLP_DIM = {s.mlp_dim}",
-        f"NUM_ENCODER_LAYERS = {s.num_encoder_layers}",
-        f"NUM_DECODER_LAYERS = {s.num_decoder_layers}",
-        "DROPOUT_RATE = 0.0",
-        "network.T5Config:",
-        "  vocab_size = %NUM_EMBEDDINGS",
-        "  dtype = 'float32'",
-        "  emb_dim = %EMBED_DIM",
-        "  num_heads = %NUM_HEADS",
-        "  num_encoder_layers = %NUM_ENCODER_LAYERS",
-        "  num_decoder_layers = %NUM_DECODER_LAYERS",
-        "  head_dim = %HEAD_DIM",
-        "  mlp_dim = %MLP_DIM",
-        f"  mlp_activations = ('{s.activation}', 'linear')",
-        "  dropout_rate = %DROPOUT_RATE",
-        "  logits_via_embedding = False",
-        "",
-    ])
+    from demo.t5x_writer import gin_config
+
+    return gin_config(model_config(s))
 
 
 def _log(message: str) -> None:
@@ -166,14 +154,10 @@ def build(settings: DemoSettings | None = None, cache: Path | None = None,
         rows = load_rows()
         texts = [settings.input_template.format(document=r["document"]) for r in rows]
         texts += [r["summary"] for r in rows]
-        log(f"training a {settings.vocab_size}-piece SentencePiece vocabulary on the sample")
-        sp = load(train_sentencepiece(texts, tmp / "spiece.model", settings.vocab_size))
+        model_cfg = model_config(settings)
+        log(f"training a {model_cfg.vocab_size}-piece SentencePiece vocabulary on the sample")
+        sp = load(train_sentencepiece(texts, tmp / "spiece.model", model_cfg.vocab_size))
 
-        model_cfg = m.ModelConfig(
-            vocab_size=settings.vocab_size, d_model=settings.d_model,
-            num_heads=settings.num_heads, head_dim=settings.head_dim,
-            mlp_dim=settings.mlp_dim, num_encoder_layers=settings.num_encoder_layers,
-            num_decoder_layers=settings.num_decoder_layers, activation=settings.activation)
         train_cfg = tr.TrainConfig(
             steps=settings.steps, learning_rate=settings.learning_rate, seed=settings.seed,
             max_input_len=settings.max_input_len, max_target_len=settings.max_output_len,
@@ -225,6 +209,7 @@ def from_json(obj: dict) -> DemoModel:
 
 
 def to_json(model: DemoModel) -> dict:
+    """The model's paths and settings as JSON (what ``python -m demo.build`` prints)."""
     return {"root": str(model.root), "checkpoint_dir": str(model.checkpoint_dir),
             "checkpoint": str(model.checkpoint), "gin": str(model.gin),
             "vocab": str(model.vocab), "settings": dataclasses.asdict(model.settings),
@@ -232,6 +217,6 @@ def to_json(model: DemoModel) -> dict:
 
 
 if __name__ == "__main__":
-    # A process of its own: JAX's threads and memory end with it, before the pipeline forks
-    # its stage jobs. Progress on stderr; the last stdout line is the model's paths as JSON.
+    # A process of its own: JAX's threads and memory end with it, before the pipeline runs
+    # its stages. Progress on stderr; the last stdout line is the model's paths as JSON.
     print(json.dumps(to_json(build())), flush=True)

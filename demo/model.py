@@ -14,11 +14,12 @@ converter and the engine against a third implementation:
 Parameters are nested dicts keyed exactly as t5x names them, e.g.
 ``params["encoder"]["layers_0"]["attention"]["query"]["kernel"]`` of shape [D, H*K], so that
 :func:`flatten` gives ``"encoder.layers_0.attention.query.kernel"``. Kernels are [in, out].
+Sizes come from a :class:`core.t5config.T5Config`, the repository's one model description
+(notation: D = d_model, H = num_heads, K = d_kv, F = d_ff, V = vocab_size).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -26,40 +27,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core.t5config import T5Config
+
 Params = dict[str, Any]
 NEG_INF = -1e10  # t5x's mask bias: large but finite so fully masked rows stay finite
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Sizes of the network (t5x's T5Config, the fields the demo needs).
+# The demo's model: UL2's architecture (gated-silu, untied head) at toy size.
+MODELS: dict[str, T5Config] = {
+    "ul2-demo": T5Config(vocab_size=800, d_model=128, num_heads=4, d_kv=32, d_ff=256,
+                         num_encoder_layers=2, num_decoder_layers=2,
+                         feed_forward_proj="gated-silu", tie_word_embeddings=False),
+}
 
-    Attributes:
-      vocab_size: V.  d_model: D.  num_heads: H.  head_dim: K.  mlp_dim: F.
-      num_encoder_layers, num_decoder_layers: the two depths.
-      activation: "silu" (UL2, gated-silu) or "gelu" (T5 1.1, gated-gelu, tanh approximation).
-      num_buckets, max_distance: relative-position buckets, 32 and 128 as in T5.
-    """
 
-    vocab_size: int = 800
-    d_model: int = 128
-    num_heads: int = 4
-    head_dim: int = 32
-    mlp_dim: int = 256
-    num_encoder_layers: int = 2
-    num_decoder_layers: int = 2
-    activation: str = "silu"
-    num_buckets: int = 32
-    max_distance: int = 128
-
-    def __post_init__(self) -> None:
-        if self.activation not in ("silu", "gelu"):
-            raise ValueError(f"activation must be silu or gelu, got {self.activation!r}")
-
-    @property
-    def feed_forward_proj(self) -> str:
-        """The name FT's config.ini uses for the MLP."""
-        return f"gated-{self.activation}"
+def check_config(cfg: T5Config) -> None:
+    """Raise ValueError unless this network can build ``cfg``: a gated silu or gelu MLP
+    (UL2, T5 1.1) and an untied LM head."""
+    if cfg.feed_forward_proj not in ("gated-silu", "gated-gelu"):
+        raise ValueError(f"feed_forward_proj must be gated-silu or gated-gelu, got "
+                         f"{cfg.feed_forward_proj!r}")
+    if cfg.tie_word_embeddings:
+        raise ValueError("the demo network has an untied LM head (tie_word_embeddings=False)")
 
 
 # --- initialisation (t5x's variance-scaling choices) ------------------------------------------
@@ -69,14 +58,15 @@ def _normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
     return jax.random.normal(key, shape, jnp.float32) * std
 
 
-def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+def init_params(cfg: T5Config, key: jax.Array) -> Params:
     """A fresh parameter tree. The query kernel's std carries the 1/sqrt(K) of attention."""
-    d, i, f, v = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+    check_config(cfg)
+    d, i, f, v = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.vocab_size
     keys = iter(jax.random.split(key, 256))
 
     def attention() -> Params:
         return {
-            "query": {"kernel": _normal(next(keys), (d, i), (d * cfg.head_dim) ** -0.5)},
+            "query": {"kernel": _normal(next(keys), (d, i), (d * cfg.d_kv) ** -0.5)},
             "key": {"kernel": _normal(next(keys), (d, i), d**-0.5)},
             "value": {"kernel": _normal(next(keys), (d, i), d**-0.5)},
             "out": {"kernel": _normal(next(keys), (i, d), i**-0.5)},
@@ -93,8 +83,9 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
         return {"scale": jnp.ones((d,), jnp.float32)}
 
     def relpos() -> Params:
-        bound = math.sqrt(6.0 / (cfg.num_heads + cfg.num_buckets))
-        table = jax.random.uniform(next(keys), (cfg.num_heads, cfg.num_buckets), jnp.float32,
+        buckets = cfg.relative_attention_num_buckets
+        bound = math.sqrt(6.0 / (cfg.num_heads + buckets))
+        table = jax.random.uniform(next(keys), (cfg.num_heads, buckets), jnp.float32,
                                    -bound, bound)
         return {"rel_embedding": table}
 
@@ -183,23 +174,24 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
 
 
 def position_bias(table: jax.Array, q_len: int, k_len: int, bidirectional: bool,
-                  cfg: ModelConfig) -> jax.Array:
+                  cfg: T5Config) -> jax.Array:
     """The bias added to attention logits: table [H, B] -> [1, H, q_len, k_len]."""
     context = np.arange(q_len, dtype=np.int32)[:, None]
     memory = np.arange(k_len, dtype=np.int32)[None, :]
-    buckets = relative_position_bucket(memory - context, bidirectional, cfg.num_buckets,
-                                       cfg.max_distance)
+    buckets = relative_position_bucket(memory - context, bidirectional,
+                                       cfg.relative_attention_num_buckets,
+                                       cfg.relative_attention_max_distance)
     return table[:, buckets][None]
 
 
 def attention(p: Params, x_q: jax.Array, x_kv: jax.Array, bias: jax.Array,
-              cfg: ModelConfig) -> jax.Array:
+              cfg: T5Config) -> jax.Array:
     """Multi-head dot-product attention, logits unscaled (T5).
 
     x_q: [B, Q, D]; x_kv: [B, S, D]; bias: broadcastable to [B, H, Q, S] (mask + positions).
     Returns [B, Q, D].
     """
-    h, k = cfg.num_heads, cfg.head_dim
+    h, k = cfg.num_heads, cfg.d_kv
 
     def heads(x: jax.Array, kernel: jax.Array) -> jax.Array:
         y = x @ kernel  # [B, L, H*K], heads major within the inner axis as t5x reshapes it
@@ -213,7 +205,7 @@ def attention(p: Params, x_q: jax.Array, x_kv: jax.Array, bias: jax.Array,
     return out.reshape(*out.shape[:-2], h * k) @ p["out"]["kernel"]
 
 
-def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+def mlp(p: Params, x: jax.Array, cfg: T5Config) -> jax.Array:
     """Gated MLP: act(x @ wi_0) * (x @ wi_1) @ wo. x: [..., D] -> [..., D]."""
     if cfg.activation == "silu":
         gate = jax.nn.silu(x @ p["wi_0"]["kernel"])
@@ -225,7 +217,7 @@ def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 # --- the network -----------------------------------------------------------------------------
 
 
-def encode(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+def encode(params: Params, tokens: jax.Array, cfg: T5Config) -> jax.Array:
     """tokens: [B, S] int32, 0 = padding -> encoded [B, S, D]."""
     p = params["encoder"]
     s = tokens.shape[1]
@@ -243,7 +235,7 @@ def encode(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def decode(params: Params, encoded: jax.Array, input_tokens: jax.Array,
-           decoder_inputs: jax.Array, cfg: ModelConfig) -> jax.Array:
+           decoder_inputs: jax.Array, cfg: T5Config) -> jax.Array:
     """Teacher-forced decoder: logits [B, T, V] for decoder_inputs [B, T] (0 = start token).
 
     input_tokens [B, S] gives the encoder padding mask for cross-attention.
@@ -268,12 +260,12 @@ def decode(params: Params, encoded: jax.Array, input_tokens: jax.Array,
 
 
 def forward(params: Params, input_tokens: jax.Array, decoder_inputs: jax.Array,
-            cfg: ModelConfig) -> jax.Array:
+            cfg: T5Config) -> jax.Array:
     """Logits [B, T, V] for inputs [B, S] and shifted-right targets [B, T]."""
     return decode(params, encode(params, input_tokens, cfg), input_tokens, decoder_inputs, cfg)
 
 
-def greedy_decode(params: Params, input_tokens: np.ndarray, max_len: int, cfg: ModelConfig,
+def greedy_decode(params: Params, input_tokens: np.ndarray, max_len: int, cfg: T5Config,
                   eos_id: int = 1) -> list[list[int]]:
     """Greedy generation without a cache (the demo model is tiny): [B, S] -> B id lists.
 

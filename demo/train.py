@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core.t5config import T5Config
 from demo import model as m
 from demo.vocab import EOS_ID
 
@@ -78,7 +79,7 @@ def make_examples(encode: Callable[[str], list[int]], rows: Sequence[dict],
 
 
 def loss_fn(params: m.Params, inputs: jax.Array, targets: jax.Array,
-            cfg: m.ModelConfig) -> jax.Array:
+            cfg: T5Config) -> jax.Array:
     """Mean token cross-entropy over non-padding target positions."""
     decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))  # shift right, start id 0
     logits = m.forward(params, inputs, decoder_inputs, cfg)
@@ -88,7 +89,7 @@ def loss_fn(params: m.Params, inputs: jax.Array, targets: jax.Array,
     return jnp.sum(nll * weights) / jnp.sum(weights)
 
 
-def train(model_cfg: m.ModelConfig, train_cfg: TrainConfig, inputs: np.ndarray,
+def train(model_cfg: T5Config, train_cfg: TrainConfig, inputs: np.ndarray,
           targets: np.ndarray,
           progress: Callable[[int, float], None] | None = None) -> tuple[m.Params, float]:
     """Adam on the full batch. Returns (params, last loss). progress(step, loss) every 50."""

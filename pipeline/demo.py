@@ -60,8 +60,9 @@ def build_model() -> DemoModel:
     """Build or load the demo model in a child process (``python -m demo.build``).
 
     Training runs JAX; doing it in a child keeps JAX's threads and memory out of the pipeline
-    driver, which goes on to fork the stage jobs. Raises RuntimeError with the child's last
-    stderr line when it fails.
+    driver, which goes on to run the stages and their Ray work. The child's log goes to our
+    stderr; its last stdout line is the model's paths as JSON. Raises RuntimeError when it
+    fails.
     """
     proc = subprocess.run([sys.executable, "-m", "demo.build"], stdout=subprocess.PIPE,
                           stderr=None, text=True, cwd=Path(__file__).resolve().parent.parent)

@@ -1,6 +1,6 @@
 """What the pipeline shows on the Ray dashboard (metrics view, Prometheus export).
 
-The stage jobs emit their own metrics (conversion: ``t5ft_convert_tasks_done``,
+The stages emit their own metrics (conversion: ``t5ft_convert_tasks_done``,
 ``t5ft_convert_tasks_total``, ``t5ft_convert_bytes_done``; evaluation:
 ``t5ft_eval_examples_done``, ``t5ft_eval_examples_failed``, ``t5ft_eval_requests_sent``,
 ``t5ft_eval_request_retries``, ``t5ft_eval_request_latency_ms``); these add the pipeline's view,
@@ -56,15 +56,19 @@ class PipelineMetrics:
                 pass
 
     def stage(self, run: str, stage: str) -> None:
+        """The stage ``run`` is in now (a key of STAGE_VALUES)."""
         self._set("stage", STAGE_VALUES[stage], run=run)
 
     def progress(self, fraction: float) -> None:
+        """Stages finished or skipped / stages planned, in [0, 1]."""
         self._set("progress", fraction)
 
     def stage_seconds(self, run: str, stage: str, seconds: float) -> None:
+        """How long ``stage`` of ``run`` took (0 when skipped)."""
         self._set("seconds", seconds, run=run, stage=stage)
 
     def result(self, run: str, metrics: dict[str, Any]) -> None:
+        """The run's ROUGE-L (mid) and examples/s from its metrics.json content."""
         rouge_l = (metrics.get("rougeL") or {}).get("mid")
         if rouge_l is not None:
             self._set("rouge_l", float(rouge_l), run=run)

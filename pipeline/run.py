@@ -13,10 +13,13 @@ it the same way share one set of servers (decoding settings differ only in evalu
 is skipped when its outputs exist and verify: a conversion whose manifest lists every file FT
 needs with the right sizes and hashes, an evaluation whose metrics.json was written for the
 same settings and the same model (manifest digest) with no failed example. Otherwise the
-stage's job runs with ``--resume`` where it was interrupted before, so a rerun continues.
+stage runs with ``resume`` where it was interrupted before, so a rerun continues.
+
+Every stage is a library call in this process on this process's Ray (pipeline/stages.py); a
+stage that fails fails its run with one line naming the stage, and the other runs go on.
 
 A run starts by removing the scratch that killed pipelines left beside OUT's files (their
-staged writes, core.scratch); each stage's job does the same for its own outputs.
+staged writes, core.scratch); each stage does the same for its own outputs.
 """
 
 from __future__ import annotations
@@ -31,16 +34,10 @@ from typing import Any
 
 from core import scratch, storage
 from pipeline import compare, stages
-from pipeline.config import PipelineConfig, RunSpec
+from pipeline.config import PipelineConfig, RunSpec, to_argv
 from pipeline.monitor import PipelineMetrics
 
 STATE = "pipeline_state.json"
-# Seconds beyond serve's own --ready-timeout for the job to start and join Ray.
-_SERVE_START_MARGIN_S = 120.0
-
-
-class PipelineError(RuntimeError):
-    """A run failed; the message names the run and the stage's one-line reason."""
 
 
 def _log(message: str) -> None:
@@ -75,7 +72,10 @@ class _State:
 
 
 class Pipeline:
-    """One pipeline execution. ``address`` is passed to every stage job (None: RAY_ADDRESS)."""
+    """One pipeline execution on the Ray this process has initialised.
+
+    ``address`` is that cluster's address, kept for the log; the stages run in this process.
+    """
 
     def __init__(self, cfg: PipelineConfig, address: str | None, name: str = "pipeline",
                  log: Callable[[str], None] = _log) -> None:
@@ -94,6 +94,7 @@ class Pipeline:
         self.scratch_removed = scratch.Removed()
 
     def run_output(self, run: RunSpec) -> str:
+        """OUT/<run>: where the run's evaluation outputs go."""
         return storage.join(self.cfg.output, run.name)
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -130,12 +131,11 @@ class Pipeline:
             self.log(f"{run.name}: convert again ({problem or 'an earlier run did not finish'})")
         self.state.data["convert"][key] = {"settings": run.convert, "status": "started"}
         self.state.save()
-        extra = ["--json"]
-        if not run.convert.get("overwrite"):
-            # Keeps every file whose manifest entry, size and hash check out: a crash resumes.
-            extra.append("--resume")
-        summary = stages.run_job("convert", stages.command(
-            "convert", run.convert, self.address, extra), self.log)
+        # resume keeps every file whose manifest entry, size and hash check out: a crash
+        # resumes where it stopped.
+        settings = {**run.convert, "resume": not run.convert.get("overwrite")}
+        self.log(f"convert: {' '.join(to_argv('convert', settings))}")
+        summary = stages.convert(settings)
         self.state.data["convert"][key] = {"settings": run.convert, "status": "done",
                                            "summary": summary}
         self.state.save()
@@ -145,10 +145,12 @@ class Pipeline:
         self._finish_stage(run, "convert", "done", time.monotonic() - start)
 
     def model_identity(self, run: RunSpec) -> str | None:
+        """The served model's manifest digest, or None when it has no manifest."""
         t = int((run.convert or {}).get("tensor_parallel") or 0) or None
         return stages.manifest_digest(run.serve["model_repository"], run.serve["model_name"], t)
 
     def evaluation_done(self, run: RunSpec, identity: str | None) -> bool:
+        """Whether an earlier evaluation of these settings and this model finished clean."""
         entry = self.state.data["evaluate"].get(run.name, {})
         if entry.get("status") != "done" or entry.get("settings") != run.evaluate \
                 or entry.get("model") != identity:
@@ -157,6 +159,7 @@ class Pipeline:
         return bool(metrics) and metrics.get("failed", 1) == 0
 
     def evaluate(self, run: RunSpec, urls: list[str], identity: str | None) -> None:
+        """Evaluate the run against the servers at ``urls`` (gRPC host:port each)."""
         self.metrics.stage(run.name, "evaluate")
         start = time.monotonic()
         entry = self.state.data["evaluate"].get(run.name, {})
@@ -164,11 +167,10 @@ class Pipeline:
         self.state.data["evaluate"][run.name] = {"settings": run.evaluate, "model": identity,
                                                  "status": "started"}
         self.state.save()
-        settings = {**run.evaluate, "url": ",".join(urls), "output": self.run_output(run)}
-        extra = ["--json"] + (["--resume"] if resume else [])
-        summary = stages.run_job("evaluate", stages.command(
-            "evaluate", settings, self.address, extra), self.log)
-        metrics = summary.get("metrics", summary)
+        settings = {**run.evaluate, "url": ",".join(urls), "output": self.run_output(run),
+                    "resume": resume}
+        self.log(f"evaluate: {' '.join(to_argv('evaluate', settings))}")
+        metrics = stages.evaluate(settings, self.log)
         self.state.data["evaluate"][run.name] = {"settings": run.evaluate, "model": identity,
                                                  "status": "done"}
         self.state.save()
@@ -198,6 +200,7 @@ class Pipeline:
         return self.scratch_removed
 
     def run(self) -> dict[str, Any]:
+        """Every run, group by group; returns the summary (also written to pipeline.json)."""
         start = time.monotonic()
         self.clear_scratch()
         for run in self.cfg.runs:
@@ -215,6 +218,7 @@ class Pipeline:
             self.log(f"{run.name}: FAILED: {exc}")
 
     def _run_group(self, group: list[RunSpec], converted: dict[str, dict]) -> None:
+        """Convert, then serve once and evaluate every run of the group not already done."""
         try:
             for run in group:
                 self.convert(run, converted)
@@ -222,49 +226,59 @@ class Pipeline:
             self._fail(group, exc)
             return
         identity = self.model_identity(group[0])
-        todo = []
-        for run in group:
-            if self.evaluation_done(run, identity):
-                self.log(f"{run.name}: evaluate skipped: {self.run_output(run)}/metrics.json "
-                         "is from these settings and this model")
-                self.results[run.name]["metrics"] = stages.read_metrics(self.run_output(run))
-                self.metrics.result(run.name, self.results[run.name]["metrics"])
-                self._finish_stage(run, "serve", "skipped", 0.0)
-                self._finish_stage(run, "evaluate", "skipped", 0.0)
-                self.metrics.stage(run.name, "done")
-            else:
-                todo.append(run)
-        if not todo:
-            return
+        todo = [run for run in group if not self._skip_evaluated(run, identity)]
+        if todo:
+            self._serve_and_evaluate(todo, identity)
+
+    def _skip_evaluated(self, run: RunSpec, identity: str | None) -> bool:
+        """Take the run's earlier metrics when they are for these settings and this model."""
+        if not self.evaluation_done(run, identity):
+            return False
+        self.log(f"{run.name}: evaluate skipped: {self.run_output(run)}/metrics.json "
+                 "is from these settings and this model")
+        self.results[run.name]["metrics"] = stages.read_metrics(self.run_output(run))
+        self.metrics.result(run.name, self.results[run.name]["metrics"])
+        self._finish_stage(run, "serve", "skipped", 0.0)
+        self._finish_stage(run, "evaluate", "skipped", 0.0)
+        self.metrics.stage(run.name, "done")
+        return True
+
+    def _serve_and_evaluate(self, todo: list[RunSpec], identity: str | None) -> None:
+        """Start one set of servers for the runs, evaluate each in turn, stop the servers."""
         for run in todo:
             self.metrics.stage(run.name, "serve")
         serve_start = time.monotonic()
-        ready_timeout = float(todo[0].serve.get("ready_timeout") or 300.0)
-        servers = stages.Servers(
-            stages.command("serve", todo[0].serve, self.address),
-            self.log, ready_timeout + _SERVE_START_MARGIN_S)
+        self.log(f"serve: {' '.join(to_argv('serve', todo[0].serve))}")
         try:
-            servers.start()
-        except (stages.StageError, OSError) as exc:
+            servers = stages.open_servers(todo[0].serve)
+        except stages.StageError as exc:
             self._fail(todo, exc)
             return
         try:
-            self.log(f"serving {todo[0].serve['model_name']} at "
-                     f"{', '.join(servers.grpc_urls)} (gRPC)")
+            try:
+                with stages.reported("serve"):
+                    servers.start()
+                    urls = servers.grpc_urls()
+            except stages.StageError as exc:
+                self._fail(todo, exc)
+                return
+            self.log(f"serving {todo[0].serve['model_name']} at {', '.join(urls)} (gRPC)")
             for run in todo:
                 self._finish_stage(run, "serve", "done", time.monotonic() - serve_start)
             for run in todo:
                 try:
                     if not servers.alive():
-                        raise stages.StageError("serve failed: the serve job exited")
-                    self.evaluate(run, servers.grpc_urls, identity)
+                        raise stages.StageError("serve failed: the servers stopped")
+                    self.evaluate(run, urls, identity)
                     self.metrics.stage(run.name, "done")
                 except (stages.StageError, OSError, ValueError, KeyError) as exc:
                     self._fail([run], exc)
         finally:
+            self.log("serve: stopping the servers")
             servers.stop()
 
     def summary(self, seconds: float) -> dict[str, Any]:
+        """Write comparison.{md,json} and pipeline.json; return the summary."""
         rows = []
         for run in self.cfg.runs:
             res = self.results[run.name]

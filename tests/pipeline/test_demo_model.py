@@ -48,8 +48,8 @@ def test_vocab_errors_name_the_problem(tmp_path, texts):
 def test_parameter_names_and_shapes_are_t5xs():
     """The demo network's tree is exactly what t5x's examples/t5 network has (as the
     conversion side's independent table lists it)."""
-    cfg = m.ModelConfig(vocab_size=96, d_model=16, num_heads=4, head_dim=8, mlp_dim=24,
-                        num_encoder_layers=2, num_decoder_layers=3)
+    cfg = T5Config(vocab_size=96, d_model=16, num_heads=4, d_kv=8, d_ff=24,
+                   num_encoder_layers=2, num_decoder_layers=3, feed_forward_proj="gated-silu")
     # Shapes only: eval_shape traces the initialiser without running it.
     tree = jax.eval_shape(lambda: m.init_params(cfg, jax.random.PRNGKey(0)))
     shapes = {k: v.shape for k, v in _flat_shapes(tree).items()}
@@ -84,8 +84,8 @@ def test_relative_position_buckets_follow_t5():
 
 
 def test_forward_masks_padding_and_is_causal():
-    cfg = m.ModelConfig(vocab_size=50, d_model=16, num_heads=2, head_dim=8, mlp_dim=32,
-                        num_encoder_layers=1, num_decoder_layers=1)
+    cfg = T5Config(vocab_size=50, d_model=16, num_heads=2, d_kv=8, d_ff=32,
+                   num_encoder_layers=1, num_decoder_layers=1, feed_forward_proj="gated-silu")
     params = jax.jit(m.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(1))
     flat = m.flatten(params)
     back = m.flatten(m.unflatten(flat))
