@@ -8,8 +8,8 @@ metadata pins numpy<2, which the DLPack-only model does not need). :class:`Trito
   interpreter's version (as pytriton does; the wheel keeps one stub per Python version aside),
 - launches ``tritonserver --model-control-mode=explicit --load-model=NAME`` on free ports (or
   the ones asked for), with this interpreter's LIBDIR first in ``LD_LIBRARY_PATH`` (the stub
-  links ``libpython3.x.so``) and the repository root on ``PYTHONPATH`` (the model's ``model.py``
-  is a one-line shim importing :mod:`serving.triton_model.model`),
+  links ``libpython3.x.so``); the model's ``model.py`` is a one-line shim importing
+  :mod:`serving.triton_model.model` from this project's installed package (:func:`stub_cwd`),
 - waits for ``/v2/health/ready`` and the model's ready flag,
 - watches the process and restarts it on the same ports when it dies after having been ready.
 
@@ -49,7 +49,8 @@ from typing import Any
 
 LOG = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The folder holding serving/: only a fallback for a checkout that is not installed.
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
 # Ports are advertised as this host when the server binds every interface.
 _ANY_HOSTS = ("0.0.0.0", "::", "")
 _PR_SET_PDEATHSIG = 1
@@ -113,8 +114,9 @@ def server_env(extra_pythonpath: list[str] | None = None) -> dict[str, str]:
       system libpython of the same version but another build must not win.
     - PATH starts with this interpreter's bin folder: the embedded interpreter finds its prefix
       (and the virtualenv's site-packages) from the ``python3`` it sees first on PATH.
-    - PYTHONPATH holds the repository root and this interpreter's site-packages, for any
-      Python the server starts un-isolated (the stub itself runs with -E; see ``_launch``).
+    - PYTHONPATH holds this interpreter's site-packages, for any Python the server starts
+      un-isolated (the stub itself runs with -E and finds the installed project through its
+      prefix's site-packages; see :func:`stub_cwd`).
     """
     env = os.environ.copy()
     libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -125,7 +127,7 @@ def server_env(extra_pythonpath: list[str] | None = None) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     import site
 
-    py = [str(REPO_ROOT), *(extra_pythonpath or []), *site.getsitepackages()]
+    py = [*(extra_pythonpath or []), *site.getsitepackages()]
     if env.get("PYTHONPATH"):
         py.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(py))
@@ -167,6 +169,26 @@ def free_ports(host: str, n: int) -> list[int]:
             sock.bind((host if host not in _ANY_HOSTS else "", 0))
             ports.append(sock.getsockname()[1])
         return ports
+
+
+def stub_cwd(workdir: Path) -> Path:
+    """The working directory for tritonserver and its Python stubs.
+
+    The stub runs Python isolated (-E: PYTHONPATH ignored) with only its cwd ('') and the
+    prefix's site-packages on sys.path. When ``serving`` imports from ``workdir`` in such an
+    interpreter, the project is installed (a wheel or ``pip install -e .``) and ``workdir`` is
+    the answer: the model repository then needs nothing from a checkout. Otherwise (a Ray
+    ``--working-dir`` upload, not installed) the folder above ``serving/`` is, with a warning.
+    """
+    probe = subprocess.run(
+        [sys.executable, "-E", "-c", "import importlib.util as u; "
+         "raise SystemExit(u.find_spec('serving.triton_model') is None)"],
+        cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    if probe.returncode == 0:
+        return workdir
+    LOG.warning("this project is not installed here; the Python model imports serving from "
+                "%s (working directory of tritonserver)", _SOURCE_ROOT)
+    return _SOURCE_ROOT
 
 
 def is_gcs(path: str) -> bool:
@@ -253,6 +275,7 @@ class TritonServer:
         else:
             self.model_repository = Path(model_repository).resolve()
         self.backends = prepare_backends(self.workdir / "backends")
+        self.cwd = stub_cwd(self.workdir)
         self.log_verbose = log_verbose
         self.watch_interval_s = watch_interval_s
         self.restarts = 0
@@ -305,10 +328,8 @@ class TritonServer:
                 log.flush()
                 self._proc = subprocess.Popen(
                     self.command(), stdout=log, stderr=subprocess.STDOUT,
-                    # The stub runs Python isolated (-E: PYTHONPATH ignored) but keeps '' on
-                    # sys.path, i.e. its cwd: starting in the repository root is what makes
-                    # the model.py shim's ``import serving...`` work.
-                    stdin=subprocess.DEVNULL, env=server_env(), cwd=REPO_ROOT,
+                    # The stub keeps '' (its cwd) on sys.path: see stub_cwd.
+                    stdin=subprocess.DEVNULL, env=server_env(), cwd=self.cwd,
                     start_new_session=True, preexec_fn=_die_with_parent,
                 )
             LOG.info("tritonserver pid %s for %s on %s", self._proc.pid, self.model_name,
