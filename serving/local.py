@@ -22,7 +22,7 @@ from serving.tritonserver import (
     _ANY_HOSTS,
     ServerError,
     TritonServer,
-    _check_repository,
+    check_repository,
     is_gcs,
 )
 
@@ -98,7 +98,7 @@ class LocalServers:
                  num_cpus: float = 1.0, log_verbose: int = 0) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
-        _check_repository(model_repository, model_name)
+        check_repository(model_repository, model_name)
         self.model_repository = model_repository if is_gcs(model_repository) \
             else str(Path(model_repository).resolve())
         self.model_name = model_name
