@@ -50,7 +50,24 @@ class Servers(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-class _Local:
+class ServersBase:
+    """``with`` for a :class:`Servers` implementation: start on entry, stop on exit."""
+
+    def start(self) -> list[dict[str, str]]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Servers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _Local(ServersBase):
     """:class:`serving.local.LocalServers` with :class:`ServeError` for its failures."""
 
     def __init__(self, servers: LocalServers) -> None:
@@ -84,13 +101,6 @@ class _Local:
     def stop(self) -> None:
         self.endpoints = []
         self.servers.stop()
-
-    def __enter__(self) -> _Local:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def open_servers(opts: ServeOptions) -> Servers:

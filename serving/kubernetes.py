@@ -33,6 +33,7 @@ from cluster.kubeapi import Kube, new_api_client
 from core import storage
 from core.errors import UserError
 from core.repository import parse_pbtxt
+from serving.api import ServersBase
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig
@@ -197,7 +198,7 @@ def teardown(kube: Kube, created: list[tuple[str, str]], namespace: str) -> None
             _log(f"could not delete {kind}/{name}: {exc}")
 
 
-class KubernetesServers:
+class KubernetesServers(ServersBase):
     """A Triton Deployment and Service for one model: :class:`serving.api.Servers`' shape.
 
     ``start`` launches and waits (``opts.ready_timeout``); ``stop`` deletes both objects. One
@@ -251,13 +252,6 @@ class KubernetesServers:
         self.endpoints = []
         if created:
             teardown(self.kube, created, self.spec.namespace)
-
-    def __enter__(self) -> KubernetesServers:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def serve(opts: ServeOptions) -> int:
