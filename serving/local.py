@@ -150,6 +150,7 @@ class LocalServers:
         return ray.get(self.actors[i].kill.remote())
 
     def status(self) -> list[dict[str, Any]]:
+        """Every replica's :meth:`TritonServer.status` (ready, restarts, ...)."""
         return ray.get([a.status.remote() for a in self.actors])
 
     def node_ids(self) -> list[str]:

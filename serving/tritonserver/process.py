@@ -9,7 +9,7 @@ metadata pins numpy<2, which the DLPack-only model does not need). :class:`Trito
 - launches ``tritonserver --model-control-mode=explicit --load-model=NAME`` on free ports (or
   the ones asked for), with this interpreter's LIBDIR first in ``LD_LIBRARY_PATH`` (the stub
   links ``libpython3.x.so``); the model's ``model.py`` is a one-line shim importing
-  :mod:`serving.triton_model.model` from this project's installed package (:func:`stub_cwd`),
+  :mod:`serving.triton_model.model` from this project's installed package (``environment.stub_cwd``),
 - waits for ``/v2/health/ready`` and the model's ready flag,
 - watches the process and restarts it on the same ports when it dies after having been ready.
 
@@ -112,13 +112,16 @@ class TritonServer:
 
     @property
     def endpoints(self) -> dict[str, str]:
+        """``{"grpc", "http", "metrics"}``: ``host:port`` each, as clients should dial them."""
         return {k: f"{self.advertised_host}:{p}" for k, p in self.ports.items()}
 
     @property
     def pid(self) -> int | None:
+        """The current tritonserver process id (None before start and after stop)."""
         return self._proc.pid if self._proc else None
 
     def command(self) -> list[str]:
+        """tritonserver's argv for the next launch (a fresh shared-memory prefix each time)."""
         binary = pytriton_dist() / "bin" / "tritonserver"
         # A fresh shm prefix per launch: a stub orphaned by a crash may still hold the old one.
         self._shm_prefix = f"t5ft{uuid.uuid4().hex[:12]}"
@@ -274,6 +277,7 @@ class TritonServer:
         )
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of tritonserver.log ("" when there is none yet)."""
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
@@ -298,6 +302,7 @@ class TritonServer:
                 or (tail[-1].strip() if tail else "no log output"))
 
     def status(self) -> dict[str, Any]:
+        """pid, alive, ready, restarts, log path and endpoints, for monitors."""
         return {"pid": self.pid, "alive": self._proc is not None and self._proc.poll() is None,
                 "ready": self.is_ready(), "restarts": self.restarts, "log": str(self.log_path),
                 "endpoints": self.endpoints}
