@@ -41,30 +41,39 @@ class TritonServerActor:
         self.server = TritonServer(model_repository, model_name, host, *args, **kwargs)
 
     def node_ip(self) -> str:
+        """The IP Ray knows this actor's node by."""
         return ray.util.get_node_ip_address()
 
     def node_id(self) -> str:
+        """The Ray node id this actor runs on."""
         return ray.get_runtime_context().get_node_id()
 
     def start(self) -> dict[str, str]:
+        """Launch the server (see TritonServer.start); the endpoints, not yet ready."""
         return self.server.start()
 
     def wait_ready(self, timeout_s: float) -> dict[str, str]:
+        """Block until the server and its model are ready; the endpoints."""
         return self.server.wait_ready(timeout_s)
 
     def is_ready(self) -> bool:
+        """Server and model ready now."""
         return self.server.is_ready()
 
     def kill(self) -> int:
+        """SIGKILL the tritonserver process (tests); its pid."""
         return self.server.kill()
 
     def status(self) -> dict[str, Any]:
+        """The server's status dict (ready, restarts, pid, ...)."""
         return self.server.status()
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last lines of tritonserver.log."""
         return self.server.log_tail(lines)
 
     def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL)."""
         self.server.stop()
 
 

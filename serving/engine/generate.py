@@ -41,6 +41,8 @@ class Rows(NamedTuple):
 
 
 class Output(NamedTuple):
+    """Decoded hypotheses (B rows, W beams or 1, N output tokens), best first."""
+
     tokens: jax.Array       # [B, W, N] int32
     seq_len: jax.Array      # [B, W] int32
     cum_log_probs: jax.Array    # [B, W] fp32
