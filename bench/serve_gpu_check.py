@@ -52,10 +52,10 @@ def infer(url: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def main() -> int:
     import jax
+    from demo.ft_writer import UL2_TINY
 
     from bench.serve import build_repository_plain, server_device
     from serving.engine import SamplingParams, T5Engine
-    from tests.serving.engine_fixtures import UL2_TINY
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         repo = build_repository_plain(Path(tmp), UL2_TINY, "fp32")

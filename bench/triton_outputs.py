@@ -60,9 +60,9 @@ def _inputs(case: dict, batch: int, vocab: int):
 def collect(path: Path) -> None:
     """Serve the tiny model and save every case's outputs to ``path``."""
     import tritonclient.grpc as grpcclient
+    from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 
     from core import repository
-    from tests.serving.engine_fixtures import UL2_TINY, random_ft_weights, write_ft_folder
 
     with tempfile.TemporaryDirectory(prefix="triton-outputs-") as tmp:
         repo = Path(tmp) / "repo"

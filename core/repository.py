@@ -21,8 +21,8 @@ from core.ft_format import weights_dir_name
 Engine = Literal["fastertransformer", "jax"]
 ENGINES: tuple[str, ...] = ("fastertransformer", "jax")
 
-# The Python backend loads 1/model.py; the serving launcher puts the repository root on the
-# Triton process's PYTHONPATH, so the real model is imported from the serving package.
+# The Python backend loads 1/model.py; it imports the real model from this project's installed
+# `serving` package, so a repository written here is served from any folder (self-contained).
 JAX_MODEL_PY = "from serving.triton_model.model import TritonPythonModel  # noqa: F401\n"
 
 # (name, type, dims without the batch dimension, optional)

@@ -17,21 +17,28 @@ sets (cluster/raycluster.py: T5FT_*): namespace, Triton image, service account, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import sys
 import threading
-import time
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import tenacity
 from google.protobuf import text_format
 
 from cluster import diagnose, pods, raycluster, triton
 from cluster.config import DEFAULT_TRITON_IMAGE
 from cluster.kubeapi import Kube, new_api_client
+from core import storage
 from core.errors import UserError
+from core.repository import parse_pbtxt
+from serving.api import ServersBase
+
+if TYPE_CHECKING:
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
+
+    from serving.options import ServeOptions
 
 MONITOR_PERIOD_S = 10.0
 
@@ -40,30 +47,22 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def read_model_config(model_repository: str, model_name: str):
+def read_model_config(model_repository: str, model_name: str) -> ModelConfig:
     """The model's config.pbtxt as tritonclient's ModelConfig protobuf (local path or gs://)."""
-    from tritonclient.grpc import model_config_pb2
-
-    url = f"{model_repository.rstrip('/')}/{model_name}/config.pbtxt"
+    url = storage.join(model_repository, model_name, "config.pbtxt")
     try:
-        if url.startswith("gs://"):
-            from google.cloud import storage
-
-            bucket, _, blob = url[len("gs://"):].partition("/")
-            text = storage.Client().bucket(bucket).blob(blob).download_as_text()
-        else:
-            text = Path(url).read_text()
+        text = storage.read_text(url)
     except Exception as exc:  # noqa: BLE001 - any read failure is the same problem for the user
         raise UserError(f"cannot read {url} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); the Deployment's "
                         f"GPU count comes from its tensor_para_size") from exc
     try:
-        return text_format.Parse(text, model_config_pb2.ModelConfig())
+        return parse_pbtxt(text)
     except text_format.ParseError as exc:
         raise UserError(f"{url} is not a valid Triton model config: {exc}") from exc
 
 
-def gpus_for(model_config) -> int:
+def gpus_for(model_config: ModelConfig) -> int:
     """GPUs one replica needs: FT puts tensor x pipeline ranks in one server."""
     params = model_config.parameters
     total = 1
@@ -77,41 +76,41 @@ def gpus_for(model_config) -> int:
     return total
 
 
-def triton_spec(args: argparse.Namespace) -> triton.TritonSpec:
-    """Resolve flags, then the head's environment, then defaults, into a TritonSpec."""
+def triton_spec(opts: ServeOptions) -> triton.TritonSpec:
+    """Resolve options, then the head's environment, then defaults, into a TritonSpec.
+
+    ``opts`` is a ServeOptions (or any object with its attribute names: model_repository,
+    model_name, replicas, *_port, ready_timeout, namespace, image, service_account).
+    """
     env = os.environ
-    namespace = args.namespace
+    namespace = opts.namespace
     if namespace in (None, "default") and env.get(raycluster.ENV_NAMESPACE):
         # On a cluster from `python -m cluster`, serve next to it (the Role is namespaced).
         namespace = env[raycluster.ENV_NAMESPACE]
-    run_as = getattr(args, "run_as_user", None)
-    if run_as is None:
-        text = env.get(raycluster.ENV_TRITON_RUN_AS_USER)
-        run_as = 1000 if text is None else (int(text) if text.strip() else None)
-    gpus = getattr(args, "gpus", None) or gpus_for(
-        read_model_config(args.model_repository, args.model_name))
-    ports = (args.http_port or triton.HTTP_PORT, args.grpc_port or triton.GRPC_PORT,
-             args.metrics_port or triton.METRICS_PORT)
-    if not args.model_repository.startswith("gs://"):
-        _log(f"note: model repository {args.model_repository} is not gs://; Triton pods see "
+    text = env.get(raycluster.ENV_TRITON_RUN_AS_USER)
+    run_as = 1000 if text is None else (int(text) if text.strip() else None)
+    gpus = gpus_for(read_model_config(opts.model_repository, opts.model_name))
+    ports = (opts.http_port or triton.HTTP_PORT, opts.grpc_port or triton.GRPC_PORT,
+             opts.metrics_port or triton.METRICS_PORT)
+    if not opts.model_repository.startswith("gs://"):
+        _log(f"note: model repository {opts.model_repository} is not gs://; Triton pods see "
              f"only what their image holds or mounts")
     try:
         return triton.TritonSpec(
-            model_name=args.model_name,
-            model_repository=args.model_repository,
+            model_name=opts.model_name,
+            model_repository=opts.model_repository,
             namespace=namespace or "default",
-            image=args.image or env.get(raycluster.ENV_TRITON_IMAGE) or DEFAULT_TRITON_IMAGE,
+            image=opts.image or env.get(raycluster.ENV_TRITON_IMAGE) or DEFAULT_TRITON_IMAGE,
             gpus=gpus,
-            replicas=args.replicas,
-            accelerator=getattr(args, "accelerator", None)
-            or env.get(raycluster.ENV_TRITON_ACCELERATOR),
-            service_account=args.service_account or env.get(
+            replicas=opts.replicas,
+            accelerator=env.get(raycluster.ENV_TRITON_ACCELERATOR),
+            service_account=opts.service_account or env.get(
                 raycluster.ENV_TRITON_SERVICE_ACCOUNT),
             run_as_user=run_as,
             cpu=env.get(raycluster.ENV_TRITON_CPU),
             memory=env.get(raycluster.ENV_TRITON_MEMORY),
             service_ports=ports,
-            startup_seconds=int(args.ready_timeout),
+            startup_seconds=int(opts.ready_timeout),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
@@ -164,24 +163,33 @@ def why_not_ready(kube: Kube, spec: triton.TritonSpec) -> str:
 
 def wait_ready(kube: Kube, spec: triton.TritonSpec, timeout: float, stop: threading.Event,
                poll: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
+    """Poll the Deployment every ``poll`` s until every replica is ready; report changes in
+    why not on stderr. Raises UserError on timeout, or when ``stop`` is set first."""
+    notes: list[str] = []
+
+    def ready() -> bool:
         if deployment_ready(kube.get("Deployment", spec.name, spec.namespace), spec.replicas):
-            return
+            return True
         note = why_not_ready(kube, spec)
-        if note != last:
+        if not notes or note != notes[-1]:
             _log(note)
-            last = note
-        if stop.is_set():
-            raise UserError(f"stopped before {spec.name} was ready: {note}")
-        if time.monotonic() >= deadline:
-            raise UserError(f"{spec.name} not ready after {timeout:.0f}s: {note}")
-        stop.wait(poll)
+        notes[:] = [note]
+        return False
+
+    poller = tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda ok: not ok),
+        stop=tenacity.stop_any(tenacity.stop_after_delay(timeout), lambda _: stop.is_set()),
+        wait=tenacity.wait_fixed(poll), sleep=stop.wait,
+        retry_error_callback=lambda _: False)
+    if poller(ready):
+        return
+    if stop.is_set():
+        raise UserError(f"stopped before {spec.name} was ready: {notes[-1]}")
+    raise UserError(f"{spec.name} not ready after {timeout:.0f}s: {notes[-1]}")
 
 
 def teardown(kube: Kube, created: list[tuple[str, str]], namespace: str) -> None:
-    # Deployment first: its pods hold the GPUs.
+    """Delete what :func:`launch` made, the Deployment first (its pods hold the GPUs)."""
     for kind, name in sorted(created, key=lambda kn: kn[0] != "Deployment"):
         try:
             gone = kube.delete(kind, name, namespace)
@@ -190,34 +198,86 @@ def teardown(kube: Kube, created: list[tuple[str, str]], namespace: str) -> None
             _log(f"could not delete {kind}/{name}: {exc}")
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Launch, wait, print the ready line, serve until SIGINT/SIGTERM, delete. Returns 0."""
-    spec = triton_spec(args)
-    kube = Kube(new_api_client(args.kubeconfig))
-    stop = threading.Event()
+class KubernetesServers(ServersBase):
+    """A Triton Deployment and Service for one model: :class:`serving.api.Servers`' shape.
+
+    ``start`` launches and waits (``opts.ready_timeout``); ``stop`` deletes both objects. One
+    Service fronts every replica, so there is one endpoint whatever ``opts.replicas`` is.
+    """
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.spec = triton_spec(opts)
+        self.kube = Kube(new_api_client(opts.kubeconfig))
+        self.ready_timeout = float(opts.ready_timeout)
+        self.cancel = threading.Event()  # set it to abort a start that is still waiting
+        self.created: list[tuple[str, str]] = []
+        self.endpoints: list[dict[str, str]] = []
+
+    def start(self) -> list[dict[str, str]]:
+        """Create (or patch) both objects and wait until every replica is ready."""
+        if self.endpoints:
+            return self.endpoints
+        spec = self.spec
+        _log(f"launching {spec.replicas} Triton replica(s) of {spec.model_name} with "
+             f"{spec.gpus} GPU(s) each in namespace {spec.namespace}")
+        try:
+            launch(self.kube, spec, self.created)
+            wait_ready(self.kube, spec, self.ready_timeout, self.cancel)
+        except BaseException:
+            self.stop()
+            raise
+        self.endpoints = [triton.endpoints(spec)]
+        return self.endpoints
+
+    def grpc_urls(self) -> list[str]:
+        """``host:port`` of the Service's gRPC port (empty before :meth:`start`)."""
+        return [e["grpc"] for e in self.endpoints]
+
+    def is_ready(self) -> bool:
+        """Every replica of the current generation passes its readiness probe."""
+        return deployment_ready(self.kube.get("Deployment", self.spec.name,
+                                              self.spec.namespace), self.spec.replicas)
+
+    def status(self) -> list[dict[str, Any]]:
+        """One entry for the Deployment: ``{"ready": bool}``."""
+        return [{"ready": self.is_ready()}]
+
+    def alive(self) -> bool:
+        """Started and not stopped (the Deployment restarts its own pods)."""
+        return bool(self.created)
+
+    def stop(self) -> None:
+        """Delete the Deployment and the Service; safe to call twice."""
+        created, self.created = self.created, []
+        self.endpoints = []
+        if created:
+            teardown(self.kube, created, self.spec.namespace)
+
+
+def serve(opts: ServeOptions) -> int:
+    """Launch, wait, print the ready line, serve until SIGINT/SIGTERM, delete. Returns 0.
+
+    ``opts``: a ServeOptions, or any object with its attributes (today's argparse Namespace).
+    """
+    servers = KubernetesServers(opts)
+    spec, stop = servers.spec, servers.cancel
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda signum, _f: stop.set())
-    created: list[tuple[str, str]] = []
     try:
-        _log(f"launching {spec.replicas} Triton replica(s) of {spec.model_name} with "
-             f"{spec.gpus} GPU(s) each in namespace {spec.namespace}")
-        launch(kube, spec, created)
-        wait_ready(kube, spec, args.ready_timeout, stop)
+        endpoints = servers.start()
         # The ready line: always JSON, whatever --json says (readers wait for it).
-        print(json.dumps({"model": spec.model_name, "endpoints": [triton.endpoints(spec)]}),
-              flush=True)
+        print(json.dumps({"model": spec.model_name, "endpoints": endpoints}), flush=True)
         ready = True
         while not stop.wait(MONITOR_PERIOD_S):
-            now = deployment_ready(kube.get("Deployment", spec.name, spec.namespace),
-                                   spec.replicas)
+            now = servers.is_ready()
             if now != ready:
-                _log(f"{spec.name}: {'ready again' if now else why_not_ready(kube, spec)}")
+                _log(f"{spec.name}: {'ready again' if now else why_not_ready(servers.kube, spec)}")
                 ready = now
         _log(f"stopping {spec.name}")
         return 0
     finally:
-        teardown(kube, created, spec.namespace)
+        servers.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

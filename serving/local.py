@@ -22,7 +22,7 @@ from serving.tritonserver import (
     _ANY_HOSTS,
     ServerError,
     TritonServer,
-    _check_repository,
+    check_repository,
     is_gcs,
 )
 
@@ -41,30 +41,39 @@ class TritonServerActor:
         self.server = TritonServer(model_repository, model_name, host, *args, **kwargs)
 
     def node_ip(self) -> str:
+        """The IP Ray knows this actor's node by."""
         return ray.util.get_node_ip_address()
 
     def node_id(self) -> str:
+        """The Ray node id this actor runs on."""
         return ray.get_runtime_context().get_node_id()
 
     def start(self) -> dict[str, str]:
+        """Launch the server (see TritonServer.start); the endpoints, not yet ready."""
         return self.server.start()
 
     def wait_ready(self, timeout_s: float) -> dict[str, str]:
+        """Block until the server and its model are ready; the endpoints."""
         return self.server.wait_ready(timeout_s)
 
     def is_ready(self) -> bool:
+        """Server and model ready now."""
         return self.server.is_ready()
 
     def kill(self) -> int:
+        """SIGKILL the tritonserver process (tests); its pid."""
         return self.server.kill()
 
     def status(self) -> dict[str, Any]:
+        """The server's status dict (ready, restarts, pid, ...)."""
         return self.server.status()
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last lines of tritonserver.log."""
         return self.server.log_tail(lines)
 
     def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL)."""
         self.server.stop()
 
 
@@ -98,7 +107,7 @@ class LocalServers:
                  num_cpus: float = 1.0, log_verbose: int = 0) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
-        _check_repository(model_repository, model_name)
+        check_repository(model_repository, model_name)
         self.model_repository = model_repository if is_gcs(model_repository) \
             else str(Path(model_repository).resolve())
         self.model_name = model_name
@@ -150,6 +159,7 @@ class LocalServers:
         return ray.get(self.actors[i].kill.remote())
 
     def status(self) -> list[dict[str, Any]]:
+        """Every replica's :meth:`TritonServer.status` (ready, restarts, ...)."""
         return ray.get([a.status.remote() for a in self.actors])
 
     def node_ids(self) -> list[str]:

@@ -54,6 +54,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Top-1 decoding: no randomness, whatever the seed."""
         return self.top_k == 1 or (self.top_k == 0 and self.top_p == 0.0)
 
 

@@ -41,6 +41,8 @@ class Rows(NamedTuple):
 
 
 class Output(NamedTuple):
+    """Decoded hypotheses (B rows, W beams or 1, N output tokens), best first."""
+
     tokens: jax.Array       # [B, W, N] int32
     seq_len: jax.Array      # [B, W] int32
     cum_log_probs: jax.Array    # [B, W] fp32
@@ -167,137 +169,171 @@ def _length_score(cum: jax.Array, length: jax.Array, len_penalty: jax.Array) -> 
     return cum / jnp.power(jnp.maximum(length, 1).astype(jnp.float32), len_penalty)
 
 
+class _Beam(NamedTuple):
+    """Beam search's loop state (B rows, W beams, N output tokens, V vocabulary)."""
+
+    step: jax.Array
+    done: jax.Array       # [B]
+    alive_seq: jax.Array  # [B, W, N]
+    alive_lps: jax.Array  # [B, W, N]
+    alive_cum: jax.Array  # [B, W]
+    seen: jax.Array       # [B*W, V]
+    fin_seq: jax.Array    # [B, W, N]
+    fin_lps: jax.Array    # [B, W, N]
+    fin_cum: jax.Array    # [B, W]
+    fin_len: jax.Array    # [B, W]
+    fin_score: jax.Array  # [B, W]
+    cache_k: list[jax.Array]
+    cache_v: list[jax.Array]
+
+
+class _Cross(NamedTuple):
+    """The encoder's side of every decoder step, repeated per beam (rows are B*W)."""
+
+    k: list[jax.Array]  # per layer [B*W, S, H, K]
+    v: list[jax.Array]
+    bias: jax.Array     # [B*W, S] key mask
+
+
+def _beam_init(cfg: T5Config, params: dict, r: Rows, n: int, w: int) -> tuple[_Beam, _Cross]:
+    """Encode once; the initial state with only beam 0 of each row alive.
+
+    r: Rows of B requests (ids [B, S]); n: output tokens N; w: beams W.
+    """
+    b, v = r.ids.shape[0], cfg.vocab_size
+    enc = model.encode(cfg, params, r.ids, r.lengths)
+    cross_k, cross_v = model.cross_kv(params, enc)
+    # Every beam of a row attends to the same encoder output: repeat once, never gathered.
+    cross = _Cross([jnp.repeat(c, w, axis=0) for c in cross_k],
+                   [jnp.repeat(c, w, axis=0) for c in cross_v],
+                   jnp.repeat(model.key_mask(r.lengths, r.ids.shape[1]), w, axis=0))
+    cache_k, cache_v = _init_cache(cfg, b * w, n, enc.dtype)
+    seq0 = jnp.broadcast_to(r.end[:, None, None], (b, w, n)).astype(jnp.int32)
+    init = _Beam(
+        step=jnp.int32(0), done=r.max_len <= 0,
+        alive_seq=seq0, alive_lps=jnp.zeros((b, w, n), jnp.float32),
+        # only beam 0 is live at the start, so the first step does not pick W copies
+        alive_cum=jnp.where(jnp.arange(w)[None, :] == 0, 0.0, NEG) * jnp.ones((b, 1)),
+        seen=_mark_seen(jnp.zeros((b * w, v), bool), jnp.repeat(r.start, w, axis=0)),
+        fin_seq=seq0, fin_lps=jnp.zeros((b, w, n), jnp.float32),
+        fin_cum=jnp.full((b, w), NEG), fin_len=jnp.zeros((b, w), jnp.int32),
+        fin_score=jnp.full((b, w), NEG),
+        cache_k=cache_k, cache_v=cache_v)
+    return init, cross
+
+
+def _beam_step(cfg: T5Config, params: dict, r: Rows, cross: _Cross, s: _Beam) -> _Beam:
+    """One decoder step for every beam: the 2W best extensions of each row update its
+    finished set (those that end) and its alive set (the W best that do not)."""
+    b, w, n = s.alive_seq.shape
+    v = cfg.vocab_size
+    bw = b * w
+
+    def per_beam(x: jax.Array) -> jax.Array:
+        return jnp.repeat(x, w, axis=0)
+
+    step = s.step
+    last = jnp.where(step == 0, per_beam(r.start),
+                     jax.lax.dynamic_index_in_dim(s.alive_seq, jnp.maximum(step - 1, 0),
+                                                  axis=2, keepdims=False).reshape(bw))
+    logits, ck, cv = model.decode_step(cfg, params, last, step, s.cache_k, s.cache_v,
+                                       cross.k, cross.v, cross.bias)
+    logp = jax.nn.log_softmax(adjust_logits(logits, s.seen, per_beam(r.temperature),
+                                            per_beam(r.repetition_penalty)), axis=-1)
+    cand = (s.alive_cum[:, :, None] + logp.reshape(b, w, v)).reshape(b, w * v)
+    top_cum, top_idx = jax.lax.top_k(cand, 2 * w)  # [B, 2W]
+    beam, tok = top_idx // v, (top_idx % v).astype(jnp.int32)
+    tok_lp = jnp.take_along_axis(logp.reshape(b, w * v), top_idx, axis=-1)
+    length = step + 1
+    last_step = length >= r.max_len[:, None]  # the row's final token: every candidate ends
+    # As FT (which follows HF): a hypothesis ending in end_id is only accepted when it
+    # ranks among the top W of the 2W candidates.
+    top_w = jnp.arange(2 * w)[None, :] < w
+    is_end = tok == r.end[:, None]
+    ends = is_end | last_step
+    valid = (top_cum > NEG / 2) & (top_w | ~is_end)
+
+    def extend(seq: jax.Array, new: jax.Array) -> jax.Array:
+        seq = jnp.take_along_axis(seq, beam[:, :, None], axis=1)  # [B, 2W, N]
+        return jax.lax.dynamic_update_slice_in_dim(seq, new[:, :, None], step, axis=2)
+
+    cand_seq, cand_lps = extend(s.alive_seq, tok), extend(s.alive_lps, tok_lp)
+
+    # new finished set: the best W of (old finished, candidates that end now)
+    new_score = jnp.where(ends & valid,
+                          _length_score(top_cum, jnp.full_like(tok, length),
+                                        r.len_penalty[:, None]), NEG)
+    all_score = jnp.concatenate([s.fin_score, new_score], axis=1)
+    fin_score, pick = jax.lax.top_k(all_score, w)
+
+    def merge(old: jax.Array, new: jax.Array) -> jax.Array:
+        both = jnp.concatenate([old, new], axis=1)
+        idx = pick.reshape(pick.shape + (1,) * (both.ndim - 2))
+        return jnp.take_along_axis(both, idx, axis=1)
+
+    fin_seq = merge(s.fin_seq, cand_seq)
+    fin_lps = merge(s.fin_lps, cand_lps)
+    fin_cum = merge(s.fin_cum, top_cum)
+    fin_len = merge(s.fin_len, jnp.full_like(tok, length))
+
+    # new alive set: the best W candidates that did not end
+    alive_key = jnp.where(ends, NEG, top_cum)
+    alive_cum, keep = jax.lax.top_k(alive_key, w)  # [B, W]
+    src_beam = jnp.take_along_axis(beam, keep, axis=1)
+    alive_seq = jnp.take_along_axis(cand_seq, keep[:, :, None], axis=1)
+    alive_lps = jnp.take_along_axis(cand_lps, keep[:, :, None], axis=1)
+    rows = (jnp.arange(b)[:, None] * w + src_beam).reshape(bw)
+    new_tok = jnp.take_along_axis(tok, keep, axis=1).reshape(bw)
+    seen = _mark_seen(s.seen[rows], new_tok)
+    ck, cv = [c[rows] for c in ck], [c[rows] for c in cv]
+
+    # a row is done when no alive beam can beat its worst finished hypothesis
+    best_alive = alive_cum[:, 0]
+    bound_len = jnp.where(r.len_penalty > 0, r.max_len, length)
+    bound = _length_score(best_alive, bound_len, r.len_penalty)
+    done_now = last_step[:, 0] | ((fin_score[:, -1] > NEG / 2) & (fin_score[:, -1] >= bound))
+    keep_old = s.done
+
+    def hold(old: jax.Array, new: jax.Array) -> jax.Array:
+        mask = keep_old.reshape(keep_old.shape + (1,) * (old.ndim - 1))
+        return jnp.where(mask, old, new)
+
+    return _Beam(
+        step=step + 1, done=s.done | done_now,
+        alive_seq=hold(s.alive_seq, alive_seq), alive_lps=hold(s.alive_lps, alive_lps),
+        alive_cum=hold(s.alive_cum, alive_cum), seen=seen,
+        fin_seq=hold(s.fin_seq, fin_seq), fin_lps=hold(s.fin_lps, fin_lps),
+        fin_cum=hold(s.fin_cum, fin_cum), fin_len=hold(s.fin_len, fin_len),
+        fin_score=hold(s.fin_score, fin_score), cache_k=ck, cache_v=cv)
+
+
+def _beam_finalize(s: _Beam) -> Output:
+    """The finished hypotheses as Output [B, W, N]; log probs past each one's length are 0.
+
+    Rows with max_output_len 0 finish with nothing: they keep their (end-filled) empty
+    hypotheses, cum_log_probs 0.
+    """
+    n = s.fin_seq.shape[2]
+    steps = jnp.arange(n)[None, None, :]
+    lps = jnp.where(steps < s.fin_len[:, :, None], s.fin_lps, 0.0)
+    return Output(s.fin_seq, s.fin_len, jnp.where(s.fin_score > NEG / 2, s.fin_cum, 0.0), lps)
+
+
 def generate_beam(cfg: T5Config, params: dict, r: Rows, out_len: int, width: int) -> Output:
     """Beam search of `width` beams per row. Returns Output [B, W, N], best beam first.
 
+    r: Rows of B requests (ids [B, S]); out_len: N, the longest output; width: W beams.
     Alive beams (the W best unfinished hypotheses) and finished hypotheses (the W best that
     produced end_id, or reached the row's max_output_len) are kept separately, scored
     cum_log_prob / length ** len_penalty with length counting the end token; a row stops
     when no alive beam can still beat its worst finished one (the bound is exact: log
     probabilities only decrease).
     """
-    b, w, n = r.ids.shape[0], width, out_len
-    v = cfg.vocab_size
-    bw = b * w
-    enc = model.encode(cfg, params, r.ids, r.lengths)
-    cross_k, cross_v = model.cross_kv(params, enc)
-    # Every beam of a row attends to the same encoder output: repeat once, never gathered.
-    cross_k = [jnp.repeat(c, w, axis=0) for c in cross_k]
-    cross_v = [jnp.repeat(c, w, axis=0) for c in cross_v]
-    cross_bias = jnp.repeat(model.key_mask(r.lengths, r.ids.shape[1]), w, axis=0)
-    cache_k, cache_v = _init_cache(cfg, bw, n, enc.dtype)
+    init, cross = _beam_init(cfg, params, r, out_len, width)
 
-    def per_beam(x: jax.Array) -> jax.Array:
-        return jnp.repeat(x, w, axis=0)
+    def cond(s: _Beam) -> jax.Array:
+        return (s.step < out_len) & ~jnp.all(s.done)
 
-    temp, rep = per_beam(r.temperature), per_beam(r.repetition_penalty)
-    alpha = r.len_penalty[:, None]
-
-    class State(NamedTuple):
-        step: jax.Array
-        done: jax.Array       # [B]
-        alive_seq: jax.Array  # [B, W, N]
-        alive_lps: jax.Array  # [B, W, N]
-        alive_cum: jax.Array  # [B, W]
-        seen: jax.Array       # [B*W, V]
-        fin_seq: jax.Array    # [B, W, N]
-        fin_lps: jax.Array
-        fin_cum: jax.Array    # [B, W]
-        fin_len: jax.Array    # [B, W]
-        fin_score: jax.Array  # [B, W]
-        cache_k: list[jax.Array]
-        cache_v: list[jax.Array]
-
-    seq0 = jnp.broadcast_to(r.end[:, None, None], (b, w, n)).astype(jnp.int32)
-    init = State(
-        step=jnp.int32(0), done=r.max_len <= 0,
-        alive_seq=seq0, alive_lps=jnp.zeros((b, w, n), jnp.float32),
-        # only beam 0 is live at the start, so the first step does not pick W copies
-        alive_cum=jnp.where(jnp.arange(w)[None, :] == 0, 0.0, NEG) * jnp.ones((b, 1)),
-        seen=_mark_seen(jnp.zeros((bw, v), bool), per_beam(r.start)),
-        fin_seq=seq0, fin_lps=jnp.zeros((b, w, n), jnp.float32),
-        fin_cum=jnp.full((b, w), NEG), fin_len=jnp.zeros((b, w), jnp.int32),
-        fin_score=jnp.full((b, w), NEG),
-        cache_k=cache_k, cache_v=cache_v)
-
-    def cond(s: State) -> jax.Array:
-        return (s.step < n) & ~jnp.all(s.done)
-
-    def body(s: State) -> State:
-        step = s.step
-        last = jnp.where(step == 0, per_beam(r.start),
-                         jax.lax.dynamic_index_in_dim(s.alive_seq, jnp.maximum(step - 1, 0),
-                                                      axis=2, keepdims=False).reshape(bw))
-        logits, ck, cv = model.decode_step(cfg, params, last, step, s.cache_k, s.cache_v,
-                                           cross_k, cross_v, cross_bias)
-        logp = jax.nn.log_softmax(adjust_logits(logits, s.seen, temp, rep), axis=-1)
-        cand = (s.alive_cum[:, :, None] + logp.reshape(b, w, v)).reshape(b, w * v)
-        top_cum, top_idx = jax.lax.top_k(cand, 2 * w)  # [B, 2W]
-        beam, tok = top_idx // v, (top_idx % v).astype(jnp.int32)
-        tok_lp = jnp.take_along_axis(logp.reshape(b, w * v), top_idx, axis=-1)
-        length = step + 1
-        last_step = length >= r.max_len[:, None]  # the row's final token: every candidate ends
-        # As FT (which follows HF): a hypothesis ending in end_id is only accepted when it
-        # ranks among the top W of the 2W candidates.
-        top_w = jnp.arange(2 * w)[None, :] < w
-        is_end = tok == r.end[:, None]
-        ends = is_end | last_step
-        valid = (top_cum > NEG / 2) & (top_w | ~is_end)
-
-        def extend(seq: jax.Array, new: jax.Array) -> jax.Array:
-            seq = jnp.take_along_axis(seq, beam[:, :, None], axis=1)  # [B, 2W, N]
-            return jax.lax.dynamic_update_slice_in_dim(seq, new[:, :, None], step, axis=2)
-
-        cand_seq, cand_lps = extend(s.alive_seq, tok), extend(s.alive_lps, tok_lp)
-
-        # new finished set: the best W of (old finished, candidates that end now)
-        new_score = jnp.where(ends & valid,
-                              _length_score(top_cum, jnp.full_like(tok, length), alpha), NEG)
-        all_score = jnp.concatenate([s.fin_score, new_score], axis=1)
-        fin_score, pick = jax.lax.top_k(all_score, w)
-
-        def merge(old: jax.Array, new: jax.Array) -> jax.Array:
-            both = jnp.concatenate([old, new], axis=1)
-            idx = pick.reshape(pick.shape + (1,) * (both.ndim - 2))
-            return jnp.take_along_axis(both, idx, axis=1)
-
-        fin_seq = merge(s.fin_seq, cand_seq)
-        fin_lps = merge(s.fin_lps, cand_lps)
-        fin_cum = merge(s.fin_cum, top_cum)
-        fin_len = merge(s.fin_len, jnp.full_like(tok, length))
-
-        # new alive set: the best W candidates that did not end
-        alive_key = jnp.where(ends, NEG, top_cum)
-        alive_cum, keep = jax.lax.top_k(alive_key, w)  # [B, W]
-        src_beam = jnp.take_along_axis(beam, keep, axis=1)
-        alive_seq = jnp.take_along_axis(cand_seq, keep[:, :, None], axis=1)
-        alive_lps = jnp.take_along_axis(cand_lps, keep[:, :, None], axis=1)
-        rows = (jnp.arange(b)[:, None] * w + src_beam).reshape(bw)
-        new_tok = jnp.take_along_axis(tok, keep, axis=1).reshape(bw)
-        seen = _mark_seen(s.seen[rows], new_tok)
-        ck, cv = [c[rows] for c in ck], [c[rows] for c in cv]
-
-        # a row is done when no alive beam can beat its worst finished hypothesis
-        best_alive = alive_cum[:, 0]
-        bound_len = jnp.where(r.len_penalty > 0, r.max_len, length)
-        bound = _length_score(best_alive, bound_len, r.len_penalty)
-        done_now = last_step[:, 0] | ((fin_score[:, -1] > NEG / 2) & (fin_score[:, -1] >= bound))
-        keep_old = s.done
-
-        def hold(old: jax.Array, new: jax.Array) -> jax.Array:
-            mask = keep_old.reshape(keep_old.shape + (1,) * (old.ndim - 1))
-            return jnp.where(mask, old, new)
-
-        return State(
-            step=step + 1, done=s.done | done_now,
-            alive_seq=hold(s.alive_seq, alive_seq), alive_lps=hold(s.alive_lps, alive_lps),
-            alive_cum=hold(s.alive_cum, alive_cum), seen=seen,
-            fin_seq=hold(s.fin_seq, fin_seq), fin_lps=hold(s.fin_lps, fin_lps),
-            fin_cum=hold(s.fin_cum, fin_cum), fin_len=hold(s.fin_len, fin_len),
-            fin_score=hold(s.fin_score, fin_score), cache_k=ck, cache_v=cv)
-
-    s = jax.lax.while_loop(cond, body, init)
-    # Rows with max_output_len 0 finish with nothing: keep their (end-filled) empty hypotheses.
-    steps = jnp.arange(n)[None, None, :]
-    lps = jnp.where(steps < s.fin_len[:, :, None], s.fin_lps, 0.0)
-    return Output(s.fin_seq, s.fin_len, jnp.where(s.fin_score > NEG / 2, s.fin_cum, 0.0), lps)
+    final = jax.lax.while_loop(
+        cond, lambda s: _beam_step(cfg, params, r, cross, s), init)
+    return _beam_finalize(final)

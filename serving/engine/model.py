@@ -48,6 +48,7 @@ def rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def activation(cfg: T5Config, x: jax.Array) -> jax.Array:
+    """The feed-forward non-linearity ``cfg.activation`` applied elementwise; x: any shape."""
     act = cfg.activation
     if act == "relu":
         return jax.nn.relu(x)

@@ -64,10 +64,15 @@ def read_ft_folder(weights_dir: str | Path) -> tuple[T5Config, str, int, dict[st
 
     parts: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     splits: dict[str, ft_format.Split] = {}
-    for spec in ft_format.all_files(cfg, t):
+    per_layer_tables = _layer_table_files(weights_dir, cfg, t)
+    table_names = {spec.name for spec in per_layer_tables}
+    for spec in [*ft_format.all_files(cfg, t), *per_layer_tables]:
         path = weights_dir / spec.name
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (expected shape {spec.shape(t)})")
+            raise FileNotFoundError(
+                f"{path} is missing: the folder holds per-layer relative-bias tables, so every "
+                "layer needs one" if spec.name in table_names
+                else f"{path} is missing (expected shape {spec.shape(t)})")
         try:
             arr = ft_format.from_bytes(path.read_bytes(), spec.shape(t), weight_dtype)
         except ValueError as err:
@@ -75,18 +80,6 @@ def read_ft_folder(weights_dir: str | Path) -> tuple[T5Config, str, int, dict[st
         stem = spec.name.removesuffix(".bin")
         if spec.split != "none":
             stem = stem.rsplit(".", 1)[0]  # drop the rank suffix
-        parts[stem].append((spec.rank, arr))
-        splits[stem] = spec.split
-    for spec in _layer_table_files(weights_dir, cfg, t):
-        path = weights_dir / spec.name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the folder holds per-layer "
-                                    "relative-bias tables, so every layer needs one")
-        try:
-            arr = ft_format.from_bytes(path.read_bytes(), spec.shape(t), weight_dtype)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-        stem = spec.name.removesuffix(".bin").rsplit(".", 1)[0]
         parts[stem].append((spec.rank, arr))
         splits[stem] = spec.split
     full = {
@@ -119,7 +112,17 @@ def _heads_out(w: np.ndarray, cfg: T5Config) -> np.ndarray:
     return w.reshape(cfg.num_heads, cfg.d_kv, w.shape[-1])
 
 
+def _attention(full: dict[str, np.ndarray], prefix: str, cfg: T5Config,
+               key_prefix: str = "") -> dict[str, np.ndarray]:
+    """One unfused attention block (encoder self, decoder cross) from FT's ``prefix.{q,k,v,o}``:
+    ``{q, k, v: [D, H, K], o: [H, K, D]}``, each key prefixed with ``key_prefix``."""
+    out = {f"{key_prefix}{n}": _heads(full[f"{prefix}.{n}.weight"], cfg) for n in "qkv"}
+    out[f"{key_prefix}o"] = _heads_out(full[f"{prefix}.o.weight"], cfg)
+    return out
+
+
 def _mlp(full: dict[str, np.ndarray], prefix: str, cfg: T5Config) -> dict[str, np.ndarray]:
+    """``{wi: [D, F], wo: [F, D]}`` plus ``wi2: [D, F]`` for a gated activation."""
     out = {"wi": full[f"{prefix}.DenseReluDense.wi.weight"],
            "wo": full[f"{prefix}.DenseReluDense.wo.weight"]}
     if cfg.gated:
@@ -153,21 +156,17 @@ def to_param_tree(cfg: T5Config, full: dict[str, np.ndarray], dtype: np.dtype) -
     enc_layers = []
     for i in range(cfg.num_encoder_layers):
         p = f"encoder.block.{i}"
-        a = f"{p}.layer.0.SelfAttention"
         enc_layers.append({
             "ln_attn": full[f"{p}.layer.0.layer_norm.weight"],
-            "q": _heads(full[f"{a}.q.weight"], cfg),
-            "k": _heads(full[f"{a}.k.weight"], cfg),
-            "v": _heads(full[f"{a}.v.weight"], cfg),
-            "o": _heads_out(full[f"{a}.o.weight"], cfg),
+            **_attention(full, f"{p}.layer.0.SelfAttention", cfg),
             "ln_mlp": full[f"{p}.layer.1.layer_norm.weight"],
             **_mlp(full, f"{p}.layer.1", cfg),
         })
     dec_layers = []
     for i in range(cfg.num_decoder_layers):
         p = f"decoder.block.{i}"
-        s, c = f"{p}.layer.0.SelfAttention", f"{p}.layer.1.EncDecAttention"
-        qkv = full[f"{s}.qkv.weight"]  # [D, 3, I]
+        s = f"{p}.layer.0.SelfAttention"
+        qkv = full[f"{s}.qkv.weight"]  # [D, 3, I]: FT fuses the decoder's self-attention
         dec_layers.append({
             "ln_self": full[f"{p}.layer.0.layer_norm.weight"],
             "q": _heads(qkv[:, 0], cfg),
@@ -175,10 +174,7 @@ def to_param_tree(cfg: T5Config, full: dict[str, np.ndarray], dtype: np.dtype) -
             "v": _heads(qkv[:, 2], cfg),
             "o": _heads_out(full[f"{s}.o.weight"], cfg),
             "ln_cross": full[f"{p}.layer.1.layer_norm.weight"],
-            "cq": _heads(full[f"{c}.q.weight"], cfg),
-            "ck": _heads(full[f"{c}.k.weight"], cfg),
-            "cv": _heads(full[f"{c}.v.weight"], cfg),
-            "co": _heads_out(full[f"{c}.o.weight"], cfg),
+            **_attention(full, f"{p}.layer.1.EncDecAttention", cfg, key_prefix="c"),
             "ln_mlp": full[f"{p}.layer.2.layer_norm.weight"],
             **_mlp(full, f"{p}.layer.2", cfg),
         })

@@ -51,6 +51,7 @@ class TritonPythonModel:
     """Triton calls ``initialize`` once per instance, ``execute`` per dynamic batch."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        """Triton's load hook: read config.pbtxt's parameters and load the engine."""
         self.model_config = json.loads(args["model_config"])
         params = _parameters(self.model_config)
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -143,4 +144,5 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
     def finalize(self) -> None:
+        """Triton's unload hook: drop the engine (its device buffers go with it)."""
         self.engine = None

@@ -1,0 +1,131 @@
+"""Serving's public door: ``open_servers(opts)`` gives the servers for either backend.
+
+::
+
+    with open_servers(opts) as servers:      # local: Ray must already be initialised
+        endpoints = servers.start()          # every replica ready (idempotent)
+        urls = servers.grpc_urls()
+
+``local`` runs tritonserver processes owned by Ray actors (:mod:`serving.local`);
+``kubernetes`` a Triton Deployment and Service (:mod:`serving.kubernetes`). Both answer the
+same :class:`Servers` calls; errors a user can act on are :class:`ServeError` (one line).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from core.errors import UserError
+
+if TYPE_CHECKING:
+    from serving.local import LocalServers
+    from serving.options import ServeOptions
+
+
+class ServeError(UserError):
+    """The servers could not start or become ready (one line, for the user)."""
+
+
+class Servers(Protocol):
+    """What :func:`open_servers` returns, whatever the backend."""
+
+    def start(self) -> list[dict[str, str]]:
+        """Start every replica, wait until ready; ``[{"grpc", "http", "metrics"}]`` each."""
+
+    def grpc_urls(self) -> list[str]:
+        """``host:port`` of every replica's gRPC endpoint."""
+
+    def status(self) -> list[dict[str, Any]]:
+        """Per replica ``{"ready": bool, ...}`` (local adds ``"restarts"``)."""
+
+    def alive(self) -> bool:
+        """Started and not stopped."""
+
+    def stop(self) -> None:
+        """Stop everything started; safe to call twice."""
+
+    def __enter__(self) -> Servers: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class ServersBase:
+    """``with`` for a :class:`Servers` implementation: start on entry, stop on exit."""
+
+    def start(self) -> list[dict[str, str]]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Servers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _Local(ServersBase):
+    """:class:`serving.local.LocalServers` with :class:`ServeError` for its failures."""
+
+    def __init__(self, servers: LocalServers) -> None:
+        self.servers = servers
+        self.endpoints: list[dict[str, str]] = []
+
+    def start(self) -> list[dict[str, str]]:
+        from serving.local import ServerError
+
+        if not self.endpoints:
+            try:
+                self.endpoints = self.servers.start()
+            except ServerError as exc:
+                raise ServeError(str(exc)) from None
+        return self.endpoints
+
+    def grpc_urls(self) -> list[str]:
+        return [e["grpc"] for e in self.endpoints]
+
+    def status(self) -> list[dict[str, Any]]:
+        import ray
+
+        try:
+            return self.servers.status()
+        except ray.exceptions.RayActorError as exc:
+            raise ServeError(f"a server's actor died: {exc}") from None
+
+    def alive(self) -> bool:
+        return bool(self.servers.actors)
+
+    def stop(self) -> None:
+        self.endpoints = []
+        self.servers.stop()
+
+
+def open_servers(opts: ServeOptions) -> Servers:
+    """The servers ``opts`` asks for, not started yet (call ``start`` or use ``with``).
+
+    Checks the repository first: a local one must hold ``<model_name>/config.pbtxt``; the
+    kubernetes backend reads it for the GPU count. Raises :class:`ServeError` (or another
+    ``UserError``) with the message ``ray_jobs.serve`` prints.
+    """
+    if opts.backend == "kubernetes":
+        from serving.kubernetes import KubernetesServers
+
+        return KubernetesServers(opts)
+    from serving.local import LocalServers, ServerError
+
+    repo = opts.model_repository
+    if not repo.startswith("gs://") and \
+            not (Path(repo) / opts.model_name / "config.pbtxt").is_file():
+        raise ServeError(f"{repo}/{opts.model_name}/config.pbtxt not found")
+    try:
+        # gs://: checked here, downloaded by each server's actor on its own node.
+        return _Local(LocalServers(
+            repo, opts.model_name, replicas=opts.replicas, host=opts.host,
+            grpc_port=opts.grpc_port, http_port=opts.http_port, metrics_port=opts.metrics_port,
+            ready_timeout=opts.ready_timeout, num_cpus=opts.num_cpus,
+            log_verbose=opts.log_verbose))
+    except ServerError as exc:
+        raise ServeError(str(exc)) from None
