@@ -22,12 +22,13 @@ from typing import Any
 
 from core import ft_format, storage
 from core.errors import UserError, first_line
+from core.options import StageOptions
+from pipeline import config
 
 # Hash local weight files when a model is at most this big; above it sizes are checked only
 # (hashing UL2's 80 GB would cost more than converting again with --resume, which hashes).
 HASH_LIMIT_BYTES = 2 << 30
 # Keys whose option field is named differently from the flag (the flag is the config's key).
-_RENAMED = {"evaluate": {"retry_timeout": "retry_timeout_s"}}
 
 
 class StageError(RuntimeError):
@@ -51,32 +52,9 @@ def reported(stage: str) -> Iterator[None]:
         raise StageError(f"{stage} failed: {first_line(exc)}") from exc
 
 
-def options_for(stage: str, settings: dict[str, Any]) -> Any:
-    """The stage's options model from a config section (flag names, dashes as underscores).
-
-    ``no_progress: true`` is the flag of ``progress=False``; None values mean the default.
-    """
-    kwargs: dict[str, Any] = {}
-    for key, value in settings.items():
-        if value is None:
-            continue
-        if key == "no_progress":
-            kwargs["progress"] = not value
-        else:
-            kwargs[_RENAMED.get(stage, {}).get(key, key)] = value
-    if stage == "convert":
-        from conversion.run import ConvertOptions
-
-        return ConvertOptions(**kwargs)
-    if stage == "serve":
-        from serving.options import ServeOptions
-
-        return ServeOptions(**kwargs)
-    if stage == "evaluate":
-        from evaluation.runner import EvalSettings
-
-        return EvalSettings(**kwargs)
-    raise ValueError(f"no stage {stage!r}")
+def options_for(stage: str, settings: dict[str, Any]) -> StageOptions:
+    """The stage's options model from a config section; None values mean the default."""
+    return config.options_for(stage, {k: v for k, v in settings.items() if v is not None})
 
 
 def convert(settings: dict[str, Any]) -> dict[str, Any]:
