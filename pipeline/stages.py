@@ -28,7 +28,6 @@ from pipeline import config
 # Hash local weight files when a model is at most this big; above it sizes are checked only
 # (hashing UL2's 80 GB would cost more than converting again with --resume, which hashes).
 HASH_LIMIT_BYTES = 2 << 30
-# Keys whose option field is named differently from the flag (the flag is the config's key).
 
 
 class StageError(RuntimeError):
