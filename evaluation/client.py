@@ -223,6 +223,13 @@ class T5Client:
         request_timeout_s: float | None = 600.0,
         on_retry: Callable[[str, BaseException], None] | None = None,
     ):
+        """Args:
+          urls: HOST:PORT of every endpoint; ``start`` (mod their number) is tried first.
+          max_attempts, retry_timeout_s: a request's retry budget (attempts, seconds).
+          backoff_s, max_backoff_s: the first wait after a transient error, and its cap.
+          request_timeout_s: one attempt's gRPC deadline.
+          on_retry: called with (endpoint, error) before each retry (metrics).
+        """
         self.urls = list(urls)
         self.model_name = model_name
         self.max_attempts = max_attempts
