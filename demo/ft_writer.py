@@ -66,12 +66,16 @@ def random_ft_weights(cfg: T5Config, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def _rank_part(full: np.ndarray, split: str, rank: int, tensor_parallel: int) -> np.ndarray:
-    """The slice of a full tensor that one rank's file holds (core/ft_format.py's split rule)."""
-    if split == "none":
+def _rank_part(full: np.ndarray, spec: ft_format.FileSpec, t: int) -> np.ndarray:
+    """The slice of a full tensor that rank file ``spec`` holds, of ``t`` ranks.
+
+    The axis follows core/ft_format.py's split rule (first or last axis, or none).
+    """
+    axis = {"none": None, "first": 0, "last": full.ndim - 1}[spec.split]
+    if axis is None:
         return full
-    axis = 0 if split == "first" else full.ndim - 1
-    return np.split(full, tensor_parallel, axis=axis)[rank]
+    n = full.shape[axis] // t
+    return np.take(full, np.arange(spec.rank * n, (spec.rank + 1) * n), axis=axis)
 
 
 def write_ft_folder(root: Path, cfg: T5Config, tensor_parallel: int,
@@ -87,7 +91,7 @@ def write_ft_folder(root: Path, cfg: T5Config, tensor_parallel: int,
         ft_format.config_ini(cfg, weight_dtype, tensor_parallel))
     dtype = ft_format.WEIGHT_DTYPES[weight_dtype]
     for spec in ft_format.all_files(cfg, tensor_parallel):
-        part = _rank_part(weights[tensor_stem(spec)], spec.split, spec.rank, tensor_parallel)
+        part = _rank_part(weights[tensor_stem(spec)], spec, tensor_parallel)
         # FT reads raw C-order bytes of the file dtype, no header.
         (folder / spec.name).write_bytes(np.ascontiguousarray(part.astype(dtype)).tobytes())
     return folder
