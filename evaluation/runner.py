@@ -106,6 +106,7 @@ class _Run:
     scores: dict[str, dict] = dataclasses.field(default_factory=dict)  # id -> ROUGE scores
     latencies: list[float] = dataclasses.field(default_factory=list)  # ms, one per new example
     request_seconds: float = 0.0
+    ordered_ids: list[str] = dataclasses.field(default_factory=list)  # done ids, example order
 
 
 def request_batches(
@@ -273,7 +274,7 @@ def _score(inputs: _Inputs, run: _Run, out: OutputDir, t_start: float) -> dict[s
     """Put the files in example order and compute metrics.json's content."""
     order = {e.id: e.index for e in inputs.data.examples}
     out.finalize(order, run.done, run.errors)
-    ordered_ids = sorted(run.done, key=order.__getitem__)
+    run.ordered_ids = ordered_ids = sorted(run.done, key=order.__getitem__)
     for ex_id in ordered_ids:
         if ex_id not in run.scores:  # kept from an earlier run: score it the same way again
             rec = json.loads(run.done[ex_id])
@@ -295,8 +296,7 @@ def _render(s: EvalSettings, inputs: _Inputs, run: _Run, out: OutputDir,
             result: dict[str, Any]) -> None:
     """Write metrics.json and report.html (plots, samples, errors, the settings used)."""
     out.write_file(METRICS, json.dumps(result, indent=2, sort_keys=True) + "\n")
-    order = {e.id: e.index for e in inputs.data.examples}
-    ordered_ids = sorted(run.done, key=order.__getitem__)
+    ordered_ids = run.ordered_ids
     model_vocab = inputs.model_vocab
     html = eval_report.render_report(
         result,
