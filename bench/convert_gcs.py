@@ -48,7 +48,7 @@ MiB = 1 << 20
 
 def write_source(url: str, chunk_bytes: int) -> int:
     """Random fp32 parameters, one at a time, as t5x saves to gs://; returns bytes stored."""
-    from tests.gcs.t5x_on_gcs import write_t5x_checkpoint_gcs
+    from demo.t5x_gcs import write_t5x_checkpoint_gcs
 
     shapes = t5x_param_shapes(CFG)
     rng = np.random.default_rng(0)

@@ -13,6 +13,7 @@ times. serving/engine therefore holds separate arrays (weights.py).
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import jax
@@ -68,4 +69,6 @@ def _loop(mlp, x, layers):
 
 
 if __name__ == "__main__":
+    # No options: the flags exist so that `--help` explains the run without starting it.
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     main()

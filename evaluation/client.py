@@ -19,11 +19,20 @@ else (a malformed request, a model error) fails at once with Triton's message.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    retry_if_result,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential,
+    wait_fixed,
+)
 from tritonclient.utils import InferenceServerException
 
 OPTIONAL_INPUTS = ("beam_width", "runtime_top_k", "random_seed")
@@ -52,6 +61,10 @@ TRANSIENT_TEXT = (
 
 class RequestFailed(RuntimeError):
     """A request that failed for good (non-transient, or out of retries)."""
+
+
+class NotReady(RuntimeError):
+    """No endpoint served the model within the readiness timeout (message names the last why)."""
 
 
 def parse_urls(url: str | Sequence[str]) -> list[str]:
@@ -97,6 +110,7 @@ def build_request_arrays(
 
 
 def to_infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """Triton inputs carrying ``arrays`` (each UINT32 or UINT64, any shape) under their names."""
     inputs = []
     for name, array in arrays.items():
         dtype = {np.uint32: "UINT32", np.uint64: "UINT64"}[array.dtype.type]
@@ -142,10 +156,51 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
+    """One line for an error: Triton's status and message, else the exception type and text."""
     if isinstance(exc, InferenceServerException):
         status = exc.status() or ""
         return f"{status}: {exc.message()}".strip(": ")
     return f"{type(exc).__name__}: {exc}"
+
+
+def _first_ready(urls: Sequence[str], model_name: str) -> str | None:
+    """None when some endpoint has the model ready, else why the last one has not."""
+    last = ""
+    for url in urls:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            if not client.is_server_ready():
+                last = f"{url}: server is not ready"
+            elif client.is_model_ready(model_name):
+                return None
+            else:
+                last = f"{url}: model {model_name!r} is not ready"
+        except Exception as exc:  # noqa: BLE001 - any failure means "not this one"
+            last = f"{url}: {describe(exc)}"
+        finally:
+            client.close()
+    return last
+
+
+def wait_ready(urls: Sequence[str], model_name: str, timeout_s: float,
+               period_s: float = 1.0) -> None:
+    """Return as soon as one endpoint's server and model ``model_name`` report ready.
+
+    Polls every endpoint with tritonclient's readiness calls every ``period_s`` seconds.
+
+    Raises:
+      NotReady: none was ready after ``timeout_s``; the message names the last reason.
+    """
+    def give_up(state: RetryCallState) -> None:
+        raise NotReady(f"no endpoint serves model {model_name!r} after {timeout_s:.0f}s "
+                       f"({state.outcome.result()})")
+
+    Retrying(
+        retry=retry_if_result(lambda reason: reason is not None),
+        stop=stop_before_delay(timeout_s + period_s),
+        wait=wait_fixed(period_s),
+        retry_error_callback=give_up,
+    )(_first_ready, urls, model_name)
 
 
 class T5Client:
@@ -168,6 +223,13 @@ class T5Client:
         request_timeout_s: float | None = 600.0,
         on_retry: Callable[[str, BaseException], None] | None = None,
     ):
+        """Args:
+          urls: HOST:PORT of every endpoint; ``start`` (mod their number) is tried first.
+          max_attempts, retry_timeout_s: a request's retry budget (attempts, seconds).
+          backoff_s, max_backoff_s: the first wait after a transient error, and its cap.
+          request_timeout_s: one attempt's gRPC deadline.
+          on_retry: called with (endpoint, error) before each retry (metrics).
+        """
         self.urls = list(urls)
         self.model_name = model_name
         self.max_attempts = max_attempts
@@ -215,44 +277,60 @@ class T5Client:
             top_k=top_k,
             random_seed=random_seed,
         )
-        deadline = time.monotonic() + self.retry_timeout_s
-        delay = self.backoff_s
-        attempt = 0
-        while True:
-            attempt += 1
-            url = self._pick()
-            client = self._clients[url]
-            try:
-                declared = self._declared_inputs(client)
-                sent = {
-                    k: v for k, v in arrays.items() if k not in OPTIONAL_INPUTS or k in declared
-                }
-                result = client.infer(
-                    self.model_name,
-                    to_infer_inputs(sent),
-                    outputs=[
-                        grpcclient.InferRequestedOutput("output_ids"),
-                        grpcclient.InferRequestedOutput("sequence_length"),
-                    ],
-                    client_timeout=self.request_timeout_s,
-                )
-                return parse_response(
-                    result.as_numpy("output_ids"), result.as_numpy("sequence_length")
-                )
-            except Exception as exc:  # noqa: BLE001 - classified just below
-                if not is_transient(exc):
-                    raise RequestFailed(f"{url}: {describe(exc)}") from exc
-                if attempt >= self.max_attempts or time.monotonic() + delay > deadline:
-                    raise RequestFailed(
-                        f"{url}: {describe(exc)} (gave up after {attempt} attempts)"
-                    ) from exc
-                self.retries += 1
-                if self.on_retry is not None:
-                    self.on_retry(url, exc)
-                # Jitter spreads the actors' retries so a restarted server is not stampeded.
-                time.sleep(delay * (0.5 + self._rng.random()))
-                delay = min(delay * 2, self.max_backoff_s)
+        url = ""
+
+        def count_retry(state: RetryCallState) -> None:
+            self.retries += 1
+            if self.on_retry is not None:
+                self.on_retry(url, state.outcome.exception())
+
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient),
+            # stop_before_delay: give up when the next wait would end past the budget.
+            stop=stop_after_attempt(self.max_attempts) | stop_before_delay(self.retry_timeout_s),
+            wait=self._backoff,
+            before_sleep=count_retry,
+            reraise=True,
+        )
+        attempts = 0
+        try:
+            for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    url = self._pick()  # each attempt moves on to the next endpoint
+                    return self._infer(url, arrays)
+        except Exception as exc:  # noqa: BLE001 - classified just below
+            if not is_transient(exc):
+                raise RequestFailed(f"{url}: {describe(exc)}") from exc
+            raise RequestFailed(
+                f"{url}: {describe(exc)} (gave up after {attempts} attempts)"
+            ) from exc
+        raise AssertionError("unreachable: Retrying returns or raises")
+
+    def _backoff(self, state: RetryCallState) -> float:
+        """Exponential wait from ``backoff_s`` up to ``max_backoff_s``, times a jitter in
+        [0.5, 1.5): the jitter spreads the actors' retries so a restarted server is not
+        stampeded."""
+        base = wait_exponential(multiplier=self.backoff_s, max=self.max_backoff_s)(state)
+        return base * (0.5 + self._rng.random())
+
+    def _infer(self, url: str, arrays: dict[str, np.ndarray]) -> list[list[int]]:
+        """One request to one endpoint, sending only the optional inputs the model declares."""
+        client = self._clients[url]
+        declared = self._declared_inputs(client)
+        sent = {k: v for k, v in arrays.items() if k not in OPTIONAL_INPUTS or k in declared}
+        result = client.infer(
+            self.model_name,
+            to_infer_inputs(sent),
+            outputs=[
+                grpcclient.InferRequestedOutput("output_ids"),
+                grpcclient.InferRequestedOutput("sequence_length"),
+            ],
+            client_timeout=self.request_timeout_s,
+        )
+        return parse_response(result.as_numpy("output_ids"), result.as_numpy("sequence_length"))
 
     def close(self) -> None:
+        """Close every endpoint's gRPC channel."""
         for c in self._clients.values():
             c.close()

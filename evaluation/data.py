@@ -56,6 +56,7 @@ class RowError:
     reason: str
 
     def to_json(self) -> dict[str, Any]:
+        """The errors.jsonl record of this row (``stage`` "data": rejected before sending)."""
         return {"id": self.id, "index": self.index, "reason": self.reason, "stage": "data"}
 
 
@@ -68,6 +69,7 @@ class LoadedData:
 
     @property
     def total(self) -> int:
+        """Rows read, kept and rejected."""
         return len(self.examples) + len(self.errors)
 
 

@@ -19,6 +19,7 @@ BOOTSTRAP_SAMPLES = 1000
 
 
 def make_scorer() -> rouge_scorer.RougeScorer:
+    """The ROUGE scorer of every evaluation: the four ROUGE_TYPES, with Porter stemming."""
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 
@@ -30,6 +31,7 @@ def score_example(
 
 
 def f_measures(scores: Mapping[str, scoring.Score]) -> dict[str, float]:
+    """The F-measure of each ROUGE type, as plain floats (JSON-ready)."""
     return {t: float(scores[t].fmeasure) for t in ROUGE_TYPES}
 
 

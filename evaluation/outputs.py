@@ -44,6 +44,13 @@ class OutputDir:
     """The files of one evaluation under ``output`` (a folder or a ``gs://`` prefix)."""
 
     def __init__(self, output: str, resume: bool, sync_seconds: float = 30.0):
+        """Sweep scratch left by dead runs, then open the local copy of the outputs.
+
+        Args:
+          output: a local folder or a ``gs://`` prefix (then files are staged in scratch and
+            predictions.jsonl is uploaded at most every ``sync_seconds``).
+          resume: keep predictions.jsonl's complete lines instead of starting empty.
+        """
         self.output = output
         self.resume = resume
         self.sync_seconds = sync_seconds
@@ -72,6 +79,7 @@ class OutputDir:
         self._err = None
 
     def remote(self, name: str) -> str:
+        """Where file ``name`` ends up: under ``output``, local or gs://."""
         return storage.join(self.output, name)
 
     def load_done(self, references: Mapping[str, str]) -> dict[str, str]:
@@ -114,6 +122,7 @@ class OutputDir:
         return done
 
     def append_prediction(self, record: Mapping[str, Any]) -> None:
+        """Append one predictions.jsonl line and flush it, so a killed run keeps it."""
         if self._pred is None:
             self._pred = open(self._pred_path, "a", encoding="utf-8")  # noqa: SIM115
         self._pred.write(prediction_line(record))
@@ -121,6 +130,7 @@ class OutputDir:
         self._maybe_sync()
 
     def append_error(self, record: Mapping[str, Any]) -> None:
+        """Append one errors.jsonl line and flush it."""
         if self._err is None:
             self._err = open(self._err_path, "a", encoding="utf-8")  # noqa: SIM115
         self._err.write(prediction_line(record))
@@ -144,6 +154,7 @@ class OutputDir:
         storage.write_text(self.remote(name), text)
 
     def close(self) -> None:
+        """Close the two append handles (they reopen on the next append)."""
         for f in (self._pred, self._err):
             if f is not None:
                 f.close()

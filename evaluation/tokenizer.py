@@ -33,6 +33,11 @@ class Tokenizer:
     """A SentencePiece model held in memory (so it can be shipped to Ray actors as bytes)."""
 
     def __init__(self, model_proto: bytes, source: str = "<bytes>"):
+        """Load a serialized SentencePiece model; ``source`` names it in errors.
+
+        Raises:
+          VocabError: not a SentencePiece model, or not T5's special ids.
+        """
         self.model_proto = model_proto
         self.source = source
         self._sp = spm.SentencePieceProcessor()

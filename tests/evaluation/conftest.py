@@ -100,20 +100,7 @@ def gcs_bucket():
     Only the driver talks to GCS (the actors get the vocabulary as bytes), so the variables
     need not reach Ray workers.
     """
-    from core import gcs_env
+    from tests.gcs_emulator import emulator
 
-    proc, url = gcs_env.start_emulator()
-    env = gcs_env.emulator_env(url)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        gcs_env.storage_client().create_bucket("t5ft-eval")
+    with emulator("t5ft-eval"):
         yield "gs://t5ft-eval"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(timeout=10)

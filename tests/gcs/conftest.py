@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from core import gcs_env
+from tests.gcs_emulator import emulator
 
 BUCKET = "t5ft-test"
 
@@ -63,25 +62,8 @@ def sha256_local_tree(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def gcs() -> Iterator[GcsEmulator]:
     """fake-gcs-server with bucket ``t5ft-test``; both GCS clients pointed at it via os.environ."""
-    proc, url = gcs_env.start_emulator()
-    env = gcs_env.emulator_env(url)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        gcs_env.storage_client().create_bucket(BUCKET)
+    with emulator(BUCKET) as (url, env):
         yield GcsEmulator(url=url, bucket=BUCKET, env=env)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
