@@ -13,8 +13,9 @@ sources ``S_0, S_1, ...`` by its transform, then cut into ranks and cast:
 - ``copy_identical``: F = S_0, and every other S_j must equal S_0   (a scanned side's per-layer
   relative-bias tables, which FT can only hold once)
 
-File r of T is ``ft_format.split_for_rank(F, split, r, T)`` cast to the weight dtype (cast from
-any source float dtype). A scanned source is indexed at ``layer`` on its ``layer_axis`` first;
+File r of T is part r of F cut into T equal parts on ``ft_format.split_axis(split, F.ndim)``,
+cast to the weight dtype (cast from any source float dtype). A scanned source is indexed at
+``layer`` on its ``layer_axis`` first;
 an attention kernel stored with heads on their own axis ([D, H, K] or [H, K, D], current
 scalable_t5) is then read as its row-major [D, H*K] or [H*K, D] ``view``.
 
