@@ -15,6 +15,7 @@ import hashlib
 import json
 
 from core import ft_format, storage
+from core.errors import first_line
 
 MANIFEST = ft_format.MANIFEST
 
@@ -83,8 +84,7 @@ def read_manifest(url: str) -> tuple[dict, dict[str, ManifestEntry]] | None:
     try:
         return parse_manifest(storage.read_text(url))
     except (ValueError, KeyError, TypeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        raise ManifestError(f"{url} is not a readable manifest: {first}") from exc
+        raise ManifestError(f"{url} is not a readable manifest: {first_line(exc)}") from exc
 
 
 def file_sha256(url: str) -> str:
