@@ -142,6 +142,7 @@ class _Progress:
             self.metrics = {}
 
     def update(self, group: str, nbytes: int) -> None:
+        """Count one finished task of ``nbytes`` bytes."""
         self.done += 1
         if self.metrics:
             self.metrics["tasks"].inc(1)
@@ -153,6 +154,7 @@ class _Progress:
             print(f"{self.label}: {group} done ({self.done}/{self.tasks})", flush=True)
 
     def close(self) -> None:
+        """Close the terminal bar, if any."""
         if self.bar is not None:
             self.bar.close()
 

@@ -121,6 +121,7 @@ class _OutFile:
         self.hashed = 0
 
     def write(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` at byte ``offset``; hashed now if it continues the hashed prefix."""
         written = 0
         while written < len(data):
             written += os.pwrite(self.fd, data[written:], offset + written)
@@ -129,6 +130,7 @@ class _OutFile:
             self.hashed += len(data)
 
     def sha256(self) -> str:
+        """The file's hex sha256 (reads back what arrived out of order)."""
         while self.hashed < self.nbytes:
             piece = os.pread(self.fd, min(_HASH_PIECE, self.nbytes - self.hashed), self.hashed)
             if not piece:
@@ -138,6 +140,7 @@ class _OutFile:
         return self.hash.hexdigest()
 
     def close(self) -> None:
+        """Close the file descriptor (the staged file stays)."""
         os.close(self.fd)
 
 
