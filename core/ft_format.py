@@ -292,8 +292,8 @@ _MOVED_TO_MANIFEST = ("ManifestEntry", "manifest_json", "parse_manifest")
 
 
 def __getattr__(name: str):
-    # The manifest moved to core.manifest; evaluation/ and pipeline/ still import these three
-    # names from here. Resolved lazily because core.manifest imports this module.
+    # The manifest moved to core.manifest; pipeline/stages.py still imports parse_manifest
+    # from here (until WP5b moves it to core.manifest). Lazy: core.manifest imports this module.
     if name in _MOVED_TO_MANIFEST:
         from core import manifest
 
