@@ -76,9 +76,11 @@ class _KeepReferences(config_parser.ParserDelegate):
     """Gin's parser asks its delegate what ``@x`` and ``%X`` mean; we keep them as written."""
 
     def configurable_reference(self, scoped_configurable_name: str, evaluate: bool) -> Reference:
+        """``@name`` (or ``@name()``): kept as a Reference."""
         return Reference(scoped_configurable_name, evaluate)
 
     def macro(self, macro_name: str) -> Macro:
+        """``%NAME``: kept as a Macro."""
         return Macro(macro_name)
 
 

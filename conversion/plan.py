@@ -13,8 +13,9 @@ sources ``S_0, S_1, ...`` by its transform, then cut into ranks and cast:
 - ``copy_identical``: F = S_0, and every other S_j must equal S_0   (a scanned side's per-layer
   relative-bias tables, which FT can only hold once)
 
-File r of T is ``ft_format.split_for_rank(F, split, r, T)`` cast to the weight dtype (cast from
-any source float dtype). A scanned source is indexed at ``layer`` on its ``layer_axis`` first;
+File r of T is part r of F cut into T equal parts on ``ft_format.split_axis(split, F.ndim)``,
+cast to the weight dtype (cast from any source float dtype). A scanned source is indexed at
+``layer`` on its ``layer_axis`` first;
 an attention kernel stored with heads on their own axis ([D, H, K] or [H, K, D], current
 scalable_t5) is then read as its row-major [D, H*K] or [H*K, D] ``view``.
 
@@ -99,12 +100,15 @@ class OutputTensor:
 
     @property
     def tensor_parallel(self) -> int:
+        """T: the number of rank files (1 when the tensor is not split)."""
         return 1 if self.split == "none" else len(self.files)
 
     def file_shape(self) -> tuple[int, ...]:
+        """The shape of one rank file's array (every rank's is the same)."""
         return self.files[0].shape(self.tensor_parallel)
 
     def file_bytes(self) -> int:
+        """The size in bytes of one rank file."""
         itemsize = ft_format.WEIGHT_DTYPES[self.weight_dtype].itemsize
         return int(np.prod(self.file_shape(), dtype=np.int64)) * itemsize
 
@@ -131,12 +135,15 @@ class LayerTask:
     tensors: tuple[OutputTensor, ...]
 
     def file_names(self) -> list[str]:
+        """Every output file name of this task, in the plan's order."""
         return [f.name for t in self.tensors for f in t.files]
 
     def params(self) -> list[str]:
+        """The source parameter names this task reads, sorted."""
         return sorted({s.param for t in self.tensors for s in t.sources})
 
     def bytes(self) -> int:
+        """The bytes this task writes, over every rank file."""
         return sum(t.file_bytes() * len(t.files) for t in self.tensors)
 
 
@@ -152,6 +159,7 @@ class ConversionPlan:
     layer_tables: tuple[str, ...] = ()
 
     def files(self) -> list[OutputFile]:
+        """Every output file of the plan, flattened (one entry per rank file)."""
         out = []
         for task in self.tasks:
             for t in task.tensors:
@@ -161,6 +169,7 @@ class ConversionPlan:
         return out
 
     def total_bytes(self) -> int:
+        """The bytes the whole conversion writes."""
         return sum(task.bytes() for task in self.tasks)
 
 

@@ -2,7 +2,8 @@
 
 What FT's loaders open (docs/ft-t5-format.md, read from models/t5/*Weight.cc): one raw,
 headerless, row-major file per tensor and per tensor-parallel rank, plus ``config.ini``.
-This module is pure: names, shapes, split rules, dtypes, config.ini and the manifest. Conversion
+This module is pure: names, shapes, the split rule, dtypes and config.ini (the manifest is
+:mod:`core.manifest`). Conversion
 writes what it describes and serving reads it back; neither imports the other.
 
 Notation (as in the spec): D = d_model, H = num_heads, K = d_kv, I = H*K, F = d_ff,
@@ -14,7 +15,6 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import io
-import json
 from collections.abc import Iterator
 from typing import Literal
 
@@ -33,6 +33,18 @@ WEIGHT_DTYPES: dict[str, np.dtype] = {
 
 CONFIG_INI = "config.ini"
 MANIFEST = "manifest.json"
+
+
+def split_axis(split: Split, ndim: int) -> int | None:
+    """The axis a tensor of rank ``ndim`` is cut on across tensor-parallel ranks.
+
+    The one place the split rule is written: "none" -> None (every rank reads the whole
+    file), "first" -> 0, "last" -> ``ndim - 1`` (FT's loaders cut ``[D, I]`` projections on
+    the output axis and ``[I, D]`` / ``[F, D]`` on the input axis).
+    """
+    if split == "none":
+        return None
+    return 0 if split == "first" else ndim - 1
 
 
 def weights_dir_name(tensor_parallel: int) -> str:
@@ -59,9 +71,9 @@ class FileSpec:
 
     def shape(self, tensor_parallel: int) -> tuple[int, ...]:
         """The shape of this rank's part."""
-        if self.split == "none":
+        axis = split_axis(self.split, len(self.full_shape))
+        if axis is None:
             return self.full_shape
-        axis = 0 if self.split == "first" else len(self.full_shape) - 1
         shape = list(self.full_shape)
         shape[axis] //= tensor_parallel
         return tuple(shape)
@@ -107,32 +119,44 @@ def _mlp_files(prefix: str, cfg: T5Config, t: int) -> list[FileSpec]:
     return files
 
 
-def encoder_layer_files(cfg: T5Config, layer: int, t: int) -> list[FileSpec]:
+def _attention_files(prefix: str, kind: str, cfg: T5Config, t: int) -> list[FileSpec]:
+    """Unfused q, k, v [D, I] (split on heads: the last axis) and o [I, D] (the first).
+
+    kind: "SelfAttention" (encoder) or "EncDecAttention" (decoder cross-attention).
+    """
     d, i = cfg.d_model, cfg.inner_dim
-    p = f"encoder.block.{layer}"
-    files = [FileSpec(f"{p}.layer.0.layer_norm.weight.bin", (d,), "none")]
+    files: list[FileSpec] = []
     for proj in ("q", "k", "v"):
-        files += _ranked(f"{p}.layer.0.SelfAttention.{proj}.weight", (d, i), "last", t)
-    files += _ranked(f"{p}.layer.0.SelfAttention.o.weight", (i, d), "first", t)
-    files.append(FileSpec(f"{p}.layer.1.layer_norm.weight.bin", (d,), "none"))
-    files += _mlp_files(f"{p}.layer.1", cfg, t)
-    return files
+        files += _ranked(f"{prefix}.{kind}.{proj}.weight", (d, i), "last", t)
+    return files + _ranked(f"{prefix}.{kind}.o.weight", (i, d), "first", t)
+
+
+def _norm(prefix: str, cfg: T5Config) -> FileSpec:
+    return FileSpec(f"{prefix}.layer_norm.weight.bin", (cfg.d_model,), "none")
+
+
+def encoder_layer_files(cfg: T5Config, layer: int, t: int) -> list[FileSpec]:
+    """Encoder block ``layer``: self-attention (layer.0) and MLP (layer.1), each after a norm."""
+    p = f"encoder.block.{layer}"
+    files = [_norm(f"{p}.layer.0", cfg)]
+    files += _attention_files(f"{p}.layer.0", "SelfAttention", cfg, t)
+    files.append(_norm(f"{p}.layer.1", cfg))
+    return files + _mlp_files(f"{p}.layer.1", cfg, t)
 
 
 def decoder_layer_files(cfg: T5Config, layer: int, t: int) -> list[FileSpec]:
+    """Decoder block ``layer``: fused self-attention (layer.0), cross-attention (layer.1), MLP
+    (layer.2), each after a norm."""
     d, i = cfg.d_model, cfg.inner_dim
     p = f"decoder.block.{layer}"
-    files = [FileSpec(f"{p}.layer.0.layer_norm.weight.bin", (d,), "none")]
+    files = [_norm(f"{p}.layer.0", cfg)]
     # q, k, v fused: [D, 3, I], split on the last axis.
     files += _ranked(f"{p}.layer.0.SelfAttention.qkv.weight", (d, 3, i), "last", t)
     files += _ranked(f"{p}.layer.0.SelfAttention.o.weight", (i, d), "first", t)
-    files.append(FileSpec(f"{p}.layer.1.layer_norm.weight.bin", (d,), "none"))
-    for proj in ("q", "k", "v"):
-        files += _ranked(f"{p}.layer.1.EncDecAttention.{proj}.weight", (d, i), "last", t)
-    files += _ranked(f"{p}.layer.1.EncDecAttention.o.weight", (i, d), "first", t)
-    files.append(FileSpec(f"{p}.layer.2.layer_norm.weight.bin", (d,), "none"))
-    files += _mlp_files(f"{p}.layer.2", cfg, t)
-    return files
+    files.append(_norm(f"{p}.layer.1", cfg))
+    files += _attention_files(f"{p}.layer.1", "EncDecAttention", cfg, t)
+    files.append(_norm(f"{p}.layer.2", cfg))
+    return files + _mlp_files(f"{p}.layer.2", cfg, t)
 
 
 def all_files(cfg: T5Config, t: int) -> list[FileSpec]:
@@ -146,25 +170,20 @@ def all_files(cfg: T5Config, t: int) -> list[FileSpec]:
     return files
 
 
-def split_for_rank(full: np.ndarray, split: Split, rank: int, t: int) -> np.ndarray:
-    """The part of a full FT-layout tensor that rank ``rank`` of ``t`` holds."""
-    if split == "none":
-        return full
-    axis = 0 if split == "first" else full.ndim - 1
-    return np.split(full, t, axis=axis)[rank]
-
-
 def join_ranks(parts: list[np.ndarray], split: Split) -> np.ndarray:
-    """Inverse of :func:`split_for_rank`: the full tensor from every rank's part."""
-    if split == "none":
+    """The full tensor from every rank's part (the inverse of cutting it on :func:`split_axis`).
+
+    Args:
+      parts: T arrays, rank order, each of the rank shape (:meth:`FileSpec.shape`).
+      split: the file's split rule.
+
+    Returns:
+      The full array: ``parts[0]`` when unsplit, else the parts joined on the split axis.
+    """
+    axis = split_axis(split, parts[0].ndim)
+    if axis is None:
         return parts[0]
-    axis = 0 if split == "first" else parts[0].ndim - 1
     return np.concatenate(parts, axis=axis)
-
-
-def to_bytes(array: np.ndarray, weight_dtype: str) -> bytes:
-    """A tensor as FT reads it: cast to the file dtype, C order, no header."""
-    return np.ascontiguousarray(array.astype(WEIGHT_DTYPES[weight_dtype])).tobytes()
 
 
 def from_bytes(data: bytes, shape: tuple[int, ...], weight_dtype: str) -> np.ndarray:
@@ -252,42 +271,6 @@ def parse_config_ini(text: str) -> tuple[T5Config, str]:
     return cfg, weight_dtype
 
 
-# --- manifest.json ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ManifestEntry:
-    """One written file: what a reader can check without trusting the writer."""
-
-    name: str
-    bytes: int
-    sha256: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "bytes": self.bytes, "sha256": self.sha256,
-                "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> ManifestEntry:
-        return cls(obj["name"], int(obj["bytes"]), obj["sha256"], obj["dtype"],
-                   tuple(obj["shape"]))
-
-
-def manifest_json(model: dict, entries: list[ManifestEntry]) -> str:
-    """Serialise a manifest: ``model`` describes the run, ``files`` lists every file."""
-    entries = sorted(entries, key=lambda e: e.name)
-    return json.dumps({"model": model, "files": [e.to_json() for e in entries]}, indent=1)
-
-
-def parse_manifest(text: str) -> tuple[dict, dict[str, ManifestEntry]]:
-    obj = json.loads(text)
-    return obj.get("model", {}), {
-        e["name"]: ManifestEntry.from_json(e) for e in obj.get("files", [])
-    }
-
-
 def iter_layer_groups(cfg: T5Config, t: int, layer_tables: tuple[str, ...] = ()
                       ) -> Iterator[tuple[str, list[FileSpec]]]:
     """Files grouped as conversion schedules them: globals, then each layer.
@@ -303,3 +286,16 @@ def iter_layer_groups(cfg: T5Config, t: int, layer_tables: tuple[str, ...] = ()
             extra = (layer_relative_bias_files(cfg, side, layer, t)
                      if side in layer_tables and layer else [])
             yield f"{side}.{layer}", files(cfg, layer, t) + extra
+
+
+_MOVED_TO_MANIFEST = ("ManifestEntry", "manifest_json", "parse_manifest")
+
+
+def __getattr__(name: str):
+    # The manifest moved to core.manifest; pipeline/stages.py still imports parse_manifest
+    # from here (until WP5b moves it to core.manifest). Lazy: core.manifest imports this module.
+    if name in _MOVED_TO_MANIFEST:
+        from core import manifest
+
+        return getattr(manifest, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,6 +54,7 @@ def forwarded_env() -> dict[str, str]:
 
 
 def is_gcs(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``gs://`` URL (the one test every module uses)."""
     return str(path).startswith(GS_SCHEME)
 
 

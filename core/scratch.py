@@ -59,11 +59,13 @@ class Removed:
     bytes: int = 0
 
     def add(self, other: Removed) -> Removed:
+        """Add another sweep's counts to these; returns self."""
         self.files += other.files
         self.bytes += other.bytes
         return self
 
     def as_dict(self) -> dict[str, int]:
+        """``{"files": n, "bytes": n}``, as summaries report it."""
         return {"files": self.files, "bytes": self.bytes}
 
 
@@ -125,9 +127,11 @@ class _Owner:
         self.refresher: threading.Thread | None = None
 
     def lease_path(self, folder: Path) -> Path:
+        """This process's lease file in ``folder``."""
         return folder / f".t5ft-{self.id}.lease"
 
     def write_lease(self, folder: Path) -> None:
+        """Write (or refresh) this process's lease in ``folder``, atomically."""
         lease = self.lease_path(folder)
         tmp = lease.with_name(lease.name + ".w")  # whole or absent, never half a lease
         tmp.write_text(self.record)
@@ -145,6 +149,7 @@ class _Owner:
                 self.refresher.start()
 
     def release(self, folder: Path) -> None:
+        """Count one scratch fewer in ``folder``; the last one removes the lease."""
         with self.lock:
             self.held[folder] -= 1
             if self.held[folder] == 0:

@@ -68,6 +68,7 @@ class T5Config:
 
     @property
     def gated(self) -> bool:
+        """Whether the MLP is gated (two input projections, wi and wi2)."""
         return self.feed_forward_proj.startswith("gated-")
 
     @property

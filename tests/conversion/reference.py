@@ -108,3 +108,17 @@ def scan_params(p: dict[str, np.ndarray], cfg: T5Config, axis: int = 1,
         out[name] = np.stack([v for _, v in sorted(items, key=lambda x: x[0])], axis=axis)
     out.update(relpos or {})
     return out
+
+
+def split_for_rank(full: np.ndarray, split: str, rank: int, t: int) -> np.ndarray:
+    """The part of a full FT-layout tensor that rank ``rank`` of ``t`` holds (test helper;
+    the conversion places chunks directly and never materialises a full tensor)."""
+    from core.ft_format import split_axis
+
+    axis = split_axis(split, full.ndim)  # type: ignore[arg-type]
+    return full if axis is None else np.split(full, t, axis=axis)[rank]
+
+
+def to_bytes(array: np.ndarray, weight_dtype: str) -> bytes:
+    """A tensor as FT reads it: cast to the file dtype, C order, no header (test helper)."""
+    return np.ascontiguousarray(array.astype(NP[weight_dtype])).tobytes()

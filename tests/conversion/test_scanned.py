@@ -237,12 +237,13 @@ def test_cli_asks_for_the_scan_axis_and_takes_it(ray_local, tmp_path):
 
 def test_engine_refuses_a_folder_missing_one_layer_table(tmp_path):
     from core import ft_format
+    from tests.conversion.reference import to_bytes
     from tests.serving.engine_fixtures import UL2_TINY, random_ft_weights, write_ft_folder
 
     folder = write_ft_folder(tmp_path, UL2_TINY, 2, random_ft_weights(UL2_TINY, seed=11))
     table = np.ones((UL2_TINY.num_heads // 2, 32), np.float32)
     for spec in ft_format.layer_relative_bias_files(UL2_TINY, "decoder", 1, 2):
-        (folder / spec.name).write_bytes(ft_format.to_bytes(table, "fp32"))
+        (folder / spec.name).write_bytes(to_bytes(table, "fp32"))
     with pytest.raises(FileNotFoundError, match=r"decoder\.block\.2\.layer\.0\.SelfAttention"
                        r"\.relative_attention_bias\.weight\.0\.bin is missing: the folder "
                        "holds per-layer relative-bias tables"):

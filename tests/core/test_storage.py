@@ -42,3 +42,19 @@ def test_listing_and_deleting(tmp_path):
     storage.delete_tree(root)
     assert storage.list_files(root) == []
     assert storage.join("gs://b/p/", "/q", "r.bin") == "gs://b/p/q/r.bin"
+
+
+def test_one_backend_per_scheme_and_no_copy_from_local(tmp_path):
+    from core.storage import _backend
+
+    assert type(_backend(str(tmp_path))).__name__ == "_Local"
+    assert type(_backend("gs://bucket/x")).__name__ == "_Gcs"
+    assert not hasattr(storage, "copy_from_local")
+    url = storage.join(str(tmp_path), "a", "b.bin")
+    with storage.open_write(url) as f:
+        f.write(b"xyz")
+    with storage.open_read(url) as f:
+        assert f.read() == b"xyz"
+    assert storage.list_dirs(str(tmp_path)) == ["a"]
+    storage.delete_tree(storage.join(str(tmp_path), "a"))
+    assert not storage.is_dir(storage.join(str(tmp_path), "a"))

@@ -1,0 +1,237 @@
+"""Bytes into files: one FT tensor's rank files, written from its stored source chunks.
+
+A source tensor is read chunk by chunk as t5x stored it (:func:`blocks`); each chunk is cast,
+transposed or fused as the plan says and written at its place in every rank file it overlaps
+(:func:`_place`, :func:`_write_box`), so a task holds a few chunks, never a whole tensor. Files
+are staged (core.storage.staged_file) and published whole; their sha256 is computed on the
+way for the manifest.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from conversion.errors import ConversionError
+from conversion.plan import OutputTensor, SourceRef
+from conversion.t5x import Checkpoint
+from core import ft_format, storage
+from core.manifest import ManifestEntry
+
+# Pieces in which _OutFile reads back what arrived out of order, to hash it.
+_HASH_PIECE = 16 * 1024 * 1024
+
+# Stored chunks being fetched and decompressed (on tensorstore's threads) while the task casts,
+# places, writes and hashes the current one: decompression, the dominant cost, then overlaps
+# the rest and uses every core even when fewer tasks than cores remain. Each adds one decoded
+# chunk (<= 64 MiB for t5x) to a worker's memory.
+_READ_AHEAD = 2
+
+
+def blocks(ckpt: Checkpoint, ref: SourceRef) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """A source tensor in pieces aligned to its stored chunks: (region, values) pairs.
+
+    The region is in the source's own coordinates with the layer axis (scanned sources)
+    removed, and in its ``view``'s coordinates when it has one; each stored chunk is
+    decompressed once.
+    """
+    shape = list(ckpt.params[ref.param].shape)
+    chunk = list(ckpt.chunk_shape(ref.param))
+    if ref.layer_axis is not None:
+        del shape[ref.layer_axis]
+        del chunk[ref.layer_axis]
+    if not shape:
+        yield (), np.asarray(ckpt.read(ref.param))
+        return
+    if ref.view is not None:
+        yield from _viewed(blocks(ckpt, dataclasses.replace(ref, view=None)), shape, ref.view)
+        return
+    grid = [range(0, n, c) for n, c in zip(shape, chunk, strict=True)]
+    ahead: collections.deque = collections.deque()
+    for starts in itertools.product(*grid):
+        region = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunk, shape,
+                                                                  strict=True))
+        read_region: tuple = region
+        if ref.layer_axis is not None:
+            read_region = region[:ref.layer_axis] + (ref.layer,) + region[ref.layer_axis:]
+        ahead.append((region, ckpt.read_async(ref.param, read_region)))
+        if len(ahead) > _READ_AHEAD:
+            done, values = ahead.popleft()
+            yield done, values()
+    while ahead:
+        done, values = ahead.popleft()
+        yield done, values()
+
+
+def _viewed(blocks: Iterator[tuple[tuple[slice, ...], np.ndarray]], shape: list[int],
+            view: tuple[int, ...]) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """Blocks of an array of ``shape`` as blocks of its row-major reshape to ``view``, which
+    merges consecutive axes ([D, H, K] -> [D, H*K]).
+
+    A box is contiguous in a merged axis when, within the merged group, the axes after its
+    last short one are whole and those before it have length 1: a block is cut into such
+    boxes (stored chunks usually span K, so usually it is one box).
+    """
+    groups, axis = [], 0
+    for n in view:  # the consecutive source axes each view axis merges
+        group = [axis]
+        while int(np.prod([shape[a] for a in group])) < n:
+            axis += 1
+            group.append(axis)
+        groups.append(group)
+        axis += 1
+    for region, values in blocks:
+        cut = []  # axes taken one index at a time
+        for g in groups:
+            short = [j for j, a in enumerate(g) if values.shape[a] != shape[a]]
+            if short:
+                cut += g[:short[-1]]
+        for idx in itertools.product(*(range(values.shape[a]) for a in cut)):
+            lo = [r.start for r in region]
+            index = [slice(None)] * values.ndim
+            for a, i in zip(cut, idx, strict=True):
+                index[a], lo[a] = slice(i, i + 1), lo[a] + i
+            box = values[tuple(index)]
+            out = []
+            for g in groups:
+                start = int(np.ravel_multi_index([lo[a] for a in g], [shape[a] for a in g]))
+                out.append(slice(start, start + int(np.prod([box.shape[a] for a in g]))))
+            yield tuple(out), box.reshape([r.stop - r.start for r in out])
+
+
+class _OutFile:
+    """A staged output file written by positional writes, hashed as it goes.
+
+    sha256 needs the bytes in file order; runs that arrive in order (most tensors, whose
+    chunks span whole rows) are hashed on the way, the rest is read back once at the end.
+    """
+
+    def __init__(self, path: str, nbytes: int) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, nbytes)
+        self.nbytes = nbytes
+        self.hash = hashlib.sha256()
+        self.hashed = 0
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` at byte ``offset``; hashed now if it continues the hashed prefix."""
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self.fd, data[written:], offset + written)
+        if offset == self.hashed:
+            self.hash.update(data)
+            self.hashed += len(data)
+
+    def sha256(self) -> str:
+        """The file's hex sha256 (reads back what arrived out of order)."""
+        while self.hashed < self.nbytes:
+            piece = os.pread(self.fd, min(_HASH_PIECE, self.nbytes - self.hashed), self.hashed)
+            if not piece:
+                raise ConversionError("staged output file is shorter than planned")
+            self.hash.update(piece)
+            self.hashed += len(piece)
+        return self.hash.hexdigest()
+
+    def close(self) -> None:
+        """Close the file descriptor (the staged file stays)."""
+        os.close(self.fd)
+
+
+def _write_box(out: _OutFile, file_shape: tuple[int, ...], lo: list[int],
+               values: np.ndarray) -> None:
+    """Write ``values`` (a box of the file's array starting at index ``lo``) into a row-major
+    file of ``file_shape``, as few contiguous runs as the box allows."""
+    shape = values.shape
+    ndim = len(file_shape)
+    itemsize = values.dtype.itemsize
+    # k: the first axis from which the box spans whole rows of everything after it.
+    k = ndim - 1
+    while k > 0 and all(lo[d] == 0 and shape[d] == file_shape[d] for d in range(k, ndim)):
+        k -= 1
+    strides = [int(np.prod(file_shape[d + 1:], dtype=np.int64)) for d in range(ndim)]
+    run = int(np.prod(shape[k:], dtype=np.int64))
+    if run == 0:
+        return
+    # Raw bytes: memoryview cannot export bfloat16 (ml_dtypes) buffers directly.
+    flat = np.ascontiguousarray(values).reshape(-1, run).view(np.uint8)
+    base = sum(lo[d] * strides[d] for d in range(k, ndim))
+    for n, idx in enumerate(np.ndindex(*shape[:k])):
+        offset = base + sum((lo[d] + idx[d]) * strides[d] for d in range(k))
+        out.write(offset * itemsize, memoryview(flat[n]))
+
+
+def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor,
+           outs: list[_OutFile]) -> None:
+    """Write a block of the full FT tensor into the rank files it overlaps."""
+    file_shape = tensor.file_shape()
+    axis = ft_format.split_axis(tensor.split, len(file_shape))
+    if axis is None:
+        _write_box(outs[0], file_shape, box_lo, block)
+        return
+    part = file_shape[axis]
+    lo, hi = box_lo[axis], box_lo[axis] + block.shape[axis]
+    for r in range(lo // part, (hi - 1) // part + 1):
+        a, b = max(lo, r * part), min(hi, (r + 1) * part)
+        index = [slice(None)] * block.ndim
+        index[axis] = slice(a - lo, b - lo)
+        local = list(box_lo)
+        local[axis] = a - r * part
+        _write_box(outs[r], file_shape, local, block[tuple(index)])
+
+
+def check_identical(ckpt: Checkpoint, tensor: OutputTensor) -> None:
+    """Refuse (one line) a scanned side whose per-layer relative-position tables differ."""
+    first = ckpt.read(tensor.sources[0].param, _layer_index(tensor.sources[0]))
+    for ref in tensor.sources[1:]:
+        other = ckpt.read(ref.param, _layer_index(ref))
+        if first.tobytes() != other.tobytes():
+            raise ConversionError(
+                f"scanned checkpoint: the per-layer relative-position tables differ "
+                f"({ref.param} differs between layer 0 and layer {ref.layer}); FasterTransformer "
+                "holds one table per stack, so it cannot serve this model exactly: convert with "
+                "--engine jax, which keeps each layer's table"
+            )
+
+
+def _layer_index(ref: SourceRef) -> tuple | None:
+    """The index that selects one layer of a scanned source (None: not scanned)."""
+    if ref.layer_axis is None:
+        return None
+    return (slice(None),) * ref.layer_axis + (ref.layer,)
+
+
+def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str) -> list[ManifestEntry]:
+    """Convert one FT tensor into its rank files; returns their manifest entries."""
+    dtype = ft_format.WEIGHT_DTYPES[tensor.weight_dtype]
+    urls = [storage.join(out_dir, f.name) for f in tensor.files]
+    nbytes = tensor.file_bytes()
+    if tensor.transform == "copy_identical":
+        check_identical(ckpt, tensor)
+    entries = []
+    with contextlib.ExitStack() as stack:
+        paths = [stack.enter_context(storage.staged_file(u)) for u in urls]
+        outs = []
+        for p in paths:
+            out = _OutFile(p, nbytes)
+            stack.callback(out.close)
+            outs.append(out)
+        refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
+        for j, ref in enumerate(refs):
+            for region, values in blocks(ckpt, ref):
+                lo = [s.start for s in region]
+                if tensor.transform == "transpose":
+                    values, lo = values.T, lo[::-1]
+                elif tensor.transform == "fuse_qkv":
+                    values, lo = values[:, None, :], [lo[0], j, lo[1]]
+                _place(values.astype(dtype, copy=False), lo, tensor, outs)
+        for spec, out in zip(tensor.files, outs, strict=True):
+            entries.append(ManifestEntry(spec.name, nbytes, out.sha256(),
+                                         tensor.weight_dtype, tensor.file_shape()))
+    return entries
