@@ -287,15 +287,3 @@ def iter_layer_groups(cfg: T5Config, t: int, layer_tables: tuple[str, ...] = ()
                      if side in layer_tables and layer else [])
             yield f"{side}.{layer}", files(cfg, layer, t) + extra
 
-
-_MOVED_TO_MANIFEST = ("ManifestEntry", "manifest_json", "parse_manifest")
-
-
-def __getattr__(name: str):
-    # The manifest moved to core.manifest; pipeline/stages.py still imports parse_manifest
-    # from here (until WP5b moves it to core.manifest). Lazy: core.manifest imports this module.
-    if name in _MOVED_TO_MANIFEST:
-        from core import manifest
-
-        return getattr(manifest, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

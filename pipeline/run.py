@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from core import scratch, storage
+from core.manifest import manifest_digest
 from pipeline import compare, stages
 from pipeline.config import PipelineConfig, RunSpec, to_argv
 from pipeline.monitor import PipelineMetrics
@@ -147,7 +148,7 @@ class Pipeline:
     def model_identity(self, run: RunSpec) -> str | None:
         """The served model's manifest digest, or None when it has no manifest."""
         t = int((run.convert or {}).get("tensor_parallel") or 0) or None
-        return stages.manifest_digest(run.serve["model_repository"], run.serve["model_name"], t)
+        return manifest_digest(run.serve["model_repository"], run.serve["model_name"], t)
 
     def evaluation_done(self, run: RunSpec, identity: str | None) -> bool:
         """Whether an earlier evaluation of these settings and this model finished clean."""

@@ -13,7 +13,6 @@ Also here: whether a stage's outputs already exist and verify, so a rerun can sk
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sys
 import traceback
@@ -22,12 +21,9 @@ from typing import Any
 
 from core import ft_format, storage
 from core.errors import UserError, first_line
+from core.manifest import verify_repository
 from core.options import StageOptions
 from pipeline import config
-
-# Hash local weight files when a model is at most this big; above it sizes are checked only
-# (hashing UL2's 80 GB would cost more than converting again with --resume, which hashes).
-HASH_LIMIT_BYTES = 2 << 30
 
 
 class StageError(RuntimeError):
@@ -114,73 +110,6 @@ def verify_conversion(convert: dict[str, Any]) -> str | None:
         tensor_parallel=int(convert.get("tensor_parallel") or 1),
         weight_dtype=convert.get("weight_dtype") or "fp32",
         need_vocab=bool(convert.get("vocab")))
-
-
-# --- core.manifest's verify_repository and manifest_digest, until WP1's module lands; then
-# this block becomes `from core.manifest import manifest_digest, verify_repository`.
-
-
-def manifest_digest(model_repository: str, model_name: str,
-                    tensor_parallel: int | None = None) -> str | None:
-    """sha256 of the served model's manifest (its identity), or None when it has none.
-
-    Without ``tensor_parallel`` the first ``<T>-gpu`` folder found is taken.
-    """
-    base = storage.join(model_repository, model_name, "1")
-    with contextlib.suppress(FileNotFoundError, OSError, ValueError):
-        subs = ([ft_format.weights_dir_name(tensor_parallel)] if tensor_parallel
-                else sorted(storage.list_dirs(base)))
-        for sub in subs:
-            url = storage.join(base, sub, ft_format.MANIFEST)
-            if storage.exists(url):
-                return hashlib.sha256(storage.read_bytes(url)).hexdigest()
-    return None
-
-
-def verify_repository(model_repository: str, model_name: str, tensor_parallel: int = 1,
-                      weight_dtype: str = "fp32", need_vocab: bool = False) -> str | None:
-    """None when the converted model is complete and intact, else a one-line reason.
-
-    Complete: config.pbtxt, config.ini and a manifest marked complete whose files are every
-    file FT opens for that config at that tensor-parallel size; intact: each file's size (and,
-    for local models up to HASH_LIMIT_BYTES, its sha256) matches the manifest.
-    """
-    model_dir = storage.join(model_repository, model_name)
-    out = storage.join(model_dir, "1", ft_format.weights_dir_name(tensor_parallel))
-    t = tensor_parallel
-    try:
-        if not storage.exists(storage.join(model_dir, "config.pbtxt")):
-            return f"{model_dir}/config.pbtxt is missing"
-        header, entries = ft_format.parse_manifest(
-            storage.read_text(storage.join(out, ft_format.MANIFEST)))
-        cfg, dtype = ft_format.parse_config_ini(
-            storage.read_text(storage.join(out, ft_format.CONFIG_INI)))
-    except FileNotFoundError as exc:
-        return f"missing {exc.filename or exc}"
-    except (ValueError, KeyError) as exc:
-        return f"unreadable manifest or config.ini in {out}: {exc}"
-    if not header.get("complete"):
-        return f"{out}/manifest.json says the conversion is incomplete"
-    if dtype != weight_dtype or int(header.get("tensor_parallel", t)) != t:
-        return f"{out} holds {dtype} at T={header.get('tensor_parallel')}, not {weight_dtype}"
-    if need_vocab and not storage.exists(storage.join(model_dir, "spiece.model")):
-        return f"{model_dir}/spiece.model is missing"
-    expected = {f.name for f in ft_format.all_files(cfg, t)}
-    missing = sorted(expected - set(entries))
-    if missing:
-        return f"the manifest lacks {len(missing)} file(s), e.g. {missing[0]}"
-    total = sum(entries[n].bytes for n in expected)
-    hash_files = not str(out).startswith("gs://") and total <= HASH_LIMIT_BYTES
-    for name in sorted(expected):
-        url = storage.join(out, name)
-        size = storage.size(url)
-        if size != entries[name].bytes:
-            return f"{name}: {size} bytes on disk, {entries[name].bytes} in the manifest"
-        if hash_files:
-            with open(url, "rb") as f:
-                if hashlib.file_digest(f, "sha256").hexdigest() != entries[name].sha256:
-                    return f"{name}: sha256 differs from the manifest"
-    return None
 
 
 def read_metrics(output: str) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from core import ft_format
+from tests.conversion.reference import to_bytes
 from tests.serving.engine_fixtures import UL2_TINY, random_ft_weights, write_ft_folder
 
 CHILD = textwrap.dedent("""
@@ -51,7 +52,7 @@ def _write_layer_tables(folder, seed: int) -> None:
         for layer in range(1, depth):
             for spec in ft_format.layer_relative_bias_files(UL2_TINY, side, layer, 1):
                 table = rng.standard_normal(spec.shape(1)).astype(np.float32)
-                (folder / spec.name).write_bytes(ft_format.to_bytes(table, "fp32"))
+                (folder / spec.name).write_bytes(to_bytes(table, "fp32"))
 
 
 @pytest.mark.parametrize("layer_tables", [False, True])
