@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core.relpos import relative_position_bucket
 from core.t5config import T5Config
 
 Params = dict[str, Any]
@@ -149,28 +150,6 @@ def rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
     """T5 layer norm: x * rsqrt(mean(x^2) + 1e-6) * scale. x: [..., D]."""
     var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(var + 1e-6) * scale
-
-
-def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> np.ndarray:
-    """t5x's bucketing of (key position - query position) into [0, num_buckets)."""
-    ret = np.zeros_like(relative_position)
-    n = -relative_position
-    if bidirectional:
-        num_buckets //= 2
-        ret += (n < 0).astype(np.int32) * num_buckets
-        n = np.abs(n)
-    else:
-        n = np.maximum(n, 0)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    val_if_large = max_exact + (
-        np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
-        / np.log(max_distance / max_exact)
-        * (num_buckets - max_exact)
-    ).astype(np.int32)
-    val_if_large = np.minimum(val_if_large, num_buckets - 1)
-    return ret + np.where(is_small, n, val_if_large)
 
 
 def position_bias(table: jax.Array, q_len: int, k_len: int, bidirectional: bool,

@@ -14,12 +14,11 @@ a layer that carries its own table (``rel_bias``, weights.py: scalable_t5 checkp
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core.relpos import relative_position_bucket
 from core.t5config import T5Config
 
 NEG_INF = -1e9  # additive mask; large but finite so that fully masked rows stay NaN-free
@@ -64,28 +63,6 @@ def mlp(cfg: T5Config, p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     if cfg.gated:
         h = h * (x @ p["wi2"])
     return h @ p["wo"]
-
-
-def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> np.ndarray:
-    """t5x/Mesh-TF bucketing of (key position - query position); numpy int32, same shape."""
-    ret = np.zeros_like(relative_position, dtype=np.int32)
-    n = -relative_position.astype(np.int64)
-    if bidirectional:
-        num_buckets //= 2
-        ret += (n < 0).astype(np.int32) * num_buckets
-        n = np.abs(n)
-    else:
-        n = np.maximum(n, 0)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    # float32 like HF (torch .float()) and t5x (jnp.float32); n = 0 is "small", so the
-    # clamp to 1 only avoids log(0) in a value that is discarded.
-    ratio = np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact)) / np.float32(
-        math.log(max_distance / max_exact))
-    large = max_exact + (ratio * np.float32(num_buckets - max_exact)).astype(np.int32)
-    large = np.minimum(large, num_buckets - 1)
-    return ret + np.where(is_small, n, large).astype(np.int32)
 
 
 def position_bias(table: jax.Array, buckets: np.ndarray) -> jax.Array:

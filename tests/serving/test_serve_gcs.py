@@ -3,7 +3,6 @@ through core.storage (here from a real fake-gcs-server) and serves the copy."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from core import gcs_env
+from tests.gcs_emulator import emulator
 from tests.serving.conftest import (
     MODEL,
     ServeProcess,
@@ -28,26 +28,13 @@ BUCKET = "t5ft-serving"
 @pytest.fixture(scope="module")
 def gcs_repo(serving_model_repo):
     """The converted repository uploaded to an emulated bucket; yields (url, env)."""
-    proc, url = gcs_env.start_emulator()
-    env = gcs_env.emulator_env(url)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        client = gcs_env.storage_client()
-        bucket = client.create_bucket(BUCKET)
+    with emulator(BUCKET) as (_, env):
+        bucket = gcs_env.storage_client().bucket(BUCKET)
         for path in sorted(serving_model_repo.rglob("*")):
             if path.is_file():
                 rel = path.relative_to(serving_model_repo).as_posix()
                 bucket.blob(f"repo/{rel}").upload_from_filename(str(path))
         yield f"gs://{BUCKET}/repo", env
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_serves_a_gs_repository(gcs_repo, repo_root, ray_address, engine):
