@@ -40,8 +40,6 @@ def _server(repo: Path):
 
 
 def _inputs(case: dict, batch: int, vocab: int):
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
 
     ids = np.random.default_rng(3).integers(2, vocab, size=(batch, 7)).astype(np.uint32)
     ids[:, -1] = 1
@@ -49,20 +47,17 @@ def _inputs(case: dict, batch: int, vocab: int):
     arrays = {"input_ids": ids, "sequence_length": lens,
               "max_output_len": np.full((batch, 1), 8, np.uint32)}
     arrays.update({n: np.full((batch, 1), v, t) for n, (t, v) in case.items()})
-    out = []
-    for name, arr in arrays.items():
-        inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-        inp.set_data_from_numpy(arr)
-        out.append(inp)
-    return out
+    from evaluation.client import to_infer_inputs
+
+    return to_infer_inputs(arrays)
 
 
 def collect(path: Path) -> None:
     """Serve the tiny model and save every case's outputs to ``path``."""
     import tritonclient.grpc as grpcclient
-    from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 
     from core import repository
+    from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 
     with tempfile.TemporaryDirectory(prefix="triton-outputs-") as tmp:
         repo = Path(tmp) / "repo"

@@ -6,7 +6,7 @@ pipeline's ``convert:`` keys (pipeline/config.py).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import ConfigDict
 
@@ -23,6 +23,13 @@ Activation = Literal[ACTIVATIONS]  # type: ignore[valid-type]
 
 class ConvertOptions(StageOptions):
     """Everything ``ray_jobs.convert`` accepts (interfaces.md)."""
+
+    # The --help description of python -m ray_jobs.convert.
+    COMMAND_HELP: ClassVar[str] = (
+        "Convert a T5X checkpoint (T5 1.1, Flan-T5, UL2; legacy or OCDBT, local or "
+        "gs://) into FasterTransformer weight shards in a Triton model repository: "
+        "DST/<model>/config.pbtxt, DST/<model>/1/<T>-gpu/{config.ini, *.bin, manifest.json}."
+    )
 
     # Frozen, as the dataclass it replaces: copy with a change, ConvertOptions(**{**o.__dict__}).
     model_config = ConfigDict(frozen=True)

@@ -110,11 +110,13 @@ def build_request_arrays(
 
 
 def to_infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
-    """Triton inputs carrying ``arrays`` (each UINT32 or UINT64, any shape) under their names."""
+    """Triton inputs carrying ``arrays`` (any shape; the Triton dtype follows numpy's: UINT32
+    ids, UINT64 seeds, FP32 settings, BOOL flags) under their names."""
+    from tritonclient.utils import np_to_triton_dtype
+
     inputs = []
     for name, array in arrays.items():
-        dtype = {np.uint32: "UINT32", np.uint64: "UINT64"}[array.dtype.type]
-        inp = grpcclient.InferInput(name, list(array.shape), dtype)
+        inp = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         inp.set_data_from_numpy(array)
         inputs.append(inp)
     return inputs

@@ -17,16 +17,10 @@ from conversion.options import ConvertOptions
 from conversion.run import USER_ERRORS, convert
 from ray_jobs import _cli
 
-DESCRIPTION = (
-    "Convert a T5X checkpoint (T5 1.1, Flan-T5, UL2; legacy or OCDBT, local or "
-    "gs://) into FasterTransformer weight shards in a Triton model repository: "
-    "DST/<model>/config.pbtxt, DST/<model>/1/<T>-gpu/{config.ini, *.bin, manifest.json}."
-)
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: ConvertOptions' flags plus --address and --json."""
-    return _cli.stage_parser("convert", DESCRIPTION, ConvertOptions)
+    return _cli.stage_parser("convert", ConvertOptions.COMMAND_HELP, ConvertOptions)
 
 
 def main(argv: list[str] | None = None) -> int:

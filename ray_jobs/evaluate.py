@@ -12,17 +12,10 @@ import argparse
 from evaluation.options import EvalOptions
 from ray_jobs import _cli
 
-DESCRIPTION = (
-    "Evaluate a Triton-served T5 (FasterTransformer request contract) on XSum "
-    "with ROUGE, over a pool of Ray actors. Greedy decoding (--top-k 1 --beam-width 1) "
-    "gives the same predictions whatever --num-actors is. Generated ids are decoded as "
-    "seqio does: ids the vocabulary has no piece for become unk, nothing after EOS counts."
-)
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: EvalOptions' flags plus --address and --json."""
-    return _cli.stage_parser("evaluate", DESCRIPTION, EvalOptions)
+    return _cli.stage_parser("evaluate", EvalOptions.COMMAND_HELP, EvalOptions)
 
 
 def main(argv: list[str] | None = None) -> int:

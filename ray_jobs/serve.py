@@ -24,17 +24,9 @@ from serving.options import ServeOptions
 _MONITOR_PERIOD_S = 5.0
 
 
-DESCRIPTION = (
-    "Serve NAME from a Triton model repository with tritonserver processes "
-    "owned by Ray actors (local) or as a Kubernetes Deployment (kubernetes). Prints one "
-    "JSON line with the endpoints once every replica is ready, then serves until "
-    "SIGINT/SIGTERM and stops every server it started."
-)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line: ServeOptions' flags plus --address and --json."""
-    return _cli.stage_parser("serve", DESCRIPTION, ServeOptions)
+    return _cli.stage_parser("serve", ServeOptions.COMMAND_HELP, ServeOptions)
 
 
 def _check(opts: ServeOptions) -> None:

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from core.options import StageOptions, option
 
@@ -19,6 +19,14 @@ def _port(what: str) -> str:
 
 class ServeOptions(StageOptions):
     """Everything ``ray_jobs.serve`` accepts (interfaces.md)."""
+
+    # The --help description of python -m ray_jobs.serve.
+    COMMAND_HELP: ClassVar[str] = (
+        "Serve NAME from a Triton model repository with tritonserver processes "
+        "owned by Ray actors (local) or as a Kubernetes Deployment (kubernetes). Prints one "
+        "JSON line with the endpoints once every replica is ready, then serves until "
+        "SIGINT/SIGTERM and stops every server it started."
+    )
 
     model_repository: str = option(
         help="Triton model repository root: a local folder or gs://bucket/prefix "

@@ -134,7 +134,6 @@ def engine(serving_model_repo):
 
 def ft_inputs(rows: list[np.ndarray], max_output_len: int | list[int], **settings):
     """tritonclient.grpc InferInputs for the FT T5 contract: padded ids + per-row settings."""
-    import tritonclient.grpc as grpcclient
 
     batch = len(rows)
     width = max(len(r) for r in rows)
@@ -151,14 +150,9 @@ def ft_inputs(rows: list[np.ndarray], max_output_len: int | list[int], **setting
              "is_return_log_probs": np.bool_, "start_id": np.uint32, "end_id": np.uint32}
     for name, value in settings.items():
         arrays[name] = np.full((batch, 1), value, types[name])
-    inputs = []
-    for name, arr in arrays.items():
-        from tritonclient.utils import np_to_triton_dtype
+    from evaluation.client import to_infer_inputs
 
-        inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-        inp.set_data_from_numpy(arr)
-        inputs.append(inp)
-    return inputs
+    return to_infer_inputs(arrays)
 
 
 def sample_rows(n: int, seed: int = 0, vocab: int = TINY.vocab_size) -> list[np.ndarray]:
