@@ -5,8 +5,9 @@
 
 The config's convert / serve / evaluate sections hold the flags of ray_jobs.convert / serve /
 evaluate (dashes as underscores); ``runs`` lists several models or decoding settings to compare
-(see pipeline/config.py and examples/). Each stage runs as its own job on this job's Ray
-cluster; stages whose outputs already exist and verify are skipped, so a rerun continues.
+(see pipeline/config.py and examples/). Each stage is its package's library call, run in this
+process on this job's Ray cluster; stages whose outputs already exist and verify are skipped,
+so a rerun continues.
 ``--demo`` builds (or loads from .demo-cache/) a small UL2-architecture model trained on the
 bundled XSum sample and runs it through the same path.
 """
