@@ -48,7 +48,7 @@ def test_verify_catches_a_changed_file(ray_local, t5x_checkpoint, tmp_path):
     assert summary["verified"] is True
     ckpt, arch, plan, _ = run.prepare(opts)
     out = summary["output"]
-    import core.ft_format as ff
+    import core.manifest as ff
 
     _, manifest = ff.parse_manifest(open(f"{out}/manifest.json").read())
     task = plan.tasks[1]  # encoder.0
