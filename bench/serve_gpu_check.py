@@ -52,9 +52,9 @@ def infer(url: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def main() -> int:
     import jax
-    from demo.ft_writer import UL2_TINY
 
     from bench.serve import build_repository_plain, server_device
+    from demo.ft_writer import UL2_TINY
     from serving.engine import SamplingParams, T5Engine
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
