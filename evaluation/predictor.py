@@ -1,7 +1,9 @@
-"""The Ray Data actor of an evaluation: one request of token rows in, one output row per example.
+"""The Ray Data actors of an evaluation: one request of token rows in, one output row per example.
 
 ``map_batches(Predictor, concurrency=num_actors)`` builds a pool of these; each holds one
-:class:`evaluation.client.T5Client` over every endpoint and reports Ray metrics. The actor
+:class:`evaluation.client.T5Client` over every endpoint and reports Ray metrics. The in-process
+path's actor (evaluation/engine_predictor.py) is the same :class:`BatchPredictor` with the JAX
+engine in place of the client. The actor
 never raises: a failed request becomes error rows, so one bad example cannot fail the dataset
 (Ray Data would otherwise retry and then abort the whole run).
 """
@@ -9,12 +11,11 @@ never raises: a failed request becomes error rows, so one bad example cannot fai
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from evaluation.batching import Answer, answer_request, describe_error
 from evaluation.client import RequestFailed, T5Client, describe, is_transient
 from evaluation.tokenizer import Tokenizer
 
@@ -22,10 +23,6 @@ if TYPE_CHECKING:
     from evaluation.runner import EvalSettings
 
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
-
-# (ids of the examples, generated ids per example or None when it failed, latency ms, error)
-RequestResult = tuple[list[str], list[list[int]] | None, float, str]
-
 
 class _Metrics:
     """The actor's Ray metrics, tagged with the model name (dashboards filter on it)."""
@@ -55,40 +52,36 @@ class _Metrics:
             m.set_default_tags({"model": model_name})
 
 
-class Predictor:
+class BatchPredictor:
     """Ray Data callable class: one row = one request of up to ``batch_size`` examples.
 
     Input columns: ``ids`` (strings), ``lengths`` and ``tokens`` (the rows' token ids, EOS
     included, concatenated). Output: one row per example with ``id``,
     ``prediction``, ``latency_ms`` (the request's wall time) and ``error`` ("" when it worked).
+
+    Subclasses say how a request is answered (``_generate``) and which failures split it
+    (``_should_split``, ``_describe``); the loop is :func:`evaluation.batching.answer_request`,
+    the same one the benchmark runs without Ray.
     """
 
-    def __init__(self, urls: list[str], opts: EvalSettings, vocab: bytes):
-        """Args: the endpoints (HOST:PORT), the run's options, the SentencePiece model bytes."""
+    def __init__(self, opts: EvalSettings, vocab: bytes):
+        """Args: the run's options, the SentencePiece model bytes."""
         self.tokenizer = Tokenizer(vocab)
         self.opts = opts
         self.metrics = _Metrics(opts.model_name)
-        # The process id picks the first endpoint, so the actors spread over the endpoints.
-        self.client = T5Client(
-            urls, opts.model_name, start=os.getpid(),
-            max_attempts=opts.max_attempts,
-            retry_timeout_s=opts.retry_timeout_s,
-            on_retry=self._count_retry,
-        )
-
-    def _count_retry(self, url: str, exc: BaseException) -> None:
-        self.metrics.retried.inc()
-        self.metrics.sent.inc()
 
     def _generate(self, rows: list[list[int]]) -> list[list[int]]:
-        self.metrics.sent.inc()
-        return self.client.generate(
-            rows,
-            max_output_len=self.opts.max_output_len,
-            beam_width=self.opts.beam_width,
-            top_k=self.opts.top_k,
-            random_seed=self.opts.random_seed,
-        )
+        """Generated ids (no start token) of each row; raises when the request fails."""
+        raise NotImplementedError
+
+    def _should_split(self, exc: BaseException) -> bool:
+        """Whether a failed request is sent again row by row (the request, not the server,
+        was at fault)."""
+        return True
+
+    def _describe(self, exc: BaseException) -> str:
+        """The one-line reason recorded for the rows of a failed request."""
+        return describe_error(exc)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         """One output row per example of every request in ``batch`` (see the class doc).
@@ -103,40 +96,61 @@ class Predictor:
                                       strict=True):
             ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
             rows = [r.tolist() for r in np.split(np.asarray(flat, dtype=np.int64), ends[:-1])]
-            for group_ids, preds, ms, err in self._request([str(i) for i in ids], rows):
-                for i, ex_id in enumerate(group_ids):
-                    out["id"].append(ex_id)
-                    out["prediction"].append(self.tokenizer.decode(preds[i]) if preds else "")
-                    out["latency_ms"].append(ms)
-                    out["error"].append(err)
+            answers = answer_request([str(i) for i in ids], rows, self._count_sent,
+                                     self.tokenizer.decode, should_split=self._should_split,
+                                     describe=self._describe)
+            for answer in answers:
+                self._observe(answer)
+                out["id"].extend(answer.ids)
+                out["prediction"].extend(answer.predictions)
+                out["latency_ms"].extend([answer.latency_ms] * len(answer.ids))
+                out["error"].extend([answer.error] * len(answer.ids))
         return out
 
-    def _request(self, ids: list[str], rows: list[list[int]]) -> Iterator[RequestResult]:
-        """Yield (ids, generated ids or None, latency ms, error) for one request.
+    def _count_sent(self, rows: list[list[int]]) -> list[list[int]]:
+        self.metrics.sent.inc()
+        return self._generate(rows)
 
-        Decoding happens after this, outside the request's error handling: it cannot fail
-        (seqio's rule maps every id, in range or not), so an example fails only when its
-        request does.
+    def _observe(self, answer: Answer) -> None:
+        if answer.error:
+            self.metrics.failed.inc(len(answer.ids))
+        else:
+            self.metrics.done.inc(len(answer.ids))
+            self.metrics.latency.observe(answer.latency_ms)
 
-        A request the server rejects is split into single examples, so one example it cannot
-        take (too long, say) fails alone; when the server is away, all of them fail with the
-        reason.
-        """
-        t0 = time.perf_counter()
-        try:
-            preds = self._generate(rows)
-        except Exception as exc:  # noqa: BLE001 - becomes error rows, never fails the dataset
-            ms = (time.perf_counter() - t0) * 1000.0
-            cause = exc.__cause__ if isinstance(exc, RequestFailed) else exc
-            if len(ids) > 1 and cause is not None and not is_transient(cause):
-                for i in range(len(ids)):
-                    yield from self._request(ids[i : i + 1], rows[i : i + 1])
-                return
-            self.metrics.failed.inc(len(ids))
-            reason = str(exc) if isinstance(exc, RequestFailed) else describe(exc)
-            yield ids, None, ms, reason
-            return
-        ms = (time.perf_counter() - t0) * 1000.0
-        self.metrics.done.inc(len(ids))
-        self.metrics.latency.observe(ms)
-        yield ids, preds, ms, ""
+
+class Predictor(BatchPredictor):
+    """The Triton path: each request goes to a Triton endpoint through one
+    :class:`evaluation.client.T5Client` over every endpoint (retries included)."""
+
+    def __init__(self, urls: list[str], opts: EvalSettings, vocab: bytes):
+        """Args: the endpoints (HOST:PORT), the run's options, the SentencePiece model bytes."""
+        super().__init__(opts, vocab)
+        # The process id picks the first endpoint, so the actors spread over the endpoints.
+        self.client = T5Client(
+            urls, opts.model_name, start=os.getpid(),
+            max_attempts=opts.max_attempts,
+            retry_timeout_s=opts.retry_timeout_s,
+            on_retry=self._count_retry,
+        )
+
+    def _count_retry(self, url: str, exc: BaseException) -> None:
+        self.metrics.retried.inc()
+        self.metrics.sent.inc()
+
+    def _generate(self, rows: list[list[int]]) -> list[list[int]]:
+        return self.client.generate(
+            rows,
+            max_output_len=self.opts.max_output_len,
+            beam_width=self.opts.beam_width,
+            top_k=self.opts.top_k,
+            random_seed=self.opts.random_seed,
+        )
+
+    def _should_split(self, exc: BaseException) -> bool:
+        """Split when Triton rejected the request; not when the server is away (all fail)."""
+        cause = exc.__cause__ if isinstance(exc, RequestFailed) else exc
+        return cause is not None and not is_transient(cause)
+
+    def _describe(self, exc: BaseException) -> str:
+        return str(exc) if isinstance(exc, RequestFailed) else describe(exc)

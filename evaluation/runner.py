@@ -27,6 +27,7 @@ from typing import Any
 
 from evaluation import metrics as eval_metrics
 from evaluation import report as eval_report
+from evaluation.batching import group_rows
 from evaluation.client import NotReady, wait_ready
 from evaluation.data import Example, LoadedData, load_examples
 from evaluation.options import EvalOptions, EvalSettings  # noqa: F401 - EvalSettings kept
@@ -70,23 +71,21 @@ def request_batches(
 ) -> list[dict[str, list]]:
     """Tokenise ``examples`` and cut them into requests of ``batch_size`` rows of similar length.
 
-    A request is padded to its longest row, and padding costs the server as much as real tokens,
-    so rows are sorted by length (longest first, ties in example order) before cutting. The
-    requests depend only on the examples and the settings, never on the number of actors.
+    The grouping is :func:`evaluation.batching.group_rows` (longest first, ties in the order of
+    ``examples``), so the requests depend only on the examples and the settings, never on the
+    number of actors.
 
     Returns:
       One dict per request: ``ids`` [b] example ids, ``lengths`` [b] row lengths (EOS
       included), ``tokens`` [sum(lengths)] the rows' token ids concatenated.
     """
-    encoded = [(tokenizer.encode(e.input_text, max_input_len), e) for e in examples]
-    encoded.sort(key=lambda pair: (-len(pair[0]), pair[1].index))
+    encoded = [tokenizer.encode(e.input_text, max_input_len) for e in examples]
     batches = []
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i : i + batch_size]
+    for group in group_rows([len(t) for t in encoded], batch_size):
         batches.append({
-            "ids": [e.id for _, e in chunk],
-            "lengths": [len(t) for t, _ in chunk],
-            "tokens": [tok for t, _ in chunk for tok in t],
+            "ids": [examples[i].id for i in group],
+            "lengths": [len(encoded[i]) for i in group],
+            "tokens": [tok for i in group for tok in encoded[i]],
         })
     return batches
 
