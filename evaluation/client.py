@@ -109,6 +109,11 @@ def build_request_arrays(
     }
 
 
+def declared_only(arrays: dict[str, np.ndarray], declared: set[str]) -> dict[str, np.ndarray]:
+    """``arrays`` less the optional inputs the model does not declare (Triton rejects those)."""
+    return {k: v for k, v in arrays.items() if k not in OPTIONAL_INPUTS or k in declared}
+
+
 def to_infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
     """Triton inputs carrying ``arrays`` (any shape; the Triton dtype follows numpy's: UINT32
     ids, UINT64 seeds, FP32 settings, BOOL flags) under their names."""
@@ -320,7 +325,7 @@ class T5Client:
         """One request to one endpoint, sending only the optional inputs the model declares."""
         client = self._clients[url]
         declared = self._declared_inputs(client)
-        sent = {k: v for k, v in arrays.items() if k not in OPTIONAL_INPUTS or k in declared}
+        sent = declared_only(arrays, declared)
         result = client.infer(
             self.model_name,
             to_infer_inputs(sent),

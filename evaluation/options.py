@@ -7,7 +7,7 @@ callers and tests; they are neither flags nor pipeline keys.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from core.options import StageOptions, option
 from evaluation.data import DEFAULT_TEMPLATE
@@ -19,15 +19,25 @@ class EvalOptions(StageOptions):
     # The --help description of python -m ray_jobs.evaluate.
     COMMAND_HELP: ClassVar[str] = (
         "Evaluate a Triton-served T5 (FasterTransformer request contract) on XSum "
-        "with ROUGE, over a pool of Ray actors. Greedy decoding (--top-k 1 --beam-width 1) "
+        "with ROUGE, over a pool of Ray actors (or, with --backend in-process, the "
+        "repository's JAX engine inside the actors, no server). Greedy decoding (--top-k 1 --beam-width 1) "
         "gives the same predictions whatever --num-actors is. Generated ids are decoded as "
         "seqio does: ids the vocabulary has no piece for become unk, nothing after EOS counts."
     )
 
-    url: str | Sequence[str] = option(
-        metavar="HOST:PORT[,HOST:PORT...]",
+    url: str | Sequence[str] | None = option(
+        None, metavar="HOST:PORT[,HOST:PORT...]",
         help="Triton gRPC endpoint(s), HOST:PORT[,HOST:PORT...]; requests are "
-        "spread over all of them and retried on another when one is down")
+        "spread over all of them and retried on another when one is down "
+        "(required with --backend triton, unused with --backend in-process)")
+    backend: Literal["triton", "in-process"] = option(
+        "triton",
+        help="who answers the requests: 'triton' sends them to --url; 'in-process' loads "
+        "the --model-repository's JAX engine (--engine jax conversions) into the Ray actors "
+        "themselves, no server; the same requests, predictions and outputs (default: triton)")
+    num_gpus_per_actor: float | None = option(
+        None, metavar="G",
+        help="GPUs each in-process actor reserves (default: 1 when Ray has GPUs, else 0)")
     model_name: str = option(metavar="NAME",
                             help="the model's name in the repository")
     output: str = option(
@@ -84,7 +94,8 @@ class EvalOptions(StageOptions):
                                   help="Ray CPUs each request-sending actor reserves")
 
     def validate(self) -> list[str]:
-        """Check the settings; returns the parsed endpoint list ("host:port" strings).
+        """Check the settings; returns the parsed endpoint list ("host:port" strings; empty
+        with ``--backend in-process``).
 
         Raises evaluation.runner.EvaluationError naming the flag at fault.
         """
@@ -92,10 +103,22 @@ class EvalOptions(StageOptions):
         from evaluation.client import parse_urls
         from evaluation.runner import EvaluationError
 
-        try:
-            urls = parse_urls(self.url)
-        except ValueError as exc:
-            raise EvaluationError(str(exc)) from exc
+        urls: list[str] = []
+        if self.backend == "in-process":
+            if not self.model_repository:
+                raise EvaluationError("--backend in-process needs --model-repository DST (the "
+                                      "converted repository whose engine it runs)")
+            if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
+                raise EvaluationError(
+                    f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
+        elif self.url is None:
+            raise EvaluationError("--url HOST:PORT is required with --backend triton (or give "
+                                  "--backend in-process --model-repository DST)")
+        else:
+            try:
+                urls = parse_urls(self.url)
+            except ValueError as exc:
+                raise EvaluationError(str(exc)) from exc
         for name in ("max_input_len", "max_output_len", "beam_width", "top_k", "num_actors",
                      "batch_size", "requests_per_actor", "max_attempts"):
             if getattr(self, name) < 1:

@@ -74,6 +74,12 @@ class BatchPredictor:
         """Generated ids (no start token) of each row; raises when the request fails."""
         raise NotImplementedError
 
+    def _request_settings(self) -> dict[str, int]:
+        """The decoding settings every request carries (build_request_arrays' keywords)."""
+        o = self.opts
+        return {"max_output_len": o.max_output_len, "beam_width": o.beam_width,
+                "top_k": o.top_k, "random_seed": o.random_seed}
+
     def _should_split(self, exc: BaseException) -> bool:
         """Whether a failed request is sent again row by row (the request, not the server,
         was at fault)."""
@@ -139,13 +145,7 @@ class Predictor(BatchPredictor):
         self.metrics.sent.inc()
 
     def _generate(self, rows: list[list[int]]) -> list[list[int]]:
-        return self.client.generate(
-            rows,
-            max_output_len=self.opts.max_output_len,
-            beam_width=self.opts.beam_width,
-            top_k=self.opts.top_k,
-            random_seed=self.opts.random_seed,
-        )
+        return self.client.generate(rows, **self._request_settings())
 
     def _should_split(self, exc: BaseException) -> bool:
         """Split when Triton rejected the request; not when the server is away (all fail)."""

@@ -30,6 +30,7 @@ from evaluation import report as eval_report
 from evaluation.batching import group_rows
 from evaluation.client import NotReady, wait_ready
 from evaluation.data import Example, LoadedData, load_examples
+from evaluation.engine_predictor import EnginePredictor, read_engine_spec
 from evaluation.options import EvalOptions, EvalSettings  # noqa: F401 - EvalSettings kept
 from evaluation.outputs import METRICS, PREDICTIONS, REPORT, OutputDir, prediction_line
 from evaluation.predictor import LATENCY_BOUNDARIES_MS, Predictor  # noqa: F401 - public names
@@ -46,6 +47,7 @@ class EvaluationError(ValueError):
 class _Inputs:
     """What ``_load`` read and checked before anything is sent."""
 
+    settings: EvalSettings
     urls: list[str]
     tokenizer: Tokenizer
     model_vocab: int | None  # the served model's vocab_size, when its config.ini was found
@@ -133,24 +135,62 @@ def _stream_results(
     ctx.print_on_execution_start = False
     # One block per request: every request can go to any actor as soon as one is free.
     ds = ray.data.from_items(batches, override_num_blocks=len(batches))
+    if s.backend == "in-process":
+        # One request at a time per actor: the engine serialises device work anyway.
+        actor, kwargs, in_flight = EnginePredictor, {"model_repository": s.model_repository}, 1
+        gpus = _gpus_per_actor(s)
+        resources = {"num_gpus": gpus} if gpus else {"num_cpus": 1}
+    else:
+        actor, kwargs, in_flight = Predictor, {"urls": urls}, s.requests_per_actor
+        resources = {"num_cpus": s.actor_num_cpus}
     ds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={"urls": urls, "opts": s, "vocab": vocab},
+        actor,
+        fn_constructor_kwargs={**kwargs, "opts": s, "vocab": vocab},
         batch_size=1,
         batch_format="numpy",
         compute=ActorPoolStrategy(
             size=s.num_actors,
-            max_concurrent_calls_per_actor=s.requests_per_actor,
+            max_concurrent_calls_per_actor=in_flight,
             enable_true_multi_threading=True,
         ),
-        num_cpus=s.actor_num_cpus,
+        **resources,
     )
     yield from ds.iter_rows()
+
+
+def _check_engine(s: EvalSettings) -> None:
+    """Fail on the driver, before Ray starts actors, when the repository has no engine to run."""
+    assert s.model_repository is not None  # validate() checked it
+    if s.model_repository.startswith("gs://"):
+        raise EvaluationError("--backend in-process reads a local --model-repository; copy "
+                              f"{s.model_repository} to a local folder first")
+    try:
+        read_engine_spec(s.model_repository, s.model_name)
+    except (FileNotFoundError, ValueError) as exc:
+        raise EvaluationError(f"--backend in-process: {exc}") from exc
+
+
+def _gpus_per_actor(s: EvalSettings) -> float:
+    """``--num-gpus-per-actor``, else 1 when the Ray cluster has GPUs and 0 when it has none."""
+    import ray
+
+    if s.num_gpus_per_actor is not None:
+        return s.num_gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _where(s: EvalSettings, urls: Sequence[str]) -> str:
+    """Who answers, for the log and the report."""
+    if s.backend == "in-process":
+        return f"the in-process engine of {s.model_repository}"
+    return f"{len(urls)} endpoint(s)"
 
 
 def _load(s: EvalSettings, log: Log) -> _Inputs:
     """Check the settings and read the vocabulary and the data (no Ray, no request yet)."""
     urls = s.validate()
+    if s.backend == "in-process":
+        _check_engine(s)
     tokenizer = load_tokenizer(s.vocab, s.model_repository, s.model_name)
     model_vocab = vocab_against_model(s, tokenizer, log)
     data = load_examples(
@@ -158,7 +198,7 @@ def _load(s: EvalSettings, log: Log) -> _Inputs:
         document_field=s.document_field, summary_field=s.summary_field,
         input_template=s.input_template,
     )
-    return _Inputs(urls, tokenizer, model_vocab, data)
+    return _Inputs(s, urls, tokenizer, model_vocab, data)
 
 
 def _resume(inputs: _Inputs, out: OutputDir, log: Log) -> _Run:
@@ -171,8 +211,8 @@ def _resume(inputs: _Inputs, out: OutputDir, log: Log) -> _Run:
         out.append_error(errors[-1])
     pending = [e for e in data.examples if e.id not in done]
     log(f"evaluate: {data.total} rows, {len(data.errors)} rejected, "
-        f"{len(done)} already predicted, {len(pending)} to send to {len(inputs.urls)} "
-        "endpoint(s)")
+        f"{len(done)} already predicted, {len(pending)} to send to "
+        f"{_where(inputs.settings, inputs.urls)}")
     return _Run(done, errors, pending)
 
 
@@ -206,7 +246,8 @@ def _stream(s: EvalSettings, inputs: _Inputs, run: _Run, out: OutputDir,
 
         # Readiness before Ray: a wrong URL or model name fails in seconds, not at the
         # first request after the actors started.
-        wait_until_ready(inputs.urls, s.model_name, s.ready_timeout_s)
+        if s.backend == "triton":
+            wait_until_ready(inputs.urls, s.model_name, s.ready_timeout_s)
         if init_ray is not None:
             init_ray()
         if not ray.is_initialized():
@@ -261,7 +302,8 @@ def _render(s: EvalSettings, inputs: _Inputs, run: _Run, out: OutputDir,
         samples=[json.loads(run.done[i]) for i in ordered_ids[:5]],
         errors=run.errors[:20],
         settings={"model": s.model_name, "dataset": s.dataset, "split": s.split,
-                  "endpoints": ", ".join(inputs.urls), "actors": s.num_actors,
+                  "backend": s.backend, "endpoints": ", ".join(inputs.urls) or "none",
+                  "actors": s.num_actors,
                   "batch size": s.batch_size, "max input len": s.max_input_len,
                   "max output len": s.max_output_len, "beam width": s.beam_width,
                   "top k": s.top_k, "vocabulary pieces": inputs.tokenizer.vocab_size,

@@ -15,6 +15,12 @@ import pytest
 
 MODEL = "t5"
 VOCAB_SIZE = 200
+# Short inputs and outputs keep the engine to a few compiled shapes (one input-length bucket).
+COMMON = {"max_input_len": 64, "max_output_len": 16, "batch_size": 2,
+          "summary_field": "document", "progress": False}
+CLI_COMMON = ["--summary-field", "document", "--max-input-len", "64", "--max-output-len", "16",
+              "--batch-size", "2"]
+N = 60  # examples with a document; plus two rows without
 
 
 def sample_rows(xsum_sample: Path) -> list[dict]:
@@ -91,6 +97,42 @@ def eval_servers(ray_local, eval_model_repo):
 
     with LocalServers(str(eval_model_repo), MODEL, replicas=2, num_cpus=0.5) as servers:
         yield servers
+
+
+@pytest.fixture(scope="session")
+def grpc_urls(eval_servers) -> list[str]:
+    return [e["grpc"] for e in eval_servers.endpoints]
+
+
+@pytest.fixture(scope="session")
+def data_with_holes(tmp_path_factory, xsum_sample) -> Path:
+    """The sample six times over (60 examples) plus two bad rows (empty / missing document)."""
+    sample = sample_rows(xsum_sample)
+    rows = [{"id": f"bbc-{i:03d}", **sample[i % len(sample)]} for i in range(N)]
+    rows.insert(5, {"id": "empty-doc", "document": "", "summary": "s"})
+    rows.insert(11, {"id": "no-doc", "summary": "s"})
+    path = tmp_path_factory.mktemp("holes") / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, repo_root, ray_local, grpc_urls, eval_model_repo,
+                  data_with_holes) -> Path:
+    """One uninterrupted run through the CLI (1 actor, both endpoints, --json)."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "ray_jobs.evaluate", "--url", ",".join(grpc_urls),
+           "--model-name", MODEL, "--output", str(out), "--dataset", str(data_with_holes),
+           "--model-repository", str(eval_model_repo), *CLI_COMMON, "--num-actors", "1",
+           "--address", address, "--json"]
+    proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(repo_root),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["metrics"]["examples"] == N and summary["metrics"]["failed"] == 2
+    assert summary["predictions"] == str(out / "predictions.jsonl")
+    return out
 
 
 @pytest.fixture(scope="module")

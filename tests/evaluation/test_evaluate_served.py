@@ -23,16 +23,17 @@ import tritonclient.grpc as grpcclient
 from rouge_score import rouge_scorer, scoring
 
 from evaluation.runner import EvalSettings, evaluate
-from tests.evaluation.conftest import MODEL, sample_rows, subprocess_env
+from tests.evaluation.conftest import (
+    CLI_COMMON,
+    COMMON,
+    MODEL,
+    N,
+    sample_rows,
+    subprocess_env,
+)
 
 pytestmark = pytest.mark.slow
 
-# Short inputs and outputs keep the engine to a few compiled shapes (one input-length bucket).
-COMMON = {"max_input_len": 64, "max_output_len": 16, "batch_size": 2,
-          "summary_field": "document", "progress": False}
-CLI_COMMON = ["--summary-field", "document", "--max-input-len", "64", "--max-output-len", "16",
-              "--batch-size", "2"]
-N = 60  # examples with a document; plus two rows without
 
 
 def _settings(url: str, output: Path, dataset: Path, repo: Path, **kw) -> EvalSettings:
@@ -42,42 +43,6 @@ def _settings(url: str, output: Path, dataset: Path, repo: Path, **kw) -> EvalSe
 
 def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def grpc_urls(eval_servers) -> list[str]:
-    return [e["grpc"] for e in eval_servers.endpoints]
-
-
-@pytest.fixture(scope="module")
-def data_with_holes(tmp_path_factory, xsum_sample) -> Path:
-    """The sample six times over (60 examples) plus two bad rows (empty / missing document)."""
-    sample = sample_rows(xsum_sample)
-    rows = [{"id": f"bbc-{i:03d}", **sample[i % len(sample)]} for i in range(N)]
-    rows.insert(5, {"id": "empty-doc", "document": "", "summary": "s"})
-    rows.insert(11, {"id": "no-doc", "summary": "s"})
-    path = tmp_path_factory.mktemp("holes") / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, repo_root, ray_local, grpc_urls, eval_model_repo,
-                  data_with_holes) -> Path:
-    """One uninterrupted run through the CLI (1 actor, both endpoints, --json)."""
-    out = tmp_path_factory.mktemp("ref") / "out"
-    address = ray_local.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "ray_jobs.evaluate", "--url", ",".join(grpc_urls),
-           "--model-name", MODEL, "--output", str(out), "--dataset", str(data_with_holes),
-           "--model-repository", str(eval_model_repo), *CLI_COMMON, "--num-actors", "1",
-           "--address", address, "--json"]
-    proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(repo_root),
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["metrics"]["examples"] == N and summary["metrics"]["failed"] == 2
-    assert summary["predictions"] == str(out / "predictions.jsonl")
-    return out
 
 
 def test_outputs_and_metrics_equal_independent_rouge(reference_run, data_with_holes):

@@ -1,0 +1,93 @@
+"""The in-process path's Ray Data actor: the repository's JAX engine answers, no server.
+
+``--backend in-process`` runs :class:`EnginePredictor` where the Triton path runs
+:class:`evaluation.predictor.Predictor`: the same requests (evaluation.batching), the same
+request tensors (:func:`evaluation.client.build_request_arrays`, less the optional inputs the
+model does not declare), parsed and answered by the same contract code the Triton model runs
+(``serving.engine.parse_request`` / ``assemble_outputs``) and read back as the client reads a
+response (:func:`evaluation.client.parse_response`). So predictions equal the Triton path's row
+for row, and a request the Triton model would refuse is refused here with the same message.
+
+The engine is built as serving/triton_model/model.py builds it from config.pbtxt: the weights
+folder (``weights_location``), ``data_type`` and ``max_input_len`` parameters, and
+``max_batch_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from evaluation.client import build_request_arrays, declared_only, parse_response
+from evaluation.predictor import BatchPredictor
+from evaluation.tokenizer import weights_location
+
+if TYPE_CHECKING:
+    from evaluation.options import EvalSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """What config.pbtxt says about how the model is served."""
+
+    weights_dir: str  # the <T>-gpu folder with config.ini
+    data_type: str  # fp32 | fp16 | bf16
+    max_input_len: int  # 0: the engine's own limit
+    max_batch_size: int  # 0: no limit
+    inputs: frozenset[str]  # the declared input names
+
+
+def read_engine_spec(model_repository: str, model_name: str) -> EngineSpec:
+    """Read ``<repo>/<model>/config.pbtxt`` as the Triton model reads its configuration.
+
+    Raises:
+      FileNotFoundError: no config.pbtxt, or no config.ini in the weights folder it names.
+    """
+    from core import ft_format, storage
+    from core.repository import parse_pbtxt
+
+    pbtxt = storage.join(model_repository, model_name, "config.pbtxt")
+    if not storage.exists(pbtxt):
+        raise FileNotFoundError(f"no {pbtxt}: --model-repository holds no model {model_name!r}")
+    config = parse_pbtxt(storage.read_text(pbtxt))
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    weights = weights_location(model_repository, model_name)
+    if not storage.exists(storage.join(weights, ft_format.CONFIG_INI)):
+        raise FileNotFoundError(f"no FT weights folder at {weights} (config.ini missing)")
+    return EngineSpec(weights_dir=weights, data_type=params.get("data_type") or "fp32",
+                      max_input_len=int(params.get("max_input_len") or 0),
+                      max_batch_size=int(config.max_batch_size),
+                      inputs=frozenset(i.name for i in config.input))
+
+
+class EnginePredictor(BatchPredictor):
+    """Ray Data callable class answering each request with a :class:`serving.engine.T5Engine`
+    loaded once per actor (on its GPU when Ray gave it one)."""
+
+    def __init__(self, model_repository: str, opts: EvalSettings, vocab: bytes):
+        """Args: the converted repository (local), the run's options, the SentencePiece bytes."""
+        from serving.engine import T5Engine
+
+        super().__init__(opts, vocab)
+        self.spec = read_engine_spec(model_repository, opts.model_name)
+        self.engine = T5Engine.load(self.spec.weights_dir, dtype=self.spec.data_type)
+        limit = int(T5Engine.max_input_len)
+        self.max_input_len = min(self.spec.max_input_len or limit, limit)
+
+    def _generate(self, rows: list[list[int]]) -> list[list[int]]:
+        from serving.engine import assemble_outputs, parse_request
+
+        arrays = declared_only(build_request_arrays(rows, **self._request_settings()),
+                               set(self.spec.inputs))
+        request = parse_request(arrays, max_input_len=self.max_input_len,
+                                vocab_size=self.engine.config.vocab_size,
+                                max_batch_size=self.spec.max_batch_size)
+        results = self.engine.generate(request.tokens, request.params)
+        out = assemble_outputs(request, results, self.engine.config.eos_token_id)
+        return parse_response(out["output_ids"], out["sequence_length"])
+
+    def _describe(self, exc: BaseException) -> str:
+        """The contract's message as a Triton client would read it; else type and text."""
+        from serving.engine import RequestError
+
+        return str(exc) if isinstance(exc, RequestError) else super()._describe(exc)

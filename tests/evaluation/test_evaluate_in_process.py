@@ -1,0 +1,104 @@
+"""``--backend in-process`` equals the Triton path: the same converted ``--engine jax``
+repository, evaluated by real tritonservers (conftest's reference run) and by the JAX engine
+inside Ray Data actors, gives byte-identical predictions.jsonl and errors.jsonl, equal metrics,
+the same resume and the same request failures. Greedy decoding makes both deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.runner import EvalSettings, EvaluationError, evaluate
+from tests.evaluation.conftest import CLI_COMMON, COMMON, MODEL, N, sample_rows, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_in_process_max_examples_then_resume_equals_triton(
+        tmp_path, repo_root, ray_local, eval_model_repo, data_with_holes, reference_run):
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    # The CLI without --url: the engine runs in the actors, no server is asked.
+    cmd = [sys.executable, "-m", "ray_jobs.evaluate", "--backend", "in-process",
+           "--model-name", MODEL, "--output", str(out), "--dataset", str(data_with_holes),
+           "--model-repository", str(eval_model_repo), *CLI_COMMON, "--num-actors", "1",
+           "--num-gpus-per-actor", "0", "--max-examples", "8", "--address", address, "--json"]
+    proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(repo_root),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first["examples"] == 7 and first["failed"] == 1  # rows 0-7 hold "empty-doc"
+    ref_preds = _lines(reference_run / "predictions.jsonl")
+    assert _lines(out / "predictions.jsonl") == ref_preds[:7]
+
+    second = evaluate(EvalSettings(
+        backend="in-process", model_name=MODEL, output=str(out), dataset=str(data_with_holes),
+        model_repository=str(eval_model_repo), num_actors=1, resume=True, **COMMON))
+    assert second["resumed"] == 7 and second["examples"] == N and second["failed"] == 2
+    for name in ("predictions.jsonl", "errors.jsonl"):
+        assert (out / name).read_bytes() == (reference_run / name).read_bytes(), name
+    ref = json.loads((reference_run / "metrics.json").read_text())
+    got = json.loads((out / "metrics.json").read_text())
+    assert {t: got[t] for t in ROUGE} == {t: ref[t] for t in ROUGE}
+    assert got["examples"] == ref["examples"] and got["failed"] == ref["failed"]
+    html = (out / "report.html").read_text()
+    assert "in-process" in html and html.count("data:image/png;base64,") == 2
+
+
+def test_over_long_example_fails_alone_as_on_triton(tmp_path, grpc_urls, eval_model_repo,
+                                                    xsum_sample):
+    rows = sample_rows(xsum_sample)[:3]
+    for row in rows:  # short inputs: cheap for the engine
+        row["document"] = row["document"].split("\n")[0]
+    rows[1]["document"] = " ".join([rows[1]["document"]] * 60)  # beyond the model's limit
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(model_name=MODEL, dataset=str(data), model_repository=str(eval_model_repo),
+                  **{**COMMON, "summary_field": "summary", "max_input_len": 100000,
+                     "batch_size": 3}, num_actors=1)
+    served = evaluate(EvalSettings(url=grpc_urls[0], output=str(tmp_path / "t"), **common))
+    local = evaluate(EvalSettings(backend="in-process", output=str(tmp_path / "e"), **common))
+    assert local["examples"] == served["examples"] == 2
+    assert local["failed"] == served["failed"] == 1
+    assert (tmp_path / "e" / "predictions.jsonl").read_bytes() == \
+        (tmp_path / "t" / "predictions.jsonl").read_bytes()
+    (t_err,), (e_err,) = _lines(tmp_path / "t" / "errors.jsonl"), \
+        _lines(tmp_path / "e" / "errors.jsonl")
+    assert (e_err["id"], e_err["index"], e_err["stage"]) == \
+        (t_err["id"], t_err["index"], t_err["stage"]) == ("1", 1, "request")
+    # The same contract refuses it: Triton's reason is the engine's, behind the endpoint.
+    assert "over max_input_len" in e_err["reason"] and t_err["reason"].endswith(e_err["reason"])
+
+
+def test_settings_name_the_missing_flag(tmp_path, eval_model_repo):
+    base = dict(model_name=MODEL, output=str(tmp_path / "o"))
+    with pytest.raises(EvaluationError, match=r"^--url HOST:PORT is required with --backend"):
+        EvalSettings(**base).validate()
+    with pytest.raises(EvaluationError, match=r"^--backend in-process needs --model-repository"):
+        EvalSettings(backend="in-process", **base).validate()
+    with pytest.raises(EvaluationError, match="no model 'nope'"):
+        evaluate(EvalSettings(backend="in-process", model_repository=str(eval_model_repo),
+                              **{**base, "model_name": "nope"}))
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_cli_without_url_is_one_line(tmp_path, repo_root):
+    cmd = [sys.executable, "-m", "ray_jobs.evaluate", "--model-name", MODEL,
+           "--output", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(repo_root),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --url HOST:PORT is required with --backend triton (or give --backend "
+        "in-process --model-repository DST)")
