@@ -2,7 +2,8 @@
 
 Reads the data, sends it over a pool of Ray actors (Ray Data) holding Triton gRPC clients (or,
 with ``--backend in-process``, the repository's JAX engine itself), and writes
-OUT/predictions.jsonl (as results arrive), errors.jsonl, metrics.json and report.html. The flags are evaluation.options.EvalOptions' fields.
+OUT/predictions.jsonl (as results arrive), errors.jsonl, metrics.json and report.html.
+The flags are evaluation.options.EvalOptions' fields.
 """
 
 from __future__ import annotations
