@@ -49,6 +49,17 @@ def eval_jsonl(tmp_path_factory, xsum_sample) -> Path:
     return path
 
 
+def over_long_data(tmp_path: Path, xsum_sample: Path) -> Path:
+    """Three short examples (ids "0".."2"); the second is far beyond the model's input limit."""
+    rows = sample_rows(xsum_sample)[:3]
+    for row in rows:  # short inputs: cheap for the engine
+        row["document"] = row["document"].split("\n")[0]
+    rows[1]["document"] = " ".join([rows[1]["document"]] * 60)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
 def subprocess_env(repo_root: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), env.get("PYTHONPATH")) if p)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.runner import EvalSettings, EvaluationError, evaluate
-from tests.evaluation.conftest import CLI_COMMON, COMMON, MODEL, N, sample_rows, subprocess_env
+from tests.evaluation.conftest import CLI_COMMON, COMMON, MODEL, N, over_long_data, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -58,12 +58,7 @@ def test_in_process_max_examples_then_resume_equals_triton(
 
 def test_over_long_example_fails_alone_as_on_triton(tmp_path, grpc_urls, eval_model_repo,
                                                     xsum_sample):
-    rows = sample_rows(xsum_sample)[:3]
-    for row in rows:  # short inputs: cheap for the engine
-        row["document"] = row["document"].split("\n")[0]
-    rows[1]["document"] = " ".join([rows[1]["document"]] * 60)  # beyond the model's limit
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = over_long_data(tmp_path, xsum_sample)
     common = dict(model_name=MODEL, dataset=str(data), model_repository=str(eval_model_repo),
                   **{**COMMON, "summary_field": "summary", "max_input_len": 100000,
                      "batch_size": 3}, num_actors=1)

@@ -28,7 +28,7 @@ from tests.evaluation.conftest import (
     COMMON,
     MODEL,
     N,
-    sample_rows,
+    over_long_data,
     subprocess_env,
 )
 
@@ -169,12 +169,7 @@ def test_server_killed_mid_run_costs_no_example(tmp_path, eval_servers, grpc_url
 
 def test_dead_endpoint_fails_over_and_rejected_example_is_reported(
         tmp_path, grpc_urls, eval_model_repo, xsum_sample):
-    rows = sample_rows(xsum_sample)[:3]
-    for row in rows:  # short inputs: cheap for the engine
-        row["document"] = row["document"].split("\n")[0]
-    rows[1]["document"] = " ".join([rows[1]["document"]] * 60)  # beyond the server's limit
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = over_long_data(tmp_path, xsum_sample)
     # Port 1 refuses connections: requests sent there are retried on the live server.
     m = evaluate(_settings(f"127.0.0.1:1,{grpc_urls[0]}", tmp_path / "out", data,
                            eval_model_repo, summary_field="summary", max_input_len=100000,
