@@ -8,9 +8,10 @@ model does not declare), parsed and answered by the same contract code the Trito
 response (:func:`evaluation.client.parse_response`). So predictions equal the Triton path's row
 for row, and a request the Triton model would refuse is refused here with the same message.
 
-The engine is built as serving/triton_model/model.py builds it from config.pbtxt: the weights
-folder (``weights_location``), ``data_type`` and ``max_input_len`` parameters, and
-``max_batch_size``.
+:class:`EngineGenerate` is that answer as a plain callable (no Ray): a benchmark passes it to
+:func:`evaluation.batching.predict_rows`. The engine is built as serving/triton_model/model.py
+builds it from config.pbtxt: the weights folder (``weights_location``), ``data_type`` and
+``max_input_len`` parameters, and ``max_batch_size``.
 """
 
 from __future__ import annotations
@@ -60,31 +61,55 @@ def read_engine_spec(model_repository: str, model_name: str) -> EngineSpec:
                       inputs=frozenset(i.name for i in config.input))
 
 
-class EnginePredictor(BatchPredictor):
-    """Ray Data callable class answering each request with a :class:`serving.engine.T5Engine`
-    loaded once per actor (on its GPU when Ray gave it one)."""
+class EngineGenerate:
+    """A ``generate`` for :mod:`evaluation.batching`: the repository's engine, no Ray, no server.
 
-    def __init__(self, model_repository: str, opts: EvalSettings, vocab: bytes):
-        """Args: the converted repository (local), the run's options, the SentencePiece bytes."""
+        gen = EngineGenerate(repo, "t5", max_output_len=64)
+        answers = predict_rows(rows, gen, tokenizer.decode, batch_size=8)
+
+    Each call builds the request a Triton client would send (less the optional inputs the model
+    does not declare), checks it with the Triton model's contract and runs ``T5Engine.generate``;
+    a request the Triton model would refuse raises ``serving.engine.RequestError`` with its
+    message.
+    """
+
+    def __init__(self, model_repository: str, model_name: str, *, max_output_len: int,
+                 beam_width: int = 1, top_k: int = 1, random_seed: int = 0):
+        """Load the engine as the Triton model does (config.pbtxt; on the default JAX device)."""
         from serving.engine import T5Engine
 
-        super().__init__(opts, vocab)
-        self.spec = read_engine_spec(model_repository, opts.model_name)
+        self.spec = read_engine_spec(model_repository, model_name)
         self.engine = T5Engine.load(self.spec.weights_dir, dtype=self.spec.data_type)
         limit = int(T5Engine.max_input_len)
         self.max_input_len = min(self.spec.max_input_len or limit, limit)
+        self.settings = {"max_output_len": max_output_len, "beam_width": beam_width,
+                         "top_k": top_k, "random_seed": random_seed}
 
-    def _generate(self, rows: list[list[int]]) -> list[list[int]]:
+    def __call__(self, rows: list[list[int]]) -> list[list[int]]:
+        """Generated ids (beam 0, no start token) of each row."""
         from serving.engine import assemble_outputs, parse_request
 
-        arrays = declared_only(build_request_arrays(rows, **self._request_settings()),
-                               set(self.spec.inputs))
+        arrays = declared_only(build_request_arrays(rows, **self.settings), set(self.spec.inputs))
         request = parse_request(arrays, max_input_len=self.max_input_len,
                                 vocab_size=self.engine.config.vocab_size,
                                 max_batch_size=self.spec.max_batch_size)
         results = self.engine.generate(request.tokens, request.params)
         out = assemble_outputs(request, results, self.engine.config.eos_token_id)
         return parse_response(out["output_ids"], out["sequence_length"])
+
+
+class EnginePredictor(BatchPredictor):
+    """Ray Data callable class answering each request with :class:`EngineGenerate` (one
+    engine per actor, on its GPU when Ray gave it one)."""
+
+    def __init__(self, model_repository: str, opts: EvalSettings, vocab: bytes):
+        """Args: the converted repository (local), the run's options, the SentencePiece bytes."""
+        super().__init__(opts, vocab)
+        self.generate = EngineGenerate(model_repository, opts.model_name,
+                                       **self._request_settings())
+
+    def _generate(self, rows: list[list[int]]) -> list[list[int]]:
+        return self.generate(rows)
 
     def _describe(self, exc: BaseException) -> str:
         """The contract's message as a Triton client would read it; else type and text."""

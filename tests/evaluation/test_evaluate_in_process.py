@@ -97,3 +97,26 @@ def test_cli_without_url_is_one_line(tmp_path, repo_root):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --url HOST:PORT is required with --backend triton (or give --backend "
         "in-process --model-repository DST)")
+
+
+def test_batching_loop_without_ray_matches_triton(eval_model_repo, eval_vocab, data_with_holes,
+                                                  reference_run):
+    """What a benchmark runs: predict_rows over EngineGenerate, in this process, no Ray."""
+    from evaluation.batching import predict_rows
+    from evaluation.data import load_examples
+    from evaluation.engine_predictor import EngineGenerate
+    from evaluation.tokenizer import Tokenizer
+
+    tok = Tokenizer(eval_vocab.read_bytes())
+    examples = load_examples(str(data_with_holes), split="test", max_examples=12,
+                             document_field="document", summary_field="document",
+                             input_template="summarize: {document}").examples
+    rows = [tok.encode(e.input_text, COMMON["max_input_len"]) for e in examples]
+    generate = EngineGenerate(str(eval_model_repo), MODEL,
+                              max_output_len=COMMON["max_output_len"])
+    answers = list(predict_rows(rows, generate, tok.decode, batch_size=COMMON["batch_size"],
+                                ids=[e.id for e in examples]))
+    assert [len(a.ids) for a in answers] == [2] * 5  # 10 examples in 12 rows, 2 per request
+    got = {i: p for a in answers for i, p in zip(a.ids, a.predictions, strict=True)}
+    ref = {p["id"]: p["prediction"] for p in _lines(reference_run / "predictions.jsonl")}
+    assert got == {i: ref[i] for i in got}
