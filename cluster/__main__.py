@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 
 import yaml
 
@@ -37,9 +39,9 @@ def _progress(message: str) -> None:
 
 
 def render_objects(cfg: ClusterConfig, job: str | None = None,
-                   runtime_env: dict | None = None) -> list[dict]:
+                   runtime_env: dict | None = None, deadline: int | None = None) -> list[dict]:
     """Every object `up` applies, in order."""
-    top = (raycluster.rayjob(cfg, job, runtime_env) if job is not None
+    top = (raycluster.rayjob(cfg, job, runtime_env, deadline=deadline) if job is not None
            else raycluster.raycluster(cfg))
     return rbac.access_objects(cfg) + [top]
 
@@ -52,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, api: bool = True) -> None:
-        p.add_argument("--config", required=True, help="cluster YAML (examples/cluster-*.yaml)")
+        p.add_argument("--config", required=True,
+                       help="cluster YAML, a local path or gs:// URL (examples/cluster-*.yaml)")
         p.add_argument("--json", action="store_true",
                        help="print a JSON summary as the last stdout line")
         if api:
@@ -72,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--runtime-env-json", default=None,
                        help="the RayJob's runtime env (working_dir must be a gs:// or https "
                        "zip URI: a RayJob uploads nothing from here)")
+        p.add_argument("--job-deadline", type=int, default=None, metavar="SECONDS",
+                       help="with --job: the RayJob's activeDeadlineSeconds (KubeRay fails the "
+                       "job and deletes its cluster after it); default none")
 
     p = sub.add_parser("render", help="print the objects as YAML")
     common(p, api=False)
@@ -81,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="create/update, wait until ready, print the dashboard address")
     common(p)
     job_flags(p)
-    p.add_argument("--timeout", type=float, default=900,
-                   help="seconds to wait for the cluster (or the job) (default 900)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait: for the cluster, default 900; with --job, default no "
+                   "limit: wait until the RayJob ends (bounded by --job-deadline if given)")
     p.add_argument("--poll", type=float, default=5, help="seconds between checks (default 5)")
 
     p = sub.add_parser("status", help="state per group: ready/wanted, short resources, why")
@@ -113,7 +120,8 @@ def _runtime_env(text: str | None) -> dict | None:
 
 def cmd_render(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
     """`render`: the objects as YAML on stdout or --output; nothing is contacted."""
-    objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json))
+    objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json),
+                             args.job_deadline)
     text = yaml.safe_dump_all(objects, sort_keys=False)
     if args.output:
         with open(args.output, "w") as f:
@@ -146,7 +154,8 @@ def dashboard_address(kube: Kube, cfg: ClusterConfig) -> str:
 
 def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     """`up`: apply every object, then wait for the RayCluster (or run the RayJob to its end)."""
-    objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json))
+    objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json),
+                             args.job_deadline)
     applied = []
     for obj in objects:
         outcome, _ = kube.apply(obj)
@@ -166,7 +175,7 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         short = [g.line() for g in groups if not g.ok]
         return headline + ("; " + "; ".join(short) if short else "")
 
-    wait_for(check, describe, args.timeout, args.poll, log=_progress)
+    wait_for(check, describe, args.timeout or 900, args.poll, log=_progress)
     url = dashboard_address(kube, cfg)
     if cfg.head.service_type != "LoadBalancer":
         _progress(f"from outside the cluster: kubectl -n {cfg.namespace} port-forward "
@@ -187,12 +196,18 @@ def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         return state["status"].get("jobDeploymentStatus") in ("Complete", "Failed") or \
             state["status"].get("jobStatus") in ("SUCCEEDED", "FAILED", "STOPPED")
 
-    def describe() -> str:
-        s = state.get("status") or {}
-        return (f"RayJob {name}: deployment {s.get('jobDeploymentStatus', 'pending')}, "
-                f"job {s.get('jobStatus', 'pending')}")
+    started = time.monotonic()
 
-    wait_for(check, describe, args.timeout, args.poll, log=_progress)
+    def describe() -> str:
+        # The elapsed minutes make the line change once a minute: a heartbeat while it runs.
+        s = state.get("status") or {}
+        return (f"[{int(time.monotonic() - started) // 60} min] RayJob {name}: deployment "
+                f"{s.get('jobDeploymentStatus', 'pending')}, job {s.get('jobStatus', 'pending')}")
+
+    # No timeout of ours by default: the job ends by itself, or KubeRay ends it at its
+    # activeDeadlineSeconds (--job-deadline); a timeout here would only abandon a running job.
+    wait_for(check, describe, args.timeout or math.inf, args.poll, what=f"RayJob {name}",
+             log=_progress)
     status = state["status"]
     if status.get("jobStatus") != "SUCCEEDED":
         raise UserError(f"RayJob {name} ended {status.get('jobStatus') or 'without a job'} "

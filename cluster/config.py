@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
+from core import storage
+
 # NeMo's inference image carries Triton with the FasterTransformer backend built in.
 DEFAULT_TRITON_IMAGE = "nvcr.io/ea-bignlp/bignlp-inference:22.08-py3"
 DEFAULT_RAY_VERSION = "2.60.0"
@@ -75,7 +77,13 @@ class WorkerGroup(_Section):
     ephemeral_storage: str | None = None
     accelerator: str | None = None
     gpus: Count = 0
+    node_gpus: Count | None = None  # GPUs on one node of the group's node pool (default: gpus)
     spot: bool = False
+
+    @property
+    def gpus_per_node(self) -> int:
+        """The most GPUs one pod can get on this group's nodes: node_gpus, else gpus."""
+        return self.node_gpus if self.node_gpus is not None else self.gpus
 
     @property
     def is_gpu(self) -> bool:
@@ -114,6 +122,7 @@ class TritonDefaults(_Section):
     run_as_user: Count | None = 1000  # null for images that must run as root
     cpu: str | None = None
     memory: str | None = None
+    spot: bool | None = None  # default: the GPU worker group's
 
 
 class ClusterConfig(_Section):
@@ -151,6 +160,32 @@ class ClusterConfig(_Section):
         if self.triton.accelerator:
             return self.triton.accelerator
         return self.gpu_workers.accelerator if self.gpu_workers else None
+
+    @property
+    def triton_spot(self) -> bool:
+        """Whether Triton pods go to spot nodes: triton.spot, else the GPU group's."""
+        if self.triton.spot is not None:
+            return self.triton.spot
+        return bool(self.gpu_workers and self.gpu_workers.spot)
+
+    @property
+    def triton_node_gpus(self) -> int | None:
+        """GPUs on one node Triton pods can land on (the GPU group's pool), None if unknown."""
+        return self.gpu_workers.gpus_per_node if self.gpu_workers else None
+
+
+def check_gpus_fit(gpus: int, node_gpus: int | None, what: str) -> None:
+    """Refuse a pod asking for more GPUs than one node of its pool has: it would stay Pending.
+
+    Args:
+      gpus: GPUs the pod asks for (a Triton replica: tensor_parallel x pipeline_parallel).
+      node_gpus: GPUs on one node of the pool; None when not known (no check).
+      what: the pod, for the message ("model ul2 (tensor_parallel 4 x pipeline_parallel 1)").
+    """
+    if node_gpus is not None and gpus > node_gpus:
+        raise ConfigError(f"{what} needs {gpus} GPUs in one pod but a node of the GPU pool has "
+                          f"{node_gpus} (gpu_workers.node_gpus): the pod would stay Pending; "
+                          f"lower tensor_parallel x pipeline_parallel or use larger nodes")
 
 
 # The nested mappings, in the order their errors are reported (before the top level's).
@@ -217,6 +252,9 @@ def _check_group(g: WorkerGroup, where: str, gpu: bool) -> None:
     if gpu:
         if g.gpus < 1:
             raise ConfigError(f"{where}.gpus must be >= 1 for the GPU worker group")
+        if g.node_gpus is not None and g.node_gpus < g.gpus:
+            raise ConfigError(f"{where}.gpus {g.gpus} exceeds {where}.node_gpus {g.node_gpus}: "
+                              f"the pods would stay Pending")
         if not g.accelerator:
             raise ConfigError(f"{where}.accelerator is required (the GKE accelerator label, "
                               f"e.g. nvidia-a100-80gb, nvidia-h100-80gb, nvidia-l4)")
@@ -282,12 +320,12 @@ def _check_values(cfg: ClusterConfig) -> None:
 
 
 def load_config(path: str | Path) -> ClusterConfig:
-    """Read and validate the YAML config at PATH."""
-    path = Path(path)
-    if not path.is_file():
+    """Read and validate the YAML config at PATH: a local path or a gs:// URL (core.storage)."""
+    path = str(path)
+    if not storage.exists(path):
         raise ConfigError(f"cluster config {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(storage.read_text(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"cluster config {path} is not valid YAML: "
                           f"{str(exc).splitlines()[0]}") from exc

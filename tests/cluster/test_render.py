@@ -97,9 +97,14 @@ def test_role_grants_exactly_what_launching_triton_needs():
                for resource in rule["resources"] for verb in rule["verbs"]}
     launch = {"get", "list", "watch", "create", "patch", "delete"}
     expected = ({("apps", "deployments", v) for v in launch}
-                | {("", "services", v) for v in launch} | {("", "pods", v) for v in launch}
-                | {("", "pods/log", "get"), ("", "events", "list")})
+                | {("", "services", v) for v in launch}
+                | {("", "pods", v) for v in ("get", "list", "watch")}
+                | {("", "pods/log", "get"), ("", "events", "list"),
+                   ("", "serviceaccounts", "get"), ("ray.io", "rayclusters", "get"),
+                   ("ray.io", "rayjobs", "get")})
     assert granted == expected
+    # Least privilege: the Deployment's ReplicaSet creates pods, never the Ray head.
+    assert not {v for g, r, v in granted if r == "pods"} & {"create", "patch", "delete"}
     assert not any("*" in str(rule) for rule in role["rules"])
     binding = rbac.role_binding(cfg)
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "t5ft-ray",

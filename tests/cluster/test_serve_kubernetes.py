@@ -23,6 +23,17 @@ from serving import kubernetes as k8s_serving
 REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = "/apis/apps/v1/namespaces/t5ft/deployments"
 SERVICES = "/api/v1/namespaces/t5ft/services"
+TRITON_KSA = "/api/v1/namespaces/t5ft/serviceaccounts/t5ft-triton"
+
+
+@pytest.fixture
+def api(fake_api):
+    """The fake API, emptied, holding the Triton service account `python -m cluster up`
+    creates (serve checks it exists before creating anything)."""
+    fake_api.reset()
+    fake_api.put(TRITON_KSA, {"apiVersion": "v1", "kind": "ServiceAccount",
+                              "metadata": {"name": "t5ft-triton", "namespace": "t5ft"}})
+    return fake_api
 
 
 @pytest.fixture
@@ -89,7 +100,7 @@ def test_launch_ready_line_then_sigterm_deletes(api, kubeconfig, model_repo):
     assert posts[0].body["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert [r.path for r in api.calls("DELETE")] == [f"{DEPLOYMENTS}/triton-ul2",
                                                      f"{SERVICES}/triton-ul2"]
-    assert not api.objects
+    assert list(api.objects) == [TRITON_KSA]  # ours are gone; the account is not ours
 
 
 def test_existing_objects_are_patched(api, kubeconfig, model_repo):
