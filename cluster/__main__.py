@@ -6,8 +6,8 @@ up      create or update them through the API, wait for the RayCluster to be rea
         RayJob and wait for it to finish).
 status  the cluster's state, and per worker group how many pods are ready of how many wanted,
         which resource is short and why (pod conditions and events).
-down    delete the RayCluster (or the RayJob), any Triton we launched, the Role, RoleBinding
-        and service accounts; the namespace stays.
+down    delete the RayCluster (or the RayJob), any Triton we launched, the PodMonitorings, the
+        Role, RoleBinding and service accounts; the namespace stays.
 
 Credentials: --kubeconfig, else in-cluster, else ~/.kube/config (gcloud container clusters
 get-credentials writes it).
@@ -23,7 +23,7 @@ import time
 
 import yaml
 
-from cluster import diagnose, raycluster, rbac
+from cluster import diagnose, monitoring, raycluster, rbac
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
@@ -43,7 +43,7 @@ def render_objects(cfg: ClusterConfig, job: str | None = None,
     """Every object `up` applies, in order."""
     top = (raycluster.rayjob(cfg, job, runtime_env, deadline=deadline) if job is not None
            else raycluster.raycluster(cfg))
-    return rbac.access_objects(cfg) + [top]
+    return rbac.access_objects(cfg) + [top] + monitoring.monitoring_objects(cfg)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -265,6 +265,7 @@ def cmd_down(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     for kind in ("Deployment", "Service"):
         for obj in kube.list(kind, cfg.namespace, label_selector=TRITON_SELECTOR):
             targets.append((kind, obj["metadata"]["name"]))
+    targets += [(o["kind"], o["metadata"]["name"]) for o in monitoring.monitoring_objects(cfg)]
     if not args.keep_access:
         targets += [("RoleBinding", rbac.role_name(cfg)), ("Role", rbac.role_name(cfg)),
                     ("ServiceAccount", cfg.service_accounts.triton),

@@ -142,6 +142,7 @@ class ClusterConfig(_Section):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     triton: TritonDefaults = Field(default_factory=TritonDefaults)
     create_namespace: bool = True
+    managed_prometheus: bool = True  # render PodMonitorings (cluster/monitoring.py)
     run_as_user: Count = 1000  # the `ray` user of rayproject/ray images
 
     @property

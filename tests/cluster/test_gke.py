@@ -130,7 +130,7 @@ def test_configs_read_from_gcs(gcs, tmp_path):
                           f"gs://{BUCKET}/cfg/cluster-gke.yaml"], cwd=REPO, text=True,
                          capture_output=True, check=True).stdout
     kinds = [o["kind"] for o in yaml.safe_load_all(out)]
-    assert kinds[-1] == "RayCluster" and "Namespace" in kinds
+    assert kinds[0] == "Namespace" and "RayCluster" in kinds
 
 
 # -- (8) up --job waits for the RayJob ---------------------------------------------------------
@@ -307,4 +307,50 @@ def test_triton_deployment_recreate_owner_spot_and_local_copy(api, kubeconfig, g
 def test_render_objects_include_the_access_objects_first():
     cfg = load_config(GKE)
     kinds = [o["kind"] for o in render_objects(cfg)]
-    assert kinds[0] == "Namespace" and kinds[-1] == "RayCluster"
+    assert kinds[0] == "Namespace" and kinds[-3:] == ["RayCluster", "PodMonitoring",
+                                                      "PodMonitoring"]
+
+
+# -- monitoring: PodMonitorings for Managed Prometheus ---------------------------------------
+
+def test_pod_monitorings_render_with_the_cluster_and_validate(crd_validators):
+    cfg = load_config(GKE)
+    objects = render_objects(cfg)
+    monitors = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PodMonitoring"}
+    assert set(monitors) == {"t5ft-ray", "t5ft-triton"}
+    for obj in monitors.values():
+        assert obj["apiVersion"] == "monitoring.googleapis.com/v1"
+        assert obj["metadata"]["namespace"] == "t5ft"
+        assert not list(crd_validators["PodMonitoring"].iter_errors(obj))
+    # Each selects what it scrapes: Ray pods of this cluster on 8080, Triton pods on `metrics`.
+    head = raycluster.raycluster(cfg)["spec"]["headGroupSpec"]["template"]
+    ray_sel = monitors["t5ft-ray"]["spec"]["selector"]["matchLabels"]
+    assert ray_sel.items() <= head["metadata"]["labels"].items()
+    assert monitors["t5ft-ray"]["spec"]["endpoints"][0]["port"] == 8080
+    dep = triton.deployment(triton.TritonSpec(model_name="ul2", model_repository="gs://b/r",
+                                              namespace="t5ft"))
+    tri_sel = monitors["t5ft-triton"]["spec"]["selector"]["matchLabels"]
+    assert tri_sel.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"]
+             for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports[monitors["t5ft-triton"]["spec"]["endpoints"][0]["port"]] == 8002
+    # The vendored schema is strict: a misspelt key fails.
+    bad = {**monitors["t5ft-ray"], "spec": {**monitors["t5ft-ray"]["spec"], "selectr": {}}}
+    assert list(crd_validators["PodMonitoring"].iter_errors(bad))
+    data = yaml.safe_load(GKE.read_text())
+    data["managed_prometheus"] = False
+    assert not [o for o in render_objects(parse_config(data)) if o["kind"] == "PodMonitoring"]
+
+
+def test_up_applies_and_down_deletes_the_pod_monitorings(api, kubeconfig, capsys):
+    rc = "/apis/ray.io/v1/namespaces/t5ft/rayclusters/t5ft"
+    api.statuses[rc] = [{"state": "ready", "conditions": [
+        {"type": "HeadPodReady", "status": "True"},
+        {"type": "RayClusterProvisioned", "status": "True"}]}]
+    argv = ["--config", str(GKE), "--kubeconfig", str(kubeconfig), "--poll", "0.01"]
+    assert main(["up", *argv]) == 0
+    pm = "/apis/monitoring.googleapis.com/v1/namespaces/t5ft/podmonitorings"
+    assert [r.body["metadata"]["name"] for r in api.calls("POST", pm)] == [
+        "t5ft-ray", "t5ft-triton"]
+    assert main(["down", *argv[:4]]) == 0
+    assert {r.path for r in api.calls("DELETE", pm)} == {f"{pm}/t5ft-ray", f"{pm}/t5ft-triton"}
