@@ -19,8 +19,9 @@ from pydantic_core import ErrorDetails
 
 from core import storage
 
-# NeMo's inference image carries Triton with the FasterTransformer backend built in.
-DEFAULT_TRITON_IMAGE = "nvcr.io/ea-bignlp/bignlp-inference:22.08-py3"
+# Triton backends an image can serve: "python" runs our JAX engine (docker/serving.Dockerfile),
+# "fastertransformer" needs an image with the FT backend built in, which users build themselves.
+TRITON_BACKENDS = ("python", "fastertransformer")
 DEFAULT_RAY_VERSION = "2.60.0"
 GPU_TAINT_KEY = "nvidia.com/gpu"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -30,6 +31,10 @@ WORKLOAD_IDENTITY_ANNOTATION = "iam.gke.io/gcp-service-account"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
+# An image reference: [host[:port]/]path[:tag][@sha256:digest] (distribution/reference grammar).
+_IMAGE = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
+                    r"(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+                    r"(?:@sha256:[a-f0-9]{64})?$")
 _GSA = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]@[a-z][-a-z0-9]{4,28}[a-z0-9]"
                   r"\.iam\.gserviceaccount\.com$")
 
@@ -117,7 +122,8 @@ class TritonDefaults(_Section):
     They reach the job through environment variables on the Ray pods (serving/kubernetes.py).
     """
 
-    image: str = DEFAULT_TRITON_IMAGE
+    image: str  # no default: the serving image is built by the user (docs/gke.md)
+    backend: Literal["python", "fastertransformer"] = "python"  # what the image serves
     accelerator: str | None = None  # default: the GPU worker group's
     run_as_user: Count | None = 1000  # null for images that must run as root
     cpu: str | None = None
@@ -140,7 +146,7 @@ class ClusterConfig(_Section):
     cpu_workers: WorkerGroup | None = None
     gpu_workers: WorkerGroup | None = None
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
-    triton: TritonDefaults = Field(default_factory=TritonDefaults)
+    triton: TritonDefaults
     create_namespace: bool = True
     managed_prometheus: bool = True  # render PodMonitorings (cluster/monitoring.py)
     run_as_user: Count = 1000  # the `ray` user of rayproject/ray images
@@ -310,8 +316,11 @@ def _check_values(cfg: ClusterConfig) -> None:
         _check_group(cfg.gpu_workers, "gpu_workers", gpu=True)
     if cfg.cpu_workers and cfg.gpu_workers and cfg.cpu_workers.group == cfg.gpu_workers.group:
         raise ConfigError("cpu_workers.group and gpu_workers.group must differ")
-    if not cfg.image or not cfg.gpu_image:
-        raise ConfigError("config.image and config.gpu_image must name images")
+    for key, value in (("config.image", cfg.image), ("config.gpu_image", cfg.gpu_image),
+                       ("triton.image", cfg.triton.image)):
+        if not _IMAGE.match(value):
+            raise ConfigError(f"{key} {value!r} is not an image reference "
+                              f"(REGISTRY/PATH:TAG, e.g. us-docker.pkg.dev/PROJECT/t5ft/ray:0.1.0)")
     if cfg.ray_version not in cfg.image or cfg.ray_version not in cfg.gpu_image:
         # The driver's Ray must match the cluster's (docs/gke.md, section 0).
         raise ConfigError(f"config.ray_version {cfg.ray_version} does not appear in image tags "

@@ -34,6 +34,7 @@ ENV_TRITON_RUN_AS_USER = "T5FT_TRITON_RUN_AS_USER"
 ENV_TRITON_CPU = "T5FT_TRITON_CPU"
 ENV_TRITON_MEMORY = "T5FT_TRITON_MEMORY"
 ENV_TRITON_SPOT = "T5FT_TRITON_SPOT"
+ENV_TRITON_BACKEND = "T5FT_TRITON_BACKEND"
 ENV_TRITON_NODE_GPUS = "T5FT_TRITON_NODE_GPUS"
 # The object that owns the Triton Deployments serve creates (garbage-collected with it).
 ENV_OWNER_KIND = "T5FT_OWNER_KIND"
@@ -51,6 +52,7 @@ def _triton_env(cfg: ClusterConfig, owner: tuple[str, str]) -> list[client.V1Env
                         value="" if cfg.triton.run_as_user is None
                         else str(cfg.triton.run_as_user)),
         client.V1EnvVar(name=ENV_TRITON_SPOT, value="true" if cfg.triton_spot else "false"),
+        client.V1EnvVar(name=ENV_TRITON_BACKEND, value=cfg.triton.backend),
         client.V1EnvVar(name=ENV_OWNER_KIND, value=owner[0]),
         client.V1EnvVar(name=ENV_OWNER_NAME, value=owner[1]),
     ]

@@ -27,7 +27,8 @@ class TritonSpec:
       model_repository: gs://bucket/prefix (Triton reads GCS itself with the pod's Workload
         Identity) or any path the image can see.
       namespace: where the Deployment and Service go.
-      image: a Triton image with the FasterTransformer backend.
+      image: a Triton image with the model's backend: ours (docker/serving.Dockerfile) serves the
+        JAX engine through the Python backend; an FT model needs an image with that backend.
       gpus: nvidia.com/gpu per replica = the model's tensor-parallel size.
       replicas: Deployment replicas behind one Service.
       accelerator: GKE accelerator label to select (None: no GPU node selector).
@@ -46,8 +47,8 @@ class TritonSpec:
 
     model_name: str
     model_repository: str
+    image: str
     namespace: str = "default"
-    image: str = "nvcr.io/ea-bignlp/bignlp-inference:22.08-py3"
     gpus: int = 1
     replicas: int = 1
     accelerator: str | None = None

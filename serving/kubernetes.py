@@ -30,7 +30,7 @@ import tenacity
 from google.protobuf import text_format
 
 from cluster import diagnose, pods, raycluster, triton
-from cluster.config import DEFAULT_TRITON_IMAGE, ConfigError, check_gpus_fit
+from cluster.config import ConfigError, check_gpus_fit
 from cluster.kubeapi import Kube, new_api_client
 from core import storage
 from core.errors import UserError
@@ -93,6 +93,19 @@ def check_fits(model_config: ModelConfig, gpus: int, node_gpus: str | None) -> N
         raise UserError(str(exc)) from exc
 
 
+def check_backend(model_config: ModelConfig, image_backend: str | None) -> None:
+    """One clear error when the converted model's backend is not the one the cluster's Triton
+    image serves (env T5FT_TRITON_BACKEND, the cluster config's triton.backend): a JAX-engine
+    repository (backend "python") on an FT image, or the other way round, would fail to load
+    only after the pod was scheduled and the image pulled."""
+    if image_backend and model_config.backend != image_backend:
+        engine = {"python": "jax", "fastertransformer": "fastertransformer"}
+        raise UserError(
+            f"model {model_config.name} is for Triton's {model_config.backend!r} backend but the "
+            f"cluster's Triton image serves {image_backend!r} (triton.backend); convert with "
+            f"--engine {engine.get(image_backend, image_backend)} or set triton.image/backend")
+
+
 def local_copy_storage(model_repository: str, model_name: str) -> str | None:
     """The ephemeral-storage a Triton pod requests for its local copy of a gs:// model.
 
@@ -125,6 +138,11 @@ def triton_spec(opts: ServeOptions) -> triton.TritonSpec:
     model_config = read_model_config(opts.model_repository, opts.model_name)
     gpus = gpus_for(model_config)
     check_fits(model_config, gpus, env.get(raycluster.ENV_TRITON_NODE_GPUS))
+    check_backend(model_config, env.get(raycluster.ENV_TRITON_BACKEND))
+    image = opts.image or env.get(raycluster.ENV_TRITON_IMAGE)
+    if not image:
+        raise UserError("no Triton image: pass --image (off a cluster from `python -m cluster`, "
+                        "whose triton.image sets it); docs/gke.md says how to build one")
     ports = (opts.http_port or triton.HTTP_PORT, opts.grpc_port or triton.GRPC_PORT,
              opts.metrics_port or triton.METRICS_PORT)
     if not opts.model_repository.startswith("gs://"):
@@ -135,7 +153,7 @@ def triton_spec(opts: ServeOptions) -> triton.TritonSpec:
             model_name=opts.model_name,
             model_repository=opts.model_repository,
             namespace=namespace or "default",
-            image=opts.image or env.get(raycluster.ENV_TRITON_IMAGE) or DEFAULT_TRITON_IMAGE,
+            image=image,
             gpus=gpus,
             replicas=opts.replicas,
             accelerator=env.get(raycluster.ENV_TRITON_ACCELERATOR),

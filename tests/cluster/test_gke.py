@@ -49,8 +49,9 @@ def _head_env(cfg) -> dict[str, str]:
     return env
 
 
-def _model_config(tp: int, pp: int = 1) -> str:
-    cfg = model_config_pb2.ModelConfig(name="ul2", backend="fastertransformer")
+def _model_config(tp: int, pp: int = 1, backend: str = "python") -> str:
+    """A config.pbtxt (the JAX engine's backend by default, as the GKE examples convert)."""
+    cfg = model_config_pb2.ModelConfig(name="ul2", backend=backend)
     cfg.parameters["tensor_para_size"].string_value = str(tp)
     cfg.parameters["pipeline_para_size"].string_value = str(pp)
     return text_format.MessageToString(cfg)
@@ -216,7 +217,7 @@ def restricted_violations(pod: dict) -> list[str]:
 def _all_pods(cfg) -> list[dict]:
     spec = raycluster.raycluster(cfg)["spec"]
     job = raycluster.rayjob(cfg, "python x.py")["spec"]
-    deployment = triton.deployment(triton.TritonSpec(
+    deployment = triton.deployment(triton.TritonSpec(image="example.com/t5ft/serving:1",
         model_name="ul2", model_repository="gs://b/repo", namespace=cfg.namespace, gpus=2,
         accelerator=cfg.triton_accelerator, service_account=cfg.service_accounts.triton,
         run_as_user=cfg.triton.run_as_user))
@@ -327,7 +328,7 @@ def test_pod_monitorings_render_with_the_cluster_and_validate(crd_validators):
     ray_sel = monitors["t5ft-ray"]["spec"]["selector"]["matchLabels"]
     assert ray_sel.items() <= head["metadata"]["labels"].items()
     assert monitors["t5ft-ray"]["spec"]["endpoints"][0]["port"] == 8080
-    dep = triton.deployment(triton.TritonSpec(model_name="ul2", model_repository="gs://b/r",
+    dep = triton.deployment(triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="ul2", model_repository="gs://b/r",
                                               namespace="t5ft"))
     tri_sel = monitors["t5ft-triton"]["spec"]["selector"]["matchLabels"]
     assert tri_sel.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
@@ -354,3 +355,40 @@ def test_up_applies_and_down_deletes_the_pod_monitorings(api, kubeconfig, capsys
         "t5ft-ray", "t5ft-triton"]
     assert main(["down", *argv[:4]]) == 0
     assert {r.path for r in api.calls("DELETE", pm)} == {f"{pm}/t5ft-ray", f"{pm}/t5ft-triton"}
+
+
+# -- images and backends -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [("image", "rayproject/ray:2.60.0 py311"),
+                                       ("gpu_image", "Ray:2.60.0"),
+                                       ("triton", {"image": "nvcr.io//tritonserver:24.12"})])
+def test_images_must_be_image_references(key, value):
+    data = yaml.safe_load(GKE.read_text())
+    data[key] = value
+    with pytest.raises(ConfigError, match="is not an image reference"):
+        parse_config(data)
+
+
+def test_triton_image_has_no_default():
+    data = yaml.safe_load(GKE.read_text())
+    del data["triton"]["image"]
+    with pytest.raises(ConfigError, match="missing key triton.image"):
+        parse_config(data)
+
+
+def test_serve_refuses_a_model_for_another_backend(tmp_path, monkeypatch):
+    (tmp_path / "ul2").mkdir()
+    (tmp_path / "ul2" / "config.pbtxt").write_text(_model_config(2, backend="fastertransformer"))
+    for key, value in _head_env(load_config(GKE)).items():  # triton.backend: python
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match="model ul2 is for Triton's 'fastertransformer' backend "
+                                        "but the cluster's Triton image serves 'python'.*"
+                                        "--engine jax"):
+        k8s_serving.triton_spec(_serve_opts(str(tmp_path)))
+
+
+def test_serve_needs_an_image_off_the_cluster(tmp_path):
+    (tmp_path / "ul2").mkdir()
+    (tmp_path / "ul2" / "config.pbtxt").write_text(_model_config(1))
+    with pytest.raises(UserError, match="no Triton image: pass --image"):
+        k8s_serving.triton_spec(_serve_opts(str(tmp_path)))

@@ -29,7 +29,7 @@ def _all_rendered() -> list[tuple[str, dict]]:
         out.append((path.name, raycluster.rayjob(
             cfg, "python -m ray_jobs.pipeline --config gs://b/p.yaml --json",
             {"working_dir": "gs://b/code.zip", "pip": ["rouge-score==0.1.2"]})))
-        spec = triton.TritonSpec(model_name="ul2_20b", model_repository="gs://b/repo",
+        spec = triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="ul2_20b", model_repository="gs://b/repo",
                                  namespace=cfg.namespace, gpus=2, replicas=2,
                                  accelerator=cfg.triton_accelerator,
                                  service_account=cfg.service_accounts.triton)
@@ -75,7 +75,7 @@ def test_strict_validation_catches_a_misplaced_node_selector(crd_validators):
     rc = raycluster.raycluster(cfg)
     rc["spec"]["workerGroupSpecs"][1]["nodeSelector"] = {"cloud.google.com/gke-accelerator": "x"}
     assert list(crd_validators["RayCluster"].iter_errors(rc))
-    dep = triton.deployment(triton.TritonSpec(model_name="m", model_repository="gs://b/r"))
+    dep = triton.deployment(triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="m", model_repository="gs://b/r"))
     dep["spec"]["template"]["nodeSelector"] = {"a": "b"}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
@@ -160,7 +160,7 @@ def test_ray_pods_run_as_non_root():
 
 
 def test_triton_deployment_contents():
-    spec = triton.TritonSpec(model_name="UL2_20b", model_repository="gs://bkt/repo",
+    spec = triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="UL2_20b", model_repository="gs://bkt/repo",
                              namespace="t5ft", gpus=4, replicas=2,
                              accelerator="nvidia-h100-80gb", service_account="t5ft-triton")
     dep = triton.deployment(spec)

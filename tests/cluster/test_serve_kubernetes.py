@@ -104,7 +104,7 @@ def test_launch_ready_line_then_sigterm_deletes(api, kubeconfig, model_repo):
 
 
 def test_existing_objects_are_patched(api, kubeconfig, model_repo):
-    spec = triton.TritonSpec(model_name="ul2", model_repository="old", namespace="t5ft")
+    spec = triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="ul2", model_repository="old", namespace="t5ft")
     api.put(f"{DEPLOYMENTS}/triton-ul2", triton.deployment(spec))
     api.put(f"{SERVICES}/triton-ul2", triton.service(spec))
     api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [READY | {"observedGeneration": 2}]
@@ -176,7 +176,7 @@ def test_wait_reports_why_replicas_are_pending(api, capsys):
     from cluster.kubeapi import Kube
 
     kube = Kube(client.ApiClient(client.Configuration(host=api.url)), retries=0, log=None)
-    spec = triton.TritonSpec(model_name="ul2", model_repository="gs://b/r", namespace="t5ft",
+    spec = triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="ul2", model_repository="gs://b/r", namespace="t5ft",
                              gpus=8, accelerator="nvidia-h100-80gb")
     api.put(f"{DEPLOYMENTS}/triton-ul2", triton.deployment(spec))
     api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [
@@ -217,7 +217,7 @@ def test_gpu_count_read_from_a_gs_model_repository(monkeypatch):
         cfg.parameters["pipeline_para_size"].string_value = "2"
         client.bucket("t5ft-cluster").blob("repo/ul2/config.pbtxt").upload_from_string(
             text_format.MessageToString(cfg))
-        spec = k8s_serving.triton_spec(_args("gs://t5ft-cluster/repo"))
+        spec = k8s_serving.triton_spec(_args("gs://t5ft-cluster/repo", image="example.com/t5ft/serving:1"))
         assert spec.gpus == 8
         assert "--model-repository=gs://t5ft-cluster/repo" in \
             triton.deployment(spec)["spec"]["template"]["spec"]["containers"][0]["args"]
