@@ -1,5 +1,8 @@
-"""python -m cluster render|up|status|down --config CLUSTER.yaml
+"""python -m cluster gcloud|render|up|status|down --config CLUSTER.yaml
 
+gcloud  print the gcloud/helm/kubectl commands that prepare the project for this config (APIs,
+        GKE cluster, node pools, bucket, service accounts, Workload Identity, images, KubeRay,
+        namespace); nothing is contacted.
 render  print the objects as YAML (for kubectl apply -f -); nothing is contacted.
 up      create or update them through the API, wait for the RayCluster to be ready and print
         the dashboard address for `ray job submit` (with --job: run ENTRYPOINT as a one-shot
@@ -23,7 +26,7 @@ import time
 
 import yaml
 
-from cluster import diagnose, monitoring, raycluster, rbac
+from cluster import diagnose, gcloud, monitoring, raycluster, rbac
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
@@ -79,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="with --job: the RayJob's activeDeadlineSeconds (KubeRay fails the "
                        "job and deletes its cluster after it); default none")
 
+    p = sub.add_parser("gcloud", help="print the commands that prepare the project")
+    common(p, api=False)
+
     p = sub.add_parser("render", help="print the objects as YAML")
     common(p, api=False)
     job_flags(p)
@@ -130,6 +136,18 @@ def cmd_render(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
         sys.stdout.write(text)
     return {"objects": [f"{o['kind']}/{o['metadata']['name']}" for o in objects],
             "output": args.output or "-"}
+
+
+def cmd_gcloud(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
+    """`gcloud`: the project's setup commands for this config, as a shell script on stdout."""
+    try:
+        text = gcloud.script(cfg, args.config)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+    if not args.json:
+        sys.stdout.write(text)
+    commands = [line for line in text.splitlines() if line and not line.startswith("#")]
+    return {"commands": len(commands) - 1, "namespace": cfg.namespace}
 
 
 def _cluster_report(kube: Kube, cfg: ClusterConfig, rc: dict) -> tuple[list, str]:
@@ -285,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
-    if args.command == "render":
-        summary = cmd_render(cfg, args)
+    if args.command in ("render", "gcloud"):
+        summary = (cmd_render if args.command == "render" else cmd_gcloud)(cfg, args)
     else:
         kube = Kube(new_api_client(args.kubeconfig, args.context), retries=args.retries,
                     backoff=args.retry_backoff)

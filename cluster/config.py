@@ -64,6 +64,7 @@ class HeadGroup(_Section):
     cpu: str = "2"
     memory: str = "8Gi"
     service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
+    machine_type: str = "e2-standard-8"  # the default node pool's (`python -m cluster gcloud`)
 
 
 class WorkerGroup(_Section):
@@ -83,6 +84,7 @@ class WorkerGroup(_Section):
     accelerator: str | None = None
     gpus: Count = 0
     node_gpus: Count | None = None  # GPUs on one node of the group's node pool (default: gpus)
+    machine_type: str | None = None  # the node pool's machine type (`python -m cluster gcloud`)
     spot: bool = False
 
     @property
@@ -105,15 +107,23 @@ class Autoscaling(_Section):
 
 
 class ServiceAccounts(_Section):
-    """The Kubernetes service accounts, bound to a Google one through Workload Identity.
+    """The Kubernetes service accounts, each bound to a Google one through Workload Identity.
 
-    ray: the Ray pods' account; the only one the Role is bound to (it launches Triton).
-    triton: the Triton pods' account; it reads gs:// and has no Kubernetes rights at all.
+    ray: the Ray pods' account; the only one the Role is bound to (it launches Triton); acts as
+      google_service_account (reads and writes the bucket).
+    triton: the Triton pods' account; no Kubernetes rights; acts as
+      triton_google_service_account (reads the bucket only), else google_service_account.
     """
 
     google_service_account: str
+    triton_google_service_account: str | None = None
     ray: str = "ray"
     triton: str = "triton"
+
+    @property
+    def triton_gsa(self) -> str:
+        """The Google service account the Triton pods act as."""
+        return self.triton_google_service_account or self.google_service_account
 
 
 class TritonDefaults(_Section):
@@ -147,6 +157,7 @@ class ClusterConfig(_Section):
     gpu_workers: WorkerGroup | None = None
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     triton: TritonDefaults
+    bucket: str | None = None  # gs://NAME the jobs use (`python -m cluster gcloud` grants it)
     create_namespace: bool = True
     managed_prometheus: bool = True  # render PodMonitorings (cluster/monitoring.py)
     run_as_user: Count = 1000  # the `ray` user of rayproject/ray images
@@ -301,13 +312,19 @@ def _check_values(cfg: ClusterConfig) -> None:
     if cfg.service_accounts.ray == cfg.service_accounts.triton:
         raise ConfigError("service_accounts.ray and service_accounts.triton must differ: only "
                           "the Ray account may launch pods")
-    gsa = cfg.service_accounts.google_service_account
-    if not _GSA.match(gsa):
-        raise ConfigError(f"service_accounts.google_service_account {gsa!r} is not of the "
-                          f"form NAME@PROJECT.iam.gserviceaccount.com")
-    if gsa.split("@")[1].split(".")[0] != cfg.project:
-        raise ConfigError(f"service_accounts.google_service_account {gsa!r} is not in "
-                          f"project {cfg.project!r}")
+    for key in ("google_service_account", "triton_google_service_account"):
+        gsa = getattr(cfg.service_accounts, key)
+        if gsa is None:
+            continue
+        if not _GSA.match(gsa):
+            raise ConfigError(f"service_accounts.{key} {gsa!r} is not of the "
+                              f"form NAME@PROJECT.iam.gserviceaccount.com")
+        if gsa.split("@")[1].split(".")[0] != cfg.project:
+            raise ConfigError(f"service_accounts.{key} {gsa!r} is not in "
+                              f"project {cfg.project!r}")
+    if cfg.bucket is not None and not re.match(r"^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]$",
+                                               cfg.bucket):
+        raise ConfigError(f"config.bucket {cfg.bucket!r} must be gs://BUCKET (no path)")
     _check_quantity(cfg.head.cpu, "head.cpu")
     _check_quantity(cfg.head.memory, "head.memory")
     if cfg.cpu_workers:

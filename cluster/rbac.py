@@ -62,14 +62,20 @@ def namespace(cfg: ClusterConfig) -> dict:
                                      labels={**pods.labels("ray", cfg.name), **psa_labels(cfg)})))
 
 
+def google_service_accounts(cfg: ClusterConfig) -> dict[str, str]:
+    """KSA name -> the Google service account it acts as (Workload Identity): the Ray account
+    the read-write runner, the Triton account the read-only one (when the config has it)."""
+    accounts = cfg.service_accounts
+    return {accounts.ray: accounts.google_service_account, accounts.triton: accounts.triton_gsa}
+
+
 def service_account(cfg: ClusterConfig, name: str) -> dict:
-    """A ServiceAccount NAME bound to the Google service account through Workload Identity."""
+    """A ServiceAccount NAME bound to its Google service account through Workload Identity."""
     return pods.to_dict(client.V1ServiceAccount(
         api_version="v1", kind="ServiceAccount",
         metadata=client.V1ObjectMeta(
             name=name, namespace=cfg.namespace, labels=pods.labels("ray", cfg.name),
-            annotations={WORKLOAD_IDENTITY_ANNOTATION:
-                         cfg.service_accounts.google_service_account})))
+            annotations={WORKLOAD_IDENTITY_ANNOTATION: google_service_accounts(cfg)[name]})))
 
 
 def launch_rules() -> list[client.V1PolicyRule]:

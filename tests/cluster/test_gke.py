@@ -392,3 +392,70 @@ def test_serve_needs_an_image_off_the_cluster(tmp_path):
     (tmp_path / "ul2" / "config.pbtxt").write_text(_model_config(1))
     with pytest.raises(UserError, match="no Triton image: pass --image"):
         k8s_serving.triton_spec(_serve_opts(str(tmp_path)))
+
+
+# -- python -m cluster gcloud ------------------------------------------------------------------
+
+def _commands(path: Path) -> list[str]:
+    from cluster import gcloud
+
+    return [line for line in gcloud.script(load_config(path), str(path)).splitlines()
+            if line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("path", [GKE, EXAMPLES / "cluster-small.yaml"], ids=lambda p: p.name)
+def test_gcloud_commands_cover_the_config(path):
+    cfg = load_config(path)
+    lines = _commands(path)
+    ns = cfg.namespace
+    # Every KSA we render is bound to its Google account, in the config's namespace.
+    ksas = [o["metadata"] for o in rbac.access_objects(cfg) if o["kind"] == "ServiceAccount"]
+    for meta in ksas:
+        gsa = meta["annotations"]["iam.gke.io/gcp-service-account"]
+        member = f"serviceAccount:{cfg.project}.svc.id.goog[{ns}/{meta['name']}]"
+        assert any(line.startswith(f"gcloud iam service-accounts add-iam-policy-binding {gsa} ")
+                   and member in line for line in lines), member
+    # One Google account per role: the runner writes the bucket, Triton only reads it.
+    runner, reader = cfg.service_accounts.google_service_account, cfg.service_accounts.triton_gsa
+    assert runner != reader
+    assert any(f"serviceAccount:{runner} --role=roles/storage.objectAdmin" in x for x in lines)
+    assert any(f"serviceAccount:{reader} --role=roles/storage.objectViewer" in x for x in lines)
+    assert not any(f"serviceAccount:{reader} --role=roles/storage.objectAdmin" in x
+                   for x in lines)
+    # The namespace comes first, then the dry run and up; KubeRay at the vendored version.
+    create = lines.index(f"kubectl create namespace {ns}")
+    dry = next(i for i, x in enumerate(lines) if "--dry-run=server" in x)
+    assert create < dry < next(i for i, x in enumerate(lines) if " cluster up " in x)
+    assert any("helm install kuberay-operator kuberay/kuberay-operator --version=1.7.0" in x
+               for x in lines)
+    assert "v1.7.0" in (REPO / "cluster" / "schemas" / "README.md").read_text()
+    # Node pools as the config says: GPUs per node, spot where asked.
+    gpu = next(x for x in lines if f"node-pools create {cfg.gpu_workers.group} " in x)
+    assert f"count={cfg.gpu_workers.gpus_per_node}," in gpu
+    assert ("--spot" in gpu) == cfg.gpu_workers.spot
+    assert "--workload-pool=" in next(x for x in lines if "clusters create" in x)
+
+
+def test_gcloud_builds_the_images_the_config_names():
+    cfg = load_config(GKE)
+    build = next(x for x in _commands(GKE) if x.startswith("gcloud builds submit"))
+    subs = dict(kv.split("=", 1) for kv in
+                build.split("--substitutions=")[1].split()[0].split(","))
+    cloudbuild = yaml.safe_load((REPO / "docker" / "cloudbuild.yaml").read_text())
+    built = set()
+    for image in cloudbuild["images"]:
+        for key, value in subs.items():
+            image = image.replace("${" + key + "}", value)
+        built.add(image)
+    assert built == {cfg.image, cfg.gpu_image, cfg.triton.image}
+
+
+def test_gcloud_cli_and_its_errors(tmp_path, capsys):
+    assert main(["gcloud", "--config", str(GKE)]) == 0
+    assert "kubectl create namespace t5ft" in capsys.readouterr().out
+    data = yaml.safe_load(GKE.read_text())
+    del data["gpu_workers"]["machine_type"]
+    bad = tmp_path / "c.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match="gpu_workers.machine_type is needed"):
+        main(["gcloud", "--config", str(bad)])

@@ -116,10 +116,11 @@ def test_role_grants_exactly_what_launching_triton_needs():
 
 def test_workload_identity_and_token_mounts():
     cfg = load_config(REPO / "examples" / "cluster-gke.yaml")
-    for name in ("t5ft-ray", "t5ft-triton"):
+    # One Google account per role: the runner (read-write) for Ray, a read-only one for Triton.
+    for name, gsa in (("t5ft-ray", "t5ft-runner"), ("t5ft-triton", "t5ft-triton")):
         sa = rbac.service_account(cfg, name)
         assert sa["metadata"]["annotations"] == {
-            "iam.gke.io/gcp-service-account": "t5ft-runner@my-gcp-project.iam.gserviceaccount.com"}
+            "iam.gke.io/gcp-service-account": f"{gsa}@my-gcp-project.iam.gserviceaccount.com"}
     spec = raycluster.raycluster(cfg)["spec"]
     head = spec["headGroupSpec"]["template"]["spec"]
     assert head["serviceAccountName"] == "t5ft-ray" and head["automountServiceAccountToken"]
