@@ -18,6 +18,9 @@ from cluster.config import ClusterConfig, ConfigError, WorkerGroup
 
 KUBERAY_CHART_VERSION = "1.7.0"  # = cluster/schemas/README.md
 KUBERAY_NAMESPACE = "kuberay-system"
+# Boot disk per worker node: images (~20 GB for the serving image) plus Triton's local copy of
+# the model (ephemeral-storage, ~45 GiB for UL2 20B in bf16) do not fit GKE's 100 GB default.
+NODE_DISK_GB = 200
 APIS = ["container.googleapis.com", "compute.googleapis.com", "storage.googleapis.com",
         "iam.googleapis.com", "iamcredentials.googleapis.com", "artifactregistry.googleapis.com",
         "cloudbuild.googleapis.com", "monitoring.googleapis.com"]
@@ -39,7 +42,7 @@ def _node_pool(cfg: ClusterConfig, g: WorkerGroup, where: str) -> list[str]:
     argv = ["gcloud", "container", "node-pools", "create", g.group, f"--cluster={cfg.name}",
             f"--zone={cfg.zone}", f"--machine-type={g.machine_type}", "--num-nodes=0",
             "--enable-autoscaling", "--min-nodes=0", f"--max-nodes={g.max_replicas}",
-            "--workload-metadata=GKE_METADATA"]
+            "--workload-metadata=GKE_METADATA", f"--disk-size={NODE_DISK_GB}"]
     if g.is_gpu:
         # GKE installs the driver and taints the nodes nvidia.com/gpu=present:NoSchedule.
         argv.append(f"--accelerator=type={g.accelerator},count={g.gpus_per_node},"
