@@ -52,7 +52,8 @@ def render_objects(cfg: ClusterConfig, job: str | None = None,
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cluster",
-        description="KubeRay on GKE: render, create, inspect and delete our Ray cluster.",
+        description="KubeRay on GKE: prepare the project for, render, create, inspect and "
+                    "delete our Ray cluster.",
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -198,6 +199,9 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     if cfg.head.service_type != "LoadBalancer":
         _progress(f"from outside the cluster: kubectl -n {cfg.namespace} port-forward "
                   f"svc/{cfg.head_service} 8265:8265, then --address http://127.0.0.1:8265")
+    # authOptions.mode token (cluster/raycluster.py): job submission needs the cluster's token.
+    _progress("the cluster requires Ray token authentication: export RAY_AUTH_MODE=token and "
+              "RAY_AUTH_TOKEN from the operator's Secret (docs/gke.md, section 5)")
     _progress(f"ray job submit --address {url} --working-dir . -- python -m ray_jobs.pipeline "
               f"--config PIPELINE.yaml --json")
     return {"applied": applied, "ready": True, "dashboard": url,
