@@ -1,13 +1,16 @@
-"""python -m cluster render|up|status|down --config CLUSTER.yaml
+"""python -m cluster gcloud|render|up|status|down --config CLUSTER.yaml
 
+gcloud  print the gcloud/helm/kubectl commands that prepare the project for this config (APIs,
+        GKE cluster, node pools, bucket, service accounts, Workload Identity, images, KubeRay,
+        namespace); nothing is contacted.
 render  print the objects as YAML (for kubectl apply -f -); nothing is contacted.
 up      create or update them through the API, wait for the RayCluster to be ready and print
         the dashboard address for `ray job submit` (with --job: run ENTRYPOINT as a one-shot
         RayJob and wait for it to finish).
 status  the cluster's state, and per worker group how many pods are ready of how many wanted,
         which resource is short and why (pod conditions and events).
-down    delete the RayCluster (or the RayJob), any Triton we launched, the Role, RoleBinding
-        and service accounts; the namespace stays.
+down    delete the RayCluster (or the RayJob), any Triton we launched, the PodMonitorings, the
+        Role, RoleBinding and service accounts; the namespace stays.
 
 Credentials: --kubeconfig, else in-cluster, else ~/.kube/config (gcloud container clusters
 get-credentials writes it).
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 
 import yaml
 
-from cluster import diagnose, raycluster, rbac
+from cluster import diagnose, gcloud, monitoring, raycluster, rbac
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
@@ -37,22 +42,24 @@ def _progress(message: str) -> None:
 
 
 def render_objects(cfg: ClusterConfig, job: str | None = None,
-                   runtime_env: dict | None = None) -> list[dict]:
+                   runtime_env: dict | None = None, deadline: int | None = None) -> list[dict]:
     """Every object `up` applies, in order."""
-    top = (raycluster.rayjob(cfg, job, runtime_env) if job is not None
+    top = (raycluster.rayjob(cfg, job, runtime_env, deadline=deadline) if job is not None
            else raycluster.raycluster(cfg))
-    return rbac.access_objects(cfg) + [top]
+    return rbac.access_objects(cfg) + [top] + monitoring.monitoring_objects(cfg)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cluster",
-        description="KubeRay on GKE: render, create, inspect and delete our Ray cluster.",
+        description="KubeRay on GKE: prepare the project for, render, create, inspect and "
+                    "delete our Ray cluster.",
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, api: bool = True) -> None:
-        p.add_argument("--config", required=True, help="cluster YAML (examples/cluster-*.yaml)")
+        p.add_argument("--config", required=True,
+                       help="cluster YAML, a local path or gs:// URL (examples/cluster-*.yaml)")
         p.add_argument("--json", action="store_true",
                        help="print a JSON summary as the last stdout line")
         if api:
@@ -72,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--runtime-env-json", default=None,
                        help="the RayJob's runtime env (working_dir must be a gs:// or https "
                        "zip URI: a RayJob uploads nothing from here)")
+        p.add_argument("--job-deadline", type=int, default=None, metavar="SECONDS",
+                       help="with --job: the RayJob's activeDeadlineSeconds (KubeRay fails the "
+                       "job and deletes its cluster after it); default none")
+
+    p = sub.add_parser("gcloud", help="print the commands that prepare the project")
+    common(p, api=False)
 
     p = sub.add_parser("render", help="print the objects as YAML")
     common(p, api=False)
@@ -81,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="create/update, wait until ready, print the dashboard address")
     common(p)
     job_flags(p)
-    p.add_argument("--timeout", type=float, default=900,
-                   help="seconds to wait for the cluster (or the job) (default 900)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait: for the cluster, default 900; with --job, default no "
+                   "limit: wait until the RayJob ends (bounded by --job-deadline if given)")
     p.add_argument("--poll", type=float, default=5, help="seconds between checks (default 5)")
 
     p = sub.add_parser("status", help="state per group: ready/wanted, short resources, why")
@@ -113,7 +127,8 @@ def _runtime_env(text: str | None) -> dict | None:
 
 def cmd_render(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
     """`render`: the objects as YAML on stdout or --output; nothing is contacted."""
-    objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json))
+    objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json),
+                             args.job_deadline)
     text = yaml.safe_dump_all(objects, sort_keys=False)
     if args.output:
         with open(args.output, "w") as f:
@@ -122,6 +137,18 @@ def cmd_render(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
         sys.stdout.write(text)
     return {"objects": [f"{o['kind']}/{o['metadata']['name']}" for o in objects],
             "output": args.output or "-"}
+
+
+def cmd_gcloud(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
+    """`gcloud`: the project's setup commands for this config, as a shell script on stdout."""
+    try:
+        text = gcloud.script(cfg, args.config)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+    if not args.json:
+        sys.stdout.write(text)
+    commands = [line for line in text.splitlines() if line and not line.startswith("#")]
+    return {"commands": len(commands) - 1, "namespace": cfg.namespace}
 
 
 def _cluster_report(kube: Kube, cfg: ClusterConfig, rc: dict) -> tuple[list, str]:
@@ -146,7 +173,8 @@ def dashboard_address(kube: Kube, cfg: ClusterConfig) -> str:
 
 def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     """`up`: apply every object, then wait for the RayCluster (or run the RayJob to its end)."""
-    objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json))
+    objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json),
+                             args.job_deadline)
     applied = []
     for obj in objects:
         outcome, _ = kube.apply(obj)
@@ -166,11 +194,14 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         short = [g.line() for g in groups if not g.ok]
         return headline + ("; " + "; ".join(short) if short else "")
 
-    wait_for(check, describe, args.timeout, args.poll, log=_progress)
+    wait_for(check, describe, args.timeout or 900, args.poll, log=_progress)
     url = dashboard_address(kube, cfg)
     if cfg.head.service_type != "LoadBalancer":
         _progress(f"from outside the cluster: kubectl -n {cfg.namespace} port-forward "
                   f"svc/{cfg.head_service} 8265:8265, then --address http://127.0.0.1:8265")
+    # authOptions.mode token (cluster/raycluster.py): job submission needs the cluster's token.
+    _progress("the cluster requires Ray token authentication: export RAY_AUTH_MODE=token and "
+              "RAY_AUTH_TOKEN from the operator's Secret (docs/gke.md, section 5)")
     _progress(f"ray job submit --address {url} --working-dir . -- python -m ray_jobs.pipeline "
               f"--config PIPELINE.yaml --json")
     return {"applied": applied, "ready": True, "dashboard": url,
@@ -187,12 +218,18 @@ def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         return state["status"].get("jobDeploymentStatus") in ("Complete", "Failed") or \
             state["status"].get("jobStatus") in ("SUCCEEDED", "FAILED", "STOPPED")
 
-    def describe() -> str:
-        s = state.get("status") or {}
-        return (f"RayJob {name}: deployment {s.get('jobDeploymentStatus', 'pending')}, "
-                f"job {s.get('jobStatus', 'pending')}")
+    started = time.monotonic()
 
-    wait_for(check, describe, args.timeout, args.poll, log=_progress)
+    def describe() -> str:
+        # The elapsed minutes make the line change once a minute: a heartbeat while it runs.
+        s = state.get("status") or {}
+        return (f"[{int(time.monotonic() - started) // 60} min] RayJob {name}: deployment "
+                f"{s.get('jobDeploymentStatus', 'pending')}, job {s.get('jobStatus', 'pending')}")
+
+    # No timeout of ours by default: the job ends by itself, or KubeRay ends it at its
+    # activeDeadlineSeconds (--job-deadline); a timeout here would only abandon a running job.
+    wait_for(check, describe, args.timeout or math.inf, args.poll, what=f"RayJob {name}",
+             log=_progress)
     status = state["status"]
     if status.get("jobStatus") != "SUCCEEDED":
         raise UserError(f"RayJob {name} ended {status.get('jobStatus') or 'without a job'} "
@@ -250,6 +287,7 @@ def cmd_down(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     for kind in ("Deployment", "Service"):
         for obj in kube.list(kind, cfg.namespace, label_selector=TRITON_SELECTOR):
             targets.append((kind, obj["metadata"]["name"]))
+    targets += [(o["kind"], o["metadata"]["name"]) for o in monitoring.monitoring_objects(cfg)]
     if not args.keep_access:
         targets += [("RoleBinding", rbac.role_name(cfg)), ("Role", rbac.role_name(cfg)),
                     ("ServiceAccount", cfg.service_accounts.triton),
@@ -269,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
-    if args.command == "render":
-        summary = cmd_render(cfg, args)
+    if args.command in ("render", "gcloud"):
+        summary = (cmd_render if args.command == "render" else cmd_gcloud)(cfg, args)
     else:
         kube = Kube(new_api_client(args.kubeconfig, args.context), retries=args.retries,
                     backoff=args.retry_backoff)

@@ -17,8 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
-# NeMo's inference image carries Triton with the FasterTransformer backend built in.
-DEFAULT_TRITON_IMAGE = "nvcr.io/ea-bignlp/bignlp-inference:22.08-py3"
+from core import storage
+
+# Triton backends an image can serve: "python" runs our JAX engine (docker/serving.Dockerfile),
+# "fastertransformer" needs an image with the FT backend built in, which users build themselves.
+TRITON_BACKENDS = ("python", "fastertransformer")
 DEFAULT_RAY_VERSION = "2.60.0"
 GPU_TAINT_KEY = "nvidia.com/gpu"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -28,6 +31,10 @@ WORKLOAD_IDENTITY_ANNOTATION = "iam.gke.io/gcp-service-account"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
+# An image reference: [host[:port]/]path[:tag][@sha256:digest] (distribution/reference grammar).
+_IMAGE = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
+                    r"(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+                    r"(?:@sha256:[a-f0-9]{64})?$")
 _GSA = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]@[a-z][-a-z0-9]{4,28}[a-z0-9]"
                   r"\.iam\.gserviceaccount\.com$")
 
@@ -57,6 +64,7 @@ class HeadGroup(_Section):
     cpu: str = "2"
     memory: str = "8Gi"
     service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
+    machine_type: str = "e2-standard-8"  # the default node pool's (`python -m cluster gcloud`)
 
 
 class WorkerGroup(_Section):
@@ -75,7 +83,14 @@ class WorkerGroup(_Section):
     ephemeral_storage: str | None = None
     accelerator: str | None = None
     gpus: Count = 0
+    node_gpus: Count | None = None  # GPUs on one node of the group's node pool (default: gpus)
+    machine_type: str | None = None  # the node pool's machine type (`python -m cluster gcloud`)
     spot: bool = False
+
+    @property
+    def gpus_per_node(self) -> int:
+        """The most GPUs one pod can get on this group's nodes: node_gpus, else gpus."""
+        return self.node_gpus if self.node_gpus is not None else self.gpus
 
     @property
     def is_gpu(self) -> bool:
@@ -92,15 +107,23 @@ class Autoscaling(_Section):
 
 
 class ServiceAccounts(_Section):
-    """The Kubernetes service accounts, bound to a Google one through Workload Identity.
+    """The Kubernetes service accounts, each bound to a Google one through Workload Identity.
 
-    ray: the Ray pods' account; the only one the Role is bound to (it launches Triton).
-    triton: the Triton pods' account; it reads gs:// and has no Kubernetes rights at all.
+    ray: the Ray pods' account; the only one the Role is bound to (it launches Triton); acts as
+      google_service_account (reads and writes the bucket).
+    triton: the Triton pods' account; no Kubernetes rights; acts as
+      triton_google_service_account (reads the bucket only), else google_service_account.
     """
 
     google_service_account: str
+    triton_google_service_account: str | None = None
     ray: str = "ray"
     triton: str = "triton"
+
+    @property
+    def triton_gsa(self) -> str:
+        """The Google service account the Triton pods act as."""
+        return self.triton_google_service_account or self.google_service_account
 
 
 class TritonDefaults(_Section):
@@ -109,11 +132,13 @@ class TritonDefaults(_Section):
     They reach the job through environment variables on the Ray pods (serving/kubernetes.py).
     """
 
-    image: str = DEFAULT_TRITON_IMAGE
+    image: str  # no default: the serving image is built by the user (docs/gke.md)
+    backend: Literal["python", "fastertransformer"] = "python"  # what the image serves
     accelerator: str | None = None  # default: the GPU worker group's
     run_as_user: Count | None = 1000  # null for images that must run as root
     cpu: str | None = None
     memory: str | None = None
+    spot: bool | None = None  # default: the GPU worker group's
 
 
 class ClusterConfig(_Section):
@@ -131,8 +156,10 @@ class ClusterConfig(_Section):
     cpu_workers: WorkerGroup | None = None
     gpu_workers: WorkerGroup | None = None
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
-    triton: TritonDefaults = Field(default_factory=TritonDefaults)
+    triton: TritonDefaults
+    bucket: str | None = None  # gs://NAME the jobs use (`python -m cluster gcloud` grants it)
     create_namespace: bool = True
+    managed_prometheus: bool = True  # render PodMonitorings (cluster/monitoring.py)
     run_as_user: Count = 1000  # the `ray` user of rayproject/ray images
 
     @property
@@ -151,6 +178,32 @@ class ClusterConfig(_Section):
         if self.triton.accelerator:
             return self.triton.accelerator
         return self.gpu_workers.accelerator if self.gpu_workers else None
+
+    @property
+    def triton_spot(self) -> bool:
+        """Whether Triton pods go to spot nodes: triton.spot, else the GPU group's."""
+        if self.triton.spot is not None:
+            return self.triton.spot
+        return bool(self.gpu_workers and self.gpu_workers.spot)
+
+    @property
+    def triton_node_gpus(self) -> int | None:
+        """GPUs on one node Triton pods can land on (the GPU group's pool), None if unknown."""
+        return self.gpu_workers.gpus_per_node if self.gpu_workers else None
+
+
+def check_gpus_fit(gpus: int, node_gpus: int | None, what: str) -> None:
+    """Refuse a pod asking for more GPUs than one node of its pool has: it would stay Pending.
+
+    Args:
+      gpus: GPUs the pod asks for (a Triton replica: tensor_parallel x pipeline_parallel).
+      node_gpus: GPUs on one node of the pool; None when not known (no check).
+      what: the pod, for the message ("model ul2 (tensor_parallel 4 x pipeline_parallel 1)").
+    """
+    if node_gpus is not None and gpus > node_gpus:
+        raise ConfigError(f"{what} needs {gpus} GPUs in one pod but a node of the GPU pool has "
+                          f"{node_gpus} (gpu_workers.node_gpus): the pod would stay Pending; "
+                          f"lower tensor_parallel x pipeline_parallel or use larger nodes")
 
 
 # The nested mappings, in the order their errors are reported (before the top level's).
@@ -217,6 +270,9 @@ def _check_group(g: WorkerGroup, where: str, gpu: bool) -> None:
     if gpu:
         if g.gpus < 1:
             raise ConfigError(f"{where}.gpus must be >= 1 for the GPU worker group")
+        if g.node_gpus is not None and g.node_gpus < g.gpus:
+            raise ConfigError(f"{where}.gpus {g.gpus} exceeds {where}.node_gpus {g.node_gpus}: "
+                              f"the pods would stay Pending")
         if not g.accelerator:
             raise ConfigError(f"{where}.accelerator is required (the GKE accelerator label, "
                               f"e.g. nvidia-a100-80gb, nvidia-h100-80gb, nvidia-l4)")
@@ -256,13 +312,19 @@ def _check_values(cfg: ClusterConfig) -> None:
     if cfg.service_accounts.ray == cfg.service_accounts.triton:
         raise ConfigError("service_accounts.ray and service_accounts.triton must differ: only "
                           "the Ray account may launch pods")
-    gsa = cfg.service_accounts.google_service_account
-    if not _GSA.match(gsa):
-        raise ConfigError(f"service_accounts.google_service_account {gsa!r} is not of the "
-                          f"form NAME@PROJECT.iam.gserviceaccount.com")
-    if gsa.split("@")[1].split(".")[0] != cfg.project:
-        raise ConfigError(f"service_accounts.google_service_account {gsa!r} is not in "
-                          f"project {cfg.project!r}")
+    for key in ("google_service_account", "triton_google_service_account"):
+        gsa = getattr(cfg.service_accounts, key)
+        if gsa is None:
+            continue
+        if not _GSA.match(gsa):
+            raise ConfigError(f"service_accounts.{key} {gsa!r} is not of the "
+                              f"form NAME@PROJECT.iam.gserviceaccount.com")
+        if gsa.split("@")[1].split(".")[0] != cfg.project:
+            raise ConfigError(f"service_accounts.{key} {gsa!r} is not in "
+                              f"project {cfg.project!r}")
+    if cfg.bucket is not None and not re.match(r"^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]$",
+                                               cfg.bucket):
+        raise ConfigError(f"config.bucket {cfg.bucket!r} must be gs://BUCKET (no path)")
     _check_quantity(cfg.head.cpu, "head.cpu")
     _check_quantity(cfg.head.memory, "head.memory")
     if cfg.cpu_workers:
@@ -271,8 +333,11 @@ def _check_values(cfg: ClusterConfig) -> None:
         _check_group(cfg.gpu_workers, "gpu_workers", gpu=True)
     if cfg.cpu_workers and cfg.gpu_workers and cfg.cpu_workers.group == cfg.gpu_workers.group:
         raise ConfigError("cpu_workers.group and gpu_workers.group must differ")
-    if not cfg.image or not cfg.gpu_image:
-        raise ConfigError("config.image and config.gpu_image must name images")
+    for key, value in (("config.image", cfg.image), ("config.gpu_image", cfg.gpu_image),
+                       ("triton.image", cfg.triton.image)):
+        if not _IMAGE.match(value):
+            raise ConfigError(f"{key} {value!r} is not an image reference "
+                              f"(REGISTRY/PATH:TAG, e.g. us-docker.pkg.dev/PROJECT/t5ft/ray:0.1.0)")
     if cfg.ray_version not in cfg.image or cfg.ray_version not in cfg.gpu_image:
         # The driver's Ray must match the cluster's (docs/gke.md, section 0).
         raise ConfigError(f"config.ray_version {cfg.ray_version} does not appear in image tags "
@@ -282,12 +347,12 @@ def _check_values(cfg: ClusterConfig) -> None:
 
 
 def load_config(path: str | Path) -> ClusterConfig:
-    """Read and validate the YAML config at PATH."""
-    path = Path(path)
-    if not path.is_file():
+    """Read and validate the YAML config at PATH: a local path or a gs:// URL (core.storage)."""
+    path = str(path)
+    if not storage.exists(path):
         raise ConfigError(f"cluster config {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(storage.read_text(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"cluster config {path} is not valid YAML: "
                           f"{str(exc).splitlines()[0]}") from exc

@@ -87,12 +87,22 @@ _CORE, _APPS = client.CoreV1Api, client.AppsV1Api
 _RBAC, _CUSTOM = client.RbacAuthorizationV1Api, client.CustomObjectsApi
 
 
-def _custom(plural: str) -> Kind:
-    """A KubeRay kind (ray.io/v1), reached through CustomObjectsApi."""
-    return Kind(_CUSTOM, f"{plural}.ray.io", _CUSTOM.create_namespaced_custom_object,
+def _custom(plural: str, group: str = "ray.io", version: str = "v1") -> Kind:
+    """A custom kind (KubeRay's ray.io/v1 by default), reached through CustomObjectsApi."""
+    return Kind(_CUSTOM, f"{plural}.{group}", _CUSTOM.create_namespaced_custom_object,
                 _CUSTOM.get_namespaced_custom_object, _CUSTOM.patch_namespaced_custom_object,
                 _CUSTOM.delete_namespaced_custom_object, _CUSTOM.list_namespaced_custom_object,
-                crd=("ray.io", "v1", plural))
+                crd=(group, version, plural))
+
+
+# Who installs each custom kind's CRD, for the error when the API does not know it.
+_CRD_SOURCE = {
+    "ray.io": "the KubeRay operator installed with its CRDs? (helm install kuberay-operator "
+              "kuberay/kuberay-operator --version 1.7.0)",
+    "monitoring.googleapis.com": "Google Cloud Managed Service for Prometheus enabled on the "
+                                 "cluster? (gcloud container clusters update CLUSTER "
+                                 "--enable-managed-prometheus)",
+}
 
 
 KINDS: dict[str, Kind] = {
@@ -128,6 +138,7 @@ KINDS: dict[str, Kind] = {
         _RBAC.delete_namespaced_role_binding, _RBAC.list_namespaced_role_binding),
     "RayCluster": _custom("rayclusters"),
     "RayJob": _custom("rayjobs"),
+    "PodMonitoring": _custom("podmonitorings", "monitoring.googleapis.com"),
 }
 
 
@@ -320,8 +331,7 @@ def _api_error(exc: ApiException, verb: str, k: Kind, what: str, namespace: str 
             f"(`python -m cluster render` prints the Role the Ray head needs)", 403)
     if exc.status == 404 and verb == "create" and k.crd is not None:
         return KubeApiError(f"cannot create {what}{where}: the API has no {k.resource} "
-                            f"(HTTP 404); is the KubeRay operator installed with its CRDs? "
-                            f"(helm install kuberay-operator kuberay/kuberay-operator)", 404)
+                            f"(HTTP 404); is {_CRD_SOURCE[k.crd[0]]}", 404)
     if exc.status == 401:
         return KubeApiError(f"unauthorized: the Kubernetes API at {host} rejected our "
                             f"credentials when trying to {verb} {what}{where}", 401)

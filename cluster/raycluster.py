@@ -33,9 +33,15 @@ ENV_TRITON_ACCELERATOR = "T5FT_TRITON_ACCELERATOR"
 ENV_TRITON_RUN_AS_USER = "T5FT_TRITON_RUN_AS_USER"
 ENV_TRITON_CPU = "T5FT_TRITON_CPU"
 ENV_TRITON_MEMORY = "T5FT_TRITON_MEMORY"
+ENV_TRITON_SPOT = "T5FT_TRITON_SPOT"
+ENV_TRITON_BACKEND = "T5FT_TRITON_BACKEND"
+ENV_TRITON_NODE_GPUS = "T5FT_TRITON_NODE_GPUS"
+# The object that owns the Triton Deployments serve creates (garbage-collected with it).
+ENV_OWNER_KIND = "T5FT_OWNER_KIND"
+ENV_OWNER_NAME = "T5FT_OWNER_NAME"
 
 
-def _triton_env(cfg: ClusterConfig) -> list[client.V1EnvVar]:
+def _triton_env(cfg: ClusterConfig, owner: tuple[str, str]) -> list[client.V1EnvVar]:
     # The namespace comes from the downward API, so the same pod spec works if it is moved.
     env = [
         client.V1EnvVar(name=ENV_NAMESPACE, value_from=client.V1EnvVarSource(
@@ -45,7 +51,13 @@ def _triton_env(cfg: ClusterConfig) -> list[client.V1EnvVar]:
         client.V1EnvVar(name=ENV_TRITON_RUN_AS_USER,
                         value="" if cfg.triton.run_as_user is None
                         else str(cfg.triton.run_as_user)),
+        client.V1EnvVar(name=ENV_TRITON_SPOT, value="true" if cfg.triton_spot else "false"),
+        client.V1EnvVar(name=ENV_TRITON_BACKEND, value=cfg.triton.backend),
+        client.V1EnvVar(name=ENV_OWNER_KIND, value=owner[0]),
+        client.V1EnvVar(name=ENV_OWNER_NAME, value=owner[1]),
     ]
+    if cfg.triton_node_gpus is not None:
+        env.append(client.V1EnvVar(name=ENV_TRITON_NODE_GPUS, value=str(cfg.triton_node_gpus)))
     if cfg.triton_accelerator:
         env.append(client.V1EnvVar(name=ENV_TRITON_ACCELERATOR, value=cfg.triton_accelerator))
     if cfg.triton.cpu:
@@ -107,16 +119,17 @@ def _ray_pod_template(cfg: ClusterConfig, component: str, *, image: str,
     )
 
 
-def head_template(cfg: ClusterConfig) -> client.V1PodTemplateSpec:
+def head_template(cfg: ClusterConfig, owner: tuple[str, str]) -> client.V1PodTemplateSpec:
     """The head pod: dashboard and job API, the Ray KSA (the only pod that mounts its token:
-    it is the one that launches Triton), and the T5FT_* env that tells serve how."""
+    it is the one that launches Triton), and the T5FT_* env that tells serve how; OWNER
+    (kind, name) is the RayCluster or RayJob that Triton Deployments will belong to."""
     ports = [client.V1ContainerPort(container_port=GCS_PORT, name="gcs"),
              client.V1ContainerPort(container_port=DASHBOARD_PORT, name="dashboard"),
              client.V1ContainerPort(container_port=CLIENT_PORT, name="client"),
              client.V1ContainerPort(container_port=METRICS_PORT, name="metrics")]
     return _ray_pod_template(cfg, "ray-head", image=cfg.image,
                              resources=pods.resources(cfg.head.cpu, cfg.head.memory),
-                             mount_token=True, ports=ports, env=_triton_env(cfg))
+                             mount_token=True, ports=ports, env=_triton_env(cfg, owner))
 
 
 def worker_template(cfg: ClusterConfig, group: WorkerGroup) -> client.V1PodTemplateSpec:
@@ -131,8 +144,9 @@ def worker_template(cfg: ClusterConfig, group: WorkerGroup) -> client.V1PodTempl
                              node_selector=node_selector, tolerations=tolerations)
 
 
-def raycluster_spec(cfg: ClusterConfig) -> dict:
-    """`spec` of a RayCluster (also a RayJob's `rayClusterSpec`)."""
+def raycluster_spec(cfg: ClusterConfig, owner: tuple[str, str] | None = None) -> dict:
+    """`spec` of a RayCluster (also a RayJob's `rayClusterSpec`, OWNER then the RayJob)."""
+    owner = owner or ("RayCluster", cfg.name)
     head_params = {"dashboard-host": "0.0.0.0"}
     if cfg.cpu_workers or cfg.gpu_workers:
         # Keep conversion tasks off the head: it runs the drivers and the dashboard.
@@ -143,7 +157,7 @@ def raycluster_spec(cfg: ClusterConfig) -> dict:
         "headGroupSpec": {
             "serviceType": cfg.head.service_type,
             "rayStartParams": head_params,
-            "template": pods.to_dict(head_template(cfg)),
+            "template": pods.to_dict(head_template(cfg, owner)),
         },
         "workerGroupSpecs": [
             {
@@ -157,6 +171,11 @@ def raycluster_spec(cfg: ClusterConfig) -> dict:
             for group in cfg.worker_groups
         ],
     }
+    # Ray token authentication (Ray >= 2.52, KubeRay >= 1.5.1): the operator makes a Secret
+    # with a random token and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every Ray container
+    # (docs.ray.io kuberay-auth); `ray job submit` then needs RAY_AUTH_TOKEN (docs/gke.md).
+    spec["authOptions"] = {"mode": "token"}
+    spec["networkPolicy"] = network_policy()
     if cfg.autoscaling.enabled:
         spec["autoscalerOptions"] = {
             "upscalingMode": cfg.autoscaling.upscaling_mode,
@@ -164,6 +183,34 @@ def raycluster_spec(cfg: ClusterConfig) -> dict:
             "securityContext": pods.to_dict(pods.container_security(cfg.run_as_user)),
         }
     return spec
+
+
+# Google Managed Prometheus' collectors run in this namespace (they scrape the metrics port).
+GMP_NAMESPACE = "gmp-system"
+
+
+def _ingress_from_namespace(namespace: str | None, port: int) -> dict:
+    """An ingress rule: TCP PORT from every pod of NAMESPACE (None: the pod's own namespace)."""
+    peer: dict = {"podSelector": {}} if namespace is None else {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+    return {"from": [peer], "ports": [{"protocol": "TCP", "port": port}]}
+
+
+def network_policy() -> dict:
+    """KubeRay's `networkPolicy` (v1.7.0 CRD): deny ingress except what is listed.
+
+    The operator's NetworkPolicy controller always lets the cluster's own pods and the KubeRay
+    operator in (ray-operator/controllers/ray/networkpolicy_controller.go); we add the head's
+    dashboard/job API (8265) for pods of the head's own namespace only (job submission, serve's
+    drivers) and the metrics port for Managed Prometheus. Egress stays open: pods read GCS and
+    the Kubernetes API.
+    """
+    metrics = _ingress_from_namespace(GMP_NAMESPACE, METRICS_PORT)
+    return {
+        "mode": "DenyAllIngress",
+        "head": {"ingressRules": [_ingress_from_namespace(None, DASHBOARD_PORT), metrics]},
+        "worker": {"ingressRules": [metrics]},
+    }
 
 
 def raycluster(cfg: ClusterConfig) -> dict:
@@ -183,11 +230,12 @@ def rayjob_name(cfg: ClusterConfig) -> str:
 
 
 def rayjob(cfg: ClusterConfig, entrypoint: str, runtime_env: dict | None = None,
-           ttl_seconds: int = 600) -> dict:
+           ttl_seconds: int = 600, deadline: int | None = None) -> dict:
     """A one-shot RayJob: its own cluster, ENTRYPOINT run once, cluster deleted after.
 
     The code must reach the cluster by itself (image or a gs:// working_dir in RUNTIME_ENV):
     unlike `ray job submit --working-dir .`, a RayJob uploads nothing from this machine.
+    DEADLINE: activeDeadlineSeconds, after which KubeRay fails the job (None: no deadline).
     """
     if not entrypoint.strip():
         raise ValueError("the RayJob entrypoint is empty")
@@ -209,8 +257,10 @@ def rayjob(cfg: ClusterConfig, entrypoint: str, runtime_env: dict | None = None,
         "ttlSecondsAfterFinished": ttl_seconds,
         "submissionMode": "K8sJobMode",
         "submitterPodTemplate": pods.to_dict(submitter),
-        "rayClusterSpec": raycluster_spec(cfg),
+        "rayClusterSpec": raycluster_spec(cfg, ("RayJob", rayjob_name(cfg))),
     }
+    if deadline is not None:
+        spec["activeDeadlineSeconds"] = deadline
     if runtime_env:
         spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=True)
     return {

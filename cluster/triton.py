@@ -27,7 +27,8 @@ class TritonSpec:
       model_repository: gs://bucket/prefix (Triton reads GCS itself with the pod's Workload
         Identity) or any path the image can see.
       namespace: where the Deployment and Service go.
-      image: a Triton image with the FasterTransformer backend.
+      image: a Triton image with the model's backend: ours (docker/serving.Dockerfile) serves the
+        JAX engine through the Python backend; an FT model needs an image with that backend.
       gpus: nvidia.com/gpu per replica = the model's tensor-parallel size.
       replicas: Deployment replicas behind one Service.
       accelerator: GKE accelerator label to select (None: no GPU node selector).
@@ -35,12 +36,19 @@ class TritonSpec:
       run_as_user: uid to run as; None for images that need root.
       service_ports: Service ports for (http, grpc, metrics); container ports stay 8000-8002.
       startup_seconds: how long a replica may take to load the model before liveness counts.
+      spot: schedule on GKE spot nodes (the spot label and taint), as the cluster config says.
+      ephemeral_storage: local disk to request (a quantity): Triton copies a gs:// model to a
+        local temporary directory before loading it (triton-inference-server/core,
+        filesystem LocalizePath), so the pod needs the model's size on its node's disk.
+      owner: the RayCluster or RayJob the Deployment belongs to, as an ownerReference
+        ({"apiVersion", "kind", "name", "uid"}): deleting it (or its crash and clean-up)
+        garbage-collects the Deployment. None: no owner.
     """
 
     model_name: str
     model_repository: str
+    image: str
     namespace: str = "default"
-    image: str = "nvcr.io/ea-bignlp/bignlp-inference:22.08-py3"
     gpus: int = 1
     replicas: int = 1
     accelerator: str | None = None
@@ -50,6 +58,9 @@ class TritonSpec:
     memory: str | None = None
     service_ports: tuple[int, int, int] = (HTTP_PORT, GRPC_PORT, METRICS_PORT)
     startup_seconds: int = 600
+    spot: bool = False
+    ephemeral_storage: str | None = None
+    owner: dict[str, str] | None = None
 
     @property
     def name(self) -> str:
@@ -75,7 +86,7 @@ def deployment(spec: TritonSpec) -> dict:
     """Deployment: tritonserver loading only SPEC.model_name, probes on 8000."""
     selector = {**pods.labels("triton", spec.name)}
     shm, shm_mount = pods.shm_volume()
-    node_selector, tolerations = (pods.gpu_scheduling(spec.accelerator)
+    node_selector, tolerations = (pods.gpu_scheduling(spec.accelerator, spec.spot)
                                   if spec.accelerator else (None, None))
     container = client.V1Container(
         name="tritonserver",
@@ -89,7 +100,7 @@ def deployment(spec: TritonSpec) -> dict:
         ports=[client.V1ContainerPort(container_port=HTTP_PORT, name="http"),
                client.V1ContainerPort(container_port=GRPC_PORT, name="grpc"),
                client.V1ContainerPort(container_port=METRICS_PORT, name="metrics")],
-        resources=pods.resources(spec.cpu, spec.memory, spec.gpus),
+        resources=pods.resources(spec.cpu, spec.memory, spec.gpus, spec.ephemeral_storage),
         volume_mounts=[shm_mount],
         # Loading 40 GB of weights takes minutes: the startup probe holds liveness off until
         # the server answers, then readiness (all models loaded) gates the Service.
@@ -101,9 +112,13 @@ def deployment(spec: TritonSpec) -> dict:
     dep = client.V1Deployment(
         api_version="apps/v1", kind="Deployment",
         metadata=client.V1ObjectMeta(name=spec.name, namespace=spec.namespace,
-                                     labels={**selector, "t5ft.model": _label(spec.model_name)}),
+                                     labels={**selector, "t5ft.model": _label(spec.model_name)},
+                                     owner_references=_owner_references(spec)),
         spec=client.V1DeploymentSpec(
             replicas=spec.replicas,
+            # Each replica holds whole GPUs: a rolling update would need a second set of GPUs
+            # for the surge pod, which a sized node pool does not have; replace instead.
+            strategy=client.V1DeploymentStrategy(type="Recreate"),
             selector=client.V1LabelSelector(match_labels=selector),
             template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(labels=selector),
@@ -122,6 +137,16 @@ def deployment(spec: TritonSpec) -> dict:
     return pods.to_dict(dep)
 
 
+def _owner_references(spec: TritonSpec) -> list[client.V1OwnerReference] | None:
+    # Not a controller reference and no blockOwnerDeletion: either would need update rights
+    # on the owner's finalizers, which the Role does not grant.
+    if spec.owner is None:
+        return None
+    return [client.V1OwnerReference(api_version=spec.owner["apiVersion"],
+                                    kind=spec.owner["kind"], name=spec.owner["name"],
+                                    uid=spec.owner["uid"])]
+
+
 def service(spec: TritonSpec) -> dict:
     """ClusterIP Service in front of every replica: http, grpc, metrics."""
     selector = pods.labels("triton", spec.name)
@@ -129,7 +154,8 @@ def service(spec: TritonSpec) -> dict:
     svc = client.V1Service(
         api_version="v1", kind="Service",
         metadata=client.V1ObjectMeta(name=spec.name, namespace=spec.namespace,
-                                     labels={**selector, "t5ft.model": _label(spec.model_name)}),
+                                     labels={**selector, "t5ft.model": _label(spec.model_name)},
+                                     owner_references=_owner_references(spec)),
         spec=client.V1ServiceSpec(
             type="ClusterIP",
             selector=selector,

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from core import storage
 from core.options import FlagSpec, StageOptions, flag_specs, from_keys, specs_to_argv
 
 STAGES = ("convert", "serve", "evaluate")
@@ -231,12 +232,12 @@ def _check_destinations(runs: list[RunSpec]) -> None:
 
 
 def load(path: str | Path, output: str | None = None) -> PipelineConfig:
-    """Read and validate PIPELINE.yaml."""
-    path = Path(path)
+    """Read and validate PIPELINE.yaml: a local path or a gs:// URL (read through core.storage)."""
+    path = str(path)
+    if not storage.exists(path):
+        raise ConfigError(f"pipeline config {path} does not exist")
     try:
-        obj = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"pipeline config {path} does not exist") from None
+        obj = yaml.safe_load(storage.read_text(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     try:

@@ -17,7 +17,9 @@ sets (cluster/raycluster.py: T5FT_*): namespace, Triton image, service account, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -28,7 +30,7 @@ import tenacity
 from google.protobuf import text_format
 
 from cluster import diagnose, pods, raycluster, triton
-from cluster.config import DEFAULT_TRITON_IMAGE
+from cluster.config import ConfigError, check_gpus_fit
 from cluster.kubeapi import Kube, new_api_client
 from core import storage
 from core.errors import UserError
@@ -76,6 +78,50 @@ def gpus_for(model_config: ModelConfig) -> int:
     return total
 
 
+def check_fits(model_config: ModelConfig, gpus: int, node_gpus: str | None) -> None:
+    """One clear error when a replica's GPUs exceed a node of the pool (env T5FT_TRITON_NODE_GPUS
+    from the cluster config): such a pod would stay Pending until the ready timeout."""
+    if not node_gpus:
+        return
+    params = model_config.parameters
+    parallel = " x ".join(f"{key} {params[key].string_value}" for key in
+                          ("tensor_para_size", "pipeline_para_size") if key in params)
+    try:
+        check_gpus_fit(gpus, int(node_gpus),
+                       f"model {model_config.name} ({parallel or 'one GPU'})")
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def check_backend(model_config: ModelConfig, image_backend: str | None) -> None:
+    """One clear error when the converted model's backend is not the one the cluster's Triton
+    image serves (env T5FT_TRITON_BACKEND, the cluster config's triton.backend): a JAX-engine
+    repository (backend "python") on an FT image, or the other way round, would fail to load
+    only after the pod was scheduled and the image pulled."""
+    if image_backend and model_config.backend != image_backend:
+        engine = {"python": "jax", "fastertransformer": "fastertransformer"}
+        raise UserError(
+            f"model {model_config.name} is for Triton's {model_config.backend!r} backend but the "
+            f"cluster's Triton image serves {image_backend!r} (triton.backend); convert with "
+            f"--engine {engine.get(image_backend, image_backend)} or set triton.image/backend")
+
+
+def local_copy_storage(model_repository: str, model_name: str) -> str | None:
+    """The ephemeral-storage a Triton pod requests for its local copy of a gs:// model.
+
+    Triton copies a cloud model to a local temporary directory before loading it, so the pod
+    needs the model's size on its node's disk, or the kubelet evicts it mid-copy. The size is
+    the model folder's files (one size query per file, once at launch) plus 10% and 2 GiB for
+    logs and Triton's own files. None for a local repository (nothing is copied).
+    """
+    if not storage.is_gcs(model_repository):
+        return None
+    folder = storage.join(model_repository, model_name)
+    total = sum(storage.size(storage.join(folder, rel)) or 0
+                for rel in storage.list_files(folder))
+    return f"{math.ceil(total * 1.1 / 2**30) + 2}Gi"
+
+
 def triton_spec(opts: ServeOptions) -> triton.TritonSpec:
     """Resolve options, then the head's environment, then defaults, into a TritonSpec.
 
@@ -89,7 +135,14 @@ def triton_spec(opts: ServeOptions) -> triton.TritonSpec:
         namespace = env[raycluster.ENV_NAMESPACE]
     text = env.get(raycluster.ENV_TRITON_RUN_AS_USER)
     run_as = 1000 if text is None else (int(text) if text.strip() else None)
-    gpus = gpus_for(read_model_config(opts.model_repository, opts.model_name))
+    model_config = read_model_config(opts.model_repository, opts.model_name)
+    gpus = gpus_for(model_config)
+    check_fits(model_config, gpus, env.get(raycluster.ENV_TRITON_NODE_GPUS))
+    check_backend(model_config, env.get(raycluster.ENV_TRITON_BACKEND))
+    image = opts.image or env.get(raycluster.ENV_TRITON_IMAGE)
+    if not image:
+        raise UserError("no Triton image: pass --image (off a cluster from `python -m cluster`, "
+                        "whose triton.image sets it); docs/gke.md says how to build one")
     ports = (opts.http_port or triton.HTTP_PORT, opts.grpc_port or triton.GRPC_PORT,
              opts.metrics_port or triton.METRICS_PORT)
     if not opts.model_repository.startswith("gs://"):
@@ -100,7 +153,7 @@ def triton_spec(opts: ServeOptions) -> triton.TritonSpec:
             model_name=opts.model_name,
             model_repository=opts.model_repository,
             namespace=namespace or "default",
-            image=opts.image or env.get(raycluster.ENV_TRITON_IMAGE) or DEFAULT_TRITON_IMAGE,
+            image=image,
             gpus=gpus,
             replicas=opts.replicas,
             accelerator=env.get(raycluster.ENV_TRITON_ACCELERATOR),
@@ -111,9 +164,37 @@ def triton_spec(opts: ServeOptions) -> triton.TritonSpec:
             memory=env.get(raycluster.ENV_TRITON_MEMORY),
             service_ports=ports,
             startup_seconds=int(opts.ready_timeout),
+            spot=env.get(raycluster.ENV_TRITON_SPOT) == "true",
+            ephemeral_storage=local_copy_storage(opts.model_repository, opts.model_name),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+
+
+def check_service_account(kube: Kube, spec: triton.TritonSpec) -> None:
+    """The pods' service account must exist before the Deployment is made: without it the
+    ReplicaSet creates no pod at all and serve would wait its whole ready timeout."""
+    if spec.service_account and kube.get("ServiceAccount", spec.service_account,
+                                         spec.namespace) is None:
+        raise UserError(f"service account {spec.service_account!r} not found in namespace "
+                        f"{spec.namespace!r}: Triton pods could not be created; use the "
+                        f"cluster config's service_accounts.triton (python -m cluster up "
+                        f"creates it) or leave --service-account unset on the cluster")
+
+
+def owner(kube: Kube, namespace: str) -> dict[str, str] | None:
+    """The RayCluster or RayJob (named in the head's T5FT_OWNER_* env) as an ownerReference,
+    so a crashed job's Tritons go with its cluster; None off such a cluster or if it is gone."""
+    kind, name = os.environ.get(raycluster.ENV_OWNER_KIND), os.environ.get(
+        raycluster.ENV_OWNER_NAME)
+    if not kind or not name:
+        return None
+    obj = kube.get(kind, name, namespace)
+    if obj is None:
+        _log(f"note: {kind} {name} not found in {namespace}; Triton gets no owner")
+        return None
+    return {"apiVersion": raycluster.API_VERSION, "kind": kind, "name": name,
+            "uid": obj["metadata"]["uid"]}
 
 
 def launch(kube: Kube, spec: triton.TritonSpec, created: list[tuple[str, str]]) -> None:
@@ -217,7 +298,9 @@ class KubernetesServers(ServersBase):
         """Create (or patch) both objects and wait until every replica is ready."""
         if self.endpoints:
             return self.endpoints
-        spec = self.spec
+        check_service_account(self.kube, self.spec)
+        self.spec = spec = dataclasses.replace(self.spec, owner=owner(self.kube,
+                                                                      self.spec.namespace))
         _log(f"launching {spec.replicas} Triton replica(s) of {spec.model_name} with "
              f"{spec.gpus} GPU(s) each in namespace {spec.namespace}")
         try:

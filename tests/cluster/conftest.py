@@ -22,10 +22,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEMAS = REPO / "cluster" / "schemas"  # KubeRay v1.7.0 CRDs, vendored (README.md there)
+SCHEMAS = REPO / "cluster" / "schemas"  # KubeRay v1.7.0 and PodMonitoring CRDs (README.md)
 
 PLURALS = {"namespaces", "serviceaccounts", "services", "pods", "events", "deployments",
-           "roles", "rolebindings", "rayclusters", "rayjobs"}
+           "roles", "rolebindings", "rayclusters", "rayjobs", "podmonitorings"}
 
 
 @dataclasses.dataclass
@@ -230,12 +230,13 @@ def crd_schema(file_name: str) -> dict:
 
 @pytest.fixture(scope="session")
 def crd_validators() -> dict:
-    """kind -> jsonschema validator for RayCluster and RayJob."""
+    """kind -> jsonschema validator for RayCluster, RayJob and PodMonitoring."""
     import jsonschema
 
     out = {}
     for kind, file_name in (("RayCluster", "ray.io_rayclusters.yaml"),
-                            ("RayJob", "ray.io_rayjobs.yaml")):
+                            ("RayJob", "ray.io_rayjobs.yaml"),
+                            ("PodMonitoring", "monitoring.googleapis.com_podmonitorings.yaml")):
         schema = crd_schema(file_name)
         jsonschema.Draft7Validator.check_schema(schema)
         out[kind] = jsonschema.Draft7Validator(schema)

@@ -20,6 +20,7 @@ GKE = str(REPO / "examples" / "cluster-gke.yaml")
 NS = "/api/v1/namespaces/t5ft"
 RC = "/apis/ray.io/v1/namespaces/t5ft/rayclusters"
 RBAC = "/apis/rbac.authorization.k8s.io/v1/namespaces/t5ft"
+PM = "/apis/monitoring.googleapis.com/v1/namespaces/t5ft/podmonitorings"
 NOT_READY = {"state": "", "conditions": [{"type": "HeadPodReady", "status": "False"}]}
 READY = {"state": "ready", "conditions": [
     {"type": "HeadPodReady", "status": "True"},
@@ -48,6 +49,8 @@ def test_up_creates_everything_then_waits_for_ready(api, kubeconfig, capsys):
         (f"{RBAC}/roles", "Role", "t5ft-triton-launcher"),
         (f"{RBAC}/rolebindings", "RoleBinding", "t5ft-triton-launcher"),
         (RC, "RayCluster", "t5ft"),
+        (PM, "PodMonitoring", "t5ft-ray"),
+        (PM, "PodMonitoring", "t5ft-triton"),
     ]
     cfg = load_config(GKE)
     assert api.calls("POST", "rayclusters")[0].body == raycluster.raycluster(cfg)
@@ -204,6 +207,8 @@ def test_down_deletes_ours_and_leftover_tritons(api, kubeconfig, capsys):
     assert deletes == [
         f"{RC}/t5ft",
         "/apis/apps/v1/namespaces/t5ft/deployments/triton-x",
+        f"{PM}/t5ft-ray",
+        f"{PM}/t5ft-triton",
         f"{RBAC}/rolebindings/t5ft-triton-launcher",
         f"{RBAC}/roles/t5ft-triton-launcher",
         f"{NS}/serviceaccounts/t5ft-triton",

@@ -29,7 +29,7 @@ def _all_rendered() -> list[tuple[str, dict]]:
         out.append((path.name, raycluster.rayjob(
             cfg, "python -m ray_jobs.pipeline --config gs://b/p.yaml --json",
             {"working_dir": "gs://b/code.zip", "pip": ["rouge-score==0.1.2"]})))
-        spec = triton.TritonSpec(model_name="ul2_20b", model_repository="gs://b/repo",
+        spec = triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="ul2_20b", model_repository="gs://b/repo",
                                  namespace=cfg.namespace, gpus=2, replicas=2,
                                  accelerator=cfg.triton_accelerator,
                                  service_account=cfg.service_accounts.triton)
@@ -53,6 +53,8 @@ def test_every_object_validates(source, obj, crd_validators):
     if obj["kind"] in crd_validators:
         errors = sorted(crd_validators[obj["kind"]].iter_errors(obj), key=lambda e: e.path)
         assert not errors, [f"{list(e.absolute_path)}: {e.message}" for e in errors[:5]]
+        if obj["kind"] == "PodMonitoring":
+            return
         # The pod templates inside are core objects: validate them strictly too.
         spec = obj["spec"].get("rayClusterSpec", obj["spec"])
         templates = [spec["headGroupSpec"]["template"]] + [
@@ -73,7 +75,7 @@ def test_strict_validation_catches_a_misplaced_node_selector(crd_validators):
     rc = raycluster.raycluster(cfg)
     rc["spec"]["workerGroupSpecs"][1]["nodeSelector"] = {"cloud.google.com/gke-accelerator": "x"}
     assert list(crd_validators["RayCluster"].iter_errors(rc))
-    dep = triton.deployment(triton.TritonSpec(model_name="m", model_repository="gs://b/r"))
+    dep = triton.deployment(triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="m", model_repository="gs://b/r"))
     dep["spec"]["template"]["nodeSelector"] = {"a": "b"}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
@@ -97,9 +99,14 @@ def test_role_grants_exactly_what_launching_triton_needs():
                for resource in rule["resources"] for verb in rule["verbs"]}
     launch = {"get", "list", "watch", "create", "patch", "delete"}
     expected = ({("apps", "deployments", v) for v in launch}
-                | {("", "services", v) for v in launch} | {("", "pods", v) for v in launch}
-                | {("", "pods/log", "get"), ("", "events", "list")})
+                | {("", "services", v) for v in launch}
+                | {("", "pods", v) for v in ("get", "list", "watch")}
+                | {("", "pods/log", "get"), ("", "events", "list"),
+                   ("", "serviceaccounts", "get"), ("ray.io", "rayclusters", "get"),
+                   ("ray.io", "rayjobs", "get")})
     assert granted == expected
+    # Least privilege: the Deployment's ReplicaSet creates pods, never the Ray head.
+    assert not {v for g, r, v in granted if r == "pods"} & {"create", "patch", "delete"}
     assert not any("*" in str(rule) for rule in role["rules"])
     binding = rbac.role_binding(cfg)
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "t5ft-ray",
@@ -109,10 +116,11 @@ def test_role_grants_exactly_what_launching_triton_needs():
 
 def test_workload_identity_and_token_mounts():
     cfg = load_config(REPO / "examples" / "cluster-gke.yaml")
-    for name in ("t5ft-ray", "t5ft-triton"):
+    # One Google account per role: the runner (read-write) for Ray, a read-only one for Triton.
+    for name, gsa in (("t5ft-ray", "t5ft-runner"), ("t5ft-triton", "t5ft-triton")):
         sa = rbac.service_account(cfg, name)
         assert sa["metadata"]["annotations"] == {
-            "iam.gke.io/gcp-service-account": "t5ft-runner@my-gcp-project.iam.gserviceaccount.com"}
+            "iam.gke.io/gcp-service-account": f"{gsa}@my-gcp-project.iam.gserviceaccount.com"}
     spec = raycluster.raycluster(cfg)["spec"]
     head = spec["headGroupSpec"]["template"]["spec"]
     assert head["serviceAccountName"] == "t5ft-ray" and head["automountServiceAccountToken"]
@@ -153,7 +161,7 @@ def test_ray_pods_run_as_non_root():
 
 
 def test_triton_deployment_contents():
-    spec = triton.TritonSpec(model_name="UL2_20b", model_repository="gs://bkt/repo",
+    spec = triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="UL2_20b", model_repository="gs://bkt/repo",
                              namespace="t5ft", gpus=4, replicas=2,
                              accelerator="nvidia-h100-80gb", service_account="t5ft-triton")
     dep = triton.deployment(spec)
@@ -209,7 +217,7 @@ def test_render_cli(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     docs = list(yaml.safe_load_all(out.read_text()))
     assert [f"{d['kind']}/{d['metadata']['name']}" for d in docs] == summary["objects"]
-    assert docs[-1]["kind"] == "RayCluster"
+    assert [d["kind"] for d in docs][-3:] == ["RayCluster", "PodMonitoring", "PodMonitoring"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(out.read_text().split("---")[0] + "\nfoo: 1\n")
     proc = subprocess.run([sys.executable, "-m", "cluster", "render", "--config", str(bad)],

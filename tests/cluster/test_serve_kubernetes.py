@@ -23,6 +23,17 @@ from serving import kubernetes as k8s_serving
 REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = "/apis/apps/v1/namespaces/t5ft/deployments"
 SERVICES = "/api/v1/namespaces/t5ft/services"
+TRITON_KSA = "/api/v1/namespaces/t5ft/serviceaccounts/t5ft-triton"
+
+
+@pytest.fixture
+def api(fake_api):
+    """The fake API, emptied, holding the Triton service account `python -m cluster up`
+    creates (serve checks it exists before creating anything)."""
+    fake_api.reset()
+    fake_api.put(TRITON_KSA, {"apiVersion": "v1", "kind": "ServiceAccount",
+                              "metadata": {"name": "t5ft-triton", "namespace": "t5ft"}})
+    return fake_api
 
 
 @pytest.fixture
@@ -89,11 +100,11 @@ def test_launch_ready_line_then_sigterm_deletes(api, kubeconfig, model_repo):
     assert posts[0].body["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert [r.path for r in api.calls("DELETE")] == [f"{DEPLOYMENTS}/triton-ul2",
                                                      f"{SERVICES}/triton-ul2"]
-    assert not api.objects
+    assert list(api.objects) == [TRITON_KSA]  # ours are gone; the account is not ours
 
 
 def test_existing_objects_are_patched(api, kubeconfig, model_repo):
-    spec = triton.TritonSpec(model_name="ul2", model_repository="old", namespace="t5ft")
+    spec = triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="ul2", model_repository="old", namespace="t5ft")
     api.put(f"{DEPLOYMENTS}/triton-ul2", triton.deployment(spec))
     api.put(f"{SERVICES}/triton-ul2", triton.service(spec))
     api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [READY | {"observedGeneration": 2}]
@@ -165,7 +176,7 @@ def test_wait_reports_why_replicas_are_pending(api, capsys):
     from cluster.kubeapi import Kube
 
     kube = Kube(client.ApiClient(client.Configuration(host=api.url)), retries=0, log=None)
-    spec = triton.TritonSpec(model_name="ul2", model_repository="gs://b/r", namespace="t5ft",
+    spec = triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="ul2", model_repository="gs://b/r", namespace="t5ft",
                              gpus=8, accelerator="nvidia-h100-80gb")
     api.put(f"{DEPLOYMENTS}/triton-ul2", triton.deployment(spec))
     api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [
@@ -206,7 +217,7 @@ def test_gpu_count_read_from_a_gs_model_repository(monkeypatch):
         cfg.parameters["pipeline_para_size"].string_value = "2"
         client.bucket("t5ft-cluster").blob("repo/ul2/config.pbtxt").upload_from_string(
             text_format.MessageToString(cfg))
-        spec = k8s_serving.triton_spec(_args("gs://t5ft-cluster/repo"))
+        spec = k8s_serving.triton_spec(_args("gs://t5ft-cluster/repo", image="example.com/t5ft/serving:1"))
         assert spec.gpus == 8
         assert "--model-repository=gs://t5ft-cluster/repo" in \
             triton.deployment(spec)["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -1,0 +1,25 @@
+# The Ray image for the RayCluster and RayJob pods: rayproject/ray at our Ray version with this
+# package and its pinned dependencies installed, so no job needs a per-job `pip` (and no egress).
+# Build from the repository root (docs/gke.md, "Images"):
+#   docker build -f docker/ray.Dockerfile -t REGION-docker.pkg.dev/PROJECT/t5ft/ray:2.60.0-py311 .
+#   GPU workers: --build-arg VARIANT=-gpu and the tag ray:2.60.0-py311-gpu
+# tests/test_docker.py checks that RAY_VERSION and the Python tag match pyproject.toml.
+ARG RAY_VERSION=2.60.0
+ARG PYTHON_TAG=py311
+ARG VARIANT=
+FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}${VARIANT}
+
+WORKDIR /home/ray/t5x-ft-ray
+# Only what `pip install .` packages ([tool.setuptools.packages.find] in pyproject.toml).
+COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users core core
+COPY --chown=ray:users conversion conversion
+COPY --chown=ray:users serving serving
+COPY --chown=ray:users evaluation evaluation
+COPY --chown=ray:users cluster cluster
+COPY --chown=ray:users demo demo
+COPY --chown=ray:users pipeline pipeline
+COPY --chown=ray:users ray_jobs ray_jobs
+# The exact pins of pyproject.toml; ray[default] is already the base image's own version.
+# smart_open[gcs]: Ray's runtime env reads a gs:// working_dir zip with it (RayJob).
+RUN pip install --no-cache-dir . "smart_open[gcs]==9.0.2"
