@@ -14,6 +14,7 @@ with the bandwidth and bf16 matmul rate measured on the same GPU.
     python bench/gpu.py --impl jax --batches 1   # one side only (its own random weights)
     python bench/gpu.py --model tiny --input-len 32 --output-len 8   # CPU smoke test
     python bench/gpu.py --impl check             # GPU vs CPU correctness only
+    python bench/gpu.py --impl bound             # read-only HBM bandwidth, batch-1 step
 
 Before timing, the JAX side checks correctness on the same GPU (``check``): a fixture FT folder
 (random weights written at tensor-parallel 2, re-joined by the engine) served in fp32 on the GPU
