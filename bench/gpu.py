@@ -14,6 +14,7 @@ with the bandwidth and bf16 matmul rate measured on the same GPU.
     python bench/gpu.py --impl jax --batches 1   # one side only (its own random weights)
     python bench/gpu.py --model tiny --input-len 32 --output-len 8   # CPU smoke test
     python bench/gpu.py --impl check             # GPU vs CPU correctness only
+    python bench/gpu.py --impl bound             # read-only HBM bandwidth, batch-1 step
 
 Before timing, the JAX side checks correctness on the same GPU (``check``): a fixture FT folder
 (random weights written at tensor-parallel 2, re-joined by the engine) served in fp32 on the GPU
@@ -395,6 +396,113 @@ def bandwidth_bound(cfg: T5Config, batch: int, in_len: int, out_len: int,
             "tokens_per_s": batch * out_len / (enc_s + sum(step_s))}
 
 
+# H200 SXM datasheet HBM3e bandwidth (bytes/s): the specification the bound is stated against.
+H200_SPEC_BPS = 4.8e12
+
+
+def read_bandwidth(gib: int = 8) -> dict:
+    """HBM read bandwidth from a read-only kernel: an fp32-accumulated sum over `gib` GiB of
+    bf16 (reads every byte once, writes one scalar), best of 5 after a compiling run."""
+    import jax
+    import jax.numpy as jnp
+
+    n = (gib << 30) // 2 if jax.default_backend() != "cpu" else 1 << 24
+    x = jnp.ones((n,), jnp.bfloat16)
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    total(x).block_until_ready()
+    t = min(timed(lambda: total(x).block_until_ready(), 5))
+    return {"read_GB": 2 * n / 1e9, "read_GBps": 2 * n / t / 1e9,
+            "spec_GBps": H200_SPEC_BPS / 1e9, "read_over_spec": 2 * n / t / H200_SPEC_BPS}
+
+
+def step_bytes(cfg: T5Config, in_len: int, batch: int = 1) -> int:
+    """Bytes one greedy decoder step must read at `batch` rows (bf16): the decoder's weights,
+    the LM head and the cross-attention keys/values (the self cache is under 1 % here)."""
+    d, i, f, v = cfg.d_model, cfg.inner_dim, cfg.d_ff, cfg.vocab_size
+    mlp = d * f * (3 if cfg.gated else 2)
+    dec_params = cfg.num_decoder_layers * (8 * d * i + mlp) + v * d
+    cross = 2 * cfg.num_decoder_layers * batch * in_len * i
+    return 2 * (dec_params + cross)
+
+
+def big_copies(engine, in_len: int) -> list[str]:
+    """Copy / transpose instructions of at least 4M elements in the batch-1 decode program's
+    optimized HLO: a per-step relayout of a weight would show here."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from serving.engine import engine as engine_mod
+    from serving.engine import generate
+
+    def spec(shape: tuple, dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
+    r = generate.Rows(spec((1, in_len), i32), *(spec((1,), t) for t in (
+        i32, i32, i32, i32, i32, f32, f32, f32, f32, u32, u32)))
+    hlo = engine_mod._sampling.lower(engine.config, engine.params, r, out_len=64,
+                                     sample=False).compile().as_text()
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"= \w+\[([\d,]+)\]\{[^}]*\} (copy|transpose)\(", line)
+        if m and np.prod([int(x) for x in m.group(1).split(",")]) >= 1 << 22:
+            found.append(line.strip()[:160])
+    return found
+
+
+def decode_step_time(engine, cfg: T5Config, in_len: int, read: dict,
+                     repeats: int = 5) -> dict:
+    """Batch-1 time per decoder step: the same compiled program (output bucket 64) run with
+    max_output_len 64 and 8; (t64 - t8) / 56 removes the encoder and the fixed costs.
+    The LM-head row of the end id must be zero (see zero_end_row) so no row ends early."""
+    from serving.engine import SamplingParams
+
+    row = [input_rows(cfg, 1, in_len, seed=7)[0]]
+    times = {}
+    for n in (64, 8):
+        p = [SamplingParams(max_output_len=n)]
+        res = engine.generate(row, p)  # the first call compiles
+        assert int(res[0].sequence_length[0]) == n, "ended early"
+        times[n] = statistics.median(timed(lambda p=p: engine.generate(row, p), repeats))
+    per_step = (times[64] - times[8]) / 56
+    nbytes = step_bytes(cfg, in_len)
+    spec_s = nbytes / H200_SPEC_BPS
+    read_s = nbytes / (read["read_GBps"] * 1e9)
+    return {"generate_64_s": times[64], "generate_8_s": times[8], "step_ms": per_step * 1e3,
+            "step_bytes_GB": nbytes / 1e9, "spec_bound_ms": spec_s * 1e3,
+            "read_bound_ms": read_s * 1e3, "over_spec": per_step / spec_s,
+            "over_measured_read": per_step / read_s,
+            "achieved_GBps": nbytes / per_step / 1e9}
+
+
+def zero_end_row(params: dict, cfg: T5Config) -> dict:
+    """Zero the LM head's row of the end id: its logit is then exactly 0 while the greedy
+    argmax over ~32k random logits is positive, so greedy never ends a row early."""
+    params["lm_head"] = params["lm_head"].at[cfg.eos_token_id].set(0)
+    return params
+
+
+def run_bound(cfg: T5Config, in_len: int) -> dict:
+    """Issue 13 part 5: read bandwidth vs spec; batch-1 decode step vs the bytes it reads."""
+    from serving.engine import T5Engine
+
+    read = read_bandwidth()
+    log(f"read-only bandwidth: {read}")
+    rates = hardware_rates()
+    log(f"copy bandwidth and matmul: {rates}")
+    engine = T5Engine(cfg, zero_end_row(jax_random_params(cfg), cfg), dtype="bf16")
+    step = decode_step_time(engine, cfg, in_len, read)
+    log(f"batch-1 decode step: {step}")
+    try:
+        copies = big_copies(engine, in_len)
+    except Exception as exc:  # the HLO look is a diagnosis only; never fail the numbers
+        copies = [f"not inspected: {exc!r}"[:200]]
+    log(f"large copies/transposes in the decode program: {len(copies)}")
+    return {"read": read, "rates": rates, "batch1_step": step, "large_copies": copies}
+
+
 def run_jax(engine, cfg: T5Config, batches: list[int], in_len: int, out_len: int,
             repeats: int, rates: dict) -> dict:
     import jax
@@ -470,9 +578,10 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", choices=["both", "jax", "hf", "check"], default="both",
+    ap.add_argument("--impl", choices=["both", "jax", "hf", "check", "bound"], default="both",
                     help="both: HF then ours on the same weights (default); jax / hf: one "
-                         "side on its own random weights; check: correctness only")
+                         "side on its own random weights; check: correctness only; bound: "
+                         "read-only HBM bandwidth and the batch-1 decode step against it")
     ap.add_argument("--model", choices=sorted(MODELS), default="ul2-20b")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")],
                     default=[1, 8, 32], help="comma-separated batch sizes (default 1,8,32)")
@@ -489,6 +598,10 @@ def main() -> None:
         result = run_check()
         print(json.dumps(result))
         sys.exit(0 if result["passed"] else 1)
+    if args.impl == "bound":
+        print(json.dumps({"model": args.model, "input_len": args.input_len,
+                          **run_bound(cfg, args.input_len)}))
+        return
 
     results, extra = [], {}
     if args.impl in ("both", "jax"):
