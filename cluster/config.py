@@ -13,11 +13,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
-from core import storage
+from core.yaml_file import read_yaml
 
 # Triton backends an image can serve: "python" runs our JAX engine (docker/serving.Dockerfile),
 # "fastertransformer" needs an image with the FT backend built in, which users build themselves.
@@ -349,13 +348,7 @@ def _check_values(cfg: ClusterConfig) -> None:
 def load_config(path: str | Path) -> ClusterConfig:
     """Read and validate the YAML config at PATH: a local path or a gs:// URL (core.storage)."""
     path = str(path)
-    if not storage.exists(path):
-        raise ConfigError(f"cluster config {path} does not exist")
-    try:
-        data = yaml.safe_load(storage.read_text(path))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cluster config {path} is not valid YAML: "
-                          f"{str(exc).splitlines()[0]}") from exc
+    data = read_yaml(path, "cluster config", ConfigError)
     try:
         return parse_config(data)
     except ConfigError as exc:

@@ -111,9 +111,7 @@ def deployment(spec: TritonSpec) -> dict:
     )
     dep = client.V1Deployment(
         api_version="apps/v1", kind="Deployment",
-        metadata=client.V1ObjectMeta(name=spec.name, namespace=spec.namespace,
-                                     labels={**selector, "t5ft.model": _label(spec.model_name)},
-                                     owner_references=_owner_references(spec)),
+        metadata=_metadata(spec, selector),
         spec=client.V1DeploymentSpec(
             replicas=spec.replicas,
             # Each replica holds whole GPUs: a rolling update would need a second set of GPUs
@@ -147,15 +145,20 @@ def _owner_references(spec: TritonSpec) -> list[client.V1OwnerReference] | None:
                                     uid=spec.owner["uid"])]
 
 
+def _metadata(spec: TritonSpec, selector: dict[str, str]) -> client.V1ObjectMeta:
+    """Name, namespace, labels and owner of the Deployment and the Service alike."""
+    return client.V1ObjectMeta(name=spec.name, namespace=spec.namespace,
+                               labels={**selector, "t5ft.model": _label(spec.model_name)},
+                               owner_references=_owner_references(spec))
+
+
 def service(spec: TritonSpec) -> dict:
     """ClusterIP Service in front of every replica: http, grpc, metrics."""
     selector = pods.labels("triton", spec.name)
     http, grpc, metrics = spec.service_ports
     svc = client.V1Service(
         api_version="v1", kind="Service",
-        metadata=client.V1ObjectMeta(name=spec.name, namespace=spec.namespace,
-                                     labels={**selector, "t5ft.model": _label(spec.model_name)},
-                                     owner_references=_owner_references(spec)),
+        metadata=_metadata(spec, selector),
         spec=client.V1ServiceSpec(
             type="ClusterIP",
             selector=selector,

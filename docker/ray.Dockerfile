@@ -9,7 +9,8 @@ ARG PYTHON_TAG=py311
 ARG VARIANT=
 FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}${VARIANT}
 
-WORKDIR /home/ray/t5x-ft-ray
+# HOME is set by the rayproject/ray image (its ray user's home).
+WORKDIR $HOME/t5x-ft-ray
 # Only what `pip install .` packages ([tool.setuptools.packages.find] in pyproject.toml).
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users core core

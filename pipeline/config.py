@@ -31,10 +31,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from core import storage
 from core.options import FlagSpec, StageOptions, flag_specs, from_keys, specs_to_argv
+from core.yaml_file import read_yaml
 
 STAGES = ("convert", "serve", "evaluate")
 # Flags the pipeline sets itself: a config may not give them.
@@ -234,12 +232,7 @@ def _check_destinations(runs: list[RunSpec]) -> None:
 def load(path: str | Path, output: str | None = None) -> PipelineConfig:
     """Read and validate PIPELINE.yaml: a local path or a gs:// URL (read through core.storage)."""
     path = str(path)
-    if not storage.exists(path):
-        raise ConfigError(f"pipeline config {path} does not exist")
-    try:
-        obj = yaml.safe_load(storage.read_text(path))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    obj = read_yaml(path, "pipeline config", ConfigError)
     try:
         return parse(obj, output)
     except ConfigError as exc:

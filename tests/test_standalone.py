@@ -33,6 +33,8 @@ HOST_PATH = re.compile(rb"(?<![\w.~])/(?:work|home|Users)/")
 FILE_CLIMB = re.compile(rb"Path\(__file__\)(?:\.resolve\(\))?((?:\.parent\b)+|\.parents\[(\d+)\])")
 ROOT_PARENT = re.compile(rb"\b[A-Z_]*(?:REPO|ROOT)[A-Z_]*\.parent\b")
 MD_NAME = re.compile(rb"(?<![\w.-])([\w.-]+\.md)\b")
+# A document on the web (a URL's last part) is not one a reader looks for in the repository.
+URL = re.compile(rb"https?://\S+")
 # Markdown names that are outputs, not documents a reader is sent to. Each says who writes it.
 WRITTEN_NOT_TRACKED = {
     "comparison.md": "written by ray_jobs.pipeline / bench into their output folder",
@@ -94,7 +96,7 @@ def test_every_markdown_document_named_is_in_the_repository() -> None:
         path = REPO / name
         if not path.is_file() or path.is_symlink():
             continue
-        for m in MD_NAME.finditer(path.read_bytes()):
+        for m in MD_NAME.finditer(URL.sub(b"", path.read_bytes())):
             doc = m.group(1).decode()
             if Path(doc).name not in have and Path(doc).name not in WRITTEN_NOT_TRACKED:
                 missing.append(f"{name}: names {doc}, which no tracked file is")
