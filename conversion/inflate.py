@@ -73,23 +73,35 @@ class GzipZarr:
         sel = _normalise(region, self.shape)
         lo = [a for a, _, _ in sel]
         hi = [b for _, b, _ in sel]
-        out = np.empty([b - a for a, b in zip(lo, hi, strict=True)], dtype=_native(self.dtype))
+        drop = tuple(0 if is_int else slice(None) for _, _, is_int in sel)
         grid = [range(a // c, (b - 1) // c + 1) if b > a else range(0)
                 for a, b, c in zip(lo, hi, self.chunks, strict=True)]
-        for index in itertools.product(*grid):
-            values = self.chunk(index)
-            src, dst = [], []
-            for i, c, a, b in zip(index, self.chunks, lo, hi, strict=True):
-                s, e = max(a, i * c), min(b, (i + 1) * c)
-                src.append(slice(s - i * c, e - i * c))
-                dst.append(slice(s - a, e - a))
-            out[tuple(dst)] = values[tuple(src)]
-        drop = tuple(0 if is_int else slice(None) for _, _, is_int in sel)
+        indexes = list(itertools.product(*grid))
+        if len(indexes) == 1 and self.dtype == _native(self.dtype):
+            # One chunk (how conversion/placement.py reads): a view of the inflated buffer,
+            # no second copy.
+            src, _ = _overlap(indexes[0], self.chunks, lo, hi)
+            return self.chunk(indexes[0])[src][drop]
+        out = np.empty([b - a for a, b in zip(lo, hi, strict=True)], dtype=_native(self.dtype))
+        for index in indexes:
+            src, dst = _overlap(index, self.chunks, lo, hi)
+            out[dst] = self.chunk(index)[src]
         return out[drop]
 
     def read_async(self, region: tuple | None) -> concurrent.futures.Future:
         """Start :meth:`read` on the inflate pool (a future of its values)."""
         return _POOL.submit(self.read, region)
+
+
+def _overlap(index: tuple[int, ...], chunks: tuple[int, ...], lo: list[int], hi: list[int]
+             ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """(within the chunk at ``index``, within the region [lo, hi)) of their overlap."""
+    src, dst = [], []
+    for i, c, a, b in zip(index, chunks, lo, hi, strict=True):
+        s, e = max(a, i * c), min(b, (i + 1) * c)
+        src.append(slice(s - i * c, e - i * c))
+        dst.append(slice(s - a, e - a))
+    return tuple(src), tuple(dst)
 
 
 def _native(dtype: np.dtype) -> np.dtype:
