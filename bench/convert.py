@@ -166,7 +166,7 @@ def ours(ckpt: Path, workdir: Path, cpus: int, runs: int, files: list[Path],
         # Start as many workers as tasks can run at once (ConvertOptions.task_cpus each) and
         # import the conversion code in each, as on a running cluster; record their resident
         # size before any conversion work.
-        per_task = ConvertOptions.task_cpus
+        per_task = ConvertOptions.model_fields["task_cpus"].default
         warm_up = ray.remote(num_cpus=per_task)(
             lambda: (__import__("conversion.run"), _worker_rss())[1])
         idle = dict(ray.get([warm_up.remote() for _ in range(int(cpus / per_task))]))
@@ -176,6 +176,7 @@ def ours(ckpt: Path, workdir: Path, cpus: int, runs: int, files: list[Path],
                                   overwrite=True, progress=False)
             seconds, summary = timed(runs, files, convert, opts)
             result[t] = {"seconds": seconds, "summary": summary}
+            print(f"ours TP {t}: {seconds}", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
@@ -216,15 +217,18 @@ def main() -> None:
     load_before = _load()
 
     t_copy, _ = timed(args.runs, files, copy_floor, ckpt, workdir)
+    print(f"copy: {t_copy}", file=sys.stderr, flush=True)
     codecs = {}
     for codec in ("zlib", "isal"):
         t, raw = timed(args.runs, files, inflate_all, ckpt, args.cpus, codec)
         codecs[codec] = {"seconds": t, "decoded_MB_per_s": round(raw / 1e6 / t["median"], 1)}
+        print(f"inflate {codec}: {codecs[codec]}", file=sys.stderr, flush=True)
     run = ours(ckpt, workdir, args.cpus, args.runs, files, (1, 2))
     nv = None
     if args.nvidia_converter:
         nv, _ = timed(args.runs, files, nvidia, args.nvidia_converter, args.nvidia_python,
                       ckpt, workdir, args.cpus)
+        print(f"NVIDIA TP 2: {nv}", file=sys.stderr, flush=True)
     # Each task reports its worker's lifetime peak RSS (ru_maxrss) when it ends.
     peak = max(run[t]["summary"]["peak_worker_rss_bytes"] for t in (1, 2))
     result = {
