@@ -188,7 +188,8 @@ def nvidia(script: str, python: str, ckpt: Path, workdir: Path, cpus: int) -> No
     out = workdir / "nvidia-out"
     shutil.rmtree(out, ignore_errors=True)
     try:
-        subprocess.run([python, script, str(ckpt), str(out), "-t", "2", "-j", str(cpus)],
+        # Its checkpoint-dir is the model folder: config.gin beside checkpoint_<step>.
+        subprocess.run([python, script, str(ckpt.parent), str(out), "-t", "2", "-j", str(cpus)],
                        check=True, stdout=subprocess.DEVNULL)
     finally:
         shutil.rmtree(out, ignore_errors=True)
