@@ -1,20 +1,25 @@
-"""Conversion benchmark: our Ray conversion against the floor, on a UL2-20B-wide checkpoint.
+"""Conversion benchmark: inflaters, our Ray conversion and NVIDIA's converter, on a UL2-20B-wide
+checkpoint.
 
-    .venv/bin/python bench/convert.py [--workdir /tmp/t5ft-bench-convert] [--tensor-parallel 1]
+    .venv/bin/python bench/convert.py [--workdir /tmp/t5ft-bench-convert] [--runs 3]
+        [--nvidia-converter PATH/jax_t5_ckpt_convert.py --nvidia-python VENV/bin/python]
 
 The checkpoint has UL2 20B's widths (D 4096, 16 heads x 256, d_ff 16384, vocab 32128,
 gated-silu, untied LM head) and one encoder and one decoder layer: ~865M parameters, fp32,
 written as t5x writes them (gzip zarr, chunks of at most 64 MiB), ~3 GB. It is generated once
 under --workdir (never in the repository) and reused.
 
-Measured in the same run, on the same files:
+Measured in the same run, on the same files, each step ``--runs`` times (median, min and max
+reported), the page cache warmed the same way (every checkpoint file read) before each:
 - copy floor: a plain copy of every checkpoint file (what moving the bytes costs);
-- decompress floor: gunzip every chunk on all cores, the faster of a Python zlib process pool
-  and tensorstore reading every array (what reading the arrays costs);
-- ours: ``conversion.run.convert`` on a local Ray with one worker per core (workers started
-  before timing, as on a running cluster): read, cast, split, write, sha256, manifest;
-- peak RSS of each Ray worker process against the largest tensor (NVIDIA's converter holds
-  about 2.2x of it).
+- per codec: every stored chunk inflated on a process pool of one process per core, with zlib
+  and with ISA-L (what our reader uses, conversion/inflate.py), in MB/s of decoded bytes;
+- ours at TP 1 and TP 2: ``conversion.run.convert`` on a local Ray with its workers started
+  before timing (as on a running cluster): read, inflate, cast, split, write, crc32c, manifest;
+- with ``--nvidia-converter``: NVIDIA's ``jax_t5_ckpt_convert.py -t 2 -j CPUS`` on the same
+  checkpoint (a local copy of the script, never vendored; run with ``--nvidia-python``, an
+  interpreter that has its needs: zarr<3, msgpack, numpy);
+- peak RSS of each Ray worker process against the largest tensor.
 Prints one JSON object as its last line.
 """
 
@@ -25,6 +30,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import time
 import zlib
@@ -97,38 +104,44 @@ def copy_floor(ckpt: Path, workdir: Path) -> float:
     return seconds
 
 
-def _gunzip(path: str) -> int:
-    return len(zlib.decompress(Path(path).read_bytes(), 16 + zlib.MAX_WBITS))
+def warm(files: list[Path]) -> None:
+    """Read every file once, so each timed step starts from the same (warm) page cache."""
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
 
 
-def decompress_floor(ckpt: Path, processes: int) -> tuple[float, int]:
+def timed(runs: int, files: list[Path], step, *args) -> tuple[dict, object]:
+    """Run ``step(*args)`` ``runs`` times after warming the cache each time: its seconds as
+    {median, min, max, all} and the last result."""
+    seconds, result = [], None
+    for _ in range(runs):
+        warm(files)
+        t0 = time.monotonic()
+        result = step(*args)
+        seconds.append(time.monotonic() - t0)
+    return {"median": round(statistics.median(seconds), 2), "min": round(min(seconds), 2),
+            "max": round(max(seconds), 2), "all": [round(x, 2) for x in seconds]}, result
+
+
+def _inflate(job: tuple[str, str]) -> int:
+    path, codec = job
+    raw = Path(path).read_bytes()
+    if codec == "isal":
+        from isal import igzip_lib
+
+        return len(igzip_lib.decompress(raw, flag=igzip_lib.DECOMP_GZIP))
+    return len(zlib.decompress(raw, 16 + zlib.MAX_WBITS))
+
+
+def inflate_all(ckpt: Path, processes: int, codec: str) -> int:
+    """Inflate every stored chunk with ``codec`` on a pool; returns the decoded bytes."""
     files = [str(p) for p in chunk_files(ckpt)]
     # Biggest first, so that the last straggler is small.
     files.sort(key=lambda p: -os.path.getsize(p))
     with multiprocessing.get_context("fork").Pool(processes) as pool:
-        t0 = time.monotonic()
-        total = sum(pool.imap_unordered(_gunzip, files))
-        seconds = time.monotonic() - t0
-    return seconds, total
-
-
-def tensorstore_floor(ckpt: Path) -> float:
-    """Read every array whole through tensorstore (its own threads, one per core), a few
-    arrays in flight at once so that single-chunk arrays also decode in parallel."""
-    import tensorstore as ts
-
-    arrays = sorted(p for p in ckpt.iterdir() if p.is_dir())
-    stores = [ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(a)}}).result()
-              for a in arrays]
-    t0 = time.monotonic()
-    window: list = []
-    for store in stores:
-        window.append(store.read())
-        if len(window) >= 4:
-            window.pop(0).result()
-    for fut in window:
-        fut.result()
-    return time.monotonic() - t0
+        return sum(pool.imap_unordered(_inflate, [(f, codec) for f in files]))
 
 
 def _worker_rss() -> tuple[int, int]:
@@ -139,38 +152,62 @@ def _worker_rss() -> tuple[int, int]:
     return os.getpid(), max(rss_now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def ours(ckpt: Path, workdir: Path, cpus: int, tensor_parallel: int) -> dict:
+def ours(ckpt: Path, workdir: Path, cpus: int, runs: int, files: list[Path],
+         tensor_parallels: tuple[int, ...]) -> dict:
+    """Our conversion at each tensor-parallel size, ``runs`` times, on one warm local Ray."""
     import ray
 
     from conversion.run import ConvertOptions, convert
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    out = workdir / "out"
     try:
         # Start as many workers as tasks can run at once (ConvertOptions.task_cpus each) and
         # import the conversion code in each, as on a running cluster; record their resident
         # size before any conversion work.
-        per_task = ConvertOptions.task_cpus
-        warm = ray.remote(num_cpus=per_task)(
+        per_task = ConvertOptions.model_fields["task_cpus"].default
+        warm_up = ray.remote(num_cpus=per_task)(
             lambda: (__import__("conversion.run"), _worker_rss())[1])
-        idle = dict(ray.get([warm.remote() for _ in range(int(cpus / per_task))]))
-        out = workdir / "out"
-        opts = ConvertOptions(src=str(ckpt), dst=str(out), tensor_parallel=tensor_parallel,
-                              overwrite=True, progress=False)
-        t0 = time.monotonic()
-        summary = convert(opts)
-        seconds = time.monotonic() - t0
+        idle = dict(ray.get([warm_up.remote() for _ in range(int(cpus / per_task))]))
+        result: dict = {"idle_rss": max(idle.values())}
+        for t in tensor_parallels:
+            opts = ConvertOptions(src=str(ckpt), dst=str(out), tensor_parallel=t,
+                                  overwrite=True, progress=False)
+            seconds, summary = timed(runs, files, convert, opts)
+            result[t] = {"seconds": seconds, "summary": summary}
+            print(f"ours TP {t}: {seconds}", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
-    shutil.rmtree(workdir / "out", ignore_errors=True)
-    return {"seconds": seconds, "summary": summary, "idle_rss": idle}
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def nvidia(script: str, python: str, ckpt: Path, workdir: Path, cpus: int) -> None:
+    """NVIDIA's converter, TP 2, CPUS jobs, into a fresh folder (raises if it fails)."""
+    out = workdir / "nvidia-out"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        # Its checkpoint-dir is the model folder: config.gin beside checkpoint_<step>.
+        subprocess.run([python, script, str(ckpt.parent), str(out), "-t", "2", "-j", str(cpus)],
+                       check=True, stdout=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/tmp/t5ft-bench-convert")
-    p.add_argument("--tensor-parallel", type=int, default=1)
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--runs", type=int, default=3, help="runs per timed step (default 3)")
+    p.add_argument("--nvidia-converter", metavar="PATH",
+                   help="a local copy of NVIDIA's jax_t5_ckpt_convert.py, run on the same files")
+    p.add_argument("--nvidia-python", default=sys.executable,
+                   help="interpreter for it, with zarr<3, msgpack, numpy (default: this one)")
     args = p.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -178,50 +215,51 @@ def main() -> None:
     files = checkpoint_files(ckpt)
     on_disk = sum(f.stat().st_size for f in files)
     largest = max(int(np.prod(s)) * 4 for s in t5x_param_shapes(UL2_WIDTHS).values())
+    load_before = _load()
 
-    # Warm the page cache for every measurement alike.
-    for f in files:
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
-    t_copy = copy_floor(ckpt, workdir)
-    t_gunzip, raw = decompress_floor(ckpt, args.cpus)
-    t_ts = tensorstore_floor(ckpt)
-    run = ours(ckpt, workdir, args.cpus, args.tensor_parallel)
+    t_copy, _ = timed(args.runs, files, copy_floor, ckpt, workdir)
+    print(f"copy: {t_copy}", file=sys.stderr, flush=True)
+    codecs = {}
+    for codec in ("zlib", "isal"):
+        t, raw = timed(args.runs, files, inflate_all, ckpt, args.cpus, codec)
+        codecs[codec] = {"seconds": t, "decoded_MB_per_s": round(raw / 1e6 / t["median"], 1)}
+        print(f"inflate {codec}: {codecs[codec]}", file=sys.stderr, flush=True)
+    run = ours(ckpt, workdir, args.cpus, args.runs, files, (1, 2))
+    nv = None
+    if args.nvidia_converter:
+        nv, _ = timed(args.runs, files, nvidia, args.nvidia_converter, args.nvidia_python,
+                      ckpt, workdir, args.cpus)
+        print(f"NVIDIA TP 2: {nv}", file=sys.stderr, flush=True)
     # Each task reports its worker's lifetime peak RSS (ru_maxrss) when it ends.
-    peak = run["summary"]["peak_worker_rss_bytes"]
-    # The floor: the slower of moving the bytes and decompressing them (the faster of the two
-    # ways to decompress: Python's zlib on a process pool, or tensorstore's own decoder).
-    t_decompress = min(t_gunzip, t_ts)
-    floor = max(t_copy, t_decompress)
+    peak = max(run[t]["summary"]["peak_worker_rss_bytes"] for t in (1, 2))
     result = {
         "params": UL2_WIDTHS.num_parameters(),
         "checkpoint_bytes": on_disk,
         "decompressed_bytes": raw,
-        "output_bytes": run["summary"]["bytes"],
-        "output_files": run["summary"]["files"],
-        "tensor_parallel": args.tensor_parallel,
+        "output_bytes_tp2": run[2]["summary"]["bytes"],
         "cpus": args.cpus,
-        "copy_floor_s": round(t_copy, 2),
-        "gunzip_pool_s": round(t_gunzip, 2),
-        "tensorstore_read_all_s": round(t_ts, 2),
-        "decompress_floor_s": round(t_decompress, 2),
-        "floor_s": round(floor, 2),
-        "ours_s": round(run["seconds"], 2),
-        "ratio_vs_floor": round(run["seconds"] / floor, 2),
-        "ratio_vs_copy_plus_decompress": round(run["seconds"] / (t_copy + t_decompress), 2),
+        "runs": args.runs,
+        "load_before": load_before,
+        "copy_floor_s": t_copy,
+        "codecs": codecs,
+        "ours_tp1_s": run[1]["seconds"],
+        "ours_tp2_s": run[2]["seconds"],
+        "nvidia_tp2_s": nv,
+        "nvidia_over_ours_tp2": (round(nv["median"] / run[2]["seconds"]["median"], 2)
+                                 if nv else None),
         "largest_tensor_bytes": largest,
-        "worker_idle_rss_bytes": max(run["idle_rss"].values()),
+        "worker_idle_rss_bytes": run["idle_rss"],
         "worker_peak_rss_bytes": peak,
         "peak_rss_over_largest_tensor": round(peak / largest, 2),
-        "peak_growth_over_largest_tensor": round(
-            (peak - max(run["idle_rss"].values())) / largest, 2),
+        "peak_growth_over_largest_tensor": round((peak - run["idle_rss"]) / largest, 2),
+        "load_after": _load(),
     }
-    print(f"checkpoint: {on_disk / 1e9:.2f} GB on disk, {result['params'] / 1e6:.0f}M params; "
-          f"copy {t_copy:.1f}s, decompress on {args.cpus} cores {t_decompress:.1f}s, ours "
-          f"{run['seconds']:.1f}s ({result['ratio_vs_floor']}x the floor); worker peak RSS "
+    print(f"checkpoint: {on_disk / 1e9:.2f} GB on disk; inflate zlib "
+          f"{codecs['zlib']['decoded_MB_per_s']} MB/s, isal {codecs['isal']['decoded_MB_per_s']}"
+          f" MB/s on {args.cpus} cores; ours TP1 {run[1]['seconds']['median']}s, TP2 "
+          f"{run[2]['seconds']['median']}s; NVIDIA TP2 {nv and nv['median']}s; worker peak "
           f"{peak / 2**20:.0f} MiB = {result['peak_rss_over_largest_tensor']}x the largest "
-          f"tensor ({largest / 2**20:.0f} MiB)", file=sys.stderr)
+          f"tensor; load {load_before} -> {result['load_after']}", file=sys.stderr)
     print(json.dumps(result), flush=True)
 
 

@@ -23,7 +23,7 @@ from core import manifest as manifest_lib
 from core import scratch, storage
 from core.errors import first_line
 from core.gcs_env import forwarded_env
-from core.manifest import ManifestEntry
+from core.manifest import DEFAULT_DIGEST, Digest, ManifestEntry
 
 if TYPE_CHECKING:
     from conversion.run import ConvertOptions
@@ -61,10 +61,12 @@ def _return_freed_memory() -> None:
 
 
 def convert_layer(ckpt: Checkpoint, task: LayerTask, out_dir: str,
-                  previous: dict[str, ManifestEntry] | None = None) -> dict[str, Any]:
+                  previous: dict[str, ManifestEntry] | None = None,
+                  digest: Digest = DEFAULT_DIGEST) -> dict[str, Any]:
     """Convert one layer's files (what each Ray task runs); returns its manifest entries.
 
-    Files whose entry in ``previous`` (a resumed run's manifest) checks out are kept.
+    Files whose entry in ``previous`` (a resumed run's manifest, crc32c or sha256) checks out
+    are kept; new files get a ``digest`` entry.
     """
     _return_freed_memory()
     previous = previous or {}
@@ -77,14 +79,15 @@ def convert_layer(ckpt: Checkpoint, task: LayerTask, out_dir: str,
             entries += [e for e in old if e is not None]
             skipped += len(urls)
             continue
-        entries += write_tensor(ckpt, tensor, out_dir)
+        entries += write_tensor(ckpt, tensor, out_dir, digest)
     return {"group": task.group, "entries": entries, "skipped": skipped,
             "peak_rss": _peak_rss_bytes(), "pid": os.getpid()}
 
 
 def verify_layer(task: LayerTask, out_dir: str,
                  manifest: dict[str, ManifestEntry]) -> dict[str, Any]:
-    """Re-read every file of a layer and check size and sha256 against the manifest."""
+    """Check every file of a layer against the manifest: size and digest (a local file is read
+    once; a gs:// crc32c entry is compared with the object's metadata, nothing downloaded)."""
     for tensor in task.tensors:
         for spec in tensor.files:
             url = storage.join(out_dir, spec.name)
@@ -96,7 +99,7 @@ def verify_layer(task: LayerTask, out_dir: str,
                 raise ConversionError(f"verify: {url} holds {problem[1]} bytes, manifest says "
                                       f"{entry.bytes}")
             if problem is not None:
-                raise ConversionError(f"verify: {url} does not match its manifest sha256")
+                raise ConversionError(f"verify: {url} does not match its manifest {problem[0]}")
     return {"group": task.group, "files": len(task.file_names())}
 
 

@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict
 
 from core import ft_format
+from core.manifest import DIGESTS
 from core.options import StageOptions, option
 from core.repository import ENGINES
 from core.t5config import ACTIVATIONS
@@ -19,6 +20,7 @@ from core.t5config import ACTIVATIONS
 WeightDtype = Literal[tuple(ft_format.WEIGHT_DTYPES)]  # type: ignore[valid-type]
 Engine = Literal[ENGINES]  # type: ignore[valid-type]
 Activation = Literal[ACTIVATIONS]  # type: ignore[valid-type]
+DigestName = Literal[DIGESTS]  # type: ignore[valid-type]
 
 
 class ConvertOptions(StageOptions):
@@ -67,12 +69,17 @@ class ConvertOptions(StageOptions):
         "fastertransformer",
         help="Triton backend config.pbtxt is written for (default fastertransformer)")
     resume: bool = option(
-        False, help="keep files whose manifest entry, size and sha256 check out")
+        False, help="keep files whose manifest entry, size and digest (crc32c or sha256, "
+        "whichever the manifest holds) check out")
     overwrite: bool = option(
         False, help="delete DST/<model> first, even when it holds a different model")
     verify: bool = option(
-        False, help="re-read every written file and check it against the manifest; also "
-        "report files in the weights folder that nothing accounts for")
+        False, help="check every written file against the manifest (local: read once; "
+        "gs://: crc32c from the object's metadata, no download); also report files in "
+        "the weights folder that nothing accounts for")
+    digest: DigestName = option(
+        "crc32c", help="digest recorded per file in manifest.json: crc32c (default; the "
+        "checksum GCS keeps for every object) or sha256")
     # Two tasks per core: a task alternates between decompressing (tensorstore's threads) and
     # writing, hashing or uploading; with one per core a core idles while its task writes
     # (bench/convert.py: 16.3 -> 12.7-13.6 s on 2 cores).

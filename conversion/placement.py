@@ -3,8 +3,8 @@
 A source tensor is read chunk by chunk as t5x stored it (:func:`blocks`); each chunk is cast,
 transposed or fused as the plan says and written at its place in every rank file it overlaps
 (:func:`_place`, :func:`_write_box`), so a task holds a few chunks, never a whole tensor. Files
-are staged (core.storage.staged_file) and published whole; their sha256 is computed on the
-way for the manifest.
+are staged (core.storage.staged_file) and published whole; their digest (crc32c by default,
+core.manifest) is computed on the way for the manifest.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -23,9 +22,9 @@ from conversion.errors import ConversionError
 from conversion.plan import OutputTensor, SourceRef
 from conversion.t5x import Checkpoint
 from core import ft_format, storage
-from core.manifest import ManifestEntry
+from core.manifest import DEFAULT_DIGEST, Digest, ManifestEntry, new_hasher
 
-# Pieces in which _OutFile reads back what arrived out of order, to hash it.
+# Pieces in which _OutFile reads back what arrived out of order, to digest it.
 _HASH_PIECE = 16 * 1024 * 1024
 
 # Stored chunks being fetched and decompressed (on tensorstore's threads) while the task casts,
@@ -107,17 +106,17 @@ def _viewed(blocks: Iterator[tuple[tuple[slice, ...], np.ndarray]], shape: list[
 
 
 class _OutFile:
-    """A staged output file written by positional writes, hashed as it goes.
+    """A staged output file written by positional writes, digested as it goes.
 
-    sha256 needs the bytes in file order; runs that arrive in order (most tensors, whose
-    chunks span whole rows) are hashed on the way, the rest is read back once at the end.
+    Digests need the bytes in file order; runs that arrive in order (most tensors, whose
+    chunks span whole rows) are digested on the way, the rest is read back once at the end.
     """
 
-    def __init__(self, path: str, nbytes: int) -> None:
+    def __init__(self, path: str, nbytes: int, digest: Digest = DEFAULT_DIGEST) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, nbytes)
         self.nbytes = nbytes
-        self.hash = hashlib.sha256()
+        self.hash = new_hasher(digest)
         self.hashed = 0
 
     def write(self, offset: int, data: memoryview) -> None:
@@ -129,15 +128,15 @@ class _OutFile:
             self.hash.update(data)
             self.hashed += len(data)
 
-    def sha256(self) -> str:
-        """The file's hex sha256 (reads back what arrived out of order)."""
+    def digest(self) -> str:
+        """The file's digest, as the manifest holds it (reads back what arrived out of order)."""
         while self.hashed < self.nbytes:
             piece = os.pread(self.fd, min(_HASH_PIECE, self.nbytes - self.hashed), self.hashed)
             if not piece:
                 raise ConversionError("staged output file is shorter than planned")
             self.hash.update(piece)
             self.hashed += len(piece)
-        return self.hash.hexdigest()
+        return self.hash.text()
 
     def close(self) -> None:
         """Close the file descriptor (the staged file stays)."""
@@ -207,8 +206,10 @@ def _layer_index(ref: SourceRef) -> tuple | None:
     return (slice(None),) * ref.layer_axis + (ref.layer,)
 
 
-def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str) -> list[ManifestEntry]:
-    """Convert one FT tensor into its rank files; returns their manifest entries."""
+def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
+                 digest: Digest = DEFAULT_DIGEST) -> list[ManifestEntry]:
+    """Convert one FT tensor into its rank files; returns their manifest entries (with
+    ``digest``)."""
     dtype = ft_format.WEIGHT_DTYPES[tensor.weight_dtype]
     urls = [storage.join(out_dir, f.name) for f in tensor.files]
     nbytes = tensor.file_bytes()
@@ -219,7 +220,7 @@ def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str) -> list[M
         paths = [stack.enter_context(storage.staged_file(u)) for u in urls]
         outs = []
         for p in paths:
-            out = _OutFile(p, nbytes)
+            out = _OutFile(p, nbytes, digest)
             stack.callback(out.close)
             outs.append(out)
         refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
@@ -232,6 +233,6 @@ def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str) -> list[M
                     values, lo = values[:, None, :], [lo[0], j, lo[1]]
                 _place(values.astype(dtype, copy=False), lo, tensor, outs)
         for spec, out in zip(tensor.files, outs, strict=True):
-            entries.append(ManifestEntry(spec.name, nbytes, out.sha256(),
-                                         tensor.weight_dtype, tensor.file_shape()))
+            entries.append(ManifestEntry.of(spec.name, nbytes, digest, out.digest(),
+                                            tensor.weight_dtype, tensor.file_shape()))
     return entries

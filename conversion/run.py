@@ -178,7 +178,7 @@ def _convert_layers(opts: ConvertOptions, ckpt: Checkpoint, plan: ConversionPlan
         kept = [e for name, e in previous.items() if name not in done]
         write_manifest(paths.manifest_url, incomplete, kept + list(done.values()))
 
-    calls = [(task, (ckpt, task, paths.out_dir, previous)) for task in plan.tasks]
+    calls = [(task, (ckpt, task, paths.out_dir, previous, opts.digest)) for task in plan.tasks]
     try:
         results = run_tasks(convert_layer, calls, opts, "convert", record)
     except ConversionError:

@@ -2,17 +2,23 @@
 
 A conversion writes one ``manifest.json`` beside the FT weight files (``<model>/1/<T>-gpu/``).
 Its ``model`` header says what the files are (source, step, config, tensor-parallel size,
-weight dtype, ``complete``) and its ``files`` list gives each file's size, sha256, dtype and
-shape. Writing, resuming, verifying after a conversion and checking a repository before serving
+weight dtype, ``complete``) and its ``files`` list gives each file's size, digest, dtype and
+shape. The digest is crc32c by default (hardware accelerated, and the value GCS keeps for every
+object, so a gs:// file is checked from its metadata without downloading it) or sha256
+(``--digest sha256``, and every manifest written before crc32c existed). Writing, resuming, verifying after a conversion and checking a repository before serving
 it (the pipeline) all read it through this module, so they agree on what "intact" means.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
 import json
+from typing import Literal, Protocol
+
+import google_crc32c
 
 from core import ft_format, storage
 from core.errors import first_line
@@ -22,6 +28,60 @@ MANIFEST = ft_format.MANIFEST
 # Hashing every file of a large model takes minutes: verify_repository hashes local models up
 # to this total and checks sizes only above it (and on gs://, where a hash is a full download).
 HASH_LIMIT_BYTES = 2 << 30
+
+
+# The digests a manifest entry may carry; crc32c is written unless --digest sha256 asks otherwise.
+Digest = Literal["crc32c", "sha256"]
+DIGESTS: tuple[Digest, ...] = ("crc32c", "sha256")
+DEFAULT_DIGEST: Digest = "crc32c"
+# Streamed reads of a file being hashed.
+_PIECE = 16 * 1024 * 1024
+
+
+class Hasher(Protocol):
+    """What :func:`new_hasher` returns: hashlib's update, and the manifest's text form."""
+
+    def update(self, data: bytes | memoryview) -> None: ...
+
+    def text(self) -> str: ...
+
+
+class _Crc32c:
+    """crc32c as GCS writes it in object metadata: base64 of the 4 big-endian bytes."""
+
+    def __init__(self) -> None:
+        self._sum = google_crc32c.Checksum()
+
+    def update(self, data: bytes | memoryview) -> None:
+        if isinstance(data, bytes):
+            self._sum.update(data)
+            return
+        # google-crc32c's C extension takes only bytes (no buffer it would have to release):
+        # other buffers are copied in bounded pieces, so memory stays at one piece.
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _PIECE):
+            self._sum.update(bytes(view[start:start + _PIECE]))
+
+    def text(self) -> str:
+        return base64.b64encode(self._sum.digest()).decode()
+
+
+class _Sha256:
+    """sha256 as hex, as manifests have always held it."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+
+    def text(self) -> str:
+        return self._hash.hexdigest()
+
+
+def new_hasher(digest: Digest) -> Hasher:
+    """A running digest of ``digest`` ("crc32c" or "sha256") in the manifest's text form."""
+    return _Crc32c() if digest == "crc32c" else _Sha256()
 
 
 class ManifestError(ValueError):
@@ -35,27 +95,49 @@ class ManifestEntry:
     Attributes:
       name: file name inside the ``<T>-gpu`` folder.
       bytes: file size in bytes.
-      sha256: hex digest of the file's bytes.
+      sha256: hex sha256 of the file's bytes, or None (a crc32c entry).
       dtype: weight dtype name ("fp32", "fp16", "bf16").
       shape: the shape of this rank's part, as stored (row-major, no header).
+      crc32c: the file's crc32c as GCS keeps it (base64, big-endian), or None (sha256 entry).
     """
 
     name: str
     bytes: int
-    sha256: str
+    sha256: str | None
     dtype: str
     shape: tuple[int, ...]
+    crc32c: str | None = None
+
+    @property
+    def digest(self) -> tuple[Digest, str]:
+        """(algorithm, value) this entry is checked by: crc32c when it has one."""
+        if self.crc32c is not None:
+            return "crc32c", self.crc32c
+        if self.sha256 is not None:
+            return "sha256", self.sha256
+        raise ValueError(f"manifest entry {self.name!r} has no digest")
 
     def to_json(self) -> dict:
-        """This entry as a JSON object (shape as a list)."""
-        return {"name": self.name, "bytes": self.bytes, "sha256": self.sha256,
+        """This entry as a JSON object (shape as a list; only the digests it has)."""
+        digests = {k: v for k, v in (("crc32c", self.crc32c), ("sha256", self.sha256)) if v}
+        return {"name": self.name, "bytes": self.bytes, **digests,
                 "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
     def from_json(cls, obj: dict) -> ManifestEntry:
-        """The entry :meth:`to_json` wrote; raises KeyError/ValueError on a malformed one."""
-        return cls(obj["name"], int(obj["bytes"]), obj["sha256"], obj["dtype"],
-                   tuple(obj["shape"]))
+        """The entry :meth:`to_json` wrote (or an older sha256-only one); raises
+        KeyError/ValueError on a malformed one."""
+        entry = cls(obj["name"], int(obj["bytes"]), obj.get("sha256"), obj["dtype"],
+                    tuple(obj["shape"]), obj.get("crc32c"))
+        entry.digest  # noqa: B018 - raises ValueError when it has none
+        return entry
+
+    @classmethod
+    def of(cls, name: str, nbytes: int, digest: Digest, value: str, dtype: str,
+           shape: tuple[int, ...]) -> ManifestEntry:
+        """An entry carrying the one digest ``digest`` = ``value``."""
+        return cls(name, nbytes, value if digest == "sha256" else None, dtype, tuple(shape),
+                   value if digest == "crc32c" else None)
 
 
 def manifest_json(model: dict, entries: list[ManifestEntry]) -> str:
@@ -89,29 +171,44 @@ def read_manifest(url: str) -> tuple[dict, dict[str, ManifestEntry]] | None:
 
 def file_sha256(url: str) -> str:
     """Hex sha256 of a local file or gs:// object, streamed (bounded memory)."""
+    return file_digest(url, "sha256")
+
+
+def file_digest(url: str, digest: Digest) -> str:
+    """The ``digest`` of a local file or gs:// object in the manifest's text form, streamed
+    (bounded memory); read once."""
+    hasher = new_hasher(digest)
     with storage.open_read(url) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while piece := f.read(_PIECE):
+            hasher.update(piece)
+    return hasher.text()
 
 
 def file_mismatch(url: str, entry: ManifestEntry, *, hash_file: bool = True
                   ) -> tuple[str, int | None] | None:
     """How the file at ``url`` differs from its entry: None when it matches.
 
-    Returns ("bytes", size on disk or None when missing) or ("sha256", size); the size is
-    checked first because it is free and a short file can never hash right.
+    Returns ("bytes", size on disk or None when missing) or (the digest's name, size); the
+    size is checked first because it is free and a short file can never hash right. A crc32c
+    entry of a gs:// object is compared with the crc32c GCS keeps in the object's metadata
+    (the same call that gives its size), so it is always checked and nothing is downloaded;
+    ``hash_file=False`` skips the digests that would need reading the file.
     """
-    got = storage.size(url)
+    got, stored_crc32c = storage.stat(url)
     if got != entry.bytes:
         return "bytes", got
-    if hash_file and file_sha256(url) != entry.sha256:
-        return "sha256", got
+    algo, want = entry.digest
+    if algo == "crc32c" and stored_crc32c is not None:
+        return None if stored_crc32c == want else ("crc32c", got)
+    if hash_file and file_digest(url, algo) != want:
+        return algo, got
     return None
 
 
 def entry_matches(entry: ManifestEntry | None, url: str, *, dtype: str,
                   shape: tuple[int, ...], nbytes: int) -> bool:
     """Whether a file a resumed run finds may be kept: its entry describes what this run would
-    write (dtype, shape, size) and the file still matches the entry (size, sha256)."""
+    write (dtype, shape, size) and the file still matches the entry (size, digest)."""
     if entry is None or entry.dtype != dtype:
         return False
     if tuple(entry.shape) != tuple(shape) or entry.bytes != nbytes:
@@ -121,7 +218,7 @@ def entry_matches(entry: ManifestEntry | None, url: str, *, dtype: str,
 
 def manifest_digest(model_repository: str, model_name: str,
                     tensor_parallel: int | None = None) -> str | None:
-    """sha256 of the served model's manifest (its identity), or None when it has none.
+    """sha256 of the served model's manifest file (its identity), or None when it has none.
 
     Without ``tensor_parallel`` the first ``<T>-gpu`` folder found is taken.
     """
@@ -143,8 +240,9 @@ def verify_repository(model_repository: str, model_name: str, tensor_parallel: i
 
     Complete: config.pbtxt, config.ini and a manifest marked complete whose files are every
     file FT opens for that config at that tensor-parallel size (and spiece.model when
-    ``need_vocab``); intact: each file's size (and, for local models up to
-    ``hash_limit_bytes`` in total, its sha256) matches the manifest.
+    ``need_vocab``); intact: each file's size and digest match the manifest (local files'
+    digests only up to ``hash_limit_bytes`` in total; gs:// crc32c entries from metadata,
+    sha256 ones not at all, as that is a full download).
     """
     model_dir = storage.join(model_repository, model_name)
     out = storage.join(model_dir, "1", ft_format.weights_dir_name(tensor_parallel))
@@ -177,5 +275,5 @@ def verify_repository(model_repository: str, model_name: str, tensor_parallel: i
             continue
         if problem[0] == "bytes":
             return f"{name}: {problem[1]} bytes on disk, {entries[name].bytes} in the manifest"
-        return f"{name}: sha256 differs from the manifest"
+        return f"{name}: {problem[0]} differs from the manifest"
     return None

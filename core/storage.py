@@ -47,6 +47,9 @@ class _Local:
         except FileNotFoundError:
             return None
 
+    def stat(self, url: str) -> tuple[int | None, str | None]:
+        return self.size(url), None  # a file system keeps no checksum
+
     def read_bytes(self, url: str) -> bytes:
         return Path(url).read_bytes()
 
@@ -118,6 +121,12 @@ class _Gcs:
         bucket, name = split_gs_url(url)
         blob = storage_client().bucket(bucket).get_blob(name)
         return None if blob is None else blob.size
+
+    def stat(self, url: str) -> tuple[int | None, str | None]:
+        # One metadata GET: the object's size and the crc32c GCS computed, no media.
+        bucket, name = split_gs_url(url)
+        blob = storage_client().bucket(bucket).get_blob(name)
+        return (None, None) if blob is None else (blob.size, blob.crc32c)
 
     def read_bytes(self, url: str) -> bytes:
         # One plain GET: a whole read gains nothing from chunks, and a chunked (ranged)
@@ -197,6 +206,12 @@ def exists(url: str | os.PathLike) -> bool:
 def size(url: str | os.PathLike) -> int | None:
     """Size in bytes, or None when the file / object does not exist."""
     return _backend(str(url)).size(str(url))
+
+
+def stat(url: str | os.PathLike) -> tuple[int | None, str | None]:
+    """(size or None when missing, the stored crc32c as GCS writes it (base64 of the big-endian
+    value) or None where the backend keeps none: local files)."""
+    return _backend(str(url)).stat(str(url))
 
 
 def read_bytes(url: str | os.PathLike) -> bytes:

@@ -8,10 +8,11 @@ tensor-parallel 1, 2, 4, with the weight dtype rotated so that each architecture
 
 from __future__ import annotations
 
+import base64
 import configparser
-import hashlib
 import json
 
+import google_crc32c
 import pytest
 
 from conversion.run import ConvertOptions, convert
@@ -75,7 +76,8 @@ def test_files_match_reference(ray_local, t5x_checkpoint, tmp_path, model, layou
     assert params_pb["data_type"] == inference
     assert params_pb["model_type"] == "T5"
 
-    # manifest.json: one entry per file with the right size, sha256, dtype and shape.
+    # manifest.json: one entry per file with the right size, crc32c (as GCS writes it: base64
+    # of the big-endian value), dtype and shape.
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["complete"] is True
     entries = {e["name"]: e for e in manifest["files"]}
@@ -83,4 +85,5 @@ def test_files_match_reference(ray_local, t5x_checkpoint, tmp_path, model, layou
     for name, data in expected.items():
         e = entries[name]
         assert e["bytes"] == len(data) and e["dtype"] == wd
-        assert e["sha256"] == hashlib.sha256(data).hexdigest()
+        assert e["crc32c"] == base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")
+                                               ).decode()

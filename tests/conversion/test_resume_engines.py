@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -29,7 +30,7 @@ def test_resume_keeps_good_files_and_redoes_bad_ones(ray_local, t5x_checkpoint, 
     out = tmp_path / "t5" / "1" / "2-gpu"
     flipped = out / "encoder.block.1.layer.0.SelfAttention.k.weight.1.bin"
     data = bytearray(flipped.read_bytes())
-    data[5] ^= 0xFF  # same size, different bytes: only the sha256 tells
+    data[5] ^= 0xFF  # same size, different bytes: only the digest tells
     flipped.write_bytes(bytes(data))
     (out / "decoder.final_layer_norm.weight.bin").unlink()
 
@@ -38,6 +39,43 @@ def test_resume_keeps_good_files_and_redoes_bad_ones(ray_local, t5x_checkpoint, 
     assert resumed["skipped_files"] == first["files"] - 3
     _assert_matches(out, reference_files(params, MODELS["ul2"], 2, "fp32"))
     assert json.loads((out / "manifest.json").read_text())["model"]["complete"] is True
+
+
+def test_old_sha256_manifest_resumes_and_verifies(ray_local, t5x_checkpoint, tmp_path):
+    """A manifest as versions before crc32c wrote it (a sha256 per file, no crc32c) still
+    resumes (good files kept, a changed one redone, with a crc32c entry) and verifies."""
+    src, params = t5x_checkpoint("ul2")
+    opts = ConvertOptions(src=str(src), dst=str(tmp_path), tensor_parallel=2, progress=False)
+    first = convert(opts)
+    out = tmp_path / "t5" / "1" / "2-gpu"
+    manifest = json.loads((out / "manifest.json").read_text())
+    for e in manifest["files"]:  # rewritten the old way: sha256 of each file, no crc32c
+        del e["crc32c"]
+        e["sha256"] = hashlib.sha256((out / e["name"]).read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    changed = out / "encoder.block.0.layer.1.DenseReluDense.wo.weight.1.bin"
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0xFF
+    changed.write_bytes(bytes(data))
+
+    resumed = convert(ConvertOptions(**{**opts.__dict__, "resume": True, "verify": True}))
+    assert resumed["skipped_files"] == first["files"] - 2  # both ranks of the changed tensor
+    assert resumed["verified"] is True
+    _assert_matches(out, reference_files(params, MODELS["ul2"], 2, "fp32"))
+    entries = {e["name"]: e for e in json.loads((out / "manifest.json").read_text())["files"]}
+    assert "crc32c" in entries[changed.name] and "sha256" not in entries[changed.name]
+    kept = entries["decoder.final_layer_norm.weight.bin"]
+    assert "sha256" in kept and "crc32c" not in kept
+
+
+def test_digest_sha256_flag_writes_sha256(ray_local, t5x_checkpoint, tmp_path):
+    src, _ = t5x_checkpoint("t5v1")
+    convert(ConvertOptions(src=str(src), dst=str(tmp_path), digest="sha256", verify=True,
+                           progress=False))
+    out = tmp_path / "t5" / "1" / "1-gpu"
+    for e in json.loads((out / "manifest.json").read_text())["files"]:
+        assert "crc32c" not in e
+        assert e["sha256"] == hashlib.sha256((out / e["name"]).read_bytes()).hexdigest()
 
 
 def test_verify_catches_a_changed_file(ray_local, t5x_checkpoint, tmp_path):
@@ -56,7 +94,7 @@ def test_verify_catches_a_changed_file(ray_local, t5x_checkpoint, tmp_path):
     victim = f"{out}/{task.file_names()[3]}"
     with open(victim, "r+b") as f:
         f.write(b"\x00\x01")
-    with pytest.raises(ConversionError, match="does not match its manifest sha256"):
+    with pytest.raises(ConversionError, match="does not match its manifest crc32c"):
         run.verify_layer(task, out, manifest)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
+import google_crc32c
 import numpy as np
 import pytest
 
@@ -12,9 +14,12 @@ from core.manifest import (
     ManifestEntry,
     ManifestError,
     entry_matches,
+    file_digest,
     file_mismatch,
     file_sha256,
     manifest_digest,
+    manifest_json,
+    new_hasher,
     parse_manifest,
     read_manifest,
     verify_repository,
@@ -133,3 +138,26 @@ def test_split_axis_and_join_ranks():
     np.testing.assert_array_equal(ft_format.join_ranks(parts, "last"), full)
     spec = ft_format.FileSpec("x.0.bin", (2, 3, 4), "last")
     assert spec.shape(2) == (2, 3, 2)
+
+
+def test_crc32c_entries(tmp_path):
+    """crc32c entries: GCS's form (base64, big-endian), round trip, local mismatch, and a
+    manifest mixing old sha256 entries with crc32c ones."""
+    data = np.random.default_rng(1).standard_normal(5000).astype(np.float32).tobytes()
+    path = tmp_path / "w.bin"
+    path.write_bytes(data)
+    want = base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+    assert file_digest(str(path), "crc32c") == want
+    hasher = new_hasher("crc32c")
+    hasher.update(memoryview(np.frombuffer(data, np.uint8).copy()))  # a writable buffer
+    assert hasher.text() == want
+    entry = ManifestEntry.of("w.bin", len(data), "crc32c", want, "fp32", (5000,))
+    old = ManifestEntry("o.bin", 1, "ab" * 32, "fp32", (1,))
+    _, back = parse_manifest(manifest_json({}, [entry, old]))
+    assert back == {"w.bin": entry, "o.bin": old}
+    assert "sha256" not in entry.to_json() and "crc32c" not in old.to_json()
+    assert file_mismatch(str(path), entry) is None
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert file_mismatch(str(path), entry) == ("crc32c", len(data))
+    with pytest.raises(ValueError, match="has no digest"):
+        ManifestEntry.from_json({"name": "x", "bytes": 1, "dtype": "fp32", "shape": [1]})

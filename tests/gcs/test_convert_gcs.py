@@ -138,8 +138,8 @@ def reference(cluster, sources, tmp_path_factory) -> dict:
 
 def assert_same_as_reference(gcs, prefix: str, reference: dict) -> None:
     """Every object under gs://bucket/prefix, hashed from the emulator, equals the reference;
-    the manifest lists the same files, sizes and sha256 (its header names the source, which
-    differs)."""
+    the manifest lists the same files, sizes and crc32c, and each crc32c is the one the
+    emulator computed for the object (its header names the source, which differs)."""
     tree = gcs.sha256_tree(prefix)
     manifest = f"{WEIGHTS}/manifest.json"
     assert set(tree) == set(reference["tree"])
@@ -147,10 +147,10 @@ def assert_same_as_reference(gcs, prefix: str, reference: dict) -> None:
     assert not differing, f"differ from local -> local: {differing[:5]}"
     got = manifest_files(gcs.blobs(prefix)[manifest].download_as_text())
     assert got == reference["manifest"]
-    by_name = {e["name"]: e["sha256"] for e in got}
-    for name, sha in tree.items():
+    by_name = {e["name"]: e["crc32c"] for e in got}
+    for name, blob in gcs.blobs(prefix).items():
         if name.startswith(WEIGHTS) and name.endswith(".bin"):
-            assert by_name[name.rsplit("/", 1)[1]] == sha
+            assert by_name[name.rsplit("/", 1)[1]] == blob.crc32c
 
 
 def test_gcs_to_gcs_equals_local_to_local(gcs, cluster, sources, reference):

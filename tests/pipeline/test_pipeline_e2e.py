@@ -168,7 +168,7 @@ def test_damaged_conversion_is_redone_not_skipped(demo_tp1, tmp_path):
     data = bytearray(victim.read_bytes())
     data[0] ^= 0xFF
     victim.write_bytes(bytes(data))
-    assert "sha256 differs" in verify_conversion(convert)
+    assert "crc32c differs" in verify_conversion(convert)
     victim.unlink()
     assert "bytes on disk" in verify_conversion(convert)
 
