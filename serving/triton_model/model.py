@@ -35,7 +35,7 @@ import triton_python_backend_utils as pb_utils
 
 from core import ft_format
 from serving.engine import T5Engine
-from serving.triton_model.contract import (
+from serving.engine.contract import (
     ParsedRequest,
     RequestError,
     assemble_outputs,

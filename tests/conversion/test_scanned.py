@@ -237,8 +237,8 @@ def test_cli_asks_for_the_scan_axis_and_takes_it(ray_local, tmp_path):
 
 def test_engine_refuses_a_folder_missing_one_layer_table(tmp_path):
     from core import ft_format
+    from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
     from tests.conversion.reference import to_bytes
-    from tests.serving.engine_fixtures import UL2_TINY, random_ft_weights, write_ft_folder
 
     folder = write_ft_folder(tmp_path, UL2_TINY, 2, random_ft_weights(UL2_TINY, seed=11))
     table = np.ones((UL2_TINY.num_heads // 2, 32), np.float32)

@@ -12,9 +12,9 @@ import pytest
 
 from conversion import t5x
 from core.t5config import T5Config
+from demo.t5x_gcs import write_t5x_checkpoint_gcs
 from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
 from tests.conversion.orbax_t5x import write_orbax_t5x
-from tests.gcs.t5x_on_gcs import write_t5x_checkpoint_gcs
 
 CFG = T5Config(d_model=32, num_heads=2, d_kv=8, d_ff=64, vocab_size=96,
                num_encoder_layers=2, num_decoder_layers=1)

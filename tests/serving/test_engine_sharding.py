@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from core import ft_format
+from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 from tests.conversion.reference import to_bytes
-from tests.serving.engine_fixtures import UL2_TINY, random_ft_weights, write_ft_folder
 
 CHILD = textwrap.dedent("""
     import json, sys

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serving.engine import GenerationResult
-from serving.triton_model.contract import RequestError, assemble_outputs, parse_request
+from serving.engine.contract import RequestError, assemble_outputs, parse_request
 
 LIMITS = dict(max_input_len=16, vocab_size=100, max_batch_size=4)
 
