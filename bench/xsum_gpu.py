@@ -12,8 +12,9 @@ model.py) whose weights are drawn on the default device with jax and written fil
 row's logit is exactly 0 while the greedy arg-max over ~32k random logits is positive: no row
 ever ends early, and every row generates exactly 64 tokens (checked on every answer).
 
-``inproc`` (c): the engine loaded from that folder in this process, rows cut into batches and
-sent to ``T5Engine.generate`` one batch after another. ``triton`` (a) and (b): one tritonserver
+``inproc`` (c): the in-process evaluation loop without Ray (evaluation.batching.predict_rows
+over evaluation.engine_predictor.EngineGenerate: the engine loaded from that repository in
+this process), requests of ``--batch`` rows one after another. ``triton`` (a) and (b): one tritonserver
 (serving.tritonserver, no Ray) serving the same folder; (a) the original pattern, one row per
 request and a new gRPC client for each, timed on ``--single-rows`` rows and extrapolated;
 (b) evaluation.client.T5Client with ``--concurrency`` requests of ``--request-rows`` rows in
@@ -48,7 +49,8 @@ from core.t5config import T5Config  # noqa: E402
 XSUM_TEST_ROWS = 11_334
 
 
-def write_repository(repo: Path, cfg: T5Config, seed: int = 0) -> Path:
+def write_repository(repo: Path, cfg: T5Config, seed: int = 0, max_batch_size: int = 0
+                     ) -> Path:
     """``<repo>/t5``: bf16 FT weights drawn on the default jax device, Triton config, model.py.
 
     Each tensor follows demo.ft_writer's init (same offsets and scales); the LM head's end-id
@@ -76,8 +78,10 @@ def write_repository(repo: Path, cfg: T5Config, seed: int = 0) -> Path:
         # FT reads raw C-order bytes of the file dtype, no header.
         np.asarray(w).tofile(folder / spec.name)
     (version / "model.py").write_text(repository.JAX_MODEL_PY)
-    (repo / "t5" / "config.pbtxt").write_text(
-        repository.to_pbtxt(repository.model_config("t5", "jax", 1, data_type="bf16")))
+    config = repository.model_config("t5", "jax", 1, data_type="bf16")
+    if max_batch_size:  # requests of more rows than the default are refused by the contract
+        config.max_batch_size = max_batch_size
+    (repo / "t5" / "config.pbtxt").write_text(repository.to_pbtxt(config))
     return folder
 
 
@@ -119,28 +123,59 @@ def rates(res: dict, total_rows: int, out_len: int) -> dict:
 
 
 def run_inproc(args: argparse.Namespace, cfg: T5Config) -> dict:
-    """(c) the engine in this process, batches of --batch rows."""
-    from serving.engine import SamplingParams, T5Engine
+    """(c) the in-process evaluation loop, without Ray: evaluation.batching.predict_rows (the
+    loop `evaluate --backend in-process` runs in its actors) over EngineGenerate (the
+    repository's engine, loaded from config.pbtxt as the Triton model loads it), requests of
+    --batch rows. If the first request fails (out of GPU memory at a large batch), the run
+    goes on at --fallback-batch rows and says so."""
+    from evaluation.batching import predict_rows
+    from evaluation.engine_predictor import EngineGenerate
 
     start = time.perf_counter()
-    engine = T5Engine.load(str(args.repo / "t5" / "1" / "1-gpu"), dtype="bf16")
+    gen = EngineGenerate(str(args.repo), "t5", max_output_len=args.output_len)
     load_s = time.perf_counter() - start
-    engine.max_batch = args.batch  # one compiled call per batch (the class default is 64)
-    rows = xsum_rows(cfg, args.rows, args.input_len)
-    params = [SamplingParams(max_output_len=args.output_len)] * args.batch
+    rows = [r.tolist() for r in xsum_rows(cfg, args.rows, args.input_len)]
+
+    def decode(ids: Sequence[int]) -> str:  # no vocabulary here: the ids as text
+        return " ".join(map(str, ids))
+
+    def answers(part: list[list[int]], size: int):
+        # never split a failed request into single rows: a failure must show, not slow down
+        return predict_rows(part, gen, decode, batch_size=size, should_split=lambda e: False)
+
+    batch, first_error = args.batch, ""
     t = time.perf_counter()
-    engine.generate(rows[:args.batch], params)  # compiles this batch's program
+    first = list(answers(rows[:batch], batch))
+    if first[0].error:
+        first_error = first[0].error
+        log(f"inproc: batch {batch} failed ({first_error[:200]}); using {args.fallback_batch}")
+        batch = args.fallback_batch
+        t = time.perf_counter()
+        list(answers(rows[:batch], batch))
     compile_s = time.perf_counter() - t
     log(f"inproc: load {load_s:.1f}s, compile + first batch {compile_s:.1f}s")
 
-    def send(batch: list[np.ndarray]) -> list[int]:
-        out = engine.generate(batch, params[:len(batch)])
-        return [int(r.sequence_length[0]) for r in out]
-
-    batches = [rows[i:i + args.batch] for i in range(0, len(rows), args.batch)]
-    res = drive(batches, send, 1, start + args.budget)
-    return {"mode": "inproc (c)", "batch": args.batch, "load_s": load_s,
-            "compile_and_first_batch_s": compile_s,
+    lengths: list[int] = []
+    errors = 0
+    t0 = time.perf_counter()
+    stop_at = start + args.budget
+    per_request = 0.0
+    for answer in answers(rows, batch):
+        if answer.error:
+            errors += len(answer.ids)
+        else:
+            lengths += [len(g) for g in answer.generated or []]
+        per_request = answer.latency_ms / 1000
+        done = len(lengths) + errors
+        if (done // batch) % 10 == 0:
+            log(f"{done} rows in {time.perf_counter() - t0:.1f}s")
+        if time.perf_counter() + per_request > stop_at:
+            break
+    res = {"rows_done": len(lengths) + errors, "wall_s": time.perf_counter() - t0,
+           "lengths": sorted(set(lengths)), "failed_rows": errors}
+    return {"mode": "inproc (c)", "loop": "evaluation.batching.predict_rows + EngineGenerate",
+            "batch": batch, "asked_batch": args.batch, "first_error": first_error[:300],
+            "load_s": load_s, "compile_and_first_batch_s": compile_s,
             **rates(res, args.rows, args.output_len)}
 
 
@@ -164,6 +199,7 @@ def single_pattern(url: str, rows: list[np.ndarray], out_len: int) -> list[int]:
 def run_triton(args: argparse.Namespace, cfg: T5Config) -> dict:
     """(a) and (b) through one tritonserver serving the written repository."""
     from bench.serve import server_device, start_plain_server
+    from core import repository
     from evaluation.client import T5Client
 
     start = time.perf_counter()
@@ -180,9 +216,11 @@ def run_triton(args: argparse.Namespace, cfg: T5Config) -> dict:
             return [len(x) for x in out]
 
         # compile every program the runs use: 1 row, and k merged requests for each k the
-        # dynamic batcher can form (up to the model's max_batch_size of 64 rows)
+        # dynamic batcher can form (up to the model's max_batch_size)
         t = time.perf_counter()
-        merged = range(1, min(args.concurrency, 64 // args.request_rows) + 1)
+        limit = int(repository.parse_pbtxt(
+            (args.repo / "t5" / "config.pbtxt").read_text()).max_batch_size)
+        merged = range(1, min(args.concurrency, limit // args.request_rows) + 1)
         for n in sorted({1} | {k * args.request_rows for k in merged}):
             send(rows[:n])
         compile_s = time.perf_counter() - t
@@ -214,7 +252,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=XSUM_TEST_ROWS)
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=128, help="inproc: rows per generate call")
+    ap.add_argument("--batch", type=int, default=128, help="inproc: rows per request")
+    ap.add_argument("--fallback-batch", type=int, default=128,
+                    help="inproc: rows per request if the first request of --batch fails")
+    ap.add_argument("--max-batch-size", type=int, default=0,
+                    help="write: the model's max_batch_size (0: the repository default)")
     ap.add_argument("--request-rows", type=int, default=32, help="triton: rows per request")
     ap.add_argument("--concurrency", type=int, default=4, help="triton: requests in flight")
     ap.add_argument("--single-rows", type=int, default=8,
@@ -225,7 +267,7 @@ def main() -> None:
     cfg = MODELS[args.model]
     if args.mode == "write":
         t = time.perf_counter()
-        folder = write_repository(args.repo, cfg)
+        folder = write_repository(args.repo, cfg, max_batch_size=args.max_batch_size)
         size = sum(f.stat().st_size for f in folder.iterdir())
         result = {"mode": "write", "folder": str(folder), "GB": size / 1e9,
                   "seconds": time.perf_counter() - t}

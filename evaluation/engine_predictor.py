@@ -79,7 +79,8 @@ class EngineGenerate:
         from serving.engine import T5Engine
 
         self.spec = read_engine_spec(model_repository, model_name)
-        self.engine = T5Engine.load(self.spec.weights_dir, dtype=self.spec.data_type)
+        self.engine = T5Engine.load(self.spec.weights_dir, dtype=self.spec.data_type,
+                                    max_batch=self.spec.max_batch_size)
         limit = int(T5Engine.max_input_len)
         self.max_input_len = min(self.spec.max_input_len or limit, limit)
         self.settings = {"max_output_len": max_output_len, "beam_width": beam_width,

@@ -95,6 +95,7 @@ def _logits_fn(cfg: T5Config, params: dict, ids: jax.Array, lengths: jax.Array,
 
 
 # Module-level, with the config static: engines of the same model share compiled programs.
+_encode = jax.jit(_counted("encode", generate.encode_cross), static_argnums=(0,))
 _sampling = jax.jit(_counted("sampling", generate.generate_sampling), static_argnums=(0,),
                     static_argnames=("out_len", "sample"))
 _beam = jax.jit(_counted("beam", generate.generate_beam), static_argnums=(0,),
@@ -139,22 +140,28 @@ class T5Engine:
     # --- construction ------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, weights_dir: str, dtype: str = "fp32", devices: int = 1) -> T5Engine:
+    def load(cls, weights_dir: str, dtype: str = "fp32", devices: int = 1,
+             max_batch: int = 0) -> T5Engine:
         """Read a ``<T>-gpu`` folder of any tensor-parallel size T (ranks are re-joined).
 
         devices: local devices to shard over (heads and d_ff split as FT does); any T folder
         can be served on any device count that divides num_heads and d_ff.
+        max_batch: rows per compiled call (0: the class default); the Triton model passes its
+        max_batch_size, so a batch Triton merged runs as one program.
         """
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {list(COMPUTE_DTYPES)}")
         cfg, file_dtype, t, full = weights.read_ft_folder(Path(weights_dir))
         params = weights.to_param_tree(cfg, full, np.dtype(COMPUTE_DTYPES[dtype]))
         log.info("loaded %s (%s files, T=%d) as %s", weights_dir, file_dtype, t, dtype)
-        return cls(cfg, params, dtype=dtype, tensor_parallel=t, devices=devices)
+        engine = cls(cfg, params, dtype=dtype, tensor_parallel=t, devices=devices)
+        if max_batch:
+            engine.max_batch = max_batch
+        return engine
 
     @property
     def trace_counts(self) -> Counter[str]:
-        """How many programs of each kind ("sampling", "beam", "logits") this process has
+        """How many programs of each kind ("encode", "sampling", "beam", "logits") this process has
         traced (= compiled): engines of one config and dtype share their programs."""
         return TRACE_COUNTS
 
@@ -272,7 +279,9 @@ class T5Engine:
         )
         with self._lock:
             if not beam:
-                out = _sampling(self.config, self.params, r, out_len=n, sample=sample)
+                cross = _encode(self.config, self.params, r.ids, r.lengths)
+                out = _sampling(self.config, self.params, r, cross, out_len=n, sample=sample)
+                del cross  # 2 x L buffers of [B, H, S, K]: free them before the next batch
             else:
                 out = _beam(self.config, self.params, r, out_len=n, width=width)
             out = jax.tree_util.tree_map(np.asarray, out)

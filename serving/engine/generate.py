@@ -98,6 +98,22 @@ def _mark_seen(seen: jax.Array, tokens: jax.Array) -> jax.Array:
     return seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
 
 
+class Cross(NamedTuple):
+    """The encoder's side of every decoder step (R rows: B, or B*W for beam search)."""
+
+    k: list[jax.Array]  # per decoder layer [R, H, S, K]
+    v: list[jax.Array]
+    bias: jax.Array     # [R, 1, 1, S] additive key mask
+
+
+def encode_cross(cfg: T5Config, params: dict, ids: jax.Array, lengths: jax.Array) -> Cross:
+    """Encode once: ids [B, S] (padded), lengths [B] -> the cross-attention keys, values and
+    mask every decoder step reads."""
+    enc = model.encode(cfg, params, ids, lengths)
+    k, v = model.cross_kv(params, enc)
+    return Cross(k, v, model.key_mask(lengths, ids.shape[1]))
+
+
 def _init_cache(cfg: T5Config, rows: int, cache_len: int, dtype: jnp.dtype
                 ) -> tuple[list[jax.Array], list[jax.Array]]:
     """Self-attention key and value caches: per decoder layer, zeros [rows, H, M, K]."""
@@ -106,15 +122,19 @@ def _init_cache(cfg: T5Config, rows: int, cache_len: int, dtype: jnp.dtype
     return [jnp.zeros(shape, dtype) for _ in range(n)], [jnp.zeros(shape, dtype) for _ in range(n)]
 
 
-def generate_sampling(cfg: T5Config, params: dict, r: Rows, out_len: int,
+def generate_sampling(cfg: T5Config, params: dict, r: Rows, cross: Cross, out_len: int,
                       sample: bool) -> Output:
-    """Greedy (sample=False) or per-row sampling. Returns Output with W = 1, N = out_len."""
+    """Greedy (sample=False) or per-row sampling over the encoded rows ``cross``
+    (encode_cross of r.ids). Returns Output with W = 1, N = out_len.
+
+    The encoder runs in its own program (engine.py): its outputs then reach this loop as
+    2 x L separate arguments instead of one share of the loop program's single temporary
+    allocation, which at 256 rows of 512 tokens (UL2 20B: 64 GiB of keys and values) could
+    not be placed beside the weights.
+    """
     b = r.ids.shape[0]
     v = cfg.vocab_size
-    enc = model.encode(cfg, params, r.ids, r.lengths)
-    cross_k, cross_v = model.cross_kv(params, enc)
-    cross_bias = model.key_mask(r.lengths, r.ids.shape[1])
-    cache_k, cache_v = _init_cache(cfg, b, out_len, enc.dtype)
+    cache_k, cache_v = _init_cache(cfg, b, out_len, cross.k[0].dtype)
 
     class State(NamedTuple):
         step: jax.Array
@@ -141,7 +161,7 @@ def generate_sampling(cfg: T5Config, params: dict, r: Rows, out_len: int,
 
     def body(s: State) -> State:
         logits, ck, cv = model.decode_step(cfg, params, s.last, s.step, s.cache_k, s.cache_v,
-                                           cross_k, cross_v, cross_bias)
+                                           cross.k, cross.v, cross.bias)
         logits = adjust_logits(logits, s.seen, r.temperature, r.repetition_penalty)
         logp = jax.nn.log_softmax(logits, axis=-1)
         if sample:
@@ -187,27 +207,16 @@ class _Beam(NamedTuple):
     cache_v: list[jax.Array]
 
 
-class _Cross(NamedTuple):
-    """The encoder's side of every decoder step, repeated per beam (rows are B*W)."""
-
-    k: list[jax.Array]  # per layer [B*W, S, H, K]
-    v: list[jax.Array]
-    bias: jax.Array     # [B*W, S] key mask
-
-
-def _beam_init(cfg: T5Config, params: dict, r: Rows, n: int, w: int) -> tuple[_Beam, _Cross]:
+def _beam_init(cfg: T5Config, params: dict, r: Rows, n: int, w: int) -> tuple[_Beam, Cross]:
     """Encode once; the initial state with only beam 0 of each row alive.
 
     r: Rows of B requests (ids [B, S]); n: output tokens N; w: beams W.
     """
     b, v = r.ids.shape[0], cfg.vocab_size
-    enc = model.encode(cfg, params, r.ids, r.lengths)
-    cross_k, cross_v = model.cross_kv(params, enc)
+    once = encode_cross(cfg, params, r.ids, r.lengths)
     # Every beam of a row attends to the same encoder output: repeat once, never gathered.
-    cross = _Cross([jnp.repeat(c, w, axis=0) for c in cross_k],
-                   [jnp.repeat(c, w, axis=0) for c in cross_v],
-                   jnp.repeat(model.key_mask(r.lengths, r.ids.shape[1]), w, axis=0))
-    cache_k, cache_v = _init_cache(cfg, b * w, n, enc.dtype)
+    cross = jax.tree_util.tree_map(lambda c: jnp.repeat(c, w, axis=0), once)
+    cache_k, cache_v = _init_cache(cfg, b * w, n, once.k[0].dtype)
     seq0 = jnp.broadcast_to(r.end[:, None, None], (b, w, n)).astype(jnp.int32)
     init = _Beam(
         step=jnp.int32(0), done=r.max_len <= 0,
@@ -222,7 +231,7 @@ def _beam_init(cfg: T5Config, params: dict, r: Rows, n: int, w: int) -> tuple[_B
     return init, cross
 
 
-def _beam_step(cfg: T5Config, params: dict, r: Rows, cross: _Cross, s: _Beam) -> _Beam:
+def _beam_step(cfg: T5Config, params: dict, r: Rows, cross: Cross, s: _Beam) -> _Beam:
     """One decoder step for every beam: the 2W best extensions of each row update its
     finished set (those that end) and its alive set (the W best that do not)."""
     b, w, n = s.alive_seq.shape

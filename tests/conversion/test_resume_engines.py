@@ -110,7 +110,7 @@ def test_jax_engine_config_and_vocab(ray_local, t5x_checkpoint, tmp_path):
     assert (model / "1" / "model.py").read_text() == (
         "from serving.triton_model.model import TritonPythonModel  # noqa: F401\n")
     pb = parse_pbtxt((model / "config.pbtxt").read_text())
-    assert (pb.name, pb.backend, pb.max_batch_size) == ("ul2", "python", 64)
+    assert (pb.name, pb.backend, pb.max_batch_size) == ("ul2", "python", 128)
     assert pb.dynamic_batching.max_queue_delay_microseconds == 2000
     assert [(g.kind, g.count) for g in pb.instance_group] == [(pb.instance_group[0].KIND_CPU, 1)]
     params = {k: v.string_value for k, v in pb.parameters.items()}
