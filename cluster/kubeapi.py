@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -172,15 +173,27 @@ class Kube:
       retries: extra attempts on 429/5xx/connection errors.
       backoff: first wait in seconds; doubled each attempt.
       log: where retry notes go (stderr by default); None for silence.
+      request_timeout: seconds one HTTP request may take (connect and read) before it counts
+        as a connection error (retried); None: no limit, the client's default.
     """
 
     def __init__(self, api_client: client.ApiClient, retries: int = 5, backoff: float = 0.5,
-                 log: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr)):
+                 log: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr),
+                 request_timeout: float | None = None):
         self.api_client = api_client
         self.retries = retries
         self.backoff = backoff
         self.log = log
+        self.request_timeout = request_timeout
         self._apis: dict[type, Any] = {}
+
+    def call_seconds_bound(self) -> float:
+        """The longest one verb can take: every attempt timing out, plus the backoff waits
+        between them (math.inf without a request_timeout)."""
+        if self.request_timeout is None:
+            return math.inf
+        waits = sum(self.backoff * 2 ** i for i in range(self.retries))
+        return (self.retries + 1) * self.request_timeout + waits
 
     @property
     def host(self) -> str:
@@ -273,6 +286,8 @@ class Kube:
             retry=tenacity.retry_if_exception(_transient),
             before_sleep=lambda state: self._note(state, f"{verb} {what}"),
             reraise=True)
+        if self.request_timeout is not None:
+            kwargs["_request_timeout"] = self.request_timeout
         try:
             response = retrying(method, self._api(k), **k.scope(namespace), **kwargs,
                                 _preload_content=False)

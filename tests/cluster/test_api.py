@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster import raycluster, rbac
 from cluster.__main__ import main
@@ -227,11 +228,12 @@ def test_up_job_runs_a_rayjob_to_completion(api, kubeconfig, capsys):
                           {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
                            "jobId": "raysubmit_1"}]
     summary = _run(["up", "--job", "python -m ray_jobs.pipeline --config gs://b/p.yaml",
-                    "--runtime-env-json", '{"working_dir": "gs://b/code.zip"}',
+                    "--runtime-env-json", '{"env_vars": {"HF_HOME": "/tmp/hf"}}',
                     "--poll", "0.01"], kubeconfig, capsys)
     post = api.calls("POST", "rayjobs")[0]
     assert post.body["spec"]["entrypoint"] == "python -m ray_jobs.pipeline --config gs://b/p.yaml"
-    assert "working_dir: gs://b/code.zip" in post.body["spec"]["runtimeEnvYAML"]
+    assert yaml.safe_load(post.body["spec"]["runtimeEnvYAML"]) == {"env_vars": {
+        "HF_HOME": "/tmp/hf", "RAY_JOB_STOP_WAIT_TIME_S": str(raycluster.JOB_STOP_WAIT_S)}}
     assert not api.calls("POST", "rayclusters")
     assert summary["job_status"] == "SUCCEEDED" and summary["job_id"] == "raysubmit_1"
     api.reset()

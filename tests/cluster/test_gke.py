@@ -459,3 +459,107 @@ def test_gcloud_cli_and_its_errors(tmp_path, capsys):
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(UserError, match="gpu_workers.machine_type is needed"):
         main(["gcloud", "--config", str(bad)])
+
+
+# -- the repository through the Cloud Storage FUSE CSI driver (triton.repository: fuse) -------
+
+def test_triton_repository_fuse_mounts_the_bucket_read_only(api, kubeconfig, gcs, monkeypatch):
+    bucket, _ = gcs
+    bucket.blob("fuse/ul2/config.pbtxt").upload_from_string(_model_config(2))
+    data = yaml.safe_load(GKE.read_text())
+    data["triton"]["repository"] = "fuse"
+    cfg = parse_config(data)
+    for key, value in _head_env(cfg).items():
+        monkeypatch.setenv(key, value)
+    api.put("/api/v1/namespaces/t5ft/serviceaccounts/t5ft-triton",
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "t5ft-triton"}})
+    api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [
+        {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}]
+    servers = k8s_serving.KubernetesServers(_serve_opts(f"gs://{BUCKET}/fuse",
+                                                        kubeconfig=str(kubeconfig)))
+    try:
+        servers.start()
+    finally:
+        servers.stop()
+    dep = api.calls("POST", "deployments")[0].body
+    template = dep["spec"]["template"]
+    assert template["metadata"]["annotations"] == {
+        "gke-gcsfuse/volumes": "true", "gke-gcsfuse/cpu-limit": "0",
+        "gke-gcsfuse/memory-limit": "0", "gke-gcsfuse/ephemeral-storage-limit": "0"}
+    pod = template["spec"]
+    volume = next(v for v in pod["volumes"] if "csi" in v)
+    assert volume["csi"] == {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": True,
+                             "volumeAttributes": {"bucketName": BUCKET,
+                                                  "mountOptions": "implicit-dirs,only-dir=fuse"}}
+    container = pod["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert mount == {"name": volume["name"], "mountPath": "/model-repository",
+                     "readOnly": True}
+    assert "--model-repository=/model-repository" in container["args"]
+    # Read in place: no disk requested for a local copy.
+    assert "ephemeral-storage" not in container["resources"]["requests"]
+    assert pod["serviceAccountName"] == "t5ft-triton"  # objectViewer through Workload Identity
+    import kubernetes_validate
+
+    kubernetes_validate.validate(dep, "1.33", strict=True)
+    assert restricted_violations(pod) == []  # a csi volume is allowed under restricted
+
+
+def test_triton_repository_fuse_needs_a_bucket(tmp_path, monkeypatch):
+    (tmp_path / "ul2").mkdir()
+    (tmp_path / "ul2" / "config.pbtxt").write_text(_model_config(1))
+    monkeypatch.setenv(raycluster.ENV_TRITON_REPOSITORY, "fuse")
+    with pytest.raises(UserError, match="triton.repository is fuse but the model repository"):
+        k8s_serving.triton_spec(_serve_opts(str(tmp_path), image="example.com/t5ft/serving:1"))
+    with pytest.raises(ConfigError, match="triton.repository 'nfs' is not one of gcs, fuse"):
+        data = yaml.safe_load(GKE.read_text())
+        data["triton"]["repository"] = "nfs"
+        parse_config(data)
+
+
+# -- (9) the stop grace: RAY_JOB_STOP_WAIT_TIME_S --------------------------------------------
+
+def test_every_ray_container_and_the_rayjob_get_the_stop_grace(crd_validators):
+    cfg = load_config(GKE)
+    grace = str(raycluster.JOB_STOP_WAIT_S)
+    job = raycluster.rayjob(cfg, "python x.py", {"env_vars": {"A": "1"}})
+    for obj in (raycluster.raycluster(cfg), job):
+        spec = obj["spec"].get("rayClusterSpec", obj["spec"])
+        for template in [spec["headGroupSpec"]["template"]] + [
+                g["template"] for g in spec["workerGroupSpecs"]]:
+            env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+            assert env["RAY_JOB_STOP_WAIT_TIME_S"] == grace
+        assert not list(crd_validators[obj["kind"]].iter_errors(obj))
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime_env == {"env_vars": {"A": "1", "RAY_JOB_STOP_WAIT_TIME_S": grace}}
+    # A value the user gives wins.
+    assert raycluster.job_runtime_env({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "9"}}) == {
+        "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "9"}}
+
+
+def test_serve_teardown_fits_in_the_stop_grace(kubeconfig, tmp_path):
+    (tmp_path / "ul2").mkdir()
+    (tmp_path / "ul2" / "config.pbtxt").write_text(_model_config(1))
+    servers = k8s_serving.KubernetesServers(_serve_opts(
+        str(tmp_path), image="example.com/t5ft/serving:1", kubeconfig=str(kubeconfig)))
+    bound = k8s_serving.stop_seconds_bound(servers.kube)
+    # 3 calls in flight (6 attempts of 10 s + 15.5 s of backoff) + 2 DELETEs (3 x 10 s + 1.5 s)
+    assert bound == 3 * (6 * 10 + 15.5) + 2 * (3 * 10 + 1.5)
+    assert bound < raycluster.JOB_STOP_WAIT_S
+
+
+# -- the KubeRay token Secret ------------------------------------------------------------------
+
+def test_auth_secret_is_named_as_the_kuberay_operator_names_it(api, kubeconfig, capsys):
+    # ray-project/kuberay@v1.7.0 utils.CheckName: the last 50 characters, no leading digit.
+    assert raycluster.auth_secret("t5ft") == "t5ft"
+    assert raycluster.auth_secret("7b") == "rb"
+    assert raycluster.auth_secret("a" * 10 + "b" * 50) == "b" * 50
+    api.statuses["/apis/ray.io/v1/namespaces/t5ft/rayclusters/t5ft"] = [
+        {"state": "ready", "conditions": [{"type": "HeadPodReady", "status": "True"},
+                                          {"type": "RayClusterProvisioned", "status": "True"}]}]
+    assert main(["up", "--config", str(GKE), "--kubeconfig", str(kubeconfig), "--poll",
+                 "0.01"]) == 0
+    err = capsys.readouterr().err
+    assert ("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(kubectl -n t5ft get secret t5ft "
+            "-o jsonpath='{.data.auth_token}' | base64 -d)") in err
