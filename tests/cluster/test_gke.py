@@ -563,3 +563,16 @@ def test_auth_secret_is_named_as_the_kuberay_operator_names_it(api, kubeconfig, 
     err = capsys.readouterr().err
     assert ("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(kubectl -n t5ft get secret t5ft "
             "-o jsonpath='{.data.auth_token}' | base64 -d)") in err
+
+
+def test_pipeline_example_reads_and_writes_the_cluster_bucket_as_the_guide_lays_it_out():
+    bucket = load_config(GKE).bucket
+    pipe = yaml.safe_load(UL2.read_text())
+    convert = pipe["convert"]
+    # docs/gke.md section 2 copies the checkpoint, config.gin and spiece.model to $BUCKET/ckpt/.
+    assert convert["src"] == f"{bucket}/ckpt/checkpoint_2650000"
+    assert convert["vocab"] == f"{bucket}/ckpt/spiece.model"
+    assert convert["dst"] == f"{bucket}/repo" and pipe["output"].startswith(f"{bucket}/")
+    guide = (REPO / "docs" / "gke.md").read_text()
+    assert "$BUCKET/ckpt/checkpoint_2650000" in guide and "export BUCKET=gs://$PROJECT-t5ft" \
+        in guide and bucket == "gs://my-gcp-project-t5ft"
