@@ -262,6 +262,24 @@ def test_raycluster_token_auth_and_dashboard_only_from_its_namespace(crd_validat
 
 # -- (13) the Triton Deployment ----------------------------------------------------------------
 
+def _launch_from_head(api, kubeconfig, monkeypatch, cfg, repo: str) -> dict:
+    """Serve model ul2 of REPO as the head of CFG's cluster would (its T5FT_* env), against
+    the recording API with Triton's service account in place and the Deployment ready at
+    once; returns the Deployment serve created."""
+    for key, value in _head_env(cfg).items():
+        monkeypatch.setenv(key, value)
+    api.put("/api/v1/namespaces/t5ft/serviceaccounts/t5ft-triton",
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "t5ft-triton"}})
+    api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [
+        {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}]
+    servers = k8s_serving.KubernetesServers(_serve_opts(repo, kubeconfig=str(kubeconfig)))
+    try:
+        servers.start()
+    finally:
+        servers.stop()
+    return api.calls("POST", "deployments")[0].body
+
+
 def test_triton_deployment_recreate_owner_spot_and_local_copy(api, kubeconfig, gcs,
                                                               monkeypatch):
     bucket, _ = gcs
@@ -269,22 +287,10 @@ def test_triton_deployment_recreate_owner_spot_and_local_copy(api, kubeconfig, g
     bucket.blob("repo/ul2/1/2-gpu/weights.bin").upload_from_string(b"\0" * (3 << 20))
     cfg = load_config(GKE).model_copy(update={"triton": load_config(GKE).triton.model_copy(
         update={"spot": True})})
-    for key, value in _head_env(cfg).items():
-        monkeypatch.setenv(key, value)
     api.put("/apis/ray.io/v1/namespaces/t5ft/rayclusters/t5ft",
             {"apiVersion": "ray.io/v1", "kind": "RayCluster",
              "metadata": {"name": "t5ft", "namespace": "t5ft", "uid": "rc-uid-1"}})
-    api.put("/api/v1/namespaces/t5ft/serviceaccounts/t5ft-triton",
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "t5ft-triton"}})
-    api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [
-        {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}]
-    servers = k8s_serving.KubernetesServers(_serve_opts(f"gs://{BUCKET}/repo",
-                                                        kubeconfig=str(kubeconfig)))
-    try:
-        servers.start()
-    finally:
-        servers.stop()
-    dep = api.calls("POST", "deployments")[0].body
+    dep = _launch_from_head(api, kubeconfig, monkeypatch, cfg, f"gs://{BUCKET}/repo")
     svc = api.calls("POST", "services")[0].body
     owner = [{"apiVersion": "ray.io/v1", "kind": "RayCluster", "name": "t5ft",
               "uid": "rc-uid-1"}]
@@ -468,20 +474,8 @@ def test_triton_repository_fuse_mounts_the_bucket_read_only(api, kubeconfig, gcs
     bucket.blob("fuse/ul2/config.pbtxt").upload_from_string(_model_config(2))
     data = yaml.safe_load(GKE.read_text())
     data["triton"]["repository"] = "fuse"
-    cfg = parse_config(data)
-    for key, value in _head_env(cfg).items():
-        monkeypatch.setenv(key, value)
-    api.put("/api/v1/namespaces/t5ft/serviceaccounts/t5ft-triton",
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "t5ft-triton"}})
-    api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [
-        {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}]
-    servers = k8s_serving.KubernetesServers(_serve_opts(f"gs://{BUCKET}/fuse",
-                                                        kubeconfig=str(kubeconfig)))
-    try:
-        servers.start()
-    finally:
-        servers.stop()
-    dep = api.calls("POST", "deployments")[0].body
+    dep = _launch_from_head(api, kubeconfig, monkeypatch, parse_config(data),
+                            f"gs://{BUCKET}/fuse")
     template = dep["spec"]["template"]
     assert template["metadata"]["annotations"] == {
         "gke-gcsfuse/volumes": "true", "gke-gcsfuse/cpu-limit": "0",
