@@ -435,6 +435,10 @@ def test_gcloud_commands_cover_the_config(path):
     assert any("helm install kuberay-operator kuberay/kuberay-operator --version=1.7.0" in x
                for x in lines)
     assert "v1.7.0" in (REPO / "cluster" / "schemas" / "README.md").read_text()
+    # triton.repository: fuse needs the GCS FUSE CSI add-on and Workload Identity on the nodes.
+    assert any("clusters create" in x and "--addons=GcsFuseCsiDriver" in x for x in lines)
+    pools = [x for x in lines if "node-pools create" in x]
+    assert pools and all("--workload-metadata=GKE_METADATA" in x for x in pools)
     # Node pools as the config says: GPUs per node, spot where asked.
     gpu = next(x for x in lines if f"node-pools create {cfg.gpu_workers.group} " in x)
     assert f"count={cfg.gpu_workers.gpus_per_node}," in gpu
