@@ -98,7 +98,8 @@ def _ray_pod_template(cfg: ClusterConfig, component: str, *, image: str,
     What every Ray pod shares is written here once: the Ray service account, the /dev/shm and
     /tmp/ray volumes, `ray stop` before the pod goes (so the node leaves the cluster cleanly
     rather than being declared dead), the non-root security contexts, and the job stop grace
-    (JOB_STOP_WAIT_S: a job supervisor may run on any Ray node).
+    (JOB_STOP_WAIT_S: a job's supervisor runs on the head, or on any node when the job asks
+    for entrypoint resources; Ray 2.60 job_manager.py, _get_label_selector).
 
     Args:
       cfg: the cluster config (name, service account, run_as_user).
