@@ -147,22 +147,28 @@ def new_api_client(kubeconfig: str | None = None, context: str | None = None
                    ) -> client.ApiClient:
     """An ApiClient from KUBECONFIG's file if given, else in-cluster, else ~/.kube/config.
 
+    Its connection pool makes one attempt per request (urllib3's own retries, 3 by default, are
+    off): Kube retries with tenacity, so that its retries and request timeout are the whole
+    story of how long a call can take (Kube.call_seconds_bound).
     Raises UserError (one line) when none of them yields usable credentials.
     """
+    configuration = client.Configuration()
     try:
         if kubeconfig:
-            return config.new_client_from_config(config_file=kubeconfig, context=context)
-        try:
-            configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)
-            return client.ApiClient(configuration)
-        except ConfigException:
-            return config.new_client_from_config(context=context)
+            config.load_kube_config(config_file=kubeconfig, context=context,
+                                    client_configuration=configuration)
+        else:
+            try:
+                config.load_incluster_config(client_configuration=configuration)
+            except ConfigException:
+                config.load_kube_config(context=context, client_configuration=configuration)
     except (ConfigException, OSError, TypeError) as exc:
         where = kubeconfig or "in-cluster config or ~/.kube/config (KUBECONFIG)"
         raise UserError(f"no usable Kubernetes credentials from {where}: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                         ) from exc
+    configuration.retries = False
+    return client.ApiClient(configuration)
 
 
 class Kube:
@@ -291,12 +297,13 @@ class Kube:
         try:
             response = retrying(method, self._api(k), **k.scope(namespace), **kwargs,
                                 _preload_content=False)
+            # The body is read here, under the same request timeout: a stall is one line too.
+            data = response.data if hasattr(response, "data") else response
         except ApiException as exc:
             raise _api_error(exc, verb, k, what, namespace, where, self.host) from exc
         except urllib3.exceptions.HTTPError as exc:
             raise KubeApiError(f"cannot reach the Kubernetes API at {self.host} to {verb} "
                                f"{what}{where}: {type(exc).__name__}") from exc
-        data = response.data if hasattr(response, "data") else response
         return json.loads(data) if data else {}
 
     def _note(self, state: tenacity.RetryCallState, action: str) -> None:

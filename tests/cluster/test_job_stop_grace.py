@@ -53,8 +53,9 @@ def test_ray_job_stop_waits_the_grace_of_the_rayjob_runtime_env(tmp_path):
     script.write_text(JOB)
     jobs = {"grace": raycluster.job_runtime_env(), "default": {}}
     with _ray_head(env) as (url, _):
-        def ray(*args: str) -> None:
-            proc = subprocess.run([str(BIN / "ray"), "job", *args, "--address", url],
+        def ray(command: str, *args: str) -> None:
+            # --address before the rest: after `--` it would be the entrypoint's.
+            proc = subprocess.run([str(BIN / "ray"), "job", command, "--address", url, *args],
                                   env=env, capture_output=True, text=True, timeout=60)
             assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
 
