@@ -49,8 +49,9 @@ MONITOR_PERIOD_S = 10.0
 REQUEST_TIMEOUT_S = 10.0
 # Teardown retries less than launch: a job being stopped has a deadline.
 TEARDOWN_RETRIES = 2
-# The most calls a SIGTERM can find in flight: wait_ready's poll (get the Deployment, list its
-# pods, list events) runs to its end before the stop event is seen.
+# The most calls a SIGTERM can find in flight, i.e. between two looks at the stop event:
+# wait_ready's poll (get the Deployment, list its pods, list events: 3); launch looks before
+# each object (create, then patch when it exists: 2); start's checks (service account, owner: 2).
 IN_FLIGHT_CALLS = 3
 
 
@@ -227,10 +228,14 @@ def owner(kube: Kube, namespace: str) -> dict[str, str] | None:
             "uid": obj["metadata"]["uid"]}
 
 
-def launch(kube: Kube, spec: triton.TritonSpec, created: list[tuple[str, str]]) -> None:
+def launch(kube: Kube, spec: triton.TritonSpec, created: list[tuple[str, str]],
+           stop: threading.Event | None = None) -> None:
     """Create or patch the Service and the Deployment, noting each in CREATED as soon as it
-    exists, so that a failure half-way still deletes what was made."""
+    exists, so that a failure half-way still deletes what was made. Raises UserError instead
+    of creating the next object once STOP is set (a SIGTERM's teardown has a deadline)."""
     for obj in (triton.service(spec), triton.deployment(spec)):
+        if stop is not None and stop.is_set():
+            raise UserError(f"stopped before {spec.name} was launched")
         outcome, _ = kube.apply(obj)
         created.append((obj["kind"], obj["metadata"]["name"]))
         _log(f"{obj['kind']}/{obj['metadata']['name']} in {spec.namespace}: {outcome}")
@@ -276,6 +281,8 @@ def wait_ready(kube: Kube, spec: triton.TritonSpec, timeout: float, stop: thread
                poll: float = 5.0) -> None:
     """Poll the Deployment every ``poll`` s until every replica is ready; report changes in
     why not on stderr. Raises UserError on timeout, or when ``stop`` is set first."""
+    if stop.is_set():  # no poll's worth of calls after a SIGTERM (IN_FLIGHT_CALLS)
+        raise UserError(f"stopped before {spec.name} was ready")
     notes: list[str] = []
 
     def ready() -> bool:
@@ -348,7 +355,7 @@ class KubernetesServers(ServersBase):
         _log(f"launching {spec.replicas} Triton replica(s) of {spec.model_name} with "
              f"{spec.gpus} GPU(s) each in namespace {spec.namespace}")
         try:
-            launch(self.kube, spec, self.created)
+            launch(self.kube, spec, self.created, self.cancel)
             wait_ready(self.kube, spec, self.ready_timeout, self.cancel)
         except BaseException:
             self.stop()

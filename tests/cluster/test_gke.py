@@ -535,7 +535,7 @@ def test_every_ray_container_and_the_rayjob_get_the_stop_grace(crd_validators):
         "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "9"}}
 
 
-def test_serve_teardown_fits_in_the_stop_grace(kubeconfig, tmp_path):
+def test_serve_teardown_fits_in_the_stop_grace(api, kubeconfig, tmp_path):
     (tmp_path / "ul2").mkdir()
     (tmp_path / "ul2" / "config.pbtxt").write_text(_model_config(1))
     servers = k8s_serving.KubernetesServers(_serve_opts(
@@ -544,6 +544,13 @@ def test_serve_teardown_fits_in_the_stop_grace(kubeconfig, tmp_path):
     # 3 calls in flight (6 attempts of 10 s + 15.5 s of backoff) + 2 DELETEs (3 x 10 s + 1.5 s)
     assert bound == 3 * (6 * 10 + 15.5) + 2 * (3 * 10 + 1.5)
     assert bound < raycluster.JOB_STOP_WAIT_S
+    # The in-flight count holds because serve looks at the stop event before each object it
+    # creates and before each poll: stopped before launch, it creates nothing.
+    servers.cancel.set()
+    with pytest.raises(UserError, match="stopped before triton-ul2 was launched"):
+        servers.start()
+    assert not api.calls("POST") and not api.calls("DELETE")
+    assert len(api.calls()) <= k8s_serving.IN_FLIGHT_CALLS
 
 
 # -- the KubeRay token Secret ------------------------------------------------------------------
