@@ -77,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="a one-shot RayJob running ENTRYPOINT on its own cluster, deleted "
                        "when the job ends, instead of a long-lived RayCluster")
         p.add_argument("--runtime-env-json", default=None,
-                       help="the RayJob's runtime env (working_dir must be a gs:// or https "
-                       "zip URI: a RayJob uploads nothing from here)")
+                       help="the RayJob's runtime env, e.g. env_vars (the code comes from the "
+                       "image: a RayJob uploads nothing from here)")
         p.add_argument("--job-deadline", type=int, default=None, metavar="SECONDS",
                        help="with --job: the RayJob's activeDeadlineSeconds (KubeRay fails the "
                        "job and deletes its cluster after it); default none")
@@ -199,10 +199,11 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     if cfg.head.service_type != "LoadBalancer":
         _progress(f"from outside the cluster: kubectl -n {cfg.namespace} port-forward "
                   f"svc/{cfg.head_service} 8265:8265, then --address http://127.0.0.1:8265")
-    # authOptions.mode token (cluster/raycluster.py): job submission needs the cluster's token.
-    _progress("the cluster requires Ray token authentication: export RAY_AUTH_MODE=token and "
-              "RAY_AUTH_TOKEN from the operator's Secret (docs/gke.md, section 5)")
-    _progress(f"ray job submit --address {url} --working-dir . -- python -m ray_jobs.pipeline "
+    # authOptions.mode token (cluster/raycluster.py): job submission needs the cluster's token,
+    # which the operator keeps in a Secret named after the RayCluster (raycluster.auth_secret).
+    _progress("the cluster requires Ray token authentication (docs/gke.md, section 5):")
+    _progress(raycluster.token_command(cfg.namespace, cfg.name))
+    _progress(f"ray job submit --address {url} -- python -m ray_jobs.pipeline "
               f"--config PIPELINE.yaml --json")
     return {"applied": applied, "ready": True, "dashboard": url,
             "namespace": cfg.namespace, "raycluster": cfg.name}

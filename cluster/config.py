@@ -138,6 +138,10 @@ class TritonDefaults(_Section):
     cpu: str | None = None
     memory: str | None = None
     spot: bool | None = None  # default: the GPU worker group's
+    # How the gs:// model repository reaches Triton: "gcs", Triton's own reader (a local copy
+    # on the node's disk, hence the ephemeral-storage request), or "fuse", a read-only mount by
+    # the Cloud Storage FUSE CSI driver (no local copy; docs/gke.md, "Images").
+    repository: Literal["gcs", "fuse"] = "gcs"
 
 
 class ClusterConfig(_Section):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -146,22 +147,28 @@ def new_api_client(kubeconfig: str | None = None, context: str | None = None
                    ) -> client.ApiClient:
     """An ApiClient from KUBECONFIG's file if given, else in-cluster, else ~/.kube/config.
 
+    Its connection pool makes one attempt per request (urllib3's own retries, 3 by default, are
+    off): Kube retries with tenacity, so that its retries and request timeout are the whole
+    story of how long a call can take (Kube.call_seconds_bound).
     Raises UserError (one line) when none of them yields usable credentials.
     """
+    configuration = client.Configuration()
     try:
         if kubeconfig:
-            return config.new_client_from_config(config_file=kubeconfig, context=context)
-        try:
-            configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)
-            return client.ApiClient(configuration)
-        except ConfigException:
-            return config.new_client_from_config(context=context)
+            config.load_kube_config(config_file=kubeconfig, context=context,
+                                    client_configuration=configuration)
+        else:
+            try:
+                config.load_incluster_config(client_configuration=configuration)
+            except ConfigException:
+                config.load_kube_config(context=context, client_configuration=configuration)
     except (ConfigException, OSError, TypeError) as exc:
         where = kubeconfig or "in-cluster config or ~/.kube/config (KUBECONFIG)"
         raise UserError(f"no usable Kubernetes credentials from {where}: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                         ) from exc
+    configuration.retries = False
+    return client.ApiClient(configuration)
 
 
 class Kube:
@@ -172,15 +179,27 @@ class Kube:
       retries: extra attempts on 429/5xx/connection errors.
       backoff: first wait in seconds; doubled each attempt.
       log: where retry notes go (stderr by default); None for silence.
+      request_timeout: seconds one HTTP request may take (connect and read) before it counts
+        as a connection error (retried); None: no limit, the client's default.
     """
 
     def __init__(self, api_client: client.ApiClient, retries: int = 5, backoff: float = 0.5,
-                 log: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr)):
+                 log: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr),
+                 request_timeout: float | None = None):
         self.api_client = api_client
         self.retries = retries
         self.backoff = backoff
         self.log = log
+        self.request_timeout = request_timeout
         self._apis: dict[type, Any] = {}
+
+    def call_seconds_bound(self) -> float:
+        """The longest one verb can take: every attempt timing out, plus the backoff waits
+        between them (math.inf without a request_timeout)."""
+        if self.request_timeout is None:
+            return math.inf
+        waits = sum(self.backoff * 2 ** i for i in range(self.retries))
+        return (self.retries + 1) * self.request_timeout + waits
 
     @property
     def host(self) -> str:
@@ -273,15 +292,18 @@ class Kube:
             retry=tenacity.retry_if_exception(_transient),
             before_sleep=lambda state: self._note(state, f"{verb} {what}"),
             reraise=True)
+        if self.request_timeout is not None:
+            kwargs["_request_timeout"] = self.request_timeout
         try:
             response = retrying(method, self._api(k), **k.scope(namespace), **kwargs,
                                 _preload_content=False)
+            # The body is read here, under the same request timeout: a stall is one line too.
+            data = response.data if hasattr(response, "data") else response
         except ApiException as exc:
             raise _api_error(exc, verb, k, what, namespace, where, self.host) from exc
         except urllib3.exceptions.HTTPError as exc:
             raise KubeApiError(f"cannot reach the Kubernetes API at {self.host} to {verb} "
                                f"{what}{where}: {type(exc).__name__}") from exc
-        data = response.data if hasattr(response, "data") else response
         return json.loads(data) if data else {}
 
     def _note(self, state: tenacity.RetryCallState, action: str) -> None:

@@ -36,9 +36,21 @@ ENV_TRITON_MEMORY = "T5FT_TRITON_MEMORY"
 ENV_TRITON_SPOT = "T5FT_TRITON_SPOT"
 ENV_TRITON_BACKEND = "T5FT_TRITON_BACKEND"
 ENV_TRITON_NODE_GPUS = "T5FT_TRITON_NODE_GPUS"
+ENV_TRITON_REPOSITORY = "T5FT_TRITON_REPOSITORY"
 # The object that owns the Triton Deployments serve creates (garbage-collected with it).
 ENV_OWNER_KIND = "T5FT_OWNER_KIND"
 ENV_OWNER_NAME = "T5FT_OWNER_NAME"
+
+# `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S seconds (3 by
+# default). Ray 2.60 reads it from the job supervisor actor's os.environ
+# (python/ray/dashboard/modules/job/job_supervisor.py, JobSupervisor.run), and that actor runs
+# with the raylet's environment (the Ray container's env) plus the job's runtime_env env_vars
+# (job_manager.py, _get_supervisor_runtime_env). We set it in both places: every Ray container
+# (any `ray job submit`) and the RayJob's runtime env. The value covers serve's worst-case
+# teardown under its retry and timeout settings (serving/kubernetes.stop_seconds_bound; a test
+# checks that it fits); normally the teardown takes well under a second.
+ENV_JOB_STOP_WAIT = "RAY_JOB_STOP_WAIT_TIME_S"
+JOB_STOP_WAIT_S = 300
 
 
 def _triton_env(cfg: ClusterConfig, owner: tuple[str, str]) -> list[client.V1EnvVar]:
@@ -53,6 +65,7 @@ def _triton_env(cfg: ClusterConfig, owner: tuple[str, str]) -> list[client.V1Env
                         else str(cfg.triton.run_as_user)),
         client.V1EnvVar(name=ENV_TRITON_SPOT, value="true" if cfg.triton_spot else "false"),
         client.V1EnvVar(name=ENV_TRITON_BACKEND, value=cfg.triton.backend),
+        client.V1EnvVar(name=ENV_TRITON_REPOSITORY, value=cfg.triton.repository),
         client.V1EnvVar(name=ENV_OWNER_KIND, value=owner[0]),
         client.V1EnvVar(name=ENV_OWNER_NAME, value=owner[1]),
     ]
@@ -78,12 +91,15 @@ def _ray_pod_template(cfg: ClusterConfig, component: str, *, image: str,
                       resources: client.V1ResourceRequirements, mount_token: bool,
                       node_selector: dict[str, str] | None = None,
                       tolerations: list[client.V1Toleration] | None = None,
+                      env: list[client.V1EnvVar] | None = None,
                       **container: object) -> client.V1PodTemplateSpec:
     """A Ray pod: one container named COMPONENT (also its app.kubernetes.io/name label).
 
     What every Ray pod shares is written here once: the Ray service account, the /dev/shm and
     /tmp/ray volumes, `ray stop` before the pod goes (so the node leaves the cluster cleanly
-    rather than being declared dead), and the non-root security contexts.
+    rather than being declared dead), the non-root security contexts, and the job stop grace
+    (JOB_STOP_WAIT_S: a job's supervisor runs on the head, or on any node when the job asks
+    for entrypoint resources; Ray 2.60 job_manager.py, _get_label_selector).
 
     Args:
       cfg: the cluster config (name, service account, run_as_user).
@@ -92,7 +108,8 @@ def _ray_pod_template(cfg: ClusterConfig, component: str, *, image: str,
       mount_token: whether the pod gets the service account's Kubernetes token; only the head
         does, since only it launches Triton (the Role is bound to that account).
       node_selector, tolerations: GPU node-pool scheduling (pods.gpu_scheduling), or None.
-      **container: further V1Container fields (ports, env).
+      env: further environment variables (the head's T5FT_*).
+      **container: further V1Container fields (ports).
     """
     volumes, mounts = _ray_volumes()
     ray_container = client.V1Container(
@@ -103,6 +120,7 @@ def _ray_pod_template(cfg: ClusterConfig, component: str, *, image: str,
         lifecycle=client.V1Lifecycle(pre_stop=client.V1LifecycleHandler(
             _exec=client.V1ExecAction(command=["/bin/sh", "-c", "ray stop"]))),
         security_context=pods.container_security(cfg.run_as_user),
+        env=[client.V1EnvVar(name=ENV_JOB_STOP_WAIT, value=str(JOB_STOP_WAIT_S)), *(env or [])],
         **container,
     )
     return client.V1PodTemplateSpec(
@@ -173,7 +191,7 @@ def raycluster_spec(cfg: ClusterConfig, owner: tuple[str, str] | None = None) ->
     }
     # Ray token authentication (Ray >= 2.52, KubeRay >= 1.5.1): the operator makes a Secret
     # with a random token and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every Ray container
-    # (docs.ray.io kuberay-auth); `ray job submit` then needs RAY_AUTH_TOKEN (docs/gke.md).
+    # (auth_secret below); `ray job submit` then needs RAY_AUTH_TOKEN (docs/gke.md).
     spec["authOptions"] = {"mode": "token"}
     spec["networkPolicy"] = network_policy()
     if cfg.autoscaling.enabled:
@@ -224,6 +242,35 @@ def raycluster(cfg: ClusterConfig) -> dict:
     }
 
 
+# The key of the token in the operator's Secret: ray-operator/controllers/ray/utils/constant.go
+# (RAY_AUTH_TOKEN_SECRET_KEY) at ray-project/kuberay@v1.7.0.
+AUTH_TOKEN_KEY = "auth_token"
+
+
+def auth_secret(raycluster_name: str) -> str:
+    """The Secret holding a RayCluster's Ray auth token, as the KubeRay operator names it.
+
+    ray-project/kuberay@v1.7.0, ray-operator/controllers/ray/raycluster_controller.go
+    (reconcileAuthSecret: `utils.CheckName(instance.Name)`) and utils/util.go (CheckName: the
+    last 50 characters; a leading digit or punctuation becomes "r"). The operator stores a
+    random base64 token under AUTH_TOKEN_KEY and gives every Ray container RAY_AUTH_MODE=token
+    and RAY_AUTH_TOKEN from it (common/pod.go, SetContainerTokenAuthEnvVars), which is where
+    Ray reads its token. A RayJob's cluster is named `<rayjob>-<5 random characters>`
+    (utils.GenerateRayClusterName): its Secret is named after status.rayClusterName.
+    """
+    name = raycluster_name[-50:]
+    if name[0].isdigit() or not name[0].isalnum():
+        name = "r" + name[1:]
+    return name
+
+
+def token_command(namespace: str, raycluster_name: str) -> str:
+    """The shell line that exports the token `ray job submit` needs for this cluster."""
+    return (f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(kubectl -n {namespace} get secret "
+            f"{auth_secret(raycluster_name)} -o jsonpath='{{.data.{AUTH_TOKEN_KEY}}}' "
+            f"| base64 -d)")
+
+
 def rayjob_name(cfg: ClusterConfig) -> str:
     """The RayJob's name: the cluster's, suffixed, so a RayJob and a RayCluster can coexist."""
     return f"{cfg.name}-job"
@@ -233,8 +280,9 @@ def rayjob(cfg: ClusterConfig, entrypoint: str, runtime_env: dict | None = None,
            ttl_seconds: int = 600, deadline: int | None = None) -> dict:
     """A one-shot RayJob: its own cluster, ENTRYPOINT run once, cluster deleted after.
 
-    The code must reach the cluster by itself (image or a gs:// working_dir in RUNTIME_ENV):
+    The code comes from the image (config.image: docker/ray.Dockerfile installs this package):
     unlike `ray job submit --working-dir .`, a RayJob uploads nothing from this machine.
+    RUNTIME_ENV: the job's runtime env (e.g. env_vars); job_runtime_env adds the stop grace.
     DEADLINE: activeDeadlineSeconds, after which KubeRay fails the job (None: no deadline).
     """
     if not entrypoint.strip():
@@ -261,8 +309,7 @@ def rayjob(cfg: ClusterConfig, entrypoint: str, runtime_env: dict | None = None,
     }
     if deadline is not None:
         spec["activeDeadlineSeconds"] = deadline
-    if runtime_env:
-        spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=True)
+    spec["runtimeEnvYAML"] = yaml.safe_dump(job_runtime_env(runtime_env), sort_keys=True)
     return {
         "apiVersion": API_VERSION,
         "kind": "RayJob",
@@ -270,6 +317,19 @@ def rayjob(cfg: ClusterConfig, entrypoint: str, runtime_env: dict | None = None,
                      "labels": pods.labels("ray-job", cfg.name)},
         "spec": spec,
     }
+
+
+def job_runtime_env(runtime_env: dict | None = None) -> dict:
+    """RUNTIME_ENV with env_vars.RAY_JOB_STOP_WAIT_TIME_S = JOB_STOP_WAIT_S unless it sets it.
+
+    The supervisor that enforces `ray job stop`'s grace reads the job's env_vars too (see
+    ENV_JOB_STOP_WAIT), so the grace holds even on a cluster whose pods lack it.
+    """
+    env = dict(runtime_env or {})
+    env_vars = dict(env.get("env_vars") or {})
+    env_vars.setdefault(ENV_JOB_STOP_WAIT, str(JOB_STOP_WAIT_S))
+    env["env_vars"] = env_vars
+    return env
 
 
 def dashboard_url(cfg: ClusterConfig, external_host: str | None = None) -> str:

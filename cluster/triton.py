@@ -12,10 +12,25 @@ import re
 from kubernetes import client
 
 from cluster import pods
+from core.gcs_env import split_gs_url
 
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
+
+# The Cloud Storage FUSE CSI driver (GKE add-on GcsFuseCsiDriver): the pod annotation that makes
+# its webhook inject the gcsfuse sidecar, and the CSI driver name of an inline ephemeral volume
+# (cloud.google.com/kubernetes-engine/docs/how-to/cloud-storage-fuse-csi-driver-ephemeral;
+# GoogleCloudPlatform/gcs-fuse-csi-driver@v1.24.0 pkg/webhook/mutatingwebhook.go and
+# examples/ephemeral/deployment-non-root.yaml).
+GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
+GCSFUSE_ANNOTATION = "gke-gcsfuse/volumes"
+# The sidecar's default limits are 250m CPU, 256Mi memory, 5Gi ephemeral storage
+# (cmd/webhook/main.go); streaming 40 GB of weights needs more. "0" lifts a limit and keeps the
+# default request (pkg/webhook/config.go, populateResource), on Standard clusters.
+GCSFUSE_SIDECAR_LIMITS = {f"gke-gcsfuse/{r}-limit": "0"
+                          for r in ("cpu", "memory", "ephemeral-storage")}
+REPOSITORY_MOUNT = "/model-repository"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +58,9 @@ class TritonSpec:
       owner: the RayCluster or RayJob the Deployment belongs to, as an ownerReference
         ({"apiVersion", "kind", "name", "uid"}): deleting it (or its crash and clean-up)
         garbage-collects the Deployment. None: no owner.
+      mount_repository: mount the gs:// model_repository read-only with the Cloud Storage
+        FUSE CSI driver at REPOSITORY_MOUNT and point tritonserver there (no local copy),
+        instead of Triton reading gs:// itself.
     """
 
     model_name: str
@@ -61,6 +79,7 @@ class TritonSpec:
     spot: bool = False
     ephemeral_storage: str | None = None
     owner: dict[str, str] | None = None
+    mount_repository: bool = False
 
     @property
     def name(self) -> str:
@@ -82,17 +101,41 @@ def _probe(path: str, period: int, failures: int) -> client.V1Probe:
                           period_seconds=period, failure_threshold=failures, timeout_seconds=5)
 
 
+def repository_volume(model_repository: str) -> tuple[client.V1Volume, client.V1VolumeMount]:
+    """The gs:// MODEL_REPOSITORY as a read-only CSI ephemeral volume of the GCS FUSE driver.
+
+    only-dir mounts just the repository's prefix; implicit-dirs shows folders that exist only
+    as object-name prefixes (ours are written without folder placeholder objects). The pod's
+    Kubernetes service account needs read access to the bucket (Triton's has objectViewer).
+    """
+    bucket, prefix = split_gs_url(model_repository)
+    options = ["implicit-dirs"] + ([f"only-dir={prefix}"] if prefix else [])
+    volume = client.V1Volume(name="model-repository", csi=client.V1CSIVolumeSource(
+        driver=GCSFUSE_DRIVER, read_only=True,
+        volume_attributes={"bucketName": bucket, "mountOptions": ",".join(options)}))
+    return volume, client.V1VolumeMount(name="model-repository", mount_path=REPOSITORY_MOUNT,
+                                        read_only=True)
+
+
 def deployment(spec: TritonSpec) -> dict:
     """Deployment: tritonserver loading only SPEC.model_name, probes on 8000."""
     selector = {**pods.labels("triton", spec.name)}
     shm, shm_mount = pods.shm_volume()
+    volumes, mounts, annotations = [shm], [shm_mount], None
+    repository = spec.model_repository
+    if spec.mount_repository:
+        volume, mount = repository_volume(spec.model_repository)
+        volumes.append(volume)
+        mounts.append(mount)
+        annotations = {GCSFUSE_ANNOTATION: "true", **GCSFUSE_SIDECAR_LIMITS}
+        repository = REPOSITORY_MOUNT
     node_selector, tolerations = (pods.gpu_scheduling(spec.accelerator, spec.spot)
                                   if spec.accelerator else (None, None))
     container = client.V1Container(
         name="tritonserver",
         image=spec.image,
         command=["tritonserver"],
-        args=[f"--model-repository={spec.model_repository}",
+        args=[f"--model-repository={repository}",
               "--model-control-mode=explicit", f"--load-model={spec.model_name}",
               "--strict-model-config=true", "--log-verbose=0",
               f"--http-port={HTTP_PORT}", f"--grpc-port={GRPC_PORT}",
@@ -101,7 +144,7 @@ def deployment(spec: TritonSpec) -> dict:
                client.V1ContainerPort(container_port=GRPC_PORT, name="grpc"),
                client.V1ContainerPort(container_port=METRICS_PORT, name="metrics")],
         resources=pods.resources(spec.cpu, spec.memory, spec.gpus, spec.ephemeral_storage),
-        volume_mounts=[shm_mount],
+        volume_mounts=mounts,
         # Loading 40 GB of weights takes minutes: the startup probe holds liveness off until
         # the server answers, then readiness (all models loaded) gates the Service.
         startup_probe=_probe("/v2/health/live", 10, max(1, spec.startup_seconds // 10)),
@@ -119,14 +162,14 @@ def deployment(spec: TritonSpec) -> dict:
             strategy=client.V1DeploymentStrategy(type="Recreate"),
             selector=client.V1LabelSelector(match_labels=selector),
             template=client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels=selector),
+                metadata=client.V1ObjectMeta(labels=selector, annotations=annotations),
                 spec=client.V1PodSpec(
                     containers=[container],
                     service_account_name=spec.service_account,
                     automount_service_account_token=False,
                     node_selector=node_selector,
                     tolerations=tolerations,
-                    volumes=[shm],
+                    volumes=volumes,
                     security_context=pods.pod_security(spec.run_as_user),
                 ),
             ),

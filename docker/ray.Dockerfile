@@ -22,5 +22,5 @@ COPY --chown=ray:users demo demo
 COPY --chown=ray:users pipeline pipeline
 COPY --chown=ray:users ray_jobs ray_jobs
 # The exact pins of pyproject.toml; ray[default] is already the base image's own version.
-# smart_open[gcs]: Ray's runtime env reads a gs:// working_dir zip with it (RayJob).
-RUN pip install --no-cache-dir . "smart_open[gcs]==9.0.2"
+# This is how our code reaches the Ray pods (no working_dir zip): rebuild to ship a change.
+RUN pip install --no-cache-dir .

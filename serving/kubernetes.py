@@ -43,6 +43,16 @@ if TYPE_CHECKING:
     from serving.options import ServeOptions
 
 MONITOR_PERIOD_S = 10.0
+# Every API call serve makes is bounded, so that SIGTERM's teardown fits the stop grace the
+# cluster gives jobs (cluster/raycluster.JOB_STOP_WAIT_S; stop_seconds_bound). A healthy API
+# server answers in well under a second.
+REQUEST_TIMEOUT_S = 10.0
+# Teardown retries less than launch: a job being stopped has a deadline.
+TEARDOWN_RETRIES = 2
+# The most calls a SIGTERM can find in flight, i.e. between two looks at the stop event:
+# wait_ready's poll (get the Deployment, list its pods, list events: 3); launch looks before
+# each object (create, then patch when it exists: 2); start's checks (service account, owner: 2).
+IN_FLIGHT_CALLS = 3
 
 
 def _log(message: str) -> None:
@@ -106,6 +116,22 @@ def check_backend(model_config: ModelConfig, image_backend: str | None) -> None:
             f"--engine {engine.get(image_backend, image_backend)} or set triton.image/backend")
 
 
+def mounts_repository(model_repository: str, access: str | None) -> bool:
+    """Whether Triton gets the repository mounted by the Cloud Storage FUSE CSI driver.
+
+    ACCESS is the cluster config's triton.repository (env T5FT_TRITON_REPOSITORY): "fuse"
+    mounts the bucket, "gcs" (the default) lets Triton read gs:// itself. One clear error when
+    "fuse" is asked for a repository that is not in a bucket.
+    """
+    if access != "fuse":
+        return False
+    if not storage.is_gcs(model_repository):
+        raise UserError(f"triton.repository is fuse but the model repository "
+                        f"{model_repository} is not gs://BUCKET/PATH: only a bucket can be "
+                        f"mounted; use triton.repository: gcs for other paths")
+    return True
+
+
 def local_copy_storage(model_repository: str, model_name: str) -> str | None:
     """The ephemeral-storage a Triton pod requests for its local copy of a gs:// model.
 
@@ -145,6 +171,8 @@ def triton_spec(opts: ServeOptions) -> triton.TritonSpec:
                         "whose triton.image sets it); docs/gke.md says how to build one")
     ports = (opts.http_port or triton.HTTP_PORT, opts.grpc_port or triton.GRPC_PORT,
              opts.metrics_port or triton.METRICS_PORT)
+    mount = mounts_repository(opts.model_repository,
+                              env.get(raycluster.ENV_TRITON_REPOSITORY))
     if not opts.model_repository.startswith("gs://"):
         _log(f"note: model repository {opts.model_repository} is not gs://; Triton pods see "
              f"only what their image holds or mounts")
@@ -165,7 +193,10 @@ def triton_spec(opts: ServeOptions) -> triton.TritonSpec:
             service_ports=ports,
             startup_seconds=int(opts.ready_timeout),
             spot=env.get(raycluster.ENV_TRITON_SPOT) == "true",
-            ephemeral_storage=local_copy_storage(opts.model_repository, opts.model_name),
+            # A mounted bucket is read in place: no local copy, no disk to request for it.
+            ephemeral_storage=None if mount else local_copy_storage(opts.model_repository,
+                                                                     opts.model_name),
+            mount_repository=mount,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
@@ -197,10 +228,14 @@ def owner(kube: Kube, namespace: str) -> dict[str, str] | None:
             "uid": obj["metadata"]["uid"]}
 
 
-def launch(kube: Kube, spec: triton.TritonSpec, created: list[tuple[str, str]]) -> None:
+def launch(kube: Kube, spec: triton.TritonSpec, created: list[tuple[str, str]],
+           stop: threading.Event | None = None) -> None:
     """Create or patch the Service and the Deployment, noting each in CREATED as soon as it
-    exists, so that a failure half-way still deletes what was made."""
+    exists, so that a failure half-way still deletes what was made. Raises UserError instead
+    of creating the next object once STOP is set (a SIGTERM's teardown has a deadline)."""
     for obj in (triton.service(spec), triton.deployment(spec)):
+        if stop is not None and stop.is_set():
+            raise UserError(f"stopped before {spec.name} was launched")
         outcome, _ = kube.apply(obj)
         created.append((obj["kind"], obj["metadata"]["name"]))
         _log(f"{obj['kind']}/{obj['metadata']['name']} in {spec.namespace}: {outcome}")
@@ -246,6 +281,8 @@ def wait_ready(kube: Kube, spec: triton.TritonSpec, timeout: float, stop: thread
                poll: float = 5.0) -> None:
     """Poll the Deployment every ``poll`` s until every replica is ready; report changes in
     why not on stderr. Raises UserError on timeout, or when ``stop`` is set first."""
+    if stop.is_set():  # no poll's worth of calls after a SIGTERM (IN_FLIGHT_CALLS)
+        raise UserError(f"stopped before {spec.name} was ready")
     notes: list[str] = []
 
     def ready() -> bool:
@@ -269,6 +306,20 @@ def wait_ready(kube: Kube, spec: triton.TritonSpec, timeout: float, stop: thread
     raise UserError(f"{spec.name} not ready after {timeout:.0f}s: {notes[-1]}")
 
 
+def teardown_kube(kube: Kube) -> Kube:
+    """KUBE's connection with the teardown's bounded retries (TEARDOWN_RETRIES)."""
+    return Kube(kube.api_client, retries=TEARDOWN_RETRIES, backoff=kube.backoff, log=kube.log,
+                request_timeout=REQUEST_TIMEOUT_S)
+
+
+def stop_seconds_bound(kube: Kube, objects: int = 2) -> float:
+    """The longest serve can take from SIGTERM to the end of its teardown with KUBE: the calls
+    in flight (IN_FLIGHT_CALLS), then one DELETE per object (the Deployment, the Service).
+    It does not wait for the pods to go: their deletion propagates in the background."""
+    return (IN_FLIGHT_CALLS * kube.call_seconds_bound()
+            + objects * teardown_kube(kube).call_seconds_bound())
+
+
 def teardown(kube: Kube, created: list[tuple[str, str]], namespace: str) -> None:
     """Delete what :func:`launch` made, the Deployment first (its pods hold the GPUs)."""
     for kind, name in sorted(created, key=lambda kn: kn[0] != "Deployment"):
@@ -288,7 +339,7 @@ class KubernetesServers(ServersBase):
 
     def __init__(self, opts: ServeOptions) -> None:
         self.spec = triton_spec(opts)
-        self.kube = Kube(new_api_client(opts.kubeconfig))
+        self.kube = Kube(new_api_client(opts.kubeconfig), request_timeout=REQUEST_TIMEOUT_S)
         self.ready_timeout = float(opts.ready_timeout)
         self.cancel = threading.Event()  # set it to abort a start that is still waiting
         self.created: list[tuple[str, str]] = []
@@ -304,7 +355,7 @@ class KubernetesServers(ServersBase):
         _log(f"launching {spec.replicas} Triton replica(s) of {spec.model_name} with "
              f"{spec.gpus} GPU(s) each in namespace {spec.namespace}")
         try:
-            launch(self.kube, spec, self.created)
+            launch(self.kube, spec, self.created, self.cancel)
             wait_ready(self.kube, spec, self.ready_timeout, self.cancel)
         except BaseException:
             self.stop()
@@ -334,7 +385,7 @@ class KubernetesServers(ServersBase):
         created, self.created = self.created, []
         self.endpoints = []
         if created:
-            teardown(self.kube, created, self.spec.namespace)
+            teardown(teardown_kube(self.kube), created, self.spec.namespace)
 
 
 def serve(opts: ServeOptions) -> int:

@@ -44,6 +44,12 @@ def test_ray_image_pins_match_pyproject():
     assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}${VARIANT}" in RAY
 
 
+def test_ray_image_installs_only_this_package():
+    # The image is how code reaches Ray pods (no working_dir zip, docs/gke.md "Images"):
+    # pyproject.toml's pins and nothing unpinned beside them.
+    assert re.findall(r"^RUN pip install .*$", RAY, re.M) == ["RUN pip install --no-cache-dir ."]
+
+
 def test_serving_image_pins_match_pyproject():
     assert re.search(r'"jax\[cuda12\]==(\S+)"', SERVING).group(1) == _pin("jax")
     release = _arg(SERVING, "TRITON_RELEASE")

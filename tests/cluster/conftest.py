@@ -14,6 +14,7 @@ import dataclasses
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -61,6 +62,7 @@ class FakeKubeAPI:
         self.requests: list[Recorded] = []
         self.statuses: dict[str, list[dict]] = {}  # path -> successive `status` on GET
         self.faults: list[list] = []  # [method, path regex, status, remaining]
+        self.stalls: list[list] = []  # [method, path regex, seconds, remaining]
         self._gets: dict[str, int] = {}
         self._lock = threading.Lock()
         server = self
@@ -85,6 +87,8 @@ class FakeKubeAPI:
             def _handle(self):
                 url = urlparse(self.path)
                 body = self._body()
+                # Outside the lock: a stalled request must not hold up the others.
+                time.sleep(server.stall_seconds(self.command, url.path))
                 with server._lock:
                     server.requests.append(Recorded(
                         self.command, url.path, parse_qs(url.query),
@@ -107,6 +111,10 @@ class FakeKubeAPI:
         """Answer the next TIMES matching requests with STATUS."""
         self.faults.append([method, path_regex, status, times, message])
 
+    def stall(self, method: str, path_regex: str, seconds: float, times: int = 1) -> None:
+        """Answer the next TIMES matching requests only after SECONDS (a slow API server)."""
+        self.stalls.append([method, path_regex, seconds, times])
+
     def put(self, path: str, obj: dict) -> None:
         self.objects[path] = copy.deepcopy(obj)
 
@@ -119,9 +127,19 @@ class FakeKubeAPI:
         self.requests.clear()
         self.statuses.clear()
         self.faults.clear()
+        self.stalls.clear()
         self._gets.clear()
 
     # -- the API --------------------------------------------------------------------------
+
+    def stall_seconds(self, method: str, path: str) -> float:
+        """How long to hold this request before answering it (see stall)."""
+        with self._lock:
+            for stall in self.stalls:
+                if stall[0] == method and re.search(stall[1], path) and stall[3] > 0:
+                    stall[3] -= 1
+                    return stall[2]
+        return 0.0
 
     def answer(self, method: str, path: str, query: dict, body) -> tuple[int, dict]:
         for fault in self.faults:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster import raycluster, rbac
 from cluster.__main__ import main
 from cluster.config import load_config
-from cluster.kubeapi import Kube, KubeApiError
+from cluster.kubeapi import Kube, KubeApiError, new_api_client
 from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -227,11 +229,12 @@ def test_up_job_runs_a_rayjob_to_completion(api, kubeconfig, capsys):
                           {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
                            "jobId": "raysubmit_1"}]
     summary = _run(["up", "--job", "python -m ray_jobs.pipeline --config gs://b/p.yaml",
-                    "--runtime-env-json", '{"working_dir": "gs://b/code.zip"}',
+                    "--runtime-env-json", '{"env_vars": {"HF_HOME": "/tmp/hf"}}',
                     "--poll", "0.01"], kubeconfig, capsys)
     post = api.calls("POST", "rayjobs")[0]
     assert post.body["spec"]["entrypoint"] == "python -m ray_jobs.pipeline --config gs://b/p.yaml"
-    assert "working_dir: gs://b/code.zip" in post.body["spec"]["runtimeEnvYAML"]
+    assert yaml.safe_load(post.body["spec"]["runtimeEnvYAML"]) == {"env_vars": {
+        "HF_HOME": "/tmp/hf", "RAY_JOB_STOP_WAIT_TIME_S": str(raycluster.JOB_STOP_WAIT_S)}}
     assert not api.calls("POST", "rayclusters")
     assert summary["job_status"] == "SUCCEEDED" and summary["job_id"] == "raysubmit_1"
     api.reset()
@@ -253,6 +256,25 @@ def test_kube_get_and_delete_of_missing_objects(api):
         kube.list("Pod", "t5ft")
     with pytest.raises(ValueError, match="cannot apply kind 'ClusterRole'"):
         kube.create({"kind": "ClusterRole", "metadata": {"name": "x"}})
+
+
+def test_request_timeout_bounds_a_stalled_call(api, kubeconfig):
+    """A slow API server costs at most call_seconds_bound() per verb (serve's teardown relies
+    on it to fit the job stop grace), and a call that times out for good is one line."""
+    kube = Kube(new_api_client(str(kubeconfig)), retries=1, backoff=0.01, log=None,
+                request_timeout=0.5)
+    assert kube.call_seconds_bound() == 2 * 0.5 + 0.01
+    api.put(f"{NS}/services/slow", {"apiVersion": "v1", "kind": "Service",
+                                    "metadata": {"name": "slow"}})
+    api.stall("GET", r"/services/slow$", 1.5, times=1)
+    assert kube.get("Service", "slow", "t5ft")["metadata"]["name"] == "slow"  # the retry
+    api.stall("GET", r"/services/slow$", 1.5, times=2)
+    started = time.monotonic()
+    with pytest.raises(KubeApiError) as err:
+        kube.get("Service", "slow", "t5ft")
+    assert time.monotonic() - started < kube.call_seconds_bound() + 0.5
+    assert str(err.value) == (f"cannot reach the Kubernetes API at {api.url} to get "
+                              f"services/slow in namespace 't5ft': ReadTimeoutError")
 
 
 def test_missing_kuberay_crd_is_named(api, kubeconfig):

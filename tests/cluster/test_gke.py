@@ -262,6 +262,24 @@ def test_raycluster_token_auth_and_dashboard_only_from_its_namespace(crd_validat
 
 # -- (13) the Triton Deployment ----------------------------------------------------------------
 
+def _launch_from_head(api, kubeconfig, monkeypatch, cfg, repo: str) -> dict:
+    """Serve model ul2 of REPO as the head of CFG's cluster would (its T5FT_* env), against
+    the recording API with Triton's service account in place and the Deployment ready at
+    once; returns the Deployment serve created."""
+    for key, value in _head_env(cfg).items():
+        monkeypatch.setenv(key, value)
+    api.put("/api/v1/namespaces/t5ft/serviceaccounts/t5ft-triton",
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "t5ft-triton"}})
+    api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [
+        {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}]
+    servers = k8s_serving.KubernetesServers(_serve_opts(repo, kubeconfig=str(kubeconfig)))
+    try:
+        servers.start()
+    finally:
+        servers.stop()
+    return api.calls("POST", "deployments")[0].body
+
+
 def test_triton_deployment_recreate_owner_spot_and_local_copy(api, kubeconfig, gcs,
                                                               monkeypatch):
     bucket, _ = gcs
@@ -269,22 +287,10 @@ def test_triton_deployment_recreate_owner_spot_and_local_copy(api, kubeconfig, g
     bucket.blob("repo/ul2/1/2-gpu/weights.bin").upload_from_string(b"\0" * (3 << 20))
     cfg = load_config(GKE).model_copy(update={"triton": load_config(GKE).triton.model_copy(
         update={"spot": True})})
-    for key, value in _head_env(cfg).items():
-        monkeypatch.setenv(key, value)
     api.put("/apis/ray.io/v1/namespaces/t5ft/rayclusters/t5ft",
             {"apiVersion": "ray.io/v1", "kind": "RayCluster",
              "metadata": {"name": "t5ft", "namespace": "t5ft", "uid": "rc-uid-1"}})
-    api.put("/api/v1/namespaces/t5ft/serviceaccounts/t5ft-triton",
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "t5ft-triton"}})
-    api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [
-        {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}]
-    servers = k8s_serving.KubernetesServers(_serve_opts(f"gs://{BUCKET}/repo",
-                                                        kubeconfig=str(kubeconfig)))
-    try:
-        servers.start()
-    finally:
-        servers.stop()
-    dep = api.calls("POST", "deployments")[0].body
+    dep = _launch_from_head(api, kubeconfig, monkeypatch, cfg, f"gs://{BUCKET}/repo")
     svc = api.calls("POST", "services")[0].body
     owner = [{"apiVersion": "ray.io/v1", "kind": "RayCluster", "name": "t5ft",
               "uid": "rc-uid-1"}]
@@ -429,6 +435,10 @@ def test_gcloud_commands_cover_the_config(path):
     assert any("helm install kuberay-operator kuberay/kuberay-operator --version=1.7.0" in x
                for x in lines)
     assert "v1.7.0" in (REPO / "cluster" / "schemas" / "README.md").read_text()
+    # triton.repository: fuse needs the GCS FUSE CSI add-on and Workload Identity on the nodes.
+    assert any("clusters create" in x and "--addons=GcsFuseCsiDriver" in x for x in lines)
+    pools = [x for x in lines if "node-pools create" in x]
+    assert pools and all("--workload-metadata=GKE_METADATA" in x for x in pools)
     # Node pools as the config says: GPUs per node, spot where asked.
     gpu = next(x for x in lines if f"node-pools create {cfg.gpu_workers.group} " in x)
     assert f"count={cfg.gpu_workers.gpus_per_node}," in gpu
@@ -459,3 +469,115 @@ def test_gcloud_cli_and_its_errors(tmp_path, capsys):
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(UserError, match="gpu_workers.machine_type is needed"):
         main(["gcloud", "--config", str(bad)])
+
+
+# -- the repository through the Cloud Storage FUSE CSI driver (triton.repository: fuse) -------
+
+def test_triton_repository_fuse_mounts_the_bucket_read_only(api, kubeconfig, gcs, monkeypatch):
+    bucket, _ = gcs
+    bucket.blob("fuse/ul2/config.pbtxt").upload_from_string(_model_config(2))
+    data = yaml.safe_load(GKE.read_text())
+    data["triton"]["repository"] = "fuse"
+    dep = _launch_from_head(api, kubeconfig, monkeypatch, parse_config(data),
+                            f"gs://{BUCKET}/fuse")
+    template = dep["spec"]["template"]
+    assert template["metadata"]["annotations"] == {
+        "gke-gcsfuse/volumes": "true", "gke-gcsfuse/cpu-limit": "0",
+        "gke-gcsfuse/memory-limit": "0", "gke-gcsfuse/ephemeral-storage-limit": "0"}
+    pod = template["spec"]
+    volume = next(v for v in pod["volumes"] if "csi" in v)
+    assert volume["csi"] == {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": True,
+                             "volumeAttributes": {"bucketName": BUCKET,
+                                                  "mountOptions": "implicit-dirs,only-dir=fuse"}}
+    container = pod["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert mount == {"name": volume["name"], "mountPath": "/model-repository",
+                     "readOnly": True}
+    assert "--model-repository=/model-repository" in container["args"]
+    # Read in place: no disk requested for a local copy.
+    assert "ephemeral-storage" not in container["resources"]["requests"]
+    assert pod["serviceAccountName"] == "t5ft-triton"  # objectViewer through Workload Identity
+    import kubernetes_validate
+
+    kubernetes_validate.validate(dep, "1.33", strict=True)
+    assert restricted_violations(pod) == []  # a csi volume is allowed under restricted
+
+
+def test_triton_repository_fuse_needs_a_bucket(tmp_path, monkeypatch):
+    (tmp_path / "ul2").mkdir()
+    (tmp_path / "ul2" / "config.pbtxt").write_text(_model_config(1))
+    monkeypatch.setenv(raycluster.ENV_TRITON_REPOSITORY, "fuse")
+    with pytest.raises(UserError, match="triton.repository is fuse but the model repository"):
+        k8s_serving.triton_spec(_serve_opts(str(tmp_path), image="example.com/t5ft/serving:1"))
+    with pytest.raises(ConfigError, match="triton.repository 'nfs' is not one of gcs, fuse"):
+        data = yaml.safe_load(GKE.read_text())
+        data["triton"]["repository"] = "nfs"
+        parse_config(data)
+
+
+# -- (9) the stop grace: RAY_JOB_STOP_WAIT_TIME_S --------------------------------------------
+
+def test_every_ray_container_and_the_rayjob_get_the_stop_grace(crd_validators):
+    cfg = load_config(GKE)
+    grace = str(raycluster.JOB_STOP_WAIT_S)
+    job = raycluster.rayjob(cfg, "python x.py", {"env_vars": {"A": "1"}})
+    for obj in (raycluster.raycluster(cfg), job):
+        spec = obj["spec"].get("rayClusterSpec", obj["spec"])
+        for template in [spec["headGroupSpec"]["template"]] + [
+                g["template"] for g in spec["workerGroupSpecs"]]:
+            env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+            assert env["RAY_JOB_STOP_WAIT_TIME_S"] == grace
+        assert not list(crd_validators[obj["kind"]].iter_errors(obj))
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime_env == {"env_vars": {"A": "1", "RAY_JOB_STOP_WAIT_TIME_S": grace}}
+    # A value the user gives wins.
+    assert raycluster.job_runtime_env({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "9"}}) == {
+        "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "9"}}
+
+
+def test_serve_teardown_fits_in_the_stop_grace(api, kubeconfig, tmp_path):
+    (tmp_path / "ul2").mkdir()
+    (tmp_path / "ul2" / "config.pbtxt").write_text(_model_config(1))
+    servers = k8s_serving.KubernetesServers(_serve_opts(
+        str(tmp_path), image="example.com/t5ft/serving:1", kubeconfig=str(kubeconfig)))
+    bound = k8s_serving.stop_seconds_bound(servers.kube)
+    # 3 calls in flight (6 attempts of 10 s + 15.5 s of backoff) + 2 DELETEs (3 x 10 s + 1.5 s)
+    assert bound == 3 * (6 * 10 + 15.5) + 2 * (3 * 10 + 1.5)
+    assert bound < raycluster.JOB_STOP_WAIT_S
+    # The in-flight count holds because serve looks at the stop event before each object it
+    # creates and before each poll: stopped before launch, it creates nothing.
+    servers.cancel.set()
+    with pytest.raises(UserError, match="stopped before triton-ul2 was launched"):
+        servers.start()
+    assert not api.calls("POST") and not api.calls("DELETE")
+    assert len(api.calls()) <= k8s_serving.IN_FLIGHT_CALLS
+
+
+# -- the KubeRay token Secret ------------------------------------------------------------------
+
+def test_auth_secret_is_named_as_the_kuberay_operator_names_it(api, kubeconfig, capsys):
+    # ray-project/kuberay@v1.7.0 utils.CheckName: the last 50 characters, no leading digit.
+    assert raycluster.auth_secret("t5ft") == "t5ft"
+    assert raycluster.auth_secret("7b") == "rb"
+    assert raycluster.auth_secret("a" * 10 + "b" * 50) == "b" * 50
+    api.statuses["/apis/ray.io/v1/namespaces/t5ft/rayclusters/t5ft"] = [
+        {"state": "ready", "conditions": [{"type": "HeadPodReady", "status": "True"},
+                                          {"type": "RayClusterProvisioned", "status": "True"}]}]
+    assert main(["up", "--config", str(GKE), "--kubeconfig", str(kubeconfig), "--poll",
+                 "0.01"]) == 0
+    err = capsys.readouterr().err
+    assert ("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(kubectl -n t5ft get secret t5ft "
+            "-o jsonpath='{.data.auth_token}' | base64 -d)") in err
+
+
+def test_pipeline_example_reads_and_writes_the_cluster_bucket_as_the_guide_lays_it_out():
+    bucket = load_config(GKE).bucket
+    pipe = yaml.safe_load(UL2.read_text())
+    convert = pipe["convert"]
+    # docs/gke.md section 2 copies the checkpoint, config.gin and spiece.model to $BUCKET/ckpt/.
+    assert convert["src"] == f"{bucket}/ckpt/checkpoint_2650000"
+    assert convert["vocab"] == f"{bucket}/ckpt/spiece.model"
+    assert convert["dst"] == f"{bucket}/repo" and pipe["output"].startswith(f"{bucket}/")
+    guide = (REPO / "docs" / "gke.md").read_text()
+    assert "$BUCKET/ckpt/checkpoint_2650000" in guide and "export BUCKET=gs://$PROJECT-t5ft" \
+        in guide and bucket == "gs://my-gcp-project-t5ft"

@@ -28,12 +28,14 @@ def _all_rendered() -> list[tuple[str, dict]]:
             out.append((path.name, obj))
         out.append((path.name, raycluster.rayjob(
             cfg, "python -m ray_jobs.pipeline --config gs://b/p.yaml --json",
-            {"working_dir": "gs://b/code.zip", "pip": ["rouge-score==0.1.2"]})))
+            {"env_vars": {"HF_HOME": "/tmp/hf"}})))
         spec = triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="ul2_20b", model_repository="gs://b/repo",
                                  namespace=cfg.namespace, gpus=2, replicas=2,
                                  accelerator=cfg.triton_accelerator,
                                  service_account=cfg.service_accounts.triton)
-        out += [(path.name, triton.deployment(spec)), (path.name, triton.service(spec))]
+        fuse = triton.TritonSpec(**{**spec.__dict__, "mount_repository": True})
+        out += [(path.name, triton.deployment(spec)), (path.name, triton.service(spec)),
+                (path.name, triton.deployment(fuse))]
     return out
 
 
