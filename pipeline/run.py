@@ -160,7 +160,8 @@ class Pipeline:
         return bool(metrics) and metrics.get("failed", 1) == 0
 
     def evaluate(self, run: RunSpec, urls: list[str], identity: str | None) -> None:
-        """Evaluate the run against the servers at ``urls`` (gRPC host:port each)."""
+        """Evaluate the run against the servers at ``urls`` (gRPC host:port each; none for an
+        in-process run)."""
         self.metrics.stage(run.name, "evaluate")
         start = time.monotonic()
         entry = self.state.data["evaluate"].get(run.name, {})
@@ -168,8 +169,9 @@ class Pipeline:
         self.state.data["evaluate"][run.name] = {"settings": run.evaluate, "model": identity,
                                                  "status": "started"}
         self.state.save()
-        settings = {**run.evaluate, "url": ",".join(urls), "output": self.run_output(run),
-                    "resume": resume}
+        settings = {**run.evaluate, "output": self.run_output(run), "resume": resume}
+        if urls:
+            settings["url"] = ",".join(urls)
         self.log(f"evaluate: {' '.join(to_argv('evaluate', settings))}")
         metrics = stages.evaluate(settings, self.log)
         self.state.data["evaluate"][run.name] = {"settings": run.evaluate, "model": identity,
@@ -228,8 +230,23 @@ class Pipeline:
             return
         identity = self.model_identity(group[0])
         todo = [run for run in group if not self._skip_evaluated(run, identity)]
-        if todo:
-            self._serve_and_evaluate(todo, identity)
+        # An in-process evaluation loads the engine in its own actors: no server to start.
+        in_process = [run for run in todo if run.evaluate.get("backend") == "in-process"]
+        served = [run for run in todo if run.evaluate.get("backend") != "in-process"]
+        for run in in_process:
+            self._evaluate_without_servers(run, identity)
+        if served:
+            self._serve_and_evaluate(served, identity)
+
+    def _evaluate_without_servers(self, run: RunSpec, identity: str | None) -> None:
+        """Evaluate an in-process run straight from its converted repository."""
+        self._finish_stage(run, "serve", "skipped", 0.0)
+        self.log(f"{run.name}: serve skipped: evaluate runs the engine in-process")
+        try:
+            self.evaluate(run, [], identity)
+            self.metrics.stage(run.name, "done")
+        except (stages.StageError, OSError, ValueError, KeyError) as exc:
+            self._fail([run], exc)
 
     def _skip_evaluated(self, run: RunSpec, identity: str | None) -> bool:
         """Take the run's earlier metrics when they are for these settings and this model."""

@@ -278,3 +278,27 @@ def test_ray_job_submit_demo_at_tensor_parallel_2(ray_head, demo_tp1, tmp_path):
             break
         time.sleep(1)
     assert [name for name in wanted if name not in exported] == []
+
+
+def test_in_process_run_starts_no_server(demo_tp1, tmp_path):
+    """A run whose evaluation uses the engine in-process skips serve: no tritonserver starts,
+    and it scores as the served demo run does from the same converted repository."""
+    from demo.build import build
+    from pipeline.demo import demo_config
+
+    out, first, _ = demo_tp1
+    config = demo_config(build(log=lambda _: None), str(out), 1)
+    config["runs"] = [{"name": "inproc", "evaluate": {"backend": "in-process"}}]
+    path = tmp_path / "inproc.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc, summary = _pipeline("--config", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = summary["runs"][0]
+    assert run["stages"] == {"convert": "skipped", "serve": "skipped", "evaluate": "done"}
+    assert _rouge_l(summary) == _rouge_l(first)
+    assert "serve skipped: evaluate runs the engine in-process" in proc.stderr
+    assert "serving " not in proc.stderr and "tritonserver" not in proc.stderr
+    preds = [json.loads(ln) for ln in (out / "inproc" / "predictions.jsonl").open()]
+    served = [json.loads(ln) for ln in (out / first["runs"][0]["run"] / "predictions.jsonl").open()]
+    assert sorted((p["id"], p["prediction"]) for p in preds) == \
+        sorted((p["id"], p["prediction"]) for p in served)
