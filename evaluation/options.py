@@ -60,7 +60,8 @@ class EvalOptions(StageOptions):
         None, metavar="DST",
         help="the served model repository: its vocabulary (unless --vocab) and its "
         "config.ini vocab_size, checked against the vocabulary before any request "
-        "(more pieces than logits is an error)")
+        "(more pieces than logits is an error); with --backend in-process, the local "
+        "repository whose engine answers")
     document_field: str = option("document", help="(default: document)")
     summary_field: str = option("summary", help="(default: summary)")
     input_template: str = option(
@@ -108,6 +109,12 @@ class EvalOptions(StageOptions):
             if not self.model_repository:
                 raise EvaluationError("--backend in-process needs --model-repository DST (the "
                                       "converted repository whose engine it runs)")
+            if self.model_repository.startswith("gs://"):
+                # the engine reads its weights folder from local files (serving/engine/weights.py)
+                raise EvaluationError(
+                    f"--backend in-process reads a local --model-repository, got "
+                    f"{self.model_repository} (copy it down first: gcloud storage cp -r "
+                    f"{self.model_repository} DIR)")
             if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
                 raise EvaluationError(
                     f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")

@@ -82,6 +82,8 @@ def test_settings_name_the_missing_flag(tmp_path, eval_model_repo):
         EvalSettings(**base).validate()
     with pytest.raises(EvaluationError, match=r"^--backend in-process needs --model-repository"):
         EvalSettings(backend="in-process", **base).validate()
+    with pytest.raises(EvaluationError, match=r"^--backend in-process reads a local "):
+        EvalSettings(backend="in-process", model_repository="gs://b/repo", **base).validate()
     with pytest.raises(EvaluationError, match="no model 'nope'"):
         evaluate(EvalSettings(backend="in-process", model_repository=str(eval_model_repo),
                               **{**base, "model_name": "nope"}))
