@@ -1,10 +1,14 @@
 """Reading zarr v2 gzip arrays (t5x's legacy layout) with ISA-L instead of tensorstore's zlib.
 
 T5X legacy arrays are zarr v2 folders whose chunks are independent gzip streams (numcodecs'
-GZip). Tensorstore still opens the store and fetches the raw chunk bytes (its kvstore: local
-files and gs:// alike); ISA-L's igzip inflates them, about 1.8x zlib's speed on one core, into
-one buffer of the chunk's exact size that numpy then views as the array's dtype (no copy). A
-chunk missing from the store is the array's fill value, as zarr defines.
+GZip). Tensorstore opens the store and fetches the raw chunk bytes of gs:// arrays (its
+kvstore); a local array's chunk files are read straight into a buffer each inflating thread
+reuses (tensorstore's read of a local 60 MiB chunk costs about 110 ms of CPU against 12 ms for
+``readinto``: it hands back freshly allocated memory twice, and first-touched pages are what
+costs on our VMs; docs/benchmarks.md, Conversion). ISA-L's igzip inflates them, about 1.8x
+zlib's speed on one core, into one buffer of the chunk's exact size that numpy then views as
+the array's dtype (no copy). A chunk missing from the store is the array's fill value, as zarr
+defines.
 
 Any other array (zarr3, OCDBT, other compressors, filters) returns None from :func:`open_gzip`
 and keeps tensorstore's own decoding.
@@ -17,6 +21,7 @@ import dataclasses
 import itertools
 import json
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -25,6 +30,29 @@ import numpy as np
 # starts ahead (conversion/placement.py) inflate while it writes, as tensorstore's did.
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                               thread_name_prefix="inflate")
+
+# Each inflating thread's buffer for a local chunk file's compressed bytes, grown to the
+# largest chunk read and reused (one stored chunk, <= 64 MiB for t5x, per thread).
+_RAW = threading.local()
+
+
+def _read_local(path: str) -> memoryview | None:
+    """The bytes of the local file ``path`` in this thread's reused buffer; None if missing."""
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below, after sizing
+    except FileNotFoundError:
+        return None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        buf = getattr(_RAW, "buf", None)
+        if buf is None or len(buf) < size:
+            _RAW.buf = None  # free the smaller one before growing
+            buf = _RAW.buf = bytearray(size)
+        view = memoryview(buf)[:size]
+        got = 0
+        while got < size and (n := f.readinto(view[got:])):
+            got += n
+        return view[:got]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +66,8 @@ class GzipZarr:
       order: "C" or "F", the element order inside a chunk.
       fill: the value of a chunk that is not stored.
       separator: the chunk key's dimension separator ("." or "/").
+      local_dir: the array's folder when it is on this machine (its chunk files are read
+        directly), None for gs://.
     """
 
     kvstore: Any
@@ -47,16 +77,20 @@ class GzipZarr:
     order: str
     fill: Any
     separator: str
+    local_dir: str | None = None
 
     def chunk(self, index: tuple[int, ...]) -> np.ndarray:
         """The stored chunk at grid ``index``, whole (edge chunks keep their padding)."""
         key = self.separator.join(str(i) for i in index) if index else "0"
-        raw = self.kvstore.read(key).result().value
+        if self.local_dir is not None:
+            raw = _read_local(os.path.join(self.local_dir, key))
+        else:
+            raw = self.kvstore.read(key).result().value
         if not raw:  # zarr: a chunk never written holds the fill value everywhere
             return np.full(self.chunks, self.fill, dtype=self.dtype)
         return self.decode(raw)
 
-    def decode(self, raw: bytes) -> np.ndarray:
+    def decode(self, raw: bytes | memoryview) -> np.ndarray:
         """Inflate one chunk's gzip stream into an array of the chunk's shape."""
         from isal import igzip_lib
 
@@ -161,5 +195,6 @@ def open_gzip(spec: dict[str, Any]) -> GzipZarr | None:
     # zarr writes non-finite fill values as strings; null means "unspecified": tensorstore
     # reads such missing chunks as zeros, and so do we.
     fill = 0 if fill is None else (float(fill) if isinstance(fill, str) else fill)
+    local = kvstore["path"] if kvstore.get("driver") == "file" else None
     return GzipZarr(kv, tuple(meta["shape"]), tuple(meta["chunks"]), dtype,
-                    meta.get("order", "C"), fill, meta.get("dimension_separator", "."))
+                    meta.get("order", "C"), fill, meta.get("dimension_separator", "."), local)

@@ -105,6 +105,37 @@ def _viewed(blocks: Iterator[tuple[tuple[slice, ...], np.ndarray]], shape: list[
             yield tuple(out), box.reshape([r.stop - r.start for r in out])
 
 
+# One byte buffer per worker process, reused for every copy a write needs (a transposed or
+# cast block, a digest's read-back): on the VMs we measure, first-touched pages cost about
+# 1 GB/s to fault in against 25 GB/s for reused ones (docs/benchmarks.md, Conversion), so a
+# fresh array per 64 MiB chunk cost more than the copy itself. It grows to the largest block
+# (one stored chunk) and is only used on the task's own thread.
+_SCRATCH: list[np.ndarray] = [np.empty(0, dtype=np.uint8)]
+
+# Columns per band of a blocked copy: a transposed chunk is copied band by band so that reads
+# and writes both stay within cache (about 3x numpy's whole-array transposing copy).
+_BAND = 256
+
+
+def _scratch(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array of ``shape`` and ``dtype`` over this process's reused buffer."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if _SCRATCH[0].size < nbytes:
+        _SCRATCH[0] = np.empty(0, dtype=np.uint8)  # drop the old one before growing
+        _SCRATCH[0] = np.empty(nbytes, dtype=np.uint8)
+    return _SCRATCH[0][:nbytes].view(dtype).reshape(shape)
+
+
+def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` (cast as ``astype`` casts), in column bands when ``src`` is a 2-D
+    array whose rows are not contiguous (a transpose)."""
+    if src.ndim != 2 or src.strides[1] == src.itemsize:
+        np.copyto(dst, src, casting="unsafe")
+        return
+    for j in range(0, src.shape[1], _BAND):
+        np.copyto(dst[:, j:j + _BAND], src[:, j:j + _BAND], casting="unsafe")
+
+
 class _OutFile:
     """A staged output file written by positional writes, digested as it goes.
 
@@ -119,23 +150,26 @@ class _OutFile:
         self.hash = new_hasher(digest)
         self.hashed = 0
 
-    def write(self, offset: int, data: memoryview) -> None:
-        """Write ``data`` at byte ``offset``; hashed now if it continues the hashed prefix."""
+    def write(self, offset: int, data: np.ndarray) -> None:
+        """Write ``data`` (contiguous bytes) at byte ``offset`` with one positional write
+        straight from its buffer; hashed now if it continues the hashed prefix."""
+        view = memoryview(data)
         written = 0
-        while written < len(data):
-            written += os.pwrite(self.fd, data[written:], offset + written)
+        while written < len(view):  # pwrite may write less than asked (signals, huge runs)
+            written += os.pwrite(self.fd, view[written:], offset + written)
         if offset == self.hashed:
             self.hash.update(data)
-            self.hashed += len(data)
+            self.hashed += len(view)
 
     def digest(self) -> str:
         """The file's digest, as the manifest holds it (reads back what arrived out of order)."""
         while self.hashed < self.nbytes:
-            piece = os.pread(self.fd, min(_HASH_PIECE, self.nbytes - self.hashed), self.hashed)
-            if not piece:
+            piece = _scratch((min(_HASH_PIECE, self.nbytes - self.hashed),), np.uint8)
+            got = os.preadv(self.fd, [piece], self.hashed)
+            if not got:
                 raise ConversionError("staged output file is shorter than planned")
-            self.hash.update(piece)
-            self.hashed += len(piece)
+            self.hash.update(piece[:got])
+            self.hashed += got
         return self.hash.text()
 
     def close(self) -> None:
@@ -143,36 +177,48 @@ class _OutFile:
         os.close(self.fd)
 
 
+def _runs(values: np.ndarray, k: int, dtype: np.dtype) -> np.ndarray:
+    """``values`` in ``dtype`` with its axes from ``k`` on contiguous: the decoded buffer
+    itself when it already is, else a copy in the scratch buffer."""
+    inner = values[(0,) * k] if values.size else values
+    if values.dtype == dtype and inner.flags.c_contiguous:
+        return values
+    out = _scratch(values.shape, dtype)
+    _copy(out, values)
+    return out
+
+
 def _write_box(out: _OutFile, file_shape: tuple[int, ...], lo: list[int],
-               values: np.ndarray) -> None:
-    """Write ``values`` (a box of the file's array starting at index ``lo``) into a row-major
-    file of ``file_shape``, as few contiguous runs as the box allows."""
+               values: np.ndarray, dtype: np.dtype) -> None:
+    """Write ``values`` (a box of the file's array starting at index ``lo``), cast to
+    ``dtype``, into a row-major file of ``file_shape``: one write per contiguous run of the
+    file, each straight from the decoded buffer when its run is contiguous there."""
     shape = values.shape
     ndim = len(file_shape)
-    itemsize = values.dtype.itemsize
+    itemsize = np.dtype(dtype).itemsize
     # k: the first axis from which the box spans whole rows of everything after it.
     k = ndim - 1
     while k > 0 and all(lo[d] == 0 and shape[d] == file_shape[d] for d in range(k, ndim)):
         k -= 1
     strides = [int(np.prod(file_shape[d + 1:], dtype=np.int64)) for d in range(ndim)]
-    run = int(np.prod(shape[k:], dtype=np.int64))
-    if run == 0:
+    if int(np.prod(shape[k:], dtype=np.int64)) == 0:
         return
-    # Raw bytes: memoryview cannot export bfloat16 (ml_dtypes) buffers directly.
-    flat = np.ascontiguousarray(values).reshape(-1, run).view(np.uint8)
+    values = _runs(values, k, dtype)
     base = sum(lo[d] * strides[d] for d in range(k, ndim))
-    for n, idx in enumerate(np.ndindex(*shape[:k])):
+    for idx in np.ndindex(*shape[:k]):
         offset = base + sum((lo[d] + idx[d]) * strides[d] for d in range(k))
-        out.write(offset * itemsize, memoryview(flat[n]))
+        # Raw bytes: memoryview cannot export bfloat16 (ml_dtypes) buffers directly.
+        out.write(offset * itemsize, values[idx].reshape(-1).view(np.uint8))
 
 
 def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor,
            outs: list[_OutFile]) -> None:
     """Write a block of the full FT tensor into the rank files it overlaps."""
     file_shape = tensor.file_shape()
+    dtype = ft_format.WEIGHT_DTYPES[tensor.weight_dtype]
     axis = ft_format.split_axis(tensor.split, len(file_shape))
     if axis is None:
-        _write_box(outs[0], file_shape, box_lo, block)
+        _write_box(outs[0], file_shape, box_lo, block, dtype)
         return
     part = file_shape[axis]
     lo, hi = box_lo[axis], box_lo[axis] + block.shape[axis]
@@ -182,7 +228,7 @@ def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor,
         index[axis] = slice(a - lo, b - lo)
         local = list(box_lo)
         local[axis] = a - r * part
-        _write_box(outs[r], file_shape, local, block[tuple(index)])
+        _write_box(outs[r], file_shape, local, block[tuple(index)], dtype)
 
 
 def check_identical(ckpt: Checkpoint, tensor: OutputTensor) -> None:
@@ -210,7 +256,6 @@ def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
                  digest: Digest = DEFAULT_DIGEST) -> list[ManifestEntry]:
     """Convert one FT tensor into its rank files; returns their manifest entries (with
     ``digest``)."""
-    dtype = ft_format.WEIGHT_DTYPES[tensor.weight_dtype]
     urls = [storage.join(out_dir, f.name) for f in tensor.files]
     nbytes = tensor.file_bytes()
     if tensor.transform == "copy_identical":
@@ -231,7 +276,7 @@ def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
                     values, lo = values.T, lo[::-1]
                 elif tensor.transform == "fuse_qkv":
                     values, lo = values[:, None, :], [lo[0], j, lo[1]]
-                _place(values.astype(dtype, copy=False), lo, tensor, outs)
+                _place(values, lo, tensor, outs)
         for spec, out in zip(tensor.files, outs, strict=True):
             entries.append(ManifestEntry.of(spec.name, nbytes, digest, out.digest(),
                                             tensor.weight_dtype, tensor.file_shape()))
