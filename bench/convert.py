@@ -176,23 +176,47 @@ def ours(ckpt: Path, workdir: Path, cpus: int, runs: int, files: list[Path],
                                   overwrite=True, progress=False)
             seconds, summary = timed(runs, files, convert, opts)
             result[t] = {"seconds": seconds, "summary": summary}
-            print(f"ours TP {t}: {seconds}", file=sys.stderr, flush=True)
+            print(f"ours TP {t}: {seconds}; load {_load()}", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
     return result
 
 
-def nvidia(script: str, python: str, ckpt: Path, workdir: Path, cpus: int) -> None:
-    """NVIDIA's converter, TP 2, CPUS jobs, into a fresh folder (raises if it fails)."""
+def nvidia(script: str, python: str, ckpt: Path, workdir: Path, cpus: int) -> int:
+    """NVIDIA's converter, TP 2, CPUS jobs, into a fresh folder; returns the files it wrote
+    (raises RuntimeError with its last stderr line if it fails)."""
     out = workdir / "nvidia-out"
     shutil.rmtree(out, ignore_errors=True)
     try:
-        # Its checkpoint-dir is the model folder: config.gin beside checkpoint_<step>.
-        subprocess.run([python, script, str(ckpt.parent), str(out), "-t", "2", "-j", str(cpus)],
-                       check=True, stdout=subprocess.DEVNULL)
+        # Its checkpoint-dir is the model folder (config.gin beside checkpoint_<step>; it takes
+        # the first checkpoint_* inside), and it reads ul2_config.template beside itself.
+        done = subprocess.run([python, script, str(ckpt.parent), str(out), "-t", "2",
+                               "-j", str(cpus)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            raise RuntimeError(f"NVIDIA's converter failed: {last}")
+        return sum(1 for p in out.rglob("*") if p.is_file())
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def nvidia_step(args: argparse.Namespace, ckpt: Path, workdir: Path, files: list[Path]
+                ) -> dict | None:
+    """NVIDIA's converter timed like ours, or its error (the rest of the report still prints)."""
+    if not args.nvidia_converter:
+        return None
+    script = Path(args.nvidia_converter)
+    template = script.with_name("ul2_config.template")
+    if not template.exists():
+        return {"error": f"{template.name} must lie beside {script.name} (it reads it there)"}
+    try:
+        seconds, written = timed(args.runs, files, nvidia, str(script), args.nvidia_python,
+                                 ckpt, workdir, args.cpus)
+    except (RuntimeError, OSError) as exc:
+        return {"error": str(exc)}
+    return {"seconds": seconds, "files": written}
 
 
 def _load() -> list[float]:
@@ -218,18 +242,16 @@ def main() -> None:
     load_before = _load()
 
     t_copy, _ = timed(args.runs, files, copy_floor, ckpt, workdir)
-    print(f"copy: {t_copy}", file=sys.stderr, flush=True)
+    print(f"copy: {t_copy}; load {_load()}", file=sys.stderr, flush=True)
     codecs = {}
     for codec in ("zlib", "isal"):
         t, raw = timed(args.runs, files, inflate_all, ckpt, args.cpus, codec)
         codecs[codec] = {"seconds": t, "decoded_MB_per_s": round(raw / 1e6 / t["median"], 1)}
-        print(f"inflate {codec}: {codecs[codec]}", file=sys.stderr, flush=True)
+        print(f"inflate {codec}: {codecs[codec]}; load {_load()}", file=sys.stderr, flush=True)
     run = ours(ckpt, workdir, args.cpus, args.runs, files, (1, 2))
-    nv = None
-    if args.nvidia_converter:
-        nv, _ = timed(args.runs, files, nvidia, args.nvidia_converter, args.nvidia_python,
-                      ckpt, workdir, args.cpus)
-        print(f"NVIDIA TP 2: {nv}", file=sys.stderr, flush=True)
+    nv = nvidia_step(args, ckpt, workdir, files)
+    print(f"NVIDIA TP 2: {nv}; load {_load()}", file=sys.stderr, flush=True)
+    nv_s = nv.get("seconds") if nv else None
     # Each task reports its worker's lifetime peak RSS (ru_maxrss) when it ends.
     peak = max(run[t]["summary"]["peak_worker_rss_bytes"] for t in (1, 2))
     result = {
@@ -244,9 +266,11 @@ def main() -> None:
         "codecs": codecs,
         "ours_tp1_s": run[1]["seconds"],
         "ours_tp2_s": run[2]["seconds"],
-        "nvidia_tp2_s": nv,
-        "nvidia_over_ours_tp2": (round(nv["median"] / run[2]["seconds"]["median"], 2)
-                                 if nv else None),
+        "nvidia_tp2_s": nv_s,
+        "nvidia_files": nv.get("files") if nv else None,
+        "nvidia_error": nv.get("error") if nv else None,
+        "nvidia_over_ours_tp2": (round(nv_s["median"] / run[2]["seconds"]["median"], 2)
+                                 if nv_s else None),
         "largest_tensor_bytes": largest,
         "worker_idle_rss_bytes": run["idle_rss"],
         "worker_peak_rss_bytes": peak,
@@ -257,7 +281,7 @@ def main() -> None:
     print(f"checkpoint: {on_disk / 1e9:.2f} GB on disk; inflate zlib "
           f"{codecs['zlib']['decoded_MB_per_s']} MB/s, isal {codecs['isal']['decoded_MB_per_s']}"
           f" MB/s on {args.cpus} cores; ours TP1 {run[1]['seconds']['median']}s, TP2 "
-          f"{run[2]['seconds']['median']}s; NVIDIA TP2 {nv and nv['median']}s; worker peak "
+          f"{run[2]['seconds']['median']}s; NVIDIA TP2 {nv_s and nv_s['median']}s; worker peak "
           f"{peak / 2**20:.0f} MiB = {result['peak_rss_over_largest_tensor']}x the largest "
           f"tensor; load {load_before} -> {result['load_after']}", file=sys.stderr)
     print(json.dumps(result), flush=True)
