@@ -25,48 +25,83 @@ from core import ft_format, storage
 from core.manifest import DEFAULT_DIGEST, Digest, ManifestEntry, new_hasher
 
 # Pieces in which _OutFile reads back what arrived out of order, to digest it.
-_HASH_PIECE = 16 * 1024 * 1024
+_HASH_PIECE = 8 * 1024 * 1024
 
-# Stored chunks being fetched and decompressed (on tensorstore's threads) while the task casts,
-# places, writes and hashes the current one: decompression, the dominant cost, then overlaps
-# the rest and uses every core even when fewer tasks than cores remain. Each adds one decoded
-# chunk (<= 64 MiB for t5x) to a worker's memory.
+# Stored chunks being fetched and inflated (on conversion.inflate's threads, or tensorstore's)
+# while the task casts, places, writes and hashes the current one: inflation, the dominant
+# cost, then overlaps the rest and uses every core even when fewer tasks than cores remain.
+# The reads run ahead across tensor boundaries (:class:`ReadAhead`), so a layer of one-chunk
+# tensors overlaps too. Each adds one decoded chunk (<= 64 MiB for t5x) to a worker's memory.
 _READ_AHEAD = 2
 
 
-def blocks(ckpt: Checkpoint, ref: SourceRef) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
-    """A source tensor in pieces aligned to its stored chunks: (region, values) pairs.
-
-    The region is in the source's own coordinates with the layer axis (scanned sources)
-    removed, and in its ``view``'s coordinates when it has one; each stored chunk is
-    decompressed once.
-    """
+def _chunk_reads(ckpt: Checkpoint, ref: SourceRef) -> Iterator[tuple[tuple, tuple]]:
+    """(region, region to read) of each stored chunk of ``ref``, in order; the region has the
+    layer axis (scanned sources) removed, the region to read selects the layer."""
     shape = list(ckpt.params[ref.param].shape)
     chunk = list(ckpt.chunk_shape(ref.param))
     if ref.layer_axis is not None:
         del shape[ref.layer_axis]
         del chunk[ref.layer_axis]
     if not shape:
-        yield (), np.asarray(ckpt.read(ref.param))
-        return
-    if ref.view is not None:
-        yield from _viewed(blocks(ckpt, dataclasses.replace(ref, view=None)), shape, ref.view)
+        yield (), ((ref.layer,) if ref.layer_axis is not None else ())
         return
     grid = [range(0, n, c) for n, c in zip(shape, chunk, strict=True)]
-    ahead: collections.deque = collections.deque()
     for starts in itertools.product(*grid):
         region = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunk, shape,
                                                                   strict=True))
         read_region: tuple = region
         if ref.layer_axis is not None:
             read_region = region[:ref.layer_axis] + (ref.layer,) + region[ref.layer_axis:]
-        ahead.append((region, ckpt.read_async(ref.param, read_region)))
-        if len(ahead) > _READ_AHEAD:
-            done, values = ahead.popleft()
-            yield done, values()
-    while ahead:
-        done, values = ahead.popleft()
-        yield done, values()
+        yield region, read_region
+
+
+class ReadAhead:
+    """The stored chunks of a list of sources, read in order, ``_READ_AHEAD`` ahead of the
+    one being written, across the sources' boundaries."""
+
+    def __init__(self, ckpt: Checkpoint, refs: list[SourceRef]) -> None:
+        self.ckpt = ckpt
+        self.todo = ((ref, region, read) for ref in refs
+                     for region, read in _chunk_reads(ckpt, ref))
+        self.ahead: collections.deque = collections.deque()
+
+    def next(self, ref: SourceRef) -> tuple[tuple, np.ndarray]:
+        """(region, values) of the next chunk, which must belong to ``ref``."""
+        while len(self.ahead) <= _READ_AHEAD:
+            item = next(self.todo, None)
+            if item is None:
+                break
+            src, region, read = item
+            self.ahead.append((src, region, self.ckpt.read_async(src.param, read or None)))
+        src, region, values = self.ahead.popleft()
+        if src != ref:  # the caller consumes sources in another order than announced
+            raise ConversionError(f"read-ahead out of step: {src} read, {ref} wanted")
+        return region, values()
+
+
+def blocks(ckpt: Checkpoint, ref: SourceRef, reads: ReadAhead | None = None
+           ) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """A source tensor in pieces aligned to its stored chunks: (region, values) pairs.
+
+    The region is in the source's own coordinates with the layer axis (scanned sources)
+    removed, and in its ``view``'s coordinates when it has one; each stored chunk is
+    decompressed once. ``reads``: the task's read-ahead, announced with ``ref`` (viewless)
+    among its sources; default: one for this source alone.
+    """
+    if ref.view is not None:
+        shape = list(ckpt.params[ref.param].shape)
+        if ref.layer_axis is not None:
+            del shape[ref.layer_axis]
+        yield from _viewed(blocks(ckpt, dataclasses.replace(ref, view=None), reads), shape,
+                           ref.view)
+        return
+    reads = reads or ReadAhead(ckpt, [ref])
+    for _ in _chunk_reads(ckpt, ref):
+        # Yielded without a local name: a chunk is freed as soon as its consumer drops it,
+        # before the next read starts (worker memory: the chunk being written plus those
+        # read ahead).
+        yield reads.next(ref)
 
 
 def _viewed(blocks: Iterator[tuple[tuple[slice, ...], np.ndarray]], shape: list[int],
@@ -103,14 +138,17 @@ def _viewed(blocks: Iterator[tuple[tuple[slice, ...], np.ndarray]], shape: list[
                 start = int(np.ravel_multi_index([lo[a] for a in g], [shape[a] for a in g]))
                 out.append(slice(start, start + int(np.prod([box.shape[a] for a in g]))))
             yield tuple(out), box.reshape([r.stop - r.start for r in out])
+        box = values = None  # free this chunk before the next one is read (see blocks)
 
 
-# One byte buffer per worker process, reused for every copy a write needs (a transposed or
-# cast block, a digest's read-back): on the VMs we measure, first-touched pages cost about
-# 1 GB/s to fault in against 25 GB/s for reused ones (docs/benchmarks.md, Conversion), so a
-# fresh array per 64 MiB chunk cost more than the copy itself. It grows to the largest block
-# (one stored chunk) and is only used on the task's own thread.
+# One byte buffer per worker process, reused for every copy a write needs (a slab of a
+# transposed or cast block, a digest's read-back): on the VMs we measure, first-touched pages
+# cost about 1 GB/s to fault in against 25 GB/s for reused ones (docs/benchmarks.md,
+# Conversion), so a fresh array per 64 MiB chunk cost more than the copy itself. Copies go
+# through it in slabs of at most _SLAB bytes, so it stays that small; it is only used on the
+# task's own thread.
 _SCRATCH: list[np.ndarray] = [np.empty(0, dtype=np.uint8)]
+_SLAB = 8 * 1024 * 1024
 
 # Columns per band of a blocked copy: a transposed chunk is copied band by band so that reads
 # and writes both stay within cache (about 3x numpy's whole-array transposing copy).
@@ -177,22 +215,19 @@ class _OutFile:
         os.close(self.fd)
 
 
-def _runs(values: np.ndarray, k: int, dtype: np.dtype) -> np.ndarray:
-    """``values`` in ``dtype`` with its axes from ``k`` on contiguous: the decoded buffer
-    itself when it already is, else a copy in the scratch buffer."""
+def _needs_copy(values: np.ndarray, k: int, dtype: np.dtype) -> bool:
+    """Whether ``values`` must be copied to write its runs (the axes from ``k`` on): it is
+    not in ``dtype``, or those axes are not contiguous in its buffer (a transpose)."""
     inner = values[(0,) * k] if values.size else values
-    if values.dtype == dtype and inner.flags.c_contiguous:
-        return values
-    out = _scratch(values.shape, dtype)
-    _copy(out, values)
-    return out
+    return values.dtype != dtype or not inner.flags.c_contiguous
 
 
 def _write_box(out: _OutFile, file_shape: tuple[int, ...], lo: list[int],
                values: np.ndarray, dtype: np.dtype) -> None:
     """Write ``values`` (a box of the file's array starting at index ``lo``), cast to
     ``dtype``, into a row-major file of ``file_shape``: one write per contiguous run of the
-    file, each straight from the decoded buffer when its run is contiguous there."""
+    file, straight from the decoded buffer when its runs are contiguous there, else from a
+    copy in the scratch buffer, slab by slab of the box's first axis."""
     shape = values.shape
     ndim = len(file_shape)
     itemsize = np.dtype(dtype).itemsize
@@ -200,10 +235,18 @@ def _write_box(out: _OutFile, file_shape: tuple[int, ...], lo: list[int],
     k = ndim - 1
     while k > 0 and all(lo[d] == 0 and shape[d] == file_shape[d] for d in range(k, ndim)):
         k -= 1
-    strides = [int(np.prod(file_shape[d + 1:], dtype=np.int64)) for d in range(ndim)]
     if int(np.prod(shape[k:], dtype=np.int64)) == 0:
         return
-    values = _runs(values, k, dtype)
+    if _needs_copy(values, k, dtype):
+        rows = max(1, _SLAB // max(1, values[:1].size * itemsize))
+        if rows < shape[0]:
+            for s in range(0, shape[0], rows):
+                _write_box(out, file_shape, [lo[0] + s, *lo[1:]], values[s:s + rows], dtype)
+            return
+        copy = _scratch(shape, dtype)
+        _copy(copy, values)
+        values = copy
+    strides = [int(np.prod(file_shape[d + 1:], dtype=np.int64)) for d in range(ndim)]
     base = sum(lo[d] * strides[d] for d in range(k, ndim))
     for idx in np.ndindex(*shape[:k]):
         offset = base + sum((lo[d] + idx[d]) * strides[d] for d in range(k))
@@ -252,10 +295,19 @@ def _layer_index(ref: SourceRef) -> tuple | None:
     return (slice(None),) * ref.layer_axis + (ref.layer,)
 
 
+def read_refs(tensor: OutputTensor) -> list[SourceRef]:
+    """The sources :func:`write_tensor` reads for ``tensor``, in order, as a
+    :class:`ReadAhead` is announced them (viewless: a view only reshapes what is read)."""
+    refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
+    return [dataclasses.replace(ref, view=None) for ref in refs]
+
+
 def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
-                 digest: Digest = DEFAULT_DIGEST) -> list[ManifestEntry]:
+                 digest: Digest = DEFAULT_DIGEST, reads: ReadAhead | None = None
+                 ) -> list[ManifestEntry]:
     """Convert one FT tensor into its rank files; returns their manifest entries (with
-    ``digest``)."""
+    ``digest``). ``reads``: the task's read-ahead, announced this tensor's
+    :func:`read_refs` next (default: one for this tensor alone)."""
     urls = [storage.join(out_dir, f.name) for f in tensor.files]
     nbytes = tensor.file_bytes()
     if tensor.transform == "copy_identical":
@@ -269,14 +321,16 @@ def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
             stack.callback(out.close)
             outs.append(out)
         refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
+        reads = reads or ReadAhead(ckpt, read_refs(tensor))
         for j, ref in enumerate(refs):
-            for region, values in blocks(ckpt, ref):
+            for region, values in blocks(ckpt, ref, reads):
                 lo = [s.start for s in region]
                 if tensor.transform == "transpose":
                     values, lo = values.T, lo[::-1]
                 elif tensor.transform == "fuse_qkv":
                     values, lo = values[:, None, :], [lo[0], j, lo[1]]
                 _place(values, lo, tensor, outs)
+                del values  # free this chunk before the next one is read (see blocks)
         for spec, out in zip(tensor.files, outs, strict=True):
             entries.append(ManifestEntry.of(spec.name, nbytes, digest, out.digest(),
                                             tensor.weight_dtype, tensor.file_shape()))
