@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 
 import google_crc32c
+import numpy as np
 import pytest
 
 from conversion import placement
@@ -55,3 +56,21 @@ def test_read_ahead_refuses_sources_out_of_order(t5x_checkpoint):
     reads = placement.ReadAhead(ckpt, [first, second])
     with pytest.raises(placement.ConversionError, match="read-ahead out of step"):
         reads.next(second)
+
+
+@pytest.mark.parametrize("iov_max", [4, 1024])
+def test_rank_columns_gathered_from_the_chunk(tmp_path, monkeypatch, iov_max):
+    """A rank's columns of a chunk that spans whole rows of the rank file are written from the
+    chunk's own rows (gathering writes of at most ``_IOV_MAX`` rows), and hashed in order."""
+    monkeypatch.setattr(placement, "_IOV_MAX", iov_max)
+    chunk = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
+    path = tmp_path / "rank1.bin"
+    out = placement._OutFile(str(path), 6 * 4 * 4)
+    try:
+        placement._write_box(out, (6, 4), [0, 0], chunk[:, 4:8], np.dtype(np.float32))
+        digest = out.digest()
+    finally:
+        out.close()
+    want = np.ascontiguousarray(chunk[:, 4:8]).tobytes()
+    assert path.read_bytes() == want
+    assert digest == _crc32c(want)
