@@ -83,9 +83,9 @@ def convert_layer(ckpt: Checkpoint, task: LayerTask, out_dir: str,
             todo.append(tensor)
     # One read-ahead for the whole layer: the next tensor's chunks inflate while this one's
     # last chunk is written.
-    reads = ReadAhead(ckpt, [ref for tensor in todo for ref in read_refs(tensor)])
-    for tensor in todo:
-        entries += write_tensor(ckpt, tensor, out_dir, digest, reads)
+    with ReadAhead(ckpt, [ref for tensor in todo for ref in read_refs(tensor)]) as reads:
+        for tensor in todo:
+            entries += write_tensor(ckpt, tensor, out_dir, digest, reads)
     return {"group": task.group, "entries": entries, "skipped": skipped,
             "peak_rss": _peak_rss_bytes(), "pid": os.getpid()}
 

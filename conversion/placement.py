@@ -56,28 +56,68 @@ def _chunk_reads(ckpt: Checkpoint, ref: SourceRef) -> Iterator[tuple[tuple, tupl
         yield region, read_region
 
 
+# Decoded-chunk buffers of finished read-aheads, kept for the next one in this process:
+# inflating into memory the process already touched avoids the fresh-page cost (see _SCRATCH).
+_BUFFERS: list[np.ndarray] = []
+
+
 class ReadAhead:
     """The stored chunks of a list of sources, read in order, ``_READ_AHEAD`` ahead of the
-    one being written, across the sources' boundaries."""
+    one being written, across the sources' boundaries.
+
+    gzip chunks are inflated into a ring of ``_READ_AHEAD + 1`` buffers: the values
+    :meth:`next` returns are valid until the following call (the buffer of chunk i is reused
+    for chunk i + _READ_AHEAD + 1, read once chunk i + 1 is asked for). Close it (``with``)
+    to hand the buffers to the next read-ahead of this process.
+    """
 
     def __init__(self, ckpt: Checkpoint, refs: list[SourceRef]) -> None:
         self.ckpt = ckpt
         self.todo = ((ref, region, read) for ref in refs
                      for region, read in _chunk_reads(ckpt, ref))
         self.ahead: collections.deque = collections.deque()
+        self.ring = [_BUFFERS.pop() if _BUFFERS else np.empty(0, dtype=np.uint8)
+                     for _ in range(_READ_AHEAD + 1)]
+        self.started = 0
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, src: SourceRef, region: tuple, read: tuple) -> None:
+        slot = self.started % len(self.ring)
+        nbytes = self.ckpt.inflated_chunk_bytes(src.param)  # 0: tensorstore decodes it
+        if self.ring[slot].size < nbytes:
+            self.ring[slot] = np.empty(0, dtype=np.uint8)  # free the smaller one first
+            self.ring[slot] = np.empty(nbytes, dtype=np.uint8)
+        values = self.ckpt.read_async(src.param, read or None, out=self.ring[slot])
+        self.ahead.append((src, region, values))
+        self.started += 1
 
     def next(self, ref: SourceRef) -> tuple[tuple, np.ndarray]:
-        """(region, values) of the next chunk, which must belong to ``ref``."""
+        """(region, values) of the next chunk, which must belong to ``ref``; the values are
+        valid until the next call."""
         while len(self.ahead) <= _READ_AHEAD:
             item = next(self.todo, None)
             if item is None:
                 break
-            src, region, read = item
-            self.ahead.append((src, region, self.ckpt.read_async(src.param, read or None)))
+            self._start(*item)
         src, region, values = self.ahead.popleft()
         if src != ref:  # the caller consumes sources in another order than announced
             raise ConversionError(f"read-ahead out of step: {src} read, {ref} wanted")
         return region, values()
+
+    def close(self) -> None:
+        """Wait for the reads still running (they write into the ring), then give the ring
+        to the next read-ahead."""
+        while self.ahead:
+            _, _, values = self.ahead.popleft()
+            with contextlib.suppress(Exception):  # the error, if any, is someone else's
+                values()
+        _BUFFERS.extend(self.ring)
+        self.ring = []
 
 
 def blocks(ckpt: Checkpoint, ref: SourceRef, reads: ReadAhead | None = None
@@ -96,11 +136,13 @@ def blocks(ckpt: Checkpoint, ref: SourceRef, reads: ReadAhead | None = None
         yield from _viewed(blocks(ckpt, dataclasses.replace(ref, view=None), reads), shape,
                            ref.view)
         return
-    reads = reads or ReadAhead(ckpt, [ref])
+    if reads is None:
+        with ReadAhead(ckpt, [ref]) as own:
+            yield from blocks(ckpt, ref, own)
+        return
     for _ in _chunk_reads(ckpt, ref):
-        # Yielded without a local name: a chunk is freed as soon as its consumer drops it,
-        # before the next read starts (worker memory: the chunk being written plus those
-        # read ahead).
+        # Yielded without a local name: a chunk read into a new buffer (not a gzip chunk) is
+        # freed as soon as its consumer drops it, before the next read starts.
         yield reads.next(ref)
 
 
@@ -349,7 +391,8 @@ def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
             stack.callback(out.close)
             outs.append(out)
         refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
-        reads = reads or ReadAhead(ckpt, read_refs(tensor))
+        if reads is None:
+            reads = stack.enter_context(ReadAhead(ckpt, read_refs(tensor)))
         for j, ref in enumerate(refs):
             for region, values in blocks(ckpt, ref, reads):
                 lo = [s.start for s in region]
