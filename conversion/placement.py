@@ -104,6 +104,8 @@ class ReadAhead:
             if item is None:
                 break
             self._start(*item)
+        if not self.ahead:
+            raise ConversionError(f"read-ahead out of step: nothing left to read, {ref} wanted")
         src, region, values = self.ahead.popleft()
         if src != ref:  # the caller consumes sources in another order than announced
             raise ConversionError(f"read-ahead out of step: {src} read, {ref} wanted")

@@ -56,6 +56,10 @@ def test_read_ahead_refuses_sources_out_of_order(t5x_checkpoint):
     reads = placement.ReadAhead(ckpt, [first, second])
     with pytest.raises(placement.ConversionError, match="read-ahead out of step"):
         reads.next(second)
+    reads.close()
+    with placement.ReadAhead(ckpt, []) as empty, \
+            pytest.raises(placement.ConversionError, match="nothing left to read"):
+        empty.next(first)
 
 
 @pytest.mark.parametrize("iov_max", [4, 1024])
