@@ -12,13 +12,15 @@ under --workdir (never in the repository) and reused.
 Measured in the same run, on the same files, each step ``--runs`` times (median, min and max
 reported), the page cache warmed the same way (every checkpoint file read) before each:
 - copy floor: a plain copy of every checkpoint file (what moving the bytes costs);
-- per codec: every stored chunk inflated on a process pool of one process per core, with zlib
-  and with ISA-L (what our reader uses, conversion/inflate.py), in MB/s of decoded bytes;
+- per codec: every stored chunk inflated on a process pool of one process per core, with zlib,
+  ISA-L (python-isal, new output each chunk) and libdeflate (imagecodecs, into a reused buffer:
+  what conversion/inflate.py does), in MB/s of decoded bytes;
 - ours at TP 1 and TP 2: ``conversion.run.convert`` on a local Ray with its workers started
   before timing (as on a running cluster): read, inflate, cast, split, write, crc32c, manifest;
 - with ``--nvidia-converter``: NVIDIA's ``jax_t5_ckpt_convert.py -t 2 -j CPUS`` on the same
-  checkpoint (a local copy of the script, never vendored; run with ``--nvidia-python``, an
-  interpreter that has its needs: zarr<3, msgpack, numpy);
+  checkpoint (a local copy of the script with its ``ul2_config.template`` beside it, never
+  vendored; run with ``--nvidia-python``, an interpreter that has its needs: zarr<3, msgpack,
+  numpy), in the same rounds as ours at TP 2, alternating run by run;
 - peak RSS of each Ray worker process against the largest tensor.
 Prints one JSON object as its last line.
 """
@@ -112,17 +114,38 @@ def warm(files: list[Path]) -> None:
                 pass
 
 
-def timed(runs: int, files: list[Path], step, *args) -> tuple[dict, object]:
-    """Run ``step(*args)`` ``runs`` times after warming the cache each time: its seconds as
-    {median, min, max, all} and the last result."""
-    seconds, result = [], None
-    for _ in range(runs):
-        warm(files)
-        t0 = time.monotonic()
-        result = step(*args)
-        seconds.append(time.monotonic() - t0)
+def _stats(seconds: list[float]) -> dict:
     return {"median": round(statistics.median(seconds), 2), "min": round(min(seconds), 2),
-            "max": round(max(seconds), 2), "all": [round(x, 2) for x in seconds]}, result
+            "max": round(max(seconds), 2), "all": [round(x, 2) for x in seconds]}
+
+
+def timed_rounds(runs: int, files: list[Path], steps: dict[str, tuple]) -> dict[str, tuple]:
+    """``runs`` rounds; each runs every step of ``steps`` (name -> (function, args, folder to
+    clear or None)) once, in order, after removing its folder (the previous run's output:
+    deleting it is not the step's work) and warming the cache. Alternating the steps within a
+    round keeps a change of the machine's load from favouring one of them. Returns name ->
+    (seconds as {median, min, max, all}, the last result)."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    results: dict[str, object] = {}
+    for _ in range(runs):
+        for name, (step, args, clear) in steps.items():
+            if clear is not None:
+                shutil.rmtree(clear, ignore_errors=True)
+            warm(files)
+            t0 = time.monotonic()
+            results[name] = step(*args)
+            seconds[name].append(time.monotonic() - t0)
+    return {name: (_stats(seconds[name]), results[name]) for name in steps}
+
+
+def timed(runs: int, files: list[Path], step, *args, clear: Path | None = None
+          ) -> tuple[dict, object]:
+    """One step of :func:`timed_rounds`: its seconds and last result."""
+    return timed_rounds(runs, files, {"step": (step, args, clear)})["step"]
+
+
+# libdeflate's output buffer, one per pool process, reused as conversion/inflate.py does.
+_OUT: list[np.ndarray] = []
 
 
 def _inflate(job: tuple[str, str]) -> int:
@@ -132,6 +155,12 @@ def _inflate(job: tuple[str, str]) -> int:
         from isal import igzip_lib
 
         return len(igzip_lib.decompress(raw, flag=igzip_lib.DECOMP_GZIP))
+    if codec == "libdeflate":
+        import imagecodecs
+
+        if not _OUT:
+            _OUT.append(np.empty(128 << 20, dtype=np.uint8))  # > any t5x chunk (64 MiB)
+        return imagecodecs.gzip_decode(raw, out=_OUT[0]).size
     return len(zlib.decompress(raw, 16 + zlib.MAX_WBITS))
 
 
@@ -153,8 +182,9 @@ def _worker_rss() -> tuple[int, int]:
 
 
 def ours(ckpt: Path, workdir: Path, cpus: int, runs: int, files: list[Path],
-         tensor_parallels: tuple[int, ...]) -> dict:
-    """Our conversion at each tensor-parallel size, ``runs`` times, on one warm local Ray."""
+         tensor_parallels: tuple[int, ...], beside: dict[int, dict[str, tuple]]) -> dict:
+    """Our conversion at each tensor-parallel size, ``runs`` times, on one warm local Ray;
+    ``beside[t]``: other steps (timed_rounds' form) run in the same rounds as ours at TP t."""
     import ray
 
     from conversion.run import ConvertOptions, convert
@@ -174,25 +204,51 @@ def ours(ckpt: Path, workdir: Path, cpus: int, runs: int, files: list[Path],
         for t in tensor_parallels:
             opts = ConvertOptions(src=str(ckpt), dst=str(out), tensor_parallel=t,
                                   overwrite=True, progress=False)
-            seconds, summary = timed(runs, files, convert, opts)
-            result[t] = {"seconds": seconds, "summary": summary}
-            print(f"ours TP {t}: {seconds}", file=sys.stderr, flush=True)
+            steps = {f"ours TP {t}": (convert, (opts,), out), **beside.get(t, {})}
+            for name, (seconds, got) in timed_rounds(runs, files, steps).items():
+                result[name] = {"seconds": seconds, "result": got}
+                print(f"{name}: {seconds}; load {_load()}", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
     return result
 
 
-def nvidia(script: str, python: str, ckpt: Path, workdir: Path, cpus: int) -> None:
-    """NVIDIA's converter, TP 2, CPUS jobs, into a fresh folder (raises if it fails)."""
+def nvidia(script: str, python: str, ckpt: Path, workdir: Path, cpus: int) -> int:
+    """NVIDIA's converter, TP 2, CPUS jobs, into a fresh folder; returns the files it wrote
+    (raises RuntimeError with its last stderr line if it fails)."""
     out = workdir / "nvidia-out"
-    shutil.rmtree(out, ignore_errors=True)
     try:
-        # Its checkpoint-dir is the model folder: config.gin beside checkpoint_<step>.
-        subprocess.run([python, script, str(ckpt.parent), str(out), "-t", "2", "-j", str(cpus)],
-                       check=True, stdout=subprocess.DEVNULL)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+        # Its checkpoint-dir is the model folder (config.gin beside checkpoint_<step>; it takes
+        # the first checkpoint_* inside), and it reads ul2_config.template beside itself.
+        done = subprocess.run([python, script, str(ckpt.parent), str(out), "-t", "2",
+                               "-j", str(cpus)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            raise RuntimeError(f"NVIDIA's converter failed: {last}")
+        return sum(1 for p in out.rglob("*") if p.is_file())
+    except OSError as exc:
+        raise RuntimeError(f"NVIDIA's converter failed to start: {exc}") from exc
+
+
+def nvidia_steps(args: argparse.Namespace, ckpt: Path, workdir: Path) -> dict[str, tuple]:
+    """NVIDIA's converter as a step of timed_rounds (none without --nvidia-converter)."""
+    if not args.nvidia_converter:
+        return {}
+    return {"NVIDIA TP 2": (nvidia, (args.nvidia_converter, args.nvidia_python, ckpt, workdir,
+                                     args.cpus), workdir / "nvidia-out")}
+
+
+def nvidia_problem(args: argparse.Namespace) -> str | None:
+    """Why NVIDIA's converter cannot run as given, or None."""
+    script = Path(args.nvidia_converter)
+    template = script.with_name("ul2_config.template")
+    if not script.exists():
+        return f"{script} does not exist"
+    if not template.exists():
+        return f"{template.name} must lie beside {script.name} (it reads it there)"
+    return None
 
 
 def _load() -> list[float]:
@@ -218,35 +274,45 @@ def main() -> None:
     load_before = _load()
 
     t_copy, _ = timed(args.runs, files, copy_floor, ckpt, workdir)
-    print(f"copy: {t_copy}", file=sys.stderr, flush=True)
+    print(f"copy: {t_copy}; load {_load()}", file=sys.stderr, flush=True)
     codecs = {}
-    for codec in ("zlib", "isal"):
+    for codec in ("zlib", "isal", "libdeflate"):
         t, raw = timed(args.runs, files, inflate_all, ckpt, args.cpus, codec)
         codecs[codec] = {"seconds": t, "decoded_MB_per_s": round(raw / 1e6 / t["median"], 1)}
-        print(f"inflate {codec}: {codecs[codec]}", file=sys.stderr, flush=True)
-    run = ours(ckpt, workdir, args.cpus, args.runs, files, (1, 2))
-    nv = None
-    if args.nvidia_converter:
-        nv, _ = timed(args.runs, files, nvidia, args.nvidia_converter, args.nvidia_python,
-                      ckpt, workdir, args.cpus)
-        print(f"NVIDIA TP 2: {nv}", file=sys.stderr, flush=True)
+        print(f"inflate {codec}: {codecs[codec]}; load {_load()}", file=sys.stderr, flush=True)
+    nv_error = nvidia_problem(args) if args.nvidia_converter else None
+    beside = {} if nv_error else {2: nvidia_steps(args, ckpt, workdir)}
+    try:
+        run = ours(ckpt, workdir, args.cpus, args.runs, files, (1, 2), beside)
+    except RuntimeError as exc:  # NVIDIA's converter failed: ours again, alone
+        nv_error, beside = str(exc), {}
+        print(nv_error, file=sys.stderr, flush=True)
+        run = ours(ckpt, workdir, args.cpus, args.runs, files, (1, 2), beside)
+    finally:
+        shutil.rmtree(workdir / "nvidia-out", ignore_errors=True)
+    nv = run.get("NVIDIA TP 2")
+    nv_s = nv["seconds"] if nv else None
+    ours_s = {t: run[f"ours TP {t}"]["seconds"] for t in (1, 2)}
+    summaries = {t: run[f"ours TP {t}"]["result"] for t in (1, 2)}
     # Each task reports its worker's lifetime peak RSS (ru_maxrss) when it ends.
-    peak = max(run[t]["summary"]["peak_worker_rss_bytes"] for t in (1, 2))
+    peak = max(summaries[t]["peak_worker_rss_bytes"] for t in (1, 2))
     result = {
         "params": UL2_WIDTHS.num_parameters(),
         "checkpoint_bytes": on_disk,
         "decompressed_bytes": raw,
-        "output_bytes_tp2": run[2]["summary"]["bytes"],
+        "output_bytes_tp2": summaries[2]["bytes"],
         "cpus": args.cpus,
         "runs": args.runs,
         "load_before": load_before,
         "copy_floor_s": t_copy,
         "codecs": codecs,
-        "ours_tp1_s": run[1]["seconds"],
-        "ours_tp2_s": run[2]["seconds"],
-        "nvidia_tp2_s": nv,
-        "nvidia_over_ours_tp2": (round(nv["median"] / run[2]["seconds"]["median"], 2)
-                                 if nv else None),
+        "ours_tp1_s": ours_s[1],
+        "ours_tp2_s": ours_s[2],
+        "nvidia_tp2_s": nv_s,
+        "nvidia_files": nv["result"] if nv else None,
+        "nvidia_error": nv_error,
+        "nvidia_over_ours_tp2": (round(nv_s["median"] / ours_s[2]["median"], 2)
+                                 if nv_s else None),
         "largest_tensor_bytes": largest,
         "worker_idle_rss_bytes": run["idle_rss"],
         "worker_peak_rss_bytes": peak,
@@ -256,8 +322,9 @@ def main() -> None:
     }
     print(f"checkpoint: {on_disk / 1e9:.2f} GB on disk; inflate zlib "
           f"{codecs['zlib']['decoded_MB_per_s']} MB/s, isal {codecs['isal']['decoded_MB_per_s']}"
-          f" MB/s on {args.cpus} cores; ours TP1 {run[1]['seconds']['median']}s, TP2 "
-          f"{run[2]['seconds']['median']}s; NVIDIA TP2 {nv and nv['median']}s; worker peak "
+          f" MB/s, libdeflate {codecs['libdeflate']['decoded_MB_per_s']} MB/s on {args.cpus} "
+          f"cores; ours TP1 {ours_s[1]['median']}s, TP2 "
+          f"{ours_s[2]['median']}s; NVIDIA TP2 {nv_s and nv_s['median']}s; worker peak "
           f"{peak / 2**20:.0f} MiB = {result['peak_rss_over_largest_tensor']}x the largest "
           f"tensor; load {load_before} -> {result['load_after']}", file=sys.stderr)
     print(json.dumps(result), flush=True)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from conversion.errors import ConversionError
-from conversion.placement import write_tensor
+from conversion.placement import ReadAhead, read_refs, write_tensor
 from conversion.plan import LayerTask, OutputTensor
 from conversion.t5x import Checkpoint
 from core import manifest as manifest_lib
@@ -72,14 +72,20 @@ def convert_layer(ckpt: Checkpoint, task: LayerTask, out_dir: str,
     previous = previous or {}
     entries: list[ManifestEntry] = []
     skipped = 0
+    todo = []
     for tensor in task.tensors:
         urls = [storage.join(out_dir, f.name) for f in tensor.files]
         old = [previous.get(f.name) for f in tensor.files]
         if previous and all(_kept(e, tensor, u) for e, u in zip(old, urls, strict=True)):
             entries += [e for e in old if e is not None]
             skipped += len(urls)
-            continue
-        entries += write_tensor(ckpt, tensor, out_dir, digest)
+        else:
+            todo.append(tensor)
+    # One read-ahead for the whole layer: the next tensor's chunks inflate while this one's
+    # last chunk is written.
+    with ReadAhead(ckpt, [ref for tensor in todo for ref in read_refs(tensor)]) as reads:
+        for tensor in todo:
+            entries += write_tensor(ckpt, tensor, out_dir, digest, reads)
     return {"group": task.group, "entries": entries, "skipped": skipped,
             "peak_rss": _peak_rss_bytes(), "pid": os.getpid()}
 

@@ -1,10 +1,16 @@
-"""Reading zarr v2 gzip arrays (t5x's legacy layout) with ISA-L instead of tensorstore's zlib.
+"""Reading zarr v2 gzip arrays (t5x's legacy layout) with libdeflate instead of tensorstore's zlib.
 
 T5X legacy arrays are zarr v2 folders whose chunks are independent gzip streams (numcodecs'
-GZip). Tensorstore still opens the store and fetches the raw chunk bytes (its kvstore: local
-files and gs:// alike); ISA-L's igzip inflates them, about 1.8x zlib's speed on one core, into
-one buffer of the chunk's exact size that numpy then views as the array's dtype (no copy). A
-chunk missing from the store is the array's fill value, as zarr defines.
+GZip). Tensorstore opens the store and fetches the raw chunk bytes of gs:// arrays (its
+kvstore); a local array's chunk files are read straight into a buffer each inflating thread
+reuses (tensorstore's read of a local 60 MiB chunk costs about 110 ms of CPU against 12 ms for
+``readinto``: it hands back freshly allocated memory twice, and first-touched pages are what
+costs on our VMs; docs/benchmarks.md, Conversion). libdeflate (``imagecodecs.gzip_decode``,
+which checks the stream's CRC-32 and releases the GIL) inflates each chunk into a buffer the
+caller owns and reuses (:class:`conversion.placement.ReadAhead`), or a new one; numpy then
+views it as the array's dtype (no copy). On this machine that is 140 ms of CPU per 64 MiB chunk
+against 208 ms for ISA-L's igzip (python-isal), which can only return a new ``bytes`` object.
+A chunk missing from the store is the array's fill value, as zarr defines.
 
 Any other array (zarr3, OCDBT, other compressors, filters) returns None from :func:`open_gzip`
 and keeps tensorstore's own decoding.
@@ -17,14 +23,41 @@ import dataclasses
 import itertools
 import json
 import os
+import threading
 from typing import Any
 
 import numpy as np
 
-# Inflating runs here, off the caller's thread: igzip releases the GIL, so the reads a task
-# starts ahead (conversion/placement.py) inflate while it writes, as tensorstore's did.
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
-                                              thread_name_prefix="inflate")
+# Inflating runs here, off the caller's thread: libdeflate releases the GIL, so the reads a
+# task starts ahead (conversion/placement.py) inflate while it writes. One thread per process
+# (a Ray worker runs one task at a time): with one task per core, two tasks' inflating and
+# writing threads already fill two cores, and a second thread would add a second buffer of
+# compressed bytes (worker memory, bench/convert.py). gs:// chunks download on tensorstore's
+# own threads, all the reads ahead at once (read_async).
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflate")
+
+# The inflating thread's buffer for a local chunk file's compressed bytes, grown to the
+# largest chunk read and reused (one stored chunk, <= 64 MiB for t5x).
+_RAW = threading.local()
+
+
+def _read_local(path: str) -> memoryview | None:
+    """The bytes of the local file ``path`` in this thread's reused buffer; None if missing."""
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below, after sizing
+    except FileNotFoundError:
+        return None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        buf = getattr(_RAW, "buf", None)
+        if buf is None or len(buf) < size:
+            _RAW.buf = None  # free the smaller one before growing
+            buf = _RAW.buf = bytearray(size)
+        view = memoryview(buf)[:size]
+        got = 0
+        while got < size and (n := f.readinto(view[got:])):
+            got += n
+        return view[:got]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +71,8 @@ class GzipZarr:
       order: "C" or "F", the element order inside a chunk.
       fill: the value of a chunk that is not stored.
       separator: the chunk key's dimension separator ("." or "/").
+      local_dir: the array's folder when it is on this machine (its chunk files are read
+        directly), None for gs://.
     """
 
     kvstore: Any
@@ -47,50 +82,86 @@ class GzipZarr:
     order: str
     fill: Any
     separator: str
+    local_dir: str | None = None
 
-    def chunk(self, index: tuple[int, ...]) -> np.ndarray:
-        """The stored chunk at grid ``index``, whole (edge chunks keep their padding)."""
-        key = self.separator.join(str(i) for i in index) if index else "0"
-        raw = self.kvstore.read(key).result().value
+    def key(self, index: tuple[int, ...]) -> str:
+        """The store key of the chunk at grid ``index``."""
+        return self.separator.join(str(i) for i in index) if index else "0"
+
+    def chunk(self, index: tuple[int, ...], out: np.ndarray | None = None,
+              fetched: dict[str, Any] | None = None) -> np.ndarray:
+        """The stored chunk at grid ``index``, whole (edge chunks keep their padding),
+        inflated into ``out`` (a uint8 buffer) when it is large enough; ``fetched``: kvstore
+        reads already started, by key."""
+        key = self.key(index)
+        if self.local_dir is not None:
+            raw = _read_local(os.path.join(self.local_dir, key))
+        else:
+            started = fetched.get(key) if fetched else None
+            raw = (started if started is not None else self.kvstore.read(key)).result().value
         if not raw:  # zarr: a chunk never written holds the fill value everywhere
             return np.full(self.chunks, self.fill, dtype=self.dtype)
-        return self.decode(raw)
+        return self.decode(raw, out)
 
-    def decode(self, raw: bytes) -> np.ndarray:
-        """Inflate one chunk's gzip stream into an array of the chunk's shape."""
-        from isal import igzip_lib
+    def nbytes(self) -> int:
+        """The size of one decoded chunk."""
+        return int(np.prod(self.chunks, dtype=np.int64)) * self.dtype.itemsize
 
-        nbytes = int(np.prod(self.chunks, dtype=np.int64)) * self.dtype.itemsize
-        # bufsize: the exact decoded size, so igzip fills one buffer and never regrows it.
-        data = igzip_lib.decompress(raw, flag=igzip_lib.DECOMP_GZIP, bufsize=max(nbytes, 1))
-        if len(data) != nbytes:
-            raise ValueError(f"chunk inflates to {len(data)} bytes, expected {nbytes}")
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks, order=self.order)
+    def decode(self, raw: bytes | memoryview, out: np.ndarray | None = None) -> np.ndarray:
+        """Inflate one chunk's gzip stream into an array of the chunk's shape, in ``out`` (a
+        uint8 buffer) when it is large enough, else in a new one."""
+        import imagecodecs
 
-    def read(self, region: tuple | None) -> np.ndarray:
-        """The values at ``region`` (slices with step 1 or ints, as numpy indexes), native
-        byte order, from the chunks it touches."""
+        nbytes = self.nbytes()
+        dst = out[:nbytes] if out is not None and out.size >= nbytes else np.empty(
+            nbytes, dtype=np.uint8)
+        try:
+            data = imagecodecs.gzip_decode(raw, out=dst)
+        except imagecodecs.DeflateError as exc:  # corrupt, or larger than the chunk
+            raise ValueError(f"chunk does not inflate to its {nbytes} bytes: {exc}") from None
+        if data.size != nbytes:
+            raise ValueError(f"chunk inflates to {data.size} bytes, expected {nbytes}")
+        return data.view(self.dtype).reshape(self.chunks, order=self.order)
+
+    def _chunks_of(self, region: tuple | None
+                   ) -> tuple[list[int], list[int], tuple, list[tuple[int, ...]]]:
+        """(start, stop, the axes to drop, grid indexes of the chunks) of a region."""
         sel = _normalise(region, self.shape)
         lo = [a for a, _, _ in sel]
         hi = [b for _, b, _ in sel]
         drop = tuple(0 if is_int else slice(None) for _, _, is_int in sel)
         grid = [range(a // c, (b - 1) // c + 1) if b > a else range(0)
                 for a, b, c in zip(lo, hi, self.chunks, strict=True)]
-        indexes = list(itertools.product(*grid))
+        return lo, hi, drop, list(itertools.product(*grid))
+
+    def read(self, region: tuple | None, out: np.ndarray | None = None,
+             fetched: dict[str, Any] | None = None) -> np.ndarray:
+        """The values at ``region`` (slices with step 1 or ints, as numpy indexes), native
+        byte order, from the chunks it touches; a region within one chunk is a view of that
+        chunk inflated into ``out`` (a uint8 buffer) when it is large enough. ``fetched``:
+        kvstore reads already started, by key."""
+        lo, hi, drop, indexes = self._chunks_of(region)
         if len(indexes) == 1 and self.dtype == _native(self.dtype):
             # One chunk (how conversion/placement.py reads): a view of the inflated buffer,
             # no second copy.
             src, _ = _overlap(indexes[0], self.chunks, lo, hi)
-            return self.chunk(indexes[0])[src][drop]
-        out = np.empty([b - a for a, b in zip(lo, hi, strict=True)], dtype=_native(self.dtype))
+            return self.chunk(indexes[0], out, fetched)[src][drop]
+        values = np.empty([b - a for a, b in zip(lo, hi, strict=True)],
+                          dtype=_native(self.dtype))
         for index in indexes:
             src, dst = _overlap(index, self.chunks, lo, hi)
-            out[dst] = self.chunk(index)[src]
-        return out[drop]
+            values[dst] = self.chunk(index, fetched=fetched)[src]
+        return values[drop]
 
-    def read_async(self, region: tuple | None) -> concurrent.futures.Future:
-        """Start :meth:`read` on the inflate pool (a future of its values)."""
-        return _POOL.submit(self.read, region)
+    def read_async(self, region: tuple | None, out: np.ndarray | None = None
+                   ) -> concurrent.futures.Future:
+        """Start :meth:`read` on the inflate pool (a future of its values); a gs:// array's
+        chunks start downloading now, on tensorstore's threads."""
+        fetched = None
+        if self.local_dir is None:
+            fetched = {self.key(i): self.kvstore.read(self.key(i))
+                       for i in self._chunks_of(region)[3]}
+        return _POOL.submit(self.read, region, out, fetched)
 
 
 def _overlap(index: tuple[int, ...], chunks: tuple[int, ...], lo: list[int], hi: list[int]
@@ -161,5 +232,6 @@ def open_gzip(spec: dict[str, Any]) -> GzipZarr | None:
     # zarr writes non-finite fill values as strings; null means "unspecified": tensorstore
     # reads such missing chunks as zeros, and so do we.
     fill = 0 if fill is None else (float(fill) if isinstance(fill, str) else fill)
+    local = kvstore["path"] if kvstore.get("driver") == "file" else None
     return GzipZarr(kv, tuple(meta["shape"]), tuple(meta["chunks"]), dtype,
-                    meta.get("order", "C"), fill, meta.get("dimension_separator", "."))
+                    meta.get("order", "C"), fill, meta.get("dimension_separator", "."), local)

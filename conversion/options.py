@@ -80,12 +80,13 @@ class ConvertOptions(StageOptions):
     digest: DigestName = option(
         "crc32c", help="digest recorded per file in manifest.json: crc32c (default; the "
         "checksum GCS keeps for every object) or sha256")
-    # Two tasks per core: a task alternates between decompressing (tensorstore's threads) and
-    # writing, hashing or uploading; with one per core a core idles while its task writes
-    # (bench/convert.py: 16.3 -> 12.7-13.6 s on 2 cores).
+    # One task per core: each task inflates the chunks it reads ahead on its own thread
+    # (conversion/inflate.py) while it writes, so two tasks fill two cores; a third task on two
+    # cores only added a worker start and contention (bench/convert.py: 17.5-19.1 s at 0.5
+    # against 11.6-12.7 s at 1, TP 2, loaded machine; docs/benchmarks.md).
     task_cpus: float = option(
-        0.5, help="CPUs each per-layer Ray task requests (default 0.5: two tasks per "
-        "core, one decompressing while the other writes)")
+        1.0, help="CPUs each per-layer Ray task requests (default 1: one task per core, "
+        "each inflating the chunks it reads ahead on its own thread while it writes)")
     task_gpus: float = option(
         0.0, help="GPUs each per-layer Ray task requests, to run on GPU workers "
         "(default 0)")

@@ -25,48 +25,127 @@ from core import ft_format, storage
 from core.manifest import DEFAULT_DIGEST, Digest, ManifestEntry, new_hasher
 
 # Pieces in which _OutFile reads back what arrived out of order, to digest it.
-_HASH_PIECE = 16 * 1024 * 1024
+_HASH_PIECE = 8 * 1024 * 1024
 
-# Stored chunks being fetched and decompressed (on tensorstore's threads) while the task casts,
-# places, writes and hashes the current one: decompression, the dominant cost, then overlaps
-# the rest and uses every core even when fewer tasks than cores remain. Each adds one decoded
-# chunk (<= 64 MiB for t5x) to a worker's memory.
+# Stored chunks being fetched and inflated (on conversion.inflate's threads, or tensorstore's)
+# while the task casts, places, writes and hashes the current one: inflation, the dominant
+# cost, then overlaps the rest and uses every core even when fewer tasks than cores remain.
+# The reads run ahead across tensor boundaries (:class:`ReadAhead`), so a layer of one-chunk
+# tensors overlaps too. Each adds one decoded chunk (<= 64 MiB for t5x) to a worker's memory.
 _READ_AHEAD = 2
 
 
-def blocks(ckpt: Checkpoint, ref: SourceRef) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
-    """A source tensor in pieces aligned to its stored chunks: (region, values) pairs.
-
-    The region is in the source's own coordinates with the layer axis (scanned sources)
-    removed, and in its ``view``'s coordinates when it has one; each stored chunk is
-    decompressed once.
-    """
+def _chunk_reads(ckpt: Checkpoint, ref: SourceRef) -> Iterator[tuple[tuple, tuple]]:
+    """(region, region to read) of each stored chunk of ``ref``, in order; the region has the
+    layer axis (scanned sources) removed, the region to read selects the layer."""
     shape = list(ckpt.params[ref.param].shape)
     chunk = list(ckpt.chunk_shape(ref.param))
     if ref.layer_axis is not None:
         del shape[ref.layer_axis]
         del chunk[ref.layer_axis]
     if not shape:
-        yield (), np.asarray(ckpt.read(ref.param))
-        return
-    if ref.view is not None:
-        yield from _viewed(blocks(ckpt, dataclasses.replace(ref, view=None)), shape, ref.view)
+        yield (), ((ref.layer,) if ref.layer_axis is not None else ())
         return
     grid = [range(0, n, c) for n, c in zip(shape, chunk, strict=True)]
-    ahead: collections.deque = collections.deque()
     for starts in itertools.product(*grid):
         region = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunk, shape,
                                                                   strict=True))
         read_region: tuple = region
         if ref.layer_axis is not None:
             read_region = region[:ref.layer_axis] + (ref.layer,) + region[ref.layer_axis:]
-        ahead.append((region, ckpt.read_async(ref.param, read_region)))
-        if len(ahead) > _READ_AHEAD:
-            done, values = ahead.popleft()
-            yield done, values()
-    while ahead:
-        done, values = ahead.popleft()
-        yield done, values()
+        yield region, read_region
+
+
+# Decoded-chunk buffers of finished read-aheads, kept for the next one in this process:
+# inflating into memory the process already touched avoids the fresh-page cost (see _SCRATCH).
+_BUFFERS: list[np.ndarray] = []
+
+
+class ReadAhead:
+    """The stored chunks of a list of sources, read in order, ``_READ_AHEAD`` ahead of the
+    one being written, across the sources' boundaries.
+
+    gzip chunks are inflated into a ring of ``_READ_AHEAD + 1`` buffers: the values
+    :meth:`next` returns are valid until the following call (the buffer of chunk i is reused
+    for chunk i + _READ_AHEAD + 1, read once chunk i + 1 is asked for). Close it (``with``)
+    to hand the buffers to the next read-ahead of this process.
+    """
+
+    def __init__(self, ckpt: Checkpoint, refs: list[SourceRef]) -> None:
+        self.ckpt = ckpt
+        self.todo = ((ref, region, read) for ref in refs
+                     for region, read in _chunk_reads(ckpt, ref))
+        self.ahead: collections.deque = collections.deque()
+        self.ring = [_BUFFERS.pop() if _BUFFERS else np.empty(0, dtype=np.uint8)
+                     for _ in range(_READ_AHEAD + 1)]
+        self.started = 0
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, src: SourceRef, region: tuple, read: tuple) -> None:
+        slot = self.started % len(self.ring)
+        nbytes = self.ckpt.inflated_chunk_bytes(src.param)  # 0: tensorstore decodes it
+        if self.ring[slot].size < nbytes:
+            self.ring[slot] = np.empty(0, dtype=np.uint8)  # free the smaller one first
+            self.ring[slot] = np.empty(nbytes, dtype=np.uint8)
+        values = self.ckpt.read_async(src.param, read or None, out=self.ring[slot])
+        self.ahead.append((src, region, values))
+        self.started += 1
+
+    def next(self, ref: SourceRef) -> tuple[tuple, np.ndarray]:
+        """(region, values) of the next chunk, which must belong to ``ref``; the values are
+        valid until the next call."""
+        while len(self.ahead) <= _READ_AHEAD:
+            item = next(self.todo, None)
+            if item is None:
+                break
+            self._start(*item)
+        if not self.ahead:
+            raise ConversionError(f"read-ahead out of step: nothing left to read, {ref} wanted")
+        src, region, values = self.ahead.popleft()
+        if src != ref:  # the caller consumes sources in another order than announced
+            raise ConversionError(f"read-ahead out of step: {src} read, {ref} wanted")
+        return region, values()
+
+    def close(self) -> None:
+        """Wait for the reads still running (they write into the ring), then give the ring
+        to the next read-ahead."""
+        while self.ahead:
+            _, _, values = self.ahead.popleft()
+            with contextlib.suppress(Exception):  # the error, if any, is someone else's
+                values()
+        _BUFFERS.extend(self.ring)
+        self.ring = []
+
+
+def blocks(ckpt: Checkpoint, ref: SourceRef, reads: ReadAhead | None = None
+           ) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """A source tensor in pieces aligned to its stored chunks: (region, values) pairs.
+
+    The region is in the source's own coordinates with the layer axis (scanned sources)
+    removed, and in its ``view``'s coordinates when it has one; each stored chunk is
+    decompressed once. ``reads``: the task's read-ahead, announced with ``ref`` (viewless)
+    among its sources; default: one for this source alone.
+    """
+    if ref.view is not None:
+        shape = list(ckpt.params[ref.param].shape)
+        if ref.layer_axis is not None:
+            del shape[ref.layer_axis]
+        yield from _viewed(blocks(ckpt, dataclasses.replace(ref, view=None), reads), shape,
+                           ref.view)
+        return
+    if reads is None:
+        with ReadAhead(ckpt, [ref]) as own:
+            yield from blocks(ckpt, ref, own)
+        return
+    for _ in _chunk_reads(ckpt, ref):
+        # Yielded without a local name: a chunk read into a new buffer (not a gzip chunk) is
+        # freed as soon as its consumer drops it, before the next read starts.
+        yield reads.next(ref)
 
 
 def _viewed(blocks: Iterator[tuple[tuple[slice, ...], np.ndarray]], shape: list[int],
@@ -103,6 +182,43 @@ def _viewed(blocks: Iterator[tuple[tuple[slice, ...], np.ndarray]], shape: list[
                 start = int(np.ravel_multi_index([lo[a] for a in g], [shape[a] for a in g]))
                 out.append(slice(start, start + int(np.prod([box.shape[a] for a in g]))))
             yield tuple(out), box.reshape([r.stop - r.start for r in out])
+        box = values = None  # free this chunk before the next one is read (see blocks)
+
+
+# One byte buffer per worker process, reused for every copy a write needs (a slab of a
+# transposed or cast block, a digest's read-back): on the VMs we measure, first-touched pages
+# cost about 1 GB/s to fault in against 25 GB/s for reused ones (docs/benchmarks.md,
+# Conversion), so a fresh array per 64 MiB chunk cost more than the copy itself. Copies go
+# through it in slabs of at most _SLAB bytes, so it stays that small; it is only used on the
+# task's own thread.
+_SCRATCH: list[np.ndarray] = [np.empty(0, dtype=np.uint8)]
+_SLAB = 8 * 1024 * 1024
+
+# Pieces per gathering write (os.pwritev): the system's limit on one call's buffers.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+# Columns per band of a blocked copy: a transposed chunk is copied band by band so that reads
+# and writes both stay within cache (about 3x numpy's whole-array transposing copy).
+_BAND = 256
+
+
+def _scratch(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array of ``shape`` and ``dtype`` over this process's reused buffer."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if _SCRATCH[0].size < nbytes:
+        _SCRATCH[0] = np.empty(0, dtype=np.uint8)  # drop the old one before growing
+        _SCRATCH[0] = np.empty(nbytes, dtype=np.uint8)
+    return _SCRATCH[0][:nbytes].view(dtype).reshape(shape)
+
+
+def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` (cast as ``astype`` casts), in column bands when ``src`` is a 2-D
+    array whose rows are not contiguous (a transpose)."""
+    if src.ndim != 2 or src.strides[1] == src.itemsize:
+        np.copyto(dst, src, casting="unsafe")
+        return
+    for j in range(0, src.shape[1], _BAND):
+        np.copyto(dst[:, j:j + _BAND], src[:, j:j + _BAND], casting="unsafe")
 
 
 class _OutFile:
@@ -119,23 +235,44 @@ class _OutFile:
         self.hash = new_hasher(digest)
         self.hashed = 0
 
-    def write(self, offset: int, data: memoryview) -> None:
-        """Write ``data`` at byte ``offset``; hashed now if it continues the hashed prefix."""
-        written = 0
-        while written < len(data):
-            written += os.pwrite(self.fd, data[written:], offset + written)
-        if offset == self.hashed:
-            self.hash.update(data)
-            self.hashed += len(data)
+    def write(self, offset: int, pieces: list[np.ndarray]) -> None:
+        """Write ``pieces`` (each contiguous bytes) one after the other from byte ``offset``,
+        straight from their buffers: one gathering positional write per ``_IOV_MAX`` pieces;
+        hashed now if they continue the hashed prefix."""
+        for start in range(0, len(pieces), _IOV_MAX):
+            batch = [memoryview(p) for p in pieces[start:start + _IOV_MAX]]
+            total = sum(len(v) for v in batch)
+            written = os.pwritev(self.fd, batch, offset)
+            if written < total:  # a short write (signal, huge run): the rest piece by piece
+                self._finish(batch, offset, written)
+            if offset == self.hashed:
+                for piece in pieces[start:start + _IOV_MAX]:
+                    self.hash.update(piece)
+                self.hashed += total
+            offset += total
+
+    def _finish(self, batch: list[memoryview], offset: int, written: int) -> None:
+        """Write what a short gathering write left of ``batch``."""
+        for view in batch:
+            if written >= len(view):
+                written -= len(view)
+                offset += len(view)
+                continue
+            done = written
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
+            offset += len(view)
+            written = 0
 
     def digest(self) -> str:
         """The file's digest, as the manifest holds it (reads back what arrived out of order)."""
         while self.hashed < self.nbytes:
-            piece = os.pread(self.fd, min(_HASH_PIECE, self.nbytes - self.hashed), self.hashed)
-            if not piece:
+            piece = _scratch((min(_HASH_PIECE, self.nbytes - self.hashed),), np.uint8)
+            got = os.preadv(self.fd, [piece], self.hashed)
+            if not got:
                 raise ConversionError("staged output file is shorter than planned")
-            self.hash.update(piece)
-            self.hashed += len(piece)
+            self.hash.update(piece[:got])
+            self.hashed += got
         return self.hash.text()
 
     def close(self) -> None:
@@ -143,36 +280,60 @@ class _OutFile:
         os.close(self.fd)
 
 
+def _contiguous_from(values: np.ndarray, k: int) -> int | None:
+    """The first axis m >= k from which ``values`` is contiguous in its buffer (each run of
+    the axes k.. is then a sequence of contiguous pieces over the axes k..m-1); None when not
+    even its last axis is (a transpose)."""
+    for m in range(k, values.ndim + 1):
+        if values[(0,) * m].flags.c_contiguous:
+            return m
+    return None
+
+
 def _write_box(out: _OutFile, file_shape: tuple[int, ...], lo: list[int],
-               values: np.ndarray) -> None:
-    """Write ``values`` (a box of the file's array starting at index ``lo``) into a row-major
-    file of ``file_shape``, as few contiguous runs as the box allows."""
+               values: np.ndarray, dtype: np.dtype) -> None:
+    """Write ``values`` (a box of the file's array starting at index ``lo``), cast to
+    ``dtype``, into a row-major file of ``file_shape``: one write per contiguous run of the
+    file, gathered straight from the decoded buffer when its rows are contiguous there (a
+    rank's columns of a chunk: one ``pwritev`` of its rows), else (a cast, a transpose) from
+    a copy in the scratch buffer, slab by slab of the box's first axis."""
     shape = values.shape
     ndim = len(file_shape)
-    itemsize = values.dtype.itemsize
+    itemsize = np.dtype(dtype).itemsize
     # k: the first axis from which the box spans whole rows of everything after it.
     k = ndim - 1
     while k > 0 and all(lo[d] == 0 and shape[d] == file_shape[d] for d in range(k, ndim)):
         k -= 1
-    strides = [int(np.prod(file_shape[d + 1:], dtype=np.int64)) for d in range(ndim)]
-    run = int(np.prod(shape[k:], dtype=np.int64))
-    if run == 0:
+    if values.size == 0:
         return
-    # Raw bytes: memoryview cannot export bfloat16 (ml_dtypes) buffers directly.
-    flat = np.ascontiguousarray(values).reshape(-1, run).view(np.uint8)
+    m = _contiguous_from(values, k) if values.dtype == dtype else None
+    if m is None or m == values.ndim:  # a cast or a transpose: copy (elements are not runs)
+        rows = max(1, _SLAB // max(1, values[:1].size * itemsize))
+        if rows < shape[0]:
+            for s in range(0, shape[0], rows):
+                _write_box(out, file_shape, [lo[0] + s, *lo[1:]], values[s:s + rows], dtype)
+            return
+        copy = _scratch(shape, dtype)
+        _copy(copy, values)
+        values, m = copy, k
+    strides = [int(np.prod(file_shape[d + 1:], dtype=np.int64)) for d in range(ndim)]
     base = sum(lo[d] * strides[d] for d in range(k, ndim))
-    for n, idx in enumerate(np.ndindex(*shape[:k])):
+    for idx in np.ndindex(*shape[:k]):
         offset = base + sum((lo[d] + idx[d]) * strides[d] for d in range(k))
-        out.write(offset * itemsize, memoryview(flat[n]))
+        run = values[idx]
+        # Raw bytes: memoryview cannot export bfloat16 (ml_dtypes) buffers directly.
+        pieces = [run[sub].reshape(-1).view(np.uint8) for sub in np.ndindex(*shape[k:m])]
+        out.write(offset * itemsize, pieces)
 
 
 def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor,
            outs: list[_OutFile]) -> None:
     """Write a block of the full FT tensor into the rank files it overlaps."""
     file_shape = tensor.file_shape()
+    dtype = ft_format.WEIGHT_DTYPES[tensor.weight_dtype]
     axis = ft_format.split_axis(tensor.split, len(file_shape))
     if axis is None:
-        _write_box(outs[0], file_shape, box_lo, block)
+        _write_box(outs[0], file_shape, box_lo, block, dtype)
         return
     part = file_shape[axis]
     lo, hi = box_lo[axis], box_lo[axis] + block.shape[axis]
@@ -182,7 +343,7 @@ def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor,
         index[axis] = slice(a - lo, b - lo)
         local = list(box_lo)
         local[axis] = a - r * part
-        _write_box(outs[r], file_shape, local, block[tuple(index)])
+        _write_box(outs[r], file_shape, local, block[tuple(index)], dtype)
 
 
 def check_identical(ckpt: Checkpoint, tensor: OutputTensor) -> None:
@@ -206,11 +367,19 @@ def _layer_index(ref: SourceRef) -> tuple | None:
     return (slice(None),) * ref.layer_axis + (ref.layer,)
 
 
+def read_refs(tensor: OutputTensor) -> list[SourceRef]:
+    """The sources :func:`write_tensor` reads for ``tensor``, in order, as a
+    :class:`ReadAhead` is announced them (viewless: a view only reshapes what is read)."""
+    refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
+    return [dataclasses.replace(ref, view=None) for ref in refs]
+
+
 def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
-                 digest: Digest = DEFAULT_DIGEST) -> list[ManifestEntry]:
+                 digest: Digest = DEFAULT_DIGEST, reads: ReadAhead | None = None
+                 ) -> list[ManifestEntry]:
     """Convert one FT tensor into its rank files; returns their manifest entries (with
-    ``digest``)."""
-    dtype = ft_format.WEIGHT_DTYPES[tensor.weight_dtype]
+    ``digest``). ``reads``: the task's read-ahead, announced this tensor's
+    :func:`read_refs` next (default: one for this tensor alone)."""
     urls = [storage.join(out_dir, f.name) for f in tensor.files]
     nbytes = tensor.file_bytes()
     if tensor.transform == "copy_identical":
@@ -224,14 +393,17 @@ def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
             stack.callback(out.close)
             outs.append(out)
         refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
+        if reads is None:
+            reads = stack.enter_context(ReadAhead(ckpt, read_refs(tensor)))
         for j, ref in enumerate(refs):
-            for region, values in blocks(ckpt, ref):
+            for region, values in blocks(ckpt, ref, reads):
                 lo = [s.start for s in region]
                 if tensor.transform == "transpose":
                     values, lo = values.T, lo[::-1]
                 elif tensor.transform == "fuse_qkv":
                     values, lo = values[:, None, :], [lo[0], j, lo[1]]
-                _place(values.astype(dtype, copy=False), lo, tensor, outs)
+                _place(values, lo, tensor, outs)
+                del values  # free this chunk before the next one is read (see blocks)
         for spec, out in zip(tensor.files, outs, strict=True):
             entries.append(ManifestEntry.of(spec.name, nbytes, digest, out.digest(),
                                             tensor.weight_dtype, tensor.file_shape()))

@@ -178,7 +178,10 @@ def _convert_layers(opts: ConvertOptions, ckpt: Checkpoint, plan: ConversionPlan
         kept = [e for name, e in previous.items() if name not in done]
         write_manifest(paths.manifest_url, incomplete, kept + list(done.values()))
 
-    calls = [(task, (ckpt, task, paths.out_dir, previous, opts.digest)) for task in plan.tasks]
+    # Largest first: the last task to start is then a small one, so the cores finish together
+    # (with a 1 + 1 layer model the decoder layer, not the globals, is the largest).
+    order = sorted(plan.tasks, key=lambda t: -t.bytes())
+    calls = [(task, (ckpt, task, paths.out_dir, previous, opts.digest)) for task in order]
     try:
         results = run_tasks(convert_layer, calls, opts, "convert", record)
     except ConversionError:

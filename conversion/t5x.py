@@ -79,6 +79,14 @@ class Checkpoint:
         store = _open(self._spec(name), name)
         return tuple(int(c) for c in store.chunk_layout.read_chunk.shape)
 
+    def inflated_chunk_bytes(self, name: str) -> int:
+        """The bytes of one decoded chunk of a parameter that :mod:`conversion.inflate` reads
+        (a zarr v2 gzip array), which ``read_async(out=...)`` inflates into; 0 for the rest."""
+        if name in self.inline:
+            return 0
+        gzip = _open_gzip(self._spec(name), name)
+        return 0 if gzip is None else gzip.nbytes()
+
     def read(self, name: str, region: tuple[slice, ...] | None = None) -> np.ndarray:
         """Read a parameter, or the sub-region ``region`` of it, as a numpy array.
 
@@ -86,17 +94,19 @@ class Checkpoint:
         """
         return self.read_async(name, region)()
 
-    def read_async(self, name: str, region: tuple[slice, ...] | None = None
-                   ) -> Callable[[], np.ndarray]:
-        """Start reading (tensorstore fetches and decompresses on its own threads); the
-        returned function waits for the values, raising CheckpointError as read() does."""
+    def read_async(self, name: str, region: tuple[slice, ...] | None = None,
+                   out: np.ndarray | None = None) -> Callable[[], np.ndarray]:
+        """Start reading (on conversion.inflate's threads, or tensorstore's); the returned
+        function waits for the values, raising CheckpointError as read() does. ``out``: a
+        uint8 buffer a region within one gzip chunk is inflated into (then the values are a
+        view of it, valid while the caller does not reuse it); ignored otherwise."""
         if name in self.inline:
             a = self.inline[name]
             values = a if region is None else a[region]
             return lambda: values
         gzip = _open_gzip(self._spec(name), name)
         if gzip is not None:
-            future = gzip.read_async(region)
+            future = gzip.read_async(region, out)
         else:
             store = _open(self._spec(name), name)
             future = (store if region is None else store[region]).read()

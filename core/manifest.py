@@ -19,6 +19,7 @@ import json
 from typing import Literal, Protocol
 
 import google_crc32c
+import numpy as np
 
 from core import ft_format, storage
 from core.errors import first_line
@@ -41,7 +42,7 @@ _PIECE = 16 * 1024 * 1024
 class Hasher(Protocol):
     """What :func:`new_hasher` returns: hashlib's update, and the manifest's text form."""
 
-    def update(self, data: bytes | memoryview) -> None: ...
+    def update(self, data: bytes | memoryview | np.ndarray) -> None: ...
 
     def text(self) -> str: ...
 
@@ -50,20 +51,20 @@ class _Crc32c:
     """crc32c as GCS writes it in object metadata: base64 of the 4 big-endian bytes."""
 
     def __init__(self) -> None:
-        self._sum = google_crc32c.Checksum()
+        self._crc = 0
 
-    def update(self, data: bytes | memoryview) -> None:
-        if isinstance(data, bytes):
-            self._sum.update(data)
-            return
-        # google-crc32c's C extension takes only bytes (no buffer it would have to release):
-        # other buffers are copied in bounded pieces, so memory stays at one piece.
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), _PIECE):
-            self._sum.update(bytes(view[start:start + _PIECE]))
+    def update(self, data: bytes | memoryview | np.ndarray) -> None:
+        # The C extension parses its argument as a read-only buffer ("y#"): it refuses a
+        # memoryview but takes bytes or a numpy array, so other buffers are passed as a uint8
+        # array over the same memory (no copy, whatever their size).
+        if isinstance(data, np.ndarray):
+            data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        elif not isinstance(data, bytes):
+            data = np.frombuffer(data, dtype=np.uint8)
+        self._crc = google_crc32c.extend(self._crc, data)
 
     def text(self) -> str:
-        return base64.b64encode(self._sum.digest()).decode()
+        return base64.b64encode(self._crc.to_bytes(4, "big")).decode()
 
 
 class _Sha256:

@@ -71,3 +71,29 @@ def test_zarr3_stays_with_tensorstore(tmp_path):
     spec = {"driver": "zarr3", "kvstore": tensorstore_kvstore(str(tmp_path / "a"))}
     ts.open({**spec, "metadata": {"shape": [4], "data_type": "float32"}}, create=True).result()
     assert inflate.open_gzip(spec) is None
+
+
+def test_inflates_into_the_callers_buffer(tmp_path):
+    """A one-chunk region is inflated into the buffer given (a view of it, what the
+    read-ahead's ring relies on); a buffer too small is left alone."""
+    rng = np.random.default_rng(1)
+    array = rng.standard_normal((12, 10)).astype(np.float32)
+    spec = _write(tmp_path / "a", array, (6, 10))
+    reader = inflate.open_gzip(spec)
+    buf = np.zeros(6 * 10 * 4 + 16, np.uint8)
+    got = reader.read_async((slice(6, 12), slice(2, 9)), buf).result()
+    assert np.shares_memory(got, buf)
+    assert got.tobytes() == array[6:12, 2:9].tobytes()
+    small = np.zeros(8, np.uint8)
+    got = reader.read((slice(0, 6),), small)
+    assert not np.shares_memory(got, small) and got.tobytes() == array[:6].tobytes()
+
+
+def test_corrupt_chunk_is_one_line_error(tmp_path):
+    spec = _write(tmp_path / "a", np.ones((4, 4), np.float32), (4, 4))
+    chunk = tmp_path / "a" / "0.0"
+    data = bytearray(chunk.read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not inflate to its 64 bytes"):
+        inflate.open_gzip(spec).read(None)
