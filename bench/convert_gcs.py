@@ -76,7 +76,7 @@ def fresh_ray(cpus: int) -> dict[int, int]:
 
     # Same runtime_env and CPU request as conversion.run's tasks, and as many workers as can
     # run at once, so these very workers run the conversion.
-    per_task = ConvertOptions.task_cpus
+    per_task = ConvertOptions.model_fields["task_cpus"].default
     warm = ray.remote(num_cpus=per_task)(
         lambda: (__import__("conversion.run"), __import__("tensorstore"), _worker_rss())[2]
     ).options(runtime_env={"env_vars": gcs_env.forwarded_env()})
