@@ -146,7 +146,8 @@ def _open(spec: dict[str, Any], name: str):
 
 
 
-# Per process: the ISA-L reader of each zarr v2 gzip array, or None where tensorstore decodes.
+# Per process: the libdeflate reader of each zarr v2 gzip array (conversion.inflate), or None
+# where tensorstore decodes.
 _GZIP: dict[str, inflate.GzipZarr | None] = {}
 
 

@@ -101,6 +101,7 @@ class EvalOptions(StageOptions):
         Raises evaluation.runner.EvaluationError naming the flag at fault.
         """
         # Imported here: runner imports this module.
+        from core.gcs_env import is_gcs
         from evaluation.client import parse_urls
         from evaluation.runner import EvaluationError
 
@@ -109,7 +110,7 @@ class EvalOptions(StageOptions):
             if not self.model_repository:
                 raise EvaluationError("--backend in-process needs --model-repository DST (the "
                                       "converted repository whose engine it runs)")
-            if self.model_repository.startswith("gs://"):
+            if is_gcs(self.model_repository):
                 # the engine reads its weights folder from local files (serving/engine/weights.py)
                 raise EvaluationError(
                     f"--backend in-process reads a local --model-repository, got "

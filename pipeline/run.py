@@ -242,8 +242,16 @@ class Pipeline:
         """Evaluate an in-process run straight from its converted repository."""
         self._finish_stage(run, "serve", "skipped", 0.0)
         self.log(f"{run.name}: serve skipped: evaluate runs the engine in-process")
+        self._evaluate_or_fail(run, [], identity)
+
+    def _evaluate_or_fail(self, run: RunSpec, urls: list[str], identity: str | None,
+                          alive: Callable[[], bool] = lambda: True) -> None:
+        """Evaluate the run (see :meth:`evaluate`); a failure fails this run alone.
+        ``alive``: whether the servers still run, asked first."""
         try:
-            self.evaluate(run, [], identity)
+            if not alive():
+                raise stages.StageError("serve failed: the servers stopped")
+            self.evaluate(run, urls, identity)
             self.metrics.stage(run.name, "done")
         except (stages.StageError, OSError, ValueError, KeyError) as exc:
             self._fail([run], exc)
@@ -284,13 +292,7 @@ class Pipeline:
             for run in todo:
                 self._finish_stage(run, "serve", "done", time.monotonic() - serve_start)
             for run in todo:
-                try:
-                    if not servers.alive():
-                        raise stages.StageError("serve failed: the servers stopped")
-                    self.evaluate(run, urls, identity)
-                    self.metrics.stage(run.name, "done")
-                except (stages.StageError, OSError, ValueError, KeyError) as exc:
-                    self._fail([run], exc)
+                self._evaluate_or_fail(run, urls, identity, servers.alive)
         finally:
             self.log("serve: stopping the servers")
             servers.stop()
