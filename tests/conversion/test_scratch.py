@@ -142,8 +142,11 @@ def test_killed_conversion_resumes_and_leaves_no_scratch(ray_local, big_checkpoi
     done = _recorded(out / "manifest.json")
     expected = reference_files(params, KILL_CFG, 2, "fp32")
     assert 1 <= len(done) < len(expected), f"{len(done)} of {len(expected)} recorded"
-    left = _staged_weights(out)
-    assert left, _scratch_in(out)  # the kill left weights staged
+    # The kill left scratch: staged weights, or at least a killed writer's lease (a writer
+    # takes its lease before its file's first bytes are read and inflated, so a kill in that
+    # window leaves a lease alone, as CI once saw).
+    left = _scratch_in(out)
+    assert left, "the kill left no scratch"
     assert not (dst / "t5" / "config.pbtxt").exists()
     kept = {n: _stamp(out / n) for n in done}
 
