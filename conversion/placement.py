@@ -194,9 +194,6 @@ def _viewed(blocks: Iterator[tuple[tuple[slice, ...], np.ndarray]], shape: list[
 _SCRATCH: list[np.ndarray] = [np.empty(0, dtype=np.uint8)]
 _SLAB = 8 * 1024 * 1024
 
-# Pieces per gathering write (os.pwritev): the system's limit on one call's buffers.
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-
 # Columns per band of a blocked copy: a transposed chunk is copied band by band so that reads
 # and writes both stay within cache (about 3x numpy's whole-array transposing copy).
 _BAND = 256
@@ -235,34 +232,16 @@ class _OutFile:
         self.hash = new_hasher(digest)
         self.hashed = 0
 
-    def write(self, offset: int, pieces: list[np.ndarray]) -> None:
-        """Write ``pieces`` (each contiguous bytes) one after the other from byte ``offset``,
-        straight from their buffers: one gathering positional write per ``_IOV_MAX`` pieces;
-        hashed now if they continue the hashed prefix."""
-        for start in range(0, len(pieces), _IOV_MAX):
-            batch = [memoryview(p) for p in pieces[start:start + _IOV_MAX]]
-            total = sum(len(v) for v in batch)
-            written = os.pwritev(self.fd, batch, offset)
-            if written < total:  # a short write (signal, huge run): the rest piece by piece
-                self._finish(batch, offset, written)
-            if offset == self.hashed:
-                for piece in pieces[start:start + _IOV_MAX]:
-                    self.hash.update(piece)
-                self.hashed += total
-            offset += total
-
-    def _finish(self, batch: list[memoryview], offset: int, written: int) -> None:
-        """Write what a short gathering write left of ``batch``."""
-        for view in batch:
-            if written >= len(view):
-                written -= len(view)
-                offset += len(view)
-                continue
-            done = written
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
-            offset += len(view)
-            written = 0
+    def write(self, offset: int, data: np.ndarray) -> None:
+        """Write ``data`` (contiguous bytes) at byte ``offset`` with one positional write
+        straight from its buffer; hashed now if it continues the hashed prefix."""
+        view = memoryview(data)
+        written = 0
+        while written < len(view):  # pwrite may write less than asked (signals, huge runs)
+            written += os.pwrite(self.fd, view[written:], offset + written)
+        if offset == self.hashed:
+            self.hash.update(data)
+            self.hashed += len(view)
 
     def digest(self) -> str:
         """The file's digest, as the manifest holds it (reads back what arrived out of order)."""
@@ -280,23 +259,14 @@ class _OutFile:
         os.close(self.fd)
 
 
-def _contiguous_from(values: np.ndarray, k: int) -> int | None:
-    """The first axis m >= k from which ``values`` is contiguous in its buffer (each run of
-    the axes k.. is then a sequence of contiguous pieces over the axes k..m-1); None when not
-    even its last axis is (a transpose)."""
-    for m in range(k, values.ndim + 1):
-        if values[(0,) * m].flags.c_contiguous:
-            return m
-    return None
-
-
 def _write_box(out: _OutFile, file_shape: tuple[int, ...], lo: list[int],
                values: np.ndarray, dtype: np.dtype) -> None:
     """Write ``values`` (a box of the file's array starting at index ``lo``), cast to
-    ``dtype``, into a row-major file of ``file_shape``: one write per contiguous run of the
-    file, gathered straight from the decoded buffer when its rows are contiguous there (a
-    rank's columns of a chunk: one ``pwritev`` of its rows), else (a cast, a transpose) from
-    a copy in the scratch buffer, slab by slab of the box's first axis."""
+    ``dtype``, into a row-major file of ``file_shape``: one positional write per contiguous
+    run of the file, straight from the decoded buffer when the run is contiguous there, else
+    (a cast, a transpose, a rank's columns of a chunk) from a copy in the scratch buffer,
+    slab by slab of the box's first axis (a copy into reused memory costs less than a write
+    per row: docs/benchmarks.md)."""
     shape = values.shape
     ndim = len(file_shape)
     itemsize = np.dtype(dtype).itemsize
@@ -306,8 +276,7 @@ def _write_box(out: _OutFile, file_shape: tuple[int, ...], lo: list[int],
         k -= 1
     if values.size == 0:
         return
-    m = _contiguous_from(values, k) if values.dtype == dtype else None
-    if m is None or m == values.ndim:  # a cast or a transpose: copy (elements are not runs)
+    if values.dtype != dtype or not values[(0,) * k].flags.c_contiguous:
         rows = max(1, _SLAB // max(1, values[:1].size * itemsize))
         if rows < shape[0]:
             for s in range(0, shape[0], rows):
@@ -315,15 +284,13 @@ def _write_box(out: _OutFile, file_shape: tuple[int, ...], lo: list[int],
             return
         copy = _scratch(shape, dtype)
         _copy(copy, values)
-        values, m = copy, k
+        values = copy
     strides = [int(np.prod(file_shape[d + 1:], dtype=np.int64)) for d in range(ndim)]
     base = sum(lo[d] * strides[d] for d in range(k, ndim))
     for idx in np.ndindex(*shape[:k]):
         offset = base + sum((lo[d] + idx[d]) * strides[d] for d in range(k))
-        run = values[idx]
         # Raw bytes: memoryview cannot export bfloat16 (ml_dtypes) buffers directly.
-        pieces = [run[sub].reshape(-1).view(np.uint8) for sub in np.ndindex(*shape[k:m])]
-        out.write(offset * itemsize, pieces)
+        out.write(offset * itemsize, values[idx].reshape(-1).view(np.uint8))
 
 
 def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor,

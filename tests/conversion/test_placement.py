@@ -62,11 +62,12 @@ def test_read_ahead_refuses_sources_out_of_order(t5x_checkpoint):
         empty.next(first)
 
 
-@pytest.mark.parametrize("iov_max", [4, 1024])
-def test_rank_columns_gathered_from_the_chunk(tmp_path, monkeypatch, iov_max):
-    """A rank's columns of a chunk that spans whole rows of the rank file are written from the
-    chunk's own rows (gathering writes of at most ``_IOV_MAX`` rows), and hashed in order."""
-    monkeypatch.setattr(placement, "_IOV_MAX", iov_max)
+@pytest.mark.parametrize("slab", [32, 8 * 1024 * 1024])
+def test_rank_columns_of_a_chunk_written_and_hashed_in_order(tmp_path, monkeypatch, slab):
+    """A rank's columns of a chunk that spans whole rows of the rank file are copied into the
+    scratch buffer slab by slab (here two rows a slab, or all at once) and written and hashed
+    in file order."""
+    monkeypatch.setattr(placement, "_SLAB", slab)
     chunk = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
     path = tmp_path / "rank1.bin"
     out = placement._OutFile(str(path), 6 * 4 * 4)
