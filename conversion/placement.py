@@ -89,10 +89,8 @@ class ReadAhead:
     def _start(self, src: SourceRef, region: tuple, read: tuple) -> None:
         slot = self.started % len(self.ring)
         nbytes = self.ckpt.inflated_chunk_bytes(src.param)  # 0: tensorstore decodes it
-        if self.ring[slot].size < nbytes:
-            self.ring[slot] = np.empty(0, dtype=np.uint8)  # free the smaller one first
-            self.ring[slot] = np.empty(nbytes, dtype=np.uint8)
-        values = self.ckpt.read_async(src.param, read or None, out=self.ring[slot])
+        values = self.ckpt.read_async(src.param, read or None,
+                                      out=_grown(self.ring, slot, nbytes))
         self.ahead.append((src, region, values))
         self.started += 1
 
@@ -199,13 +197,19 @@ _SLAB = 8 * 1024 * 1024
 _BAND = 256
 
 
+def _grown(bufs: list[np.ndarray], i: int, nbytes: int) -> np.ndarray:
+    """``bufs[i]`` (a uint8 buffer), replaced by one of ``nbytes`` when smaller: the smaller
+    one is freed first, so the two never coexist."""
+    if bufs[i].size < nbytes:
+        bufs[i] = np.empty(0, dtype=np.uint8)
+        bufs[i] = np.empty(nbytes, dtype=np.uint8)
+    return bufs[i]
+
+
 def _scratch(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised array of ``shape`` and ``dtype`` over this process's reused buffer."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    if _SCRATCH[0].size < nbytes:
-        _SCRATCH[0] = np.empty(0, dtype=np.uint8)  # drop the old one before growing
-        _SCRATCH[0] = np.empty(nbytes, dtype=np.uint8)
-    return _SCRATCH[0][:nbytes].view(dtype).reshape(shape)
+    return _grown(_SCRATCH, 0, nbytes)[:nbytes].view(dtype).reshape(shape)
 
 
 def _copy(dst: np.ndarray, src: np.ndarray) -> None:
@@ -337,8 +341,13 @@ def _layer_index(ref: SourceRef) -> tuple | None:
 def read_refs(tensor: OutputTensor) -> list[SourceRef]:
     """The sources :func:`write_tensor` reads for ``tensor``, in order, as a
     :class:`ReadAhead` is announced them (viewless: a view only reshapes what is read)."""
-    refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
-    return [dataclasses.replace(ref, view=None) for ref in refs]
+    return [dataclasses.replace(ref, view=None) for ref in _sources(tensor)]
+
+
+def _sources(tensor: OutputTensor) -> list[SourceRef]:
+    """The sources a tensor is written from: one layer's for a scanned side's shared table
+    (copy_identical: the others are only compared), else all of them."""
+    return tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
 
 
 def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
@@ -359,10 +368,9 @@ def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
             out = _OutFile(p, nbytes, digest)
             stack.callback(out.close)
             outs.append(out)
-        refs = tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
         if reads is None:
             reads = stack.enter_context(ReadAhead(ckpt, read_refs(tensor)))
-        for j, ref in enumerate(refs):
+        for j, ref in enumerate(_sources(tensor)):
             for region, values in blocks(ckpt, ref, reads):
                 lo = [s.start for s in region]
                 if tensor.transform == "transpose":
