@@ -137,14 +137,13 @@ def local_copy_storage(model_repository: str, model_name: str) -> str | None:
 
     Triton copies a cloud model to a local temporary directory before loading it, so the pod
     needs the model's size on its node's disk, or the kubelet evicts it mid-copy. The size is
-    the model folder's files (one size query per file, once at launch) plus 10% and 2 GiB for
+    the model folder's files (one listing, once at launch) plus 10% and 2 GiB for
     logs and Triton's own files. None for a local repository (nothing is copied).
     """
     if not storage.is_gcs(model_repository):
         return None
     folder = storage.join(model_repository, model_name)
-    total = sum(storage.size(storage.join(folder, rel)) or 0
-                for rel in storage.list_files(folder))
+    total = sum(storage.list_sizes(folder).values())
     return f"{math.ceil(total * 1.1 / 2**30) + 2}Gi"
 
 
