@@ -26,12 +26,12 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-import tenacity
 from google.protobuf import text_format
 
 from cluster import diagnose, pods, raycluster, triton
 from cluster.config import ConfigError, check_gpus_fit
 from cluster.kubeapi import Kube, new_api_client
+from cluster.wait import wait_for
 from core import storage
 from core.errors import UserError
 from core.repository import parse_pbtxt
@@ -282,27 +282,10 @@ def wait_ready(kube: Kube, spec: triton.TritonSpec, timeout: float, stop: thread
     why not on stderr. Raises UserError on timeout, or when ``stop`` is set first."""
     if stop.is_set():  # no poll's worth of calls after a SIGTERM (IN_FLIGHT_CALLS)
         raise UserError(f"stopped before {spec.name} was ready")
-    notes: list[str] = []
-
-    def ready() -> bool:
-        if deployment_ready(kube.get("Deployment", spec.name, spec.namespace), spec.replicas):
-            return True
-        note = why_not_ready(kube, spec)
-        if not notes or note != notes[-1]:
-            _log(note)
-        notes[:] = [note]
-        return False
-
-    poller = tenacity.Retrying(
-        retry=tenacity.retry_if_result(lambda ok: not ok),
-        stop=tenacity.stop_any(tenacity.stop_after_delay(timeout), lambda _: stop.is_set()),
-        wait=tenacity.wait_fixed(poll), sleep=stop.wait,
-        retry_error_callback=lambda _: False)
-    if poller(ready):
-        return
-    if stop.is_set():
-        raise UserError(f"stopped before {spec.name} was ready: {notes[-1]}")
-    raise UserError(f"{spec.name} not ready after {timeout:.0f}s: {notes[-1]}")
+    wait_for(lambda: deployment_ready(kube.get("Deployment", spec.name, spec.namespace),
+                                      spec.replicas),
+             lambda: why_not_ready(kube, spec), timeout, poll, what=spec.name, stop=stop,
+             log=_log)
 
 
 def teardown_kube(kube: Kube) -> Kube:
