@@ -195,20 +195,6 @@ class ClusterConfig(_Section):
         return self.gpu_workers.gpus_per_node if self.gpu_workers else None
 
 
-def check_gpus_fit(gpus: int, node_gpus: int | None, what: str) -> None:
-    """Refuse a pod asking for more GPUs than one node of its pool has: it would stay Pending.
-
-    Args:
-      gpus: GPUs the pod asks for (a Triton replica: tensor_parallel x pipeline_parallel).
-      node_gpus: GPUs on one node of the pool; None when not known (no check).
-      what: the pod, for the message ("model ul2 (tensor_parallel 4 x pipeline_parallel 1)").
-    """
-    if node_gpus is not None and gpus > node_gpus:
-        raise ConfigError(f"{what} needs {gpus} GPUs in one pod but a node of the GPU pool has "
-                          f"{node_gpus} (gpu_workers.node_gpus): the pod would stay Pending; "
-                          f"lower tensor_parallel x pipeline_parallel or use larger nodes")
-
-
 # The nested mappings, in the order their errors are reported (before the top level's).
 _SECTIONS: dict[str, type[_Section]] = {
     "head": HeadGroup, "cpu_workers": WorkerGroup, "gpu_workers": WorkerGroup,

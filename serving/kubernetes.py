@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import text_format
 
 from cluster import diagnose, pods, raycluster, triton
-from cluster.config import ConfigError, check_gpus_fit
 from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
 from core import storage
@@ -91,16 +90,15 @@ def gpus_for(model_config: ModelConfig) -> int:
 def check_fits(model_config: ModelConfig, gpus: int, node_gpus: str | None) -> None:
     """One clear error when a replica's GPUs exceed a node of the pool (env T5FT_TRITON_NODE_GPUS
     from the cluster config): such a pod would stay Pending until the ready timeout."""
-    if not node_gpus:
+    if not node_gpus or gpus <= int(node_gpus):
         return
     params = model_config.parameters
     parallel = " x ".join(f"{key} {params[key].string_value}" for key in
                           ("tensor_para_size", "pipeline_para_size") if key in params)
-    try:
-        check_gpus_fit(gpus, int(node_gpus),
-                       f"model {model_config.name} ({parallel or 'one GPU'})")
-    except ConfigError as exc:
-        raise UserError(str(exc)) from exc
+    raise UserError(f"model {model_config.name} ({parallel or 'one GPU'}) needs {gpus} GPUs in "
+                    f"one pod but a node of the GPU pool has {node_gpus} "
+                    f"(gpu_workers.node_gpus): the pod would stay Pending; lower "
+                    f"tensor_parallel x pipeline_parallel or use larger nodes")
 
 
 def check_backend(model_config: ModelConfig, image_backend: str | None) -> None:
