@@ -26,14 +26,12 @@ import time
 
 import yaml
 
-from cluster import diagnose, gcloud, monitoring, raycluster, rbac
+from cluster import diagnose, gcloud, monitoring, pods, raycluster, rbac, triton
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
 from core.errors import UserError
 from ray_jobs._cli import emit_summary, run_main
-
-TRITON_SELECTOR = "app.kubernetes.io/name=triton,app.kubernetes.io/managed-by=t5x-ft-ray"
 
 
 def _progress(message: str) -> None:
@@ -153,9 +151,9 @@ def cmd_gcloud(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
 
 def _cluster_report(kube: Kube, cfg: ClusterConfig, rc: dict) -> tuple[list, str]:
     name = rc["metadata"]["name"]
-    pods = kube.list("Pod", cfg.namespace, label_selector=f"ray.io/cluster={name}")
+    pod_list = kube.list("Pod", cfg.namespace, label_selector=f"ray.io/cluster={name}")
     events = kube.list("Event", cfg.namespace)
-    groups = diagnose.diagnose(rc, pods, events)
+    groups = diagnose.diagnose(rc, pod_list, events)
     return groups, diagnose.summary(rc, groups)
 
 
@@ -286,7 +284,8 @@ def cmd_down(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         targets = [("RayCluster", cfg.name)]
     # Tritons a serve job left behind keep GPUs busy; they go with the cluster.
     for kind in ("Deployment", "Service"):
-        for obj in kube.list(kind, cfg.namespace, label_selector=TRITON_SELECTOR):
+        for obj in kube.list(kind, cfg.namespace,
+                             label_selector=pods.selector(triton.SELECTOR)):
             targets.append((kind, obj["metadata"]["name"]))
     targets += [(o["kind"], o["metadata"]["name"]) for o in monitoring.monitoring_objects(cfg)]
     if not args.keep_access:

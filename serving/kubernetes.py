@@ -252,8 +252,7 @@ def deployment_ready(dep: dict | None, replicas: int) -> bool:
 
 def why_not_ready(kube: Kube, spec: triton.TritonSpec) -> str:
     """A line saying where the replicas are: ready count, short resources, reasons."""
-    selector = ",".join(f"{k}={v}" for k, v in
-                        pods.labels("triton", spec.name).items())
+    selector = pods.selector(pods.labels(triton.COMPONENT, spec.name))
     pod_list = kube.list("Pod", spec.namespace, label_selector=selector)
     events = kube.list("Event", spec.namespace) if pod_list else []
     short: list[str] = []
