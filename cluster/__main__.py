@@ -140,13 +140,14 @@ def cmd_render(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
 def cmd_gcloud(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
     """`gcloud`: the project's setup commands for this config, as a shell script on stdout."""
     try:
+        steps = gcloud.steps(cfg, args.config)
         text = gcloud.script(cfg, args.config)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
     if not args.json:
         sys.stdout.write(text)
-    commands = [line for line in text.splitlines() if line and not line.startswith("#")]
-    return {"commands": len(commands) - 1, "namespace": cfg.namespace}
+    return {"commands": sum(len(commands) for _, commands in steps),
+            "namespace": cfg.namespace}
 
 
 def _cluster_report(kube: Kube, cfg: ClusterConfig, rc: dict) -> tuple[list, str]:

@@ -463,6 +463,10 @@ def test_gcloud_builds_the_images_the_config_names():
 def test_gcloud_cli_and_its_errors(tmp_path, capsys):
     assert main(["gcloud", "--config", str(GKE)]) == 0
     assert "kubectl create namespace t5ft" in capsys.readouterr().out
+    # The summary counts the script's commands (each line but `set -e`).
+    assert main(["gcloud", "--config", str(GKE), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"commands": len(_commands(GKE)) - 1, "namespace": "t5ft"}
     data = yaml.safe_load(GKE.read_text())
     del data["gpu_workers"]["machine_type"]
     bad = tmp_path / "c.yaml"
