@@ -66,7 +66,8 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
     serving_tag = cfg.triton.image.rsplit(":", 1)[-1]
     pools = [_node_pool(cfg, g, w) for g, w in ((cfg.cpu_workers, "cpu_workers"),
                                                 (cfg.gpu_workers, "gpu_workers")) if g]
-    gsas = dict.fromkeys(ksa_gsa.values())  # one per role, in order, without repeats
+    # Google account -> its role on the bucket: one per role, runner first, without repeats
+    # (Triton's account is the runner's when the config names none of its own).
     roles = {cfg.service_accounts.google_service_account: RUNNER_ROLE}
     roles.setdefault(cfg.service_accounts.triton_gsa, TRITON_ROLE)
     level, _ = rbac.pod_security_level(cfg)
@@ -83,9 +84,9 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
         ("bucket", [["gcloud", "storage", "buckets", "create", bucket, f"--location={region}",
                      "--uniform-bucket-level-access"]]),
         ("Google service accounts, one per role, and their rights on the bucket",
-         [["gcloud", "iam", "service-accounts", "create", _gsa_name(g)] for g in gsas]
+         [["gcloud", "iam", "service-accounts", "create", _gsa_name(g)] for g in roles]
          + [["gcloud", "storage", "buckets", "add-iam-policy-binding", bucket,
-             f"--member=serviceAccount:{g}", f"--role={roles[g]}"] for g in gsas]),
+             f"--member=serviceAccount:{g}", f"--role={role}"] for g, role in roles.items()]),
         ("Workload Identity: each Kubernetes service account acts as its Google one",
          [["gcloud", "iam", "service-accounts", "add-iam-policy-binding", gsa,
            "--role=roles/iam.workloadIdentityUser",
