@@ -20,7 +20,7 @@ from core.yaml_file import read_yaml
 
 # Triton backends an image can serve: "python" runs our JAX engine (docker/serving.Dockerfile),
 # "fastertransformer" needs an image with the FT backend built in, which users build themselves.
-TRITON_BACKENDS = ("python", "fastertransformer")
+TritonBackend = Literal["python", "fastertransformer"]
 DEFAULT_RAY_VERSION = "2.60.0"
 GPU_TAINT_KEY = "nvidia.com/gpu"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -132,7 +132,7 @@ class TritonDefaults(_Section):
     """
 
     image: str  # no default: the serving image is built by the user (docs/gke.md)
-    backend: Literal["python", "fastertransformer"] = "python"  # what the image serves
+    backend: TritonBackend = "python"  # what the image serves
     accelerator: str | None = None  # default: the GPU worker group's
     run_as_user: Count | None = 1000  # null for images that must run as root
     cpu: str | None = None
