@@ -22,6 +22,9 @@ from core.yaml_file import read_yaml
 # "fastertransformer" needs an image with the FT backend built in, which users build themselves.
 TritonBackend = Literal["python", "fastertransformer"]
 DEFAULT_RAY_VERSION = "2.60.0"
+# The KubeRay helm chart `python -m cluster gcloud` installs and the API errors name: the
+# release whose CRDs are vendored in cluster/schemas/ (README.md there).
+KUBERAY_CHART_VERSION = "1.7.0"
 GPU_TAINT_KEY = "nvidia.com/gpu"
 GPU_RESOURCE = "nvidia.com/gpu"
 ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"

@@ -14,9 +14,8 @@ from __future__ import annotations
 import shlex
 
 from cluster import rbac
-from cluster.config import ClusterConfig, ConfigError, WorkerGroup
+from cluster.config import KUBERAY_CHART_VERSION, ClusterConfig, ConfigError, WorkerGroup
 
-KUBERAY_CHART_VERSION = "1.7.0"  # = cluster/schemas/README.md
 KUBERAY_NAMESPACE = "kuberay-system"
 # Boot disk per worker node: images (~20 GB for the serving image) plus Triton's local copy of
 # the model (ephemeral-storage, ~45 GiB for UL2 20B in bf16) do not fit GKE's 100 GB default.

@@ -280,7 +280,8 @@ def test_request_timeout_bounds_a_stalled_call(api, kubeconfig):
 def test_missing_kuberay_crd_is_named(api, kubeconfig):
     api.fail("POST", r"/rayclusters$", 404, message="the server could not find the requested "
              "resource")
-    with pytest.raises(UserError, match="no rayclusters.ray.io .*KubeRay operator installed"):
+    with pytest.raises(UserError, match=r"no rayclusters.ray.io .*KubeRay operator installed.*"
+                                        r"--version 1\.7\.0\)"):
         main(["up", "--config", GKE, "--kubeconfig", str(kubeconfig)])
 
 
