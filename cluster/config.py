@@ -34,9 +34,10 @@ WORKLOAD_IDENTITY_ANNOTATION = "iam.gke.io/gcp-service-account"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
 # An image reference: [host[:port]/]path[:tag][@sha256:digest] (distribution/reference grammar).
-_IMAGE = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
-                    r"(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
-                    r"(?:@sha256:[a-f0-9]{64})?$")
+_IMAGE = re.compile(r"^(?P<repository>(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?"
+                    r"[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*)"
+                    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+                    r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?$")
 _GSA = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]@[a-z][-a-z0-9]{4,28}[a-z0-9]"
                   r"\.iam\.gserviceaccount\.com$")
 
@@ -346,3 +347,17 @@ def load_config(path: str | Path) -> ClusterConfig:
         return parse_config(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def split_image(reference: str) -> tuple[str, str | None, str | None]:
+    """(repository, tag or None, digest or None) of an image reference, by the grammar the
+    config's images are checked with: "localhost:5000/t5ft/serving" has no tag (":5000" is the
+    registry's port), "REGISTRY/ray:2.60.0@sha256:HEX" has both.
+
+    Raises:
+      ValueError: REFERENCE is not an image reference.
+    """
+    match = _IMAGE.match(reference)
+    if match is None:
+        raise ValueError(f"{reference!r} is not an image reference")
+    return match["repository"], match["tag"], match["digest"]

@@ -14,7 +14,13 @@ from __future__ import annotations
 import shlex
 
 from cluster import rbac
-from cluster.config import KUBERAY_CHART_VERSION, ClusterConfig, ConfigError, WorkerGroup
+from cluster.config import (
+    KUBERAY_CHART_VERSION,
+    ClusterConfig,
+    ConfigError,
+    WorkerGroup,
+    split_image,
+)
 
 KUBERAY_NAMESPACE = "kuberay-system"
 # Boot disk per worker node: images (~20 GB for the serving image) plus Triton's local copy of
@@ -51,6 +57,18 @@ def _node_pool(cfg: ClusterConfig, g: WorkerGroup, where: str) -> list[str]:
     return argv
 
 
+def _build_tag(image: str, key: str) -> tuple[str, str]:
+    """(repository, tag) of an image the build pushes. A config may name an image by digest
+    or without a tag (render and up take it as it is), but a build pushes to a tag."""
+    repository, tag, digest = split_image(image)
+    if tag is None or digest is not None:
+        raise ConfigError(f"{key} {image!r} has {'a digest' if digest else 'no :TAG'}: "
+                          f"`python -m cluster gcloud` builds it and pushes it under a tag; "
+                          f"name it REGISTRY/PATH:TAG (e.g. us-docker.pkg.dev/PROJECT/t5ft/"
+                          f"serving:0.1.0)")
+    return repository, tag
+
+
 def _gsa_name(email: str) -> str:
     return email.split("@", 1)[0]
 
@@ -61,8 +79,9 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
     bucket = cfg.bucket or f"gs://{project}-t5ft"
     ksa_gsa = rbac.google_service_accounts(cfg)
     # The images are built where the config says they are: same registry path and tags.
-    registry, ray_tag = cfg.image.rsplit(":", 1)[0].rsplit("/", 1)[0], cfg.image.rsplit(":", 1)[1]
-    serving_tag = cfg.triton.image.rsplit(":", 1)[-1]
+    ray_repository, ray_tag = _build_tag(cfg.image, "config.image")
+    registry = ray_repository.rsplit("/", 1)[0]
+    _, serving_tag = _build_tag(cfg.triton.image, "triton.image")
     pools = [_node_pool(cfg, g, w) for g, w in ((cfg.cpu_workers, "cpu_workers"),
                                                 (cfg.gpu_workers, "gpu_workers")) if g]
     # Google account -> its role on the bucket: one per role, runner first, without repeats
