@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     job_flags(p)
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait: for the cluster, default 900; with --job, default no "
-                   "limit: wait until the RayJob ends (bounded by --job-deadline if given)")
+                   "limit: wait until the RayJob ends (bounded by --job-deadline if given); "
+                   "0: check once, do not wait")
     p.add_argument("--poll", type=float, default=5, help="seconds between checks (default 5)")
 
     p = sub.add_parser("status", help="state per group: ready/wanted, short resources, why")
@@ -193,7 +194,9 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         short = [g.line() for g in groups if not g.ok]
         return headline + ("; " + "; ".join(short) if short else "")
 
-    wait_for(check, describe, args.timeout or 900, args.poll, log=_progress)
+    # `is None`: --timeout 0 is a real value (one check, no wait), not "the default".
+    timeout = 900 if args.timeout is None else args.timeout
+    wait_for(check, describe, timeout, args.poll, log=_progress)
     url = dashboard_address(kube, cfg)
     if cfg.head.service_type != "LoadBalancer":
         _progress(f"from outside the cluster: kubectl -n {cfg.namespace} port-forward "
@@ -228,8 +231,8 @@ def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
 
     # No timeout of ours by default: the job ends by itself, or KubeRay ends it at its
     # activeDeadlineSeconds (--job-deadline); a timeout here would only abandon a running job.
-    wait_for(check, describe, args.timeout or math.inf, args.poll, what=f"RayJob {name}",
-             log=_progress)
+    timeout = math.inf if args.timeout is None else args.timeout
+    wait_for(check, describe, timeout, args.poll, what=f"RayJob {name}", log=_progress)
     status = state["status"]
     if status.get("jobStatus") != "SUCCEEDED":
         raise UserError(f"RayJob {name} ended {status.get('jobStatus') or 'without a job'} "
