@@ -26,14 +26,12 @@ import time
 
 import yaml
 
-from cluster import diagnose, gcloud, monitoring, raycluster, rbac
+from cluster import diagnose, gcloud, monitoring, pods, raycluster, rbac, triton
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
 from core.errors import UserError
 from ray_jobs._cli import emit_summary, run_main
-
-TRITON_SELECTOR = "app.kubernetes.io/name=triton,app.kubernetes.io/managed-by=t5x-ft-ray"
 
 
 def _progress(message: str) -> None:
@@ -96,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     job_flags(p)
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait: for the cluster, default 900; with --job, default no "
-                   "limit: wait until the RayJob ends (bounded by --job-deadline if given)")
+                   "limit: wait until the RayJob ends (bounded by --job-deadline if given); "
+                   "0: check once, do not wait")
     p.add_argument("--poll", type=float, default=5, help="seconds between checks (default 5)")
 
     p = sub.add_parser("status", help="state per group: ready/wanted, short resources, why")
@@ -142,20 +141,21 @@ def cmd_render(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
 def cmd_gcloud(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
     """`gcloud`: the project's setup commands for this config, as a shell script on stdout."""
     try:
+        steps = gcloud.steps(cfg, args.config)
         text = gcloud.script(cfg, args.config)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
     if not args.json:
         sys.stdout.write(text)
-    commands = [line for line in text.splitlines() if line and not line.startswith("#")]
-    return {"commands": len(commands) - 1, "namespace": cfg.namespace}
+    return {"commands": sum(len(commands) for _, commands in steps),
+            "namespace": cfg.namespace}
 
 
 def _cluster_report(kube: Kube, cfg: ClusterConfig, rc: dict) -> tuple[list, str]:
     name = rc["metadata"]["name"]
-    pods = kube.list("Pod", cfg.namespace, label_selector=f"ray.io/cluster={name}")
+    pod_list = kube.list("Pod", cfg.namespace, label_selector=f"ray.io/cluster={name}")
     events = kube.list("Event", cfg.namespace)
-    groups = diagnose.diagnose(rc, pods, events)
+    groups = diagnose.diagnose(rc, pod_list, events)
     return groups, diagnose.summary(rc, groups)
 
 
@@ -194,7 +194,9 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         short = [g.line() for g in groups if not g.ok]
         return headline + ("; " + "; ".join(short) if short else "")
 
-    wait_for(check, describe, args.timeout or 900, args.poll, log=_progress)
+    # `is None`: --timeout 0 is a real value (one check, no wait), not "the default".
+    timeout = 900 if args.timeout is None else args.timeout
+    wait_for(check, describe, timeout, args.poll, log=_progress)
     url = dashboard_address(kube, cfg)
     if cfg.head.service_type != "LoadBalancer":
         _progress(f"from outside the cluster: kubectl -n {cfg.namespace} port-forward "
@@ -229,8 +231,8 @@ def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
 
     # No timeout of ours by default: the job ends by itself, or KubeRay ends it at its
     # activeDeadlineSeconds (--job-deadline); a timeout here would only abandon a running job.
-    wait_for(check, describe, args.timeout or math.inf, args.poll, what=f"RayJob {name}",
-             log=_progress)
+    timeout = math.inf if args.timeout is None else args.timeout
+    wait_for(check, describe, timeout, args.poll, what=f"RayJob {name}", log=_progress)
     status = state["status"]
     if status.get("jobStatus") != "SUCCEEDED":
         raise UserError(f"RayJob {name} ended {status.get('jobStatus') or 'without a job'} "
@@ -286,7 +288,8 @@ def cmd_down(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         targets = [("RayCluster", cfg.name)]
     # Tritons a serve job left behind keep GPUs busy; they go with the cluster.
     for kind in ("Deployment", "Service"):
-        for obj in kube.list(kind, cfg.namespace, label_selector=TRITON_SELECTOR):
+        for obj in kube.list(kind, cfg.namespace,
+                             label_selector=pods.selector(triton.SELECTOR)):
             targets.append((kind, obj["metadata"]["name"]))
     targets += [(o["kind"], o["metadata"]["name"]) for o in monitoring.monitoring_objects(cfg)]
     if not args.keep_access:

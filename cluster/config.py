@@ -20,8 +20,11 @@ from core.yaml_file import read_yaml
 
 # Triton backends an image can serve: "python" runs our JAX engine (docker/serving.Dockerfile),
 # "fastertransformer" needs an image with the FT backend built in, which users build themselves.
-TRITON_BACKENDS = ("python", "fastertransformer")
+TritonBackend = Literal["python", "fastertransformer"]
 DEFAULT_RAY_VERSION = "2.60.0"
+# The KubeRay helm chart `python -m cluster gcloud` installs and the API errors name: the
+# release whose CRDs are vendored in cluster/schemas/ (README.md there).
+KUBERAY_CHART_VERSION = "1.7.0"
 GPU_TAINT_KEY = "nvidia.com/gpu"
 GPU_RESOURCE = "nvidia.com/gpu"
 ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
@@ -31,9 +34,10 @@ WORKLOAD_IDENTITY_ANNOTATION = "iam.gke.io/gcp-service-account"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
 # An image reference: [host[:port]/]path[:tag][@sha256:digest] (distribution/reference grammar).
-_IMAGE = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
-                    r"(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
-                    r"(?:@sha256:[a-f0-9]{64})?$")
+_IMAGE = re.compile(r"^(?P<repository>(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?"
+                    r"[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*)"
+                    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+                    r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?$")
 _GSA = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]@[a-z][-a-z0-9]{4,28}[a-z0-9]"
                   r"\.iam\.gserviceaccount\.com$")
 
@@ -132,7 +136,7 @@ class TritonDefaults(_Section):
     """
 
     image: str  # no default: the serving image is built by the user (docs/gke.md)
-    backend: Literal["python", "fastertransformer"] = "python"  # what the image serves
+    backend: TritonBackend = "python"  # what the image serves
     accelerator: str | None = None  # default: the GPU worker group's
     run_as_user: Count | None = 1000  # null for images that must run as root
     cpu: str | None = None
@@ -193,20 +197,6 @@ class ClusterConfig(_Section):
     def triton_node_gpus(self) -> int | None:
         """GPUs on one node Triton pods can land on (the GPU group's pool), None if unknown."""
         return self.gpu_workers.gpus_per_node if self.gpu_workers else None
-
-
-def check_gpus_fit(gpus: int, node_gpus: int | None, what: str) -> None:
-    """Refuse a pod asking for more GPUs than one node of its pool has: it would stay Pending.
-
-    Args:
-      gpus: GPUs the pod asks for (a Triton replica: tensor_parallel x pipeline_parallel).
-      node_gpus: GPUs on one node of the pool; None when not known (no check).
-      what: the pod, for the message ("model ul2 (tensor_parallel 4 x pipeline_parallel 1)").
-    """
-    if node_gpus is not None and gpus > node_gpus:
-        raise ConfigError(f"{what} needs {gpus} GPUs in one pod but a node of the GPU pool has "
-                          f"{node_gpus} (gpu_workers.node_gpus): the pod would stay Pending; "
-                          f"lower tensor_parallel x pipeline_parallel or use larger nodes")
 
 
 # The nested mappings, in the order their errors are reported (before the top level's).
@@ -357,3 +347,17 @@ def load_config(path: str | Path) -> ClusterConfig:
         return parse_config(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def split_image(reference: str) -> tuple[str, str | None, str | None]:
+    """(repository, tag or None, digest or None) of an image reference, by the grammar the
+    config's images are checked with: "localhost:5000/t5ft/serving" has no tag (":5000" is the
+    registry's port), "REGISTRY/ray:2.60.0@sha256:HEX" has both.
+
+    Raises:
+      ValueError: REFERENCE is not an image reference.
+    """
+    match = _IMAGE.match(reference)
+    if match is None:
+        raise ValueError(f"{reference!r} is not an image reference")
+    return match["repository"], match["tag"], match["digest"]

@@ -14,9 +14,14 @@ from __future__ import annotations
 import shlex
 
 from cluster import rbac
-from cluster.config import ClusterConfig, ConfigError, WorkerGroup
+from cluster.config import (
+    KUBERAY_CHART_VERSION,
+    ClusterConfig,
+    ConfigError,
+    WorkerGroup,
+    split_image,
+)
 
-KUBERAY_CHART_VERSION = "1.7.0"  # = cluster/schemas/README.md
 KUBERAY_NAMESPACE = "kuberay-system"
 # Boot disk per worker node: images (~20 GB for the serving image) plus Triton's local copy of
 # the model (ephemeral-storage, ~45 GiB for UL2 20B in bf16) do not fit GKE's 100 GB default.
@@ -52,6 +57,18 @@ def _node_pool(cfg: ClusterConfig, g: WorkerGroup, where: str) -> list[str]:
     return argv
 
 
+def _build_tag(image: str, key: str) -> tuple[str, str]:
+    """(repository, tag) of an image the build pushes. A config may name an image by digest
+    or without a tag (render and up take it as it is), but a build pushes to a tag."""
+    repository, tag, digest = split_image(image)
+    if tag is None or digest is not None:
+        raise ConfigError(f"{key} {image!r} has {'a digest' if digest else 'no :TAG'}: "
+                          f"`python -m cluster gcloud` builds it and pushes it under a tag; "
+                          f"name it REGISTRY/PATH:TAG (e.g. us-docker.pkg.dev/PROJECT/t5ft/"
+                          f"serving:0.1.0)")
+    return repository, tag
+
+
 def _gsa_name(email: str) -> str:
     return email.split("@", 1)[0]
 
@@ -62,11 +79,13 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
     bucket = cfg.bucket or f"gs://{project}-t5ft"
     ksa_gsa = rbac.google_service_accounts(cfg)
     # The images are built where the config says they are: same registry path and tags.
-    registry, ray_tag = cfg.image.rsplit(":", 1)[0].rsplit("/", 1)[0], cfg.image.rsplit(":", 1)[1]
-    serving_tag = cfg.triton.image.rsplit(":", 1)[-1]
+    ray_repository, ray_tag = _build_tag(cfg.image, "config.image")
+    registry = ray_repository.rsplit("/", 1)[0]
+    _, serving_tag = _build_tag(cfg.triton.image, "triton.image")
     pools = [_node_pool(cfg, g, w) for g, w in ((cfg.cpu_workers, "cpu_workers"),
                                                 (cfg.gpu_workers, "gpu_workers")) if g]
-    gsas = dict.fromkeys(ksa_gsa.values())  # one per role, in order, without repeats
+    # Google account -> its role on the bucket: one per role, runner first, without repeats
+    # (Triton's account is the runner's when the config names none of its own).
     roles = {cfg.service_accounts.google_service_account: RUNNER_ROLE}
     roles.setdefault(cfg.service_accounts.triton_gsa, TRITON_ROLE)
     level, _ = rbac.pod_security_level(cfg)
@@ -83,9 +102,9 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
         ("bucket", [["gcloud", "storage", "buckets", "create", bucket, f"--location={region}",
                      "--uniform-bucket-level-access"]]),
         ("Google service accounts, one per role, and their rights on the bucket",
-         [["gcloud", "iam", "service-accounts", "create", _gsa_name(g)] for g in gsas]
+         [["gcloud", "iam", "service-accounts", "create", _gsa_name(g)] for g in roles]
          + [["gcloud", "storage", "buckets", "add-iam-policy-binding", bucket,
-             f"--member=serviceAccount:{g}", f"--role={roles[g]}"] for g in gsas]),
+             f"--member=serviceAccount:{g}", f"--role={role}"] for g, role in roles.items()]),
         ("Workload Identity: each Kubernetes service account acts as its Google one",
          [["gcloud", "iam", "service-accounts", "add-iam-policy-binding", gsa,
            "--role=roles/iam.workloadIdentityUser",

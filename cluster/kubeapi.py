@@ -29,6 +29,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from cluster.config import KUBERAY_CHART_VERSION
 from core.errors import UserError
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -99,7 +100,7 @@ def _custom(plural: str, group: str = "ray.io", version: str = "v1") -> Kind:
 # Who installs each custom kind's CRD, for the error when the API does not know it.
 _CRD_SOURCE = {
     "ray.io": "the KubeRay operator installed with its CRDs? (helm install kuberay-operator "
-              "kuberay/kuberay-operator --version 1.7.0)",
+              f"kuberay/kuberay-operator --version {KUBERAY_CHART_VERSION})",
     "monitoring.googleapis.com": "Google Cloud Managed Service for Prometheus enabled on the "
                                  "cluster? (gcloud container clusters update CLUSTER "
                                  "--enable-managed-prometheus)",

@@ -9,7 +9,7 @@ Schema: cluster/schemas/monitoring.googleapis.com_podmonitorings.yaml (vendored,
 
 from __future__ import annotations
 
-from cluster import pods, raycluster
+from cluster import pods, raycluster, triton
 from cluster.config import ClusterConfig
 
 API_VERSION = "monitoring.googleapis.com/v1"
@@ -38,9 +38,7 @@ def ray_monitoring(cfg: ClusterConfig) -> dict:
 def triton_monitoring(cfg: ClusterConfig) -> dict:
     """Triton's Prometheus metrics (the container port named `metrics`: cluster/triton.py's
     METRICS_PORT, 8002) on every Triton pod serve launches."""
-    selector = {"app.kubernetes.io/name": "triton",
-                "app.kubernetes.io/managed-by": pods.MANAGED_BY}
-    return _pod_monitoring(cfg, f"{cfg.name}-triton", selector, "metrics")
+    return _pod_monitoring(cfg, f"{cfg.name}-triton", triton.SELECTOR, "metrics")
 
 
 def monitoring_objects(cfg: ClusterConfig) -> list[dict]:

@@ -21,6 +21,11 @@ def labels(component: str, instance: str) -> dict[str, str]:
     }
 
 
+def selector(match: dict[str, str]) -> str:
+    """A label selector's string form ("k=v,k=v"), as the API's list calls take it."""
+    return ",".join(f"{key}={value}" for key, value in match.items())
+
+
 def pod_security(run_as_user: int | None) -> client.V1PodSecurityContext:
     """Non-root when the image has a non-root user (uid 1000 in Ray and Triton images).
 

@@ -31,6 +31,10 @@ GCSFUSE_ANNOTATION = "gke-gcsfuse/volumes"
 GCSFUSE_SIDECAR_LIMITS = {f"gke-gcsfuse/{r}-limit": "0"
                           for r in ("cpu", "memory", "ephemeral-storage")}
 REPOSITORY_MOUNT = "/model-repository"
+COMPONENT = "triton"
+# Every Triton object serve launches, whatever its model (pods.labels without the instance):
+# what Managed Prometheus scrapes (monitoring.py) and `python -m cluster down` deletes.
+SELECTOR = {"app.kubernetes.io/name": COMPONENT, "app.kubernetes.io/managed-by": pods.MANAGED_BY}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +123,7 @@ def repository_volume(model_repository: str) -> tuple[client.V1Volume, client.V1
 
 def deployment(spec: TritonSpec) -> dict:
     """Deployment: tritonserver loading only SPEC.model_name, probes on 8000."""
-    selector = {**pods.labels("triton", spec.name)}
+    selector = {**pods.labels(COMPONENT, spec.name)}
     shm, shm_mount = pods.shm_volume()
     volumes, mounts, annotations = [shm], [shm_mount], None
     repository = spec.model_repository
@@ -197,7 +201,7 @@ def _metadata(spec: TritonSpec, selector: dict[str, str]) -> client.V1ObjectMeta
 
 def service(spec: TritonSpec) -> dict:
     """ClusterIP Service in front of every replica: http, grpc, metrics."""
-    selector = pods.labels("triton", spec.name)
+    selector = pods.labels(COMPONENT, spec.name)
     http, grpc, metrics = spec.service_ports
     svc = client.V1Service(
         api_version="v1", kind="Service",

@@ -24,7 +24,7 @@ from core import scratch
 from core.gcs_env import is_gcs, split_gs_url, storage_client
 
 __all__ = ["delete", "delete_tree", "exists", "is_dir", "is_gcs", "join", "list_dirs",
-           "list_files", "open_read", "open_write", "read_bytes", "read_text", "size",
+           "list_files", "list_sizes", "open_read", "open_write", "read_bytes", "read_text", "size",
            "staged_file", "write_bytes", "write_text"]
 
 # Resumable-upload and ranged-download chunk size (a multiple of 256 KiB). Every GCS transfer
@@ -76,10 +76,14 @@ class _Local:
             Path(tmp).write_bytes(data)
 
     def list_files(self, prefix: str) -> list[str]:
+        return list(self.list_sizes(prefix))
+
+    def list_sizes(self, prefix: str) -> dict[str, int]:
         root = Path(prefix)
         if not root.is_dir():
-            return []
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+            return {}
+        files = sorted((str(p.relative_to(root)), p) for p in root.rglob("*") if p.is_file())
+        return {rel: p.stat().st_size for rel, p in files}
 
     def list_dirs(self, prefix: str) -> list[str]:
         root = Path(prefix)
@@ -154,9 +158,13 @@ class _Gcs:
         self._blob(url).upload_from_string(data)
 
     def list_files(self, prefix: str) -> list[str]:
+        return list(self.list_sizes(prefix))
+
+    def list_sizes(self, prefix: str) -> dict[str, int]:
+        # The listing carries every object's size: no per-object metadata GET.
         bucket, start = self._prefix(prefix)
         blobs = storage_client().list_blobs(bucket, prefix=start)
-        return sorted(b.name[len(start):] for b in blobs)
+        return dict(sorted((b.name[len(start):], b.size) for b in blobs))
 
     def list_dirs(self, prefix: str) -> list[str]:
         bucket, start = self._prefix(prefix)
@@ -270,6 +278,13 @@ def list_files(prefix: str | os.PathLike) -> list[str]:
     """Names of every file under the folder / prefix, relative to it, sorted."""
     prefix = str(prefix).rstrip("/")
     return _backend(prefix).list_files(prefix)
+
+
+def list_sizes(prefix: str | os.PathLike) -> dict[str, int]:
+    """Every file under the folder / prefix: its name relative to it -> its size in bytes, in
+    list_files' order (GCS: from the one listing, no request per object)."""
+    prefix = str(prefix).rstrip("/")
+    return _backend(prefix).list_sizes(prefix)
 
 
 def list_dirs(prefix: str | os.PathLike) -> list[str]:

@@ -26,12 +26,11 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-import tenacity
 from google.protobuf import text_format
 
 from cluster import diagnose, pods, raycluster, triton
-from cluster.config import ConfigError, check_gpus_fit
 from cluster.kubeapi import Kube, new_api_client
+from cluster.wait import wait_for
 from core import storage
 from core.errors import UserError
 from core.repository import parse_pbtxt
@@ -91,16 +90,15 @@ def gpus_for(model_config: ModelConfig) -> int:
 def check_fits(model_config: ModelConfig, gpus: int, node_gpus: str | None) -> None:
     """One clear error when a replica's GPUs exceed a node of the pool (env T5FT_TRITON_NODE_GPUS
     from the cluster config): such a pod would stay Pending until the ready timeout."""
-    if not node_gpus:
+    if not node_gpus or gpus <= int(node_gpus):
         return
     params = model_config.parameters
     parallel = " x ".join(f"{key} {params[key].string_value}" for key in
                           ("tensor_para_size", "pipeline_para_size") if key in params)
-    try:
-        check_gpus_fit(gpus, int(node_gpus),
-                       f"model {model_config.name} ({parallel or 'one GPU'})")
-    except ConfigError as exc:
-        raise UserError(str(exc)) from exc
+    raise UserError(f"model {model_config.name} ({parallel or 'one GPU'}) needs {gpus} GPUs in "
+                    f"one pod but a node of the GPU pool has {node_gpus} "
+                    f"(gpu_workers.node_gpus): the pod would stay Pending; lower "
+                    f"tensor_parallel x pipeline_parallel or use larger nodes")
 
 
 def check_backend(model_config: ModelConfig, image_backend: str | None) -> None:
@@ -137,14 +135,13 @@ def local_copy_storage(model_repository: str, model_name: str) -> str | None:
 
     Triton copies a cloud model to a local temporary directory before loading it, so the pod
     needs the model's size on its node's disk, or the kubelet evicts it mid-copy. The size is
-    the model folder's files (one size query per file, once at launch) plus 10% and 2 GiB for
+    the model folder's files (one listing, once at launch) plus 10% and 2 GiB for
     logs and Triton's own files. None for a local repository (nothing is copied).
     """
     if not storage.is_gcs(model_repository):
         return None
     folder = storage.join(model_repository, model_name)
-    total = sum(storage.size(storage.join(folder, rel)) or 0
-                for rel in storage.list_files(folder))
+    total = sum(storage.list_sizes(folder).values())
     return f"{math.ceil(total * 1.1 / 2**30) + 2}Gi"
 
 
@@ -255,8 +252,7 @@ def deployment_ready(dep: dict | None, replicas: int) -> bool:
 
 def why_not_ready(kube: Kube, spec: triton.TritonSpec) -> str:
     """A line saying where the replicas are: ready count, short resources, reasons."""
-    selector = ",".join(f"{k}={v}" for k, v in
-                        pods.labels("triton", spec.name).items())
+    selector = pods.selector(pods.labels(triton.COMPONENT, spec.name))
     pod_list = kube.list("Pod", spec.namespace, label_selector=selector)
     events = kube.list("Event", spec.namespace) if pod_list else []
     short: list[str] = []
@@ -283,27 +279,10 @@ def wait_ready(kube: Kube, spec: triton.TritonSpec, timeout: float, stop: thread
     why not on stderr. Raises UserError on timeout, or when ``stop`` is set first."""
     if stop.is_set():  # no poll's worth of calls after a SIGTERM (IN_FLIGHT_CALLS)
         raise UserError(f"stopped before {spec.name} was ready")
-    notes: list[str] = []
-
-    def ready() -> bool:
-        if deployment_ready(kube.get("Deployment", spec.name, spec.namespace), spec.replicas):
-            return True
-        note = why_not_ready(kube, spec)
-        if not notes or note != notes[-1]:
-            _log(note)
-        notes[:] = [note]
-        return False
-
-    poller = tenacity.Retrying(
-        retry=tenacity.retry_if_result(lambda ok: not ok),
-        stop=tenacity.stop_any(tenacity.stop_after_delay(timeout), lambda _: stop.is_set()),
-        wait=tenacity.wait_fixed(poll), sleep=stop.wait,
-        retry_error_callback=lambda _: False)
-    if poller(ready):
-        return
-    if stop.is_set():
-        raise UserError(f"stopped before {spec.name} was ready: {notes[-1]}")
-    raise UserError(f"{spec.name} not ready after {timeout:.0f}s: {notes[-1]}")
+    wait_for(lambda: deployment_ready(kube.get("Deployment", spec.name, spec.namespace),
+                                      spec.replicas),
+             lambda: why_not_ready(kube, spec), timeout, poll, what=spec.name, stop=stop,
+             log=_log)
 
 
 def teardown_kube(kube: Kube) -> Kube:

@@ -68,6 +68,15 @@ def test_up_creates_everything_then_waits_for_ready(api, kubeconfig, capsys):
     assert summary["dashboard"] == "http://t5ft-head-svc.t5ft.svc.cluster.local:8265"
 
 
+def test_up_timeout_zero_checks_once_and_does_not_wait(api, kubeconfig, capsys):
+    # --timeout 0 is not "the default 900": one check, then the one-line error.
+    api.statuses[f"{RC}/t5ft"] = [NOT_READY, READY]
+    with pytest.raises(UserError, match=r"^not ready after 0s: "):
+        main(["up", "--config", GKE, "--kubeconfig", str(kubeconfig), "--poll", "0.01",
+              "--timeout", "0"])
+    assert len(api.calls("GET", f"{RC}/t5ft")) == 1
+
+
 def test_up_patches_what_exists_and_leaves_the_namespace(api, kubeconfig, capsys):
     cfg = load_config(GKE)
     api.put("/api/v1/namespaces/t5ft", rbac.namespace(cfg))
@@ -280,7 +289,8 @@ def test_request_timeout_bounds_a_stalled_call(api, kubeconfig):
 def test_missing_kuberay_crd_is_named(api, kubeconfig):
     api.fail("POST", r"/rayclusters$", 404, message="the server could not find the requested "
              "resource")
-    with pytest.raises(UserError, match="no rayclusters.ray.io .*KubeRay operator installed"):
+    with pytest.raises(UserError, match=r"no rayclusters.ray.io .*KubeRay operator installed.*"
+                                        r"--version 1\.7\.0\)"):
         main(["up", "--config", GKE, "--kubeconfig", str(kubeconfig)])
 
 

@@ -463,12 +463,49 @@ def test_gcloud_builds_the_images_the_config_names():
 def test_gcloud_cli_and_its_errors(tmp_path, capsys):
     assert main(["gcloud", "--config", str(GKE)]) == 0
     assert "kubectl create namespace t5ft" in capsys.readouterr().out
+    # The summary counts the script's commands (each line but `set -e`).
+    assert main(["gcloud", "--config", str(GKE), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"commands": len(_commands(GKE)) - 1, "namespace": "t5ft"}
     data = yaml.safe_load(GKE.read_text())
     del data["gpu_workers"]["machine_type"]
     bad = tmp_path / "c.yaml"
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(UserError, match="gpu_workers.machine_type is needed"):
         main(["gcloud", "--config", str(bad)])
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("triton", "localhost:5000/t5ft/serving", "no :TAG"),  # the port is no tag
+    ("triton", "us-central1-docker.pkg.dev/p/t5ft/serving", "no :TAG"),
+    ("image", f"us-central1-docker.pkg.dev/p/t5ft/ray:2.60.0-py311@{DIGEST}", "a digest")])
+def test_gcloud_needs_a_tag_on_the_images_it_builds(tmp_path, key, value, problem):
+    data = yaml.safe_load(GKE.read_text())
+    if key == "triton":
+        data["triton"]["image"] = value
+    else:
+        data[key] = value
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    named = "triton.image" if key == "triton" else "config.image"
+    # A cluster may run such an image (render takes it as it is); only a build needs the tag.
+    assert main(["render", "--config", str(path), "--json"]) == 0
+    with pytest.raises(UserError, match=rf"^{named} '{value}' has {problem}: `python -m "
+                                        r"cluster gcloud` builds it and pushes it under a tag"):
+        main(["gcloud", "--config", str(path)])
+
+
+def test_split_image_by_the_reference_grammar():
+    from cluster.config import split_image
+
+    assert split_image("localhost:5000/t5ft/serving:0.1") == ("localhost:5000/t5ft/serving",
+                                                             "0.1", None)
+    assert split_image(f"ray@{DIGEST}") == ("ray", None, DIGEST)
+    with pytest.raises(ValueError, match="not an image reference"):
+        split_image("Ray:2.60.0")
 
 
 # -- the repository through the Cloud Storage FUSE CSI driver (triton.repository: fuse) -------

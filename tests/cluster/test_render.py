@@ -183,6 +183,11 @@ def test_triton_deployment_contents():
         dep["spec"]["template"]["metadata"]["labels"].items()
     svc = triton.service(spec)
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    # `down` finds every model's Deployment and Service by triton.SELECTOR; the PodMonitoring
+    # finds their pods by it.
+    for labels in (dep["metadata"]["labels"], svc["metadata"]["labels"],
+                   dep["spec"]["template"]["metadata"]["labels"]):
+        assert triton.SELECTOR.items() <= labels.items()
     assert triton.endpoints(spec) == {
         "grpc": "triton-ul2-20b.t5ft.svc.cluster.local:8001",
         "http": "triton-ul2-20b.t5ft.svc.cluster.local:8000",

@@ -200,6 +200,17 @@ def test_wait_reports_why_replicas_are_pending(api, capsys):
     api.statuses[f"{DEPLOYMENTS}/triton-ul2"] = [{"observedGeneration": 1}]
     with pytest.raises(UserError, match="triton-ul2 not ready after 0s: .*short of nvidia"):
         k8s_serving.wait_ready(kube, spec, 0.05, threading.Event(), poll=0.01)
+    # A SIGTERM mid-wait ends it with the last reason; one before it makes no call at all.
+    stop = threading.Event()
+    timer = threading.Timer(0.2, stop.set)
+    timer.start()
+    with pytest.raises(UserError, match=r"^stopped before triton-ul2 was ready: .*short of nvidia"):
+        k8s_serving.wait_ready(kube, spec, 30, stop, poll=0.01)
+    timer.join()
+    calls = len(api.calls("GET", "deployments"))
+    with pytest.raises(UserError, match=r"^stopped before triton-ul2 was ready$"):
+        k8s_serving.wait_ready(kube, spec, 30, stop, poll=0.01)
+    assert len(api.calls("GET", "deployments")) == calls
 
 
 def test_gpu_count_read_from_a_gs_model_repository(monkeypatch):

@@ -58,3 +58,12 @@ def test_one_backend_per_scheme_and_no_copy_from_local(tmp_path):
     assert storage.list_dirs(str(tmp_path)) == ["a"]
     storage.delete_tree(storage.join(str(tmp_path), "a"))
     assert not storage.is_dir(storage.join(str(tmp_path), "a"))
+
+
+def test_list_sizes_matches_list_files_and_size(tmp_path):
+    for name, data in (("m/1/1-gpu/x.bin", b"12345"), ("m/config.pbtxt", b""), ("n.bin", b"1")):
+        storage.write_bytes(storage.join(str(tmp_path), name), data)
+    root = str(tmp_path / "m")
+    assert storage.list_sizes(root) == {"1/1-gpu/x.bin": 5, "config.pbtxt": 0}
+    assert list(storage.list_sizes(root)) == storage.list_files(root)
+    assert storage.list_sizes(str(tmp_path / "none")) == {}

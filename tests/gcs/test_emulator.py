@@ -38,6 +38,8 @@ def test_storage_reads_empty_and_chunk_sized_objects(gcs, gcs_prefix):
     assert storage.read_bytes(f"{base}/empty.jsonl") == b""
     assert storage.read_text(f"{base}/empty.jsonl") == ""
     assert storage.size(f"{base}/empty.jsonl") == 0
+    # The listing's sizes, without a metadata GET per object (serving/kubernetes.py sums them).
+    assert storage.list_sizes(base) == {"empty.jsonl": 0}
     data = np.random.default_rng(1).bytes(17 * MiB)  # more than one 16 MiB transfer chunk
     storage.write_bytes(f"{base}/big.bin", data)
     assert storage.read_bytes(f"{base}/big.bin") == data
