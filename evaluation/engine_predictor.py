@@ -81,8 +81,7 @@ class EngineGenerate:
         self.spec = read_engine_spec(model_repository, model_name)
         self.engine = T5Engine.load(self.spec.weights_dir, dtype=self.spec.data_type,
                                     max_batch=self.spec.max_batch_size)
-        limit = int(T5Engine.max_input_len)
-        self.max_input_len = min(self.spec.max_input_len or limit, limit)
+        self.max_input_len = T5Engine.input_limit(self.spec.max_input_len)
         self.settings = {"max_output_len": max_output_len, "beam_width": beam_width,
                          "top_k": top_k, "random_seed": random_seed}
 
