@@ -376,22 +376,21 @@ def bandwidth_bound(cfg: T5Config, batch: int, in_len: int, out_len: int,
     """Lower bounds (seconds) from bytes that must move and FLOPs that must run.
 
     Encoder: max(read encoder weights, 2 * params * tokens FLOPs at the measured rate).
-    Each decoder step: read decoder weights + LM head + cross K/V [L, B, H, S, K] x 2 +
-    the self cache so far, all bf16.
+    Each decoder step: :func:`step_bytes` (decoder weights + LM head + cross K/V
+    [L, B, H, S, K] x 2) plus the self cache so far, all bf16.
     """
     d, i, f, v = cfg.d_model, cfg.inner_dim, cfg.d_ff, cfg.vocab_size
     mlp = d * f * (3 if cfg.gated else 2)
     enc_params = cfg.num_encoder_layers * (4 * d * i + mlp) + v * d
-    dec_params = cfg.num_decoder_layers * (8 * d * i + mlp) + v * d
     # tensor parallelism splits every weight and cache over the devices: their rates add up
     bw = rates["bandwidth_GBps"] * 1e9 * devices
     flops = rates["bf16_TFLOPs"] * 1e12 * devices
     enc_s = max(2 * enc_params / bw, 2 * enc_params * batch * in_len / flops)
-    cross = 2 * cfg.num_decoder_layers * batch * in_len * i * 2
+    fixed = step_bytes(cfg, in_len, batch)
     step_s = []
     for t in range(out_len):
         self_kv = 2 * cfg.num_decoder_layers * batch * t * i * 2
-        step_s.append((2 * dec_params + cross + self_kv) / bw)
+        step_s.append((fixed + self_kv) / bw)
     return {"encoder_s": enc_s, "decode_s": sum(step_s), "total_s": enc_s + sum(step_s),
             "tokens_per_s": batch * out_len / (enc_s + sum(step_s))}
 
