@@ -235,8 +235,8 @@ def engine_parts(cfg: T5Config, params: dict, b: int, s: int, repeats: int) -> d
     import jax.numpy as jnp
     import numpy as np
 
-    from bench.gpu import input_rows
-    from serving.engine import SamplingParams, T5Engine, model
+    from bench.gpu import input_rows, step_times
+    from serving.engine import T5Engine, model
 
     ids = jnp.asarray(input_rows(cfg, b, s, seed=3), jnp.int32)
     lengths = jnp.full((b,), s, jnp.int32)
@@ -255,17 +255,10 @@ def engine_parts(cfg: T5Config, params: dict, b: int, s: int, repeats: int) -> d
     log(f"B={b}: {out}")
     engine = T5Engine(cfg, params, dtype="bf16")
     engine.max_batch = b
-    engine.min_len_bucket = 64  # max_output_len 8 and 64 share the output-64 program
-    rows = list(np.asarray(ids))
-    times = {}
-    for n in (64, 8):
-        p = [SamplingParams(max_output_len=n)] * b
-        res = engine.generate(rows, p)
-        assert {int(r.sequence_length[0]) for r in res} == {n}, "a row ended early"
-        times[n] = statistics.median(timed(lambda p=p: engine.generate(rows, p), repeats))
-    step = (times[64] - times[8]) / 56
-    out.update(generate_64_s=times[64], generate_8_s=times[8], step_ms=step * 1e3,
-               fixed_s=times[64] - 64 * step)
+    times = step_times(engine, list(np.asarray(ids)), repeats)
+    step = times["step_s"]
+    out.update(generate_64_s=times["generate_64_s"], generate_8_s=times["generate_8_s"],
+               step_ms=step * 1e3, fixed_s=times["generate_64_s"] - 64 * step)
     log(f"B={b}: {out}")
     return out
 

@@ -376,22 +376,21 @@ def bandwidth_bound(cfg: T5Config, batch: int, in_len: int, out_len: int,
     """Lower bounds (seconds) from bytes that must move and FLOPs that must run.
 
     Encoder: max(read encoder weights, 2 * params * tokens FLOPs at the measured rate).
-    Each decoder step: read decoder weights + LM head + cross K/V [L, B, H, S, K] x 2 +
-    the self cache so far, all bf16.
+    Each decoder step: :func:`step_bytes` (decoder weights + LM head + cross K/V
+    [L, B, H, S, K] x 2) plus the self cache so far, all bf16.
     """
     d, i, f, v = cfg.d_model, cfg.inner_dim, cfg.d_ff, cfg.vocab_size
     mlp = d * f * (3 if cfg.gated else 2)
     enc_params = cfg.num_encoder_layers * (4 * d * i + mlp) + v * d
-    dec_params = cfg.num_decoder_layers * (8 * d * i + mlp) + v * d
     # tensor parallelism splits every weight and cache over the devices: their rates add up
     bw = rates["bandwidth_GBps"] * 1e9 * devices
     flops = rates["bf16_TFLOPs"] * 1e12 * devices
     enc_s = max(2 * enc_params / bw, 2 * enc_params * batch * in_len / flops)
-    cross = 2 * cfg.num_decoder_layers * batch * in_len * i * 2
+    fixed = step_bytes(cfg, in_len, batch)
     step_s = []
     for t in range(out_len):
         self_kv = 2 * cfg.num_decoder_layers * batch * t * i * 2
-        step_s.append((2 * dec_params + cross + self_kv) / bw)
+        step_s.append((fixed + self_kv) / bw)
     return {"encoder_s": enc_s, "decode_s": sum(step_s), "total_s": enc_s + sum(step_s),
             "tokens_per_s": batch * out_len / (enc_s + sum(step_s))}
 
@@ -454,26 +453,36 @@ def big_copies(engine, in_len: int) -> list[str]:
     return found
 
 
-def decode_step_time(engine, cfg: T5Config, in_len: int, read: dict,
-                     repeats: int = 5) -> dict:
-    """Batch-1 time per decoder step: the same compiled program (output bucket 64) run with
-    max_output_len 64 and 8; (t64 - t8) / 56 removes the encoder and the fixed costs.
-    The LM-head row of the end id must be zero (see zero_end_row) so no row ends early."""
+def step_times(engine, rows: list[np.ndarray], repeats: int) -> dict:
+    """Time per decoder step at ``len(rows)`` rows: the same compiled program (output bucket
+    64) run with max_output_len 64 and 8; (t64 - t8) / 56 removes the encoder and the fixed
+    costs. The LM-head row of the end id must be zero (see zero_end_row) so no row ends early.
+
+    Returns the median ``generate_64_s`` and ``generate_8_s`` and ``step_s``.
+    """
     from serving.engine import SamplingParams
 
-    row = [input_rows(cfg, 1, in_len, seed=7)[0]]
     engine.min_len_bucket = 64  # both lengths run the output-64 program: only the steps differ
     times = {}
     for n in (64, 8):
-        p = [SamplingParams(max_output_len=n)]
-        res = engine.generate(row, p)  # the first call compiles
-        assert int(res[0].sequence_length[0]) == n, "ended early"
-        times[n] = statistics.median(timed(lambda p=p: engine.generate(row, p), repeats))
-    per_step = (times[64] - times[8]) / 56
+        p = [SamplingParams(max_output_len=n)] * len(rows)
+        res = engine.generate(rows, p)  # the first call compiles
+        assert {int(r.sequence_length[0]) for r in res} == {n}, "a row ended early"
+        times[n] = statistics.median(timed(lambda p=p: engine.generate(rows, p), repeats))
+    return {"generate_64_s": times[64], "generate_8_s": times[8],
+            "step_s": (times[64] - times[8]) / 56}
+
+
+def decode_step_time(engine, cfg: T5Config, in_len: int, read: dict,
+                     repeats: int = 5) -> dict:
+    """Batch-1 time per decoder step (:func:`step_times`) against the bytes a step reads."""
+    times = step_times(engine, [input_rows(cfg, 1, in_len, seed=7)[0]], repeats)
+    per_step = times["step_s"]
     nbytes = step_bytes(cfg, in_len)
     spec_s = nbytes / H200_SPEC_BPS
     read_s = nbytes / (read["read_GBps"] * 1e9)
-    return {"generate_64_s": times[64], "generate_8_s": times[8], "step_ms": per_step * 1e3,
+    return {"generate_64_s": times["generate_64_s"], "generate_8_s": times["generate_8_s"],
+            "step_ms": per_step * 1e3,
             "step_bytes_GB": nbytes / 1e9, "spec_bound_ms": spec_s * 1e3,
             "read_bound_ms": read_s * 1e3, "over_spec": per_step / spec_s,
             "over_measured_read": per_step / read_s,

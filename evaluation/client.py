@@ -35,6 +35,8 @@ from tenacity import (
 )
 from tritonclient.utils import InferenceServerException
 
+from evaluation.batching import describe_error
+
 OPTIONAL_INPUTS = ("beam_width", "runtime_top_k", "random_seed")
 TRANSIENT_STATUS = (
     "UNAVAILABLE",
@@ -167,7 +169,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, InferenceServerException):
         status = exc.status() or ""
         return f"{status}: {exc.message()}".strip(": ")
-    return f"{type(exc).__name__}: {exc}"
+    return describe_error(exc)
 
 
 def _first_ready(urls: Sequence[str], model_name: str) -> str | None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from evaluation.client import build_request_arrays, declared_only, parse_response
 from evaluation.predictor import BatchPredictor
-from evaluation.tokenizer import weights_location
+from evaluation.tokenizer import read_model_config, weights_location
 
 if TYPE_CHECKING:
     from evaluation.options import EvalSettings
@@ -43,16 +43,16 @@ def read_engine_spec(model_repository: str, model_name: str) -> EngineSpec:
 
     Raises:
       FileNotFoundError: no config.pbtxt, or no config.ini in the weights folder it names.
+      evaluation.tokenizer.VocabError: config.pbtxt is not a readable ModelConfig.
     """
     from core import ft_format, storage
-    from core.repository import parse_pbtxt
 
-    pbtxt = storage.join(model_repository, model_name, "config.pbtxt")
-    if not storage.exists(pbtxt):
+    config = read_model_config(model_repository, model_name)
+    if config is None:
+        pbtxt = storage.join(model_repository, model_name, "config.pbtxt")
         raise FileNotFoundError(f"no {pbtxt}: --model-repository holds no model {model_name!r}")
-    config = parse_pbtxt(storage.read_text(pbtxt))
     params = {k: v.string_value for k, v in config.parameters.items()}
-    weights = weights_location(model_repository, model_name)
+    weights = weights_location(model_repository, model_name, config)
     if not storage.exists(storage.join(weights, ft_format.CONFIG_INI)):
         raise FileNotFoundError(f"no FT weights folder at {weights} (config.ini missing)")
     return EngineSpec(weights_dir=weights, data_type=params.get("data_type") or "fp32",
@@ -81,8 +81,7 @@ class EngineGenerate:
         self.spec = read_engine_spec(model_repository, model_name)
         self.engine = T5Engine.load(self.spec.weights_dir, dtype=self.spec.data_type,
                                     max_batch=self.spec.max_batch_size)
-        limit = int(T5Engine.max_input_len)
-        self.max_input_len = min(self.spec.max_input_len or limit, limit)
+        self.max_input_len = T5Engine.input_limit(self.spec.max_input_len)
         self.settings = {"max_output_len": max_output_len, "beam_width": beam_width,
                          "top_k": top_k, "random_seed": random_seed}
 

@@ -159,11 +159,10 @@ def _stream_results(
 
 
 def _check_engine(s: EvalSettings) -> None:
-    """Fail on the driver, before Ray starts actors, when the repository has no engine to run."""
-    assert s.model_repository is not None  # validate() checked it
-    if s.model_repository.startswith("gs://"):
-        raise EvaluationError("--backend in-process reads a local --model-repository; copy "
-                              f"{s.model_repository} to a local folder first")
+    """Fail on the driver, before Ray starts actors, when the repository has no engine to run.
+
+    Called after ``s.validate()``, which refused a missing or gs:// ``--model-repository``.
+    """
     try:
         read_engine_spec(s.model_repository, s.model_name)
     except (FileNotFoundError, ValueError) as exc:

@@ -18,8 +18,12 @@ way serving finds it (:func:`model_vocab_size`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
+
+if TYPE_CHECKING:
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 EOS_ID = 1
 PAD_ID = 0
@@ -104,33 +108,49 @@ def load_tokenizer(
     return Tokenizer(storage.read_bytes(location), source=location)
 
 
-def weights_location(model_repository: str, model_name: str) -> str:
+def read_model_config(model_repository: str, model_name: str) -> ModelConfig | None:
+    """``<repo>/<model>/config.pbtxt`` parsed as Triton reads it; None when there is none.
+
+    Raises:
+      VocabError: the file is there but is not a readable ModelConfig.
+    """
+    from google.protobuf import text_format
+
+    from core import storage
+    from core.repository import parse_pbtxt
+
+    pbtxt = storage.join(model_repository, model_name, "config.pbtxt")
+    if not storage.exists(pbtxt):
+        return None
+    try:
+        return parse_pbtxt(storage.read_text(pbtxt))
+    except text_format.ParseError as exc:
+        raise VocabError(f"{pbtxt}: unreadable config.pbtxt ({exc})") from exc
+
+
+def weights_location(model_repository: str, model_name: str,
+                     config: ModelConfig | None = None) -> str:
     """The served model's FT weights folder, found as serving finds it from config.pbtxt.
 
     ``model_checkpoint_path`` (FT, an explicit folder), else ``1/<weights_dir>`` (our jax
     engine) or ``1/<default_model_filename>`` (FT), else ``1/<tensor_para_size>-gpu``.
+    ``config``: the model's config.pbtxt when the caller has already read it (else it is read
+    here with :func:`read_model_config`).
     """
-    from google.protobuf import text_format
-
     from core import ft_format, storage
-    from core.repository import parse_pbtxt
 
-    model_dir = storage.join(model_repository, model_name)
-    pbtxt = storage.join(model_dir, "config.pbtxt")
+    if config is None:
+        config = read_model_config(model_repository, model_name)
     params: dict[str, str] = {}
     default = ""
-    if storage.exists(pbtxt):
-        try:
-            config = parse_pbtxt(storage.read_text(pbtxt))
-        except text_format.ParseError as exc:
-            raise VocabError(f"{pbtxt}: unreadable config.pbtxt ({exc})") from exc
+    if config is not None:
         params = {k: v.string_value for k, v in config.parameters.items()}
         default = config.default_model_filename
     if params.get("model_checkpoint_path"):
         return params["model_checkpoint_path"]
     tp = int(params.get("tensor_para_size") or 1)
     sub = params.get("weights_dir") or default or ft_format.weights_dir_name(tp)
-    return storage.join(model_dir, "1", sub)
+    return storage.join(model_repository, model_name, "1", sub)
 
 
 def model_vocab_size(model_repository: str, model_name: str) -> tuple[int, str] | None:

@@ -137,6 +137,15 @@ class T5Engine:
             self.params = jax.tree_util.tree_map(jnp.asarray, params)
         self._lock = threading.Lock()
 
+    @classmethod
+    def input_limit(cls, asked: int) -> int:
+        """The longest input row served when config.pbtxt asks for ``asked`` (its
+        ``max_input_len`` parameter): 0 means the engine's limit (:attr:`max_input_len`), and a
+        larger ask is capped at it. The Triton model and in-process evaluation both take their
+        limit from here, so both refuse exactly the same rows."""
+        limit = int(cls.max_input_len)
+        return min(asked or limit, limit)
+
     # --- construction ------------------------------------------------------------------------
 
     @classmethod

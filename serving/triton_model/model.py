@@ -67,9 +67,7 @@ class TritonPythonModel:
         self.engine = T5Engine.load(str(weights_dir), dtype=dtype, max_batch=self.max_batch_size)
         self.vocab_size = self.engine.config.vocab_size
         self.end_id = self.engine.config.eos_token_id
-        limit = int(T5Engine.max_input_len)
-        asked = int(params.get("max_input_len") or limit)
-        self.max_input_len = min(asked, limit)
+        self.max_input_len = T5Engine.input_limit(int(params.get("max_input_len") or 0))
         self.output_names = {o["name"] for o in self.model_config.get("output", [])}
         # Outputs are built on the host device (see the module docstring).
         self.host = jax.devices("cpu")[0]

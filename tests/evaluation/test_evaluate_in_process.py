@@ -101,6 +101,27 @@ def test_cli_without_url_is_one_line(tmp_path, repo_root):
         "in-process --model-repository DST)")
 
 
+def test_cli_unreadable_config_pbtxt_is_one_line(tmp_path, repo_root):
+    """A config.pbtxt Triton could not read: one line naming it, before anything is written."""
+    from core.repository import model_config, to_pbtxt
+
+    model = tmp_path / "repo" / MODEL
+    model.mkdir(parents=True)
+    text = to_pbtxt(model_config(MODEL, "jax", 1))
+    (model / "config.pbtxt").write_text(text[: text.rindex("}")])  # its last brace cut off
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "ray_jobs.evaluate", "--backend", "in-process",
+           "--model-name", MODEL, "--model-repository", str(tmp_path / "repo"),
+           "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(repo_root),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: --backend in-process: {model / 'config.pbtxt'}: unreadable config.pbtxt (")
+    assert not out.exists()
+
+
 def test_batching_loop_without_ray_matches_triton(eval_model_repo, eval_vocab, data_with_holes,
                                                   reference_run):
     """What a benchmark runs: predict_rows over EngineGenerate, in this process, no Ray."""

@@ -213,6 +213,13 @@ def test_one_compilation_per_bucket(folder) -> None:
     assert added("sampling") == 3
 
 
+def test_input_limit_caps_the_ask_and_zero_means_the_engines() -> None:
+    limit = T5Engine.max_input_len
+    assert T5Engine.input_limit(0) == limit
+    assert T5Engine.input_limit(64) == 64
+    assert T5Engine.input_limit(limit + 1) == limit
+
+
 def test_bad_inputs_are_named(engine, rows) -> None:
     ok = SamplingParams(max_output_len=4)
     cases = [
