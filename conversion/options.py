@@ -68,6 +68,13 @@ class ConvertOptions(StageOptions):
     engine: Engine = option(
         "fastertransformer",
         help="Triton backend config.pbtxt is written for (default fastertransformer)")
+    batch_invariant: bool = option(
+        True, flag="--no-batch-invariant",
+        help="jax engine: write batch_invariant \"false\" into config.pbtxt, so the engine "
+        "batches rows freely (faster, above all for single-row requests on a CPU); a row's "
+        "tokens and log probs may then change with the rows Triton batches it with, so two "
+        "evaluation runs (other actor counts, batch sizes or load) can disagree. Default: "
+        "batch-invariant, each row decoded at shapes chosen by the row alone")
     resume: bool = option(
         False, help="keep files whose manifest entry, size and digest (crc32c or sha256, "
         "whichever the manifest holds) check out")

@@ -249,7 +249,8 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     storage.write_text(paths.manifest_url, manifest_text)
     unaccounted = _verify(opts, plan, paths, manifest_text) if opts.verify else None
     config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
-                                     opts.pipeline_parallel, opts.inference_dtype)
+                                     opts.pipeline_parallel, opts.inference_dtype,
+                                     batch_invariant=opts.batch_invariant)
     storage.write_text(paths.config_url, repository.to_pbtxt(config))
     vocab_info = {"gin": header["gin"], "gin_warnings": gin_warnings, "vocab": vocab,
                   "vocab_source": vocab_source}

@@ -72,6 +72,7 @@ def model_config(
     pipeline_parallel: int = 1,
     data_type: str = "bf16",
     model_checkpoint_path: str | None = None,
+    batch_invariant: bool = True,
 ) -> mc.ModelConfig:
     """The ModelConfig for ``engine``.
 
@@ -81,6 +82,8 @@ def model_config(
       tensor_parallel / pipeline_parallel: FT's tensor_para_size / pipeline_para_size.
       data_type: the inference dtype, fp32 | fp16 | bf16.
       model_checkpoint_path: FT only, an explicit weights folder (default: 1/<T>-gpu).
+      batch_invariant: jax only, the ``batch_invariant`` parameter ("true" / "false"): whether
+        the engine decodes each row at shapes chosen by the row alone (serving/engine).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
@@ -108,8 +111,36 @@ def model_config(
                             output=outputs, instance_group=[group])
     config.dynamic_batching.max_queue_delay_microseconds = 2000
     _set_params(config, {**common, "model_type": "T5", "weights_dir": weights,
-                         "max_input_len": "1024"})
+                         "max_input_len": "1024",
+                         BATCH_INVARIANT: "true" if batch_invariant else "false"})
     return config
+
+
+# The jax model's config.pbtxt parameter naming the engine's batch-invariant mode.
+BATCH_INVARIANT = "batch_invariant"
+
+
+def batch_invariant(config: mc.ModelConfig) -> bool | None:
+    """The ``batch_invariant`` parameter of a jax model's config: True unless it says "false"
+    (the engine's default; repositories written before the parameter existed are served
+    batch-invariant too). None for a model of another backend (FasterTransformer)."""
+    if config.backend != "python":
+        return None
+    return batch_invariant_value(config.parameters[BATCH_INVARIANT].string_value
+                                 if BATCH_INVARIANT in config.parameters else "")
+
+
+def batch_invariant_value(text: str) -> bool:
+    """The parameter's string as a bool: "" (absent) or "true" -> True, "false" -> False.
+
+    Raises:
+      ValueError: any other value.
+    """
+    value = text.strip().lower()
+    if value not in ("", "true", "false"):
+        raise ValueError(f"config.pbtxt parameter {BATCH_INVARIANT} is {text!r}; "
+                         "expected \"true\" or \"false\"")
+    return value != "false"
 
 
 def to_pbtxt(config: mc.ModelConfig) -> str:

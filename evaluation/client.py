@@ -191,6 +191,20 @@ def _first_ready(urls: Sequence[str], model_name: str) -> str | None:
     return last
 
 
+def served_model_config(urls: Sequence[str], model_name: str):
+    """The model's configuration (Triton's ``ModelConfig``, as loaded) from the first endpoint
+    that answers; None when none does."""
+    for url in urls:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            return client.get_model_config(model_name).config
+        except Exception:  # noqa: BLE001, S112 - any failure means "ask the next one"
+            continue
+        finally:
+            client.close()
+    return None
+
+
 def wait_ready(urls: Sequence[str], model_name: str, timeout_s: float,
                period_s: float = 1.0) -> None:
     """Return as soon as one endpoint's server and model ``model_name`` report ready.

@@ -10,8 +10,8 @@ for row, and a request the Triton model would refuse is refused here with the sa
 
 :class:`EngineGenerate` is that answer as a plain callable (no Ray): a benchmark passes it to
 :func:`evaluation.batching.predict_rows`. The engine is built as serving/triton_model/model.py
-builds it from config.pbtxt: the weights folder (``weights_location``), ``data_type`` and
-``max_input_len`` parameters, and ``max_batch_size``.
+builds it from config.pbtxt: the weights folder (``weights_location``), ``data_type``,
+``max_input_len`` and ``batch_invariant`` parameters, and ``max_batch_size``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class EngineSpec:
     max_input_len: int  # 0: the engine's own limit
     max_batch_size: int  # 0: no limit
     inputs: frozenset[str]  # the declared input names
+    batch_invariant: bool = True  # each row decoded at shapes chosen by the row alone
 
 
 def read_engine_spec(model_repository: str, model_name: str) -> EngineSpec:
@@ -44,8 +45,9 @@ def read_engine_spec(model_repository: str, model_name: str) -> EngineSpec:
     Raises:
       FileNotFoundError: no config.pbtxt, or no config.ini in the weights folder it names.
       evaluation.tokenizer.VocabError: config.pbtxt is not a readable ModelConfig.
+      ValueError: its batch_invariant parameter is neither "true" nor "false".
     """
-    from core import ft_format, storage
+    from core import ft_format, repository, storage
 
     config = read_model_config(model_repository, model_name)
     if config is None:
@@ -58,7 +60,9 @@ def read_engine_spec(model_repository: str, model_name: str) -> EngineSpec:
     return EngineSpec(weights_dir=weights, data_type=params.get("data_type") or "fp32",
                       max_input_len=int(params.get("max_input_len") or 0),
                       max_batch_size=int(config.max_batch_size),
-                      inputs=frozenset(i.name for i in config.input))
+                      inputs=frozenset(i.name for i in config.input),
+                      batch_invariant=repository.batch_invariant_value(
+                          params.get(repository.BATCH_INVARIANT, "")))
 
 
 class EngineGenerate:
@@ -80,7 +84,8 @@ class EngineGenerate:
 
         self.spec = read_engine_spec(model_repository, model_name)
         self.engine = T5Engine.load(self.spec.weights_dir, dtype=self.spec.data_type,
-                                    max_batch=self.spec.max_batch_size)
+                                    max_batch=self.spec.max_batch_size,
+                                    batch_invariant=self.spec.batch_invariant)
         self.max_input_len = T5Engine.input_limit(self.spec.max_input_len)
         self.settings = {"max_output_len": max_output_len, "beam_width": beam_width,
                          "top_k": top_k, "random_seed": random_seed}

@@ -28,13 +28,19 @@ from typing import Any
 from evaluation import metrics as eval_metrics
 from evaluation import report as eval_report
 from evaluation.batching import group_rows
-from evaluation.client import NotReady, wait_ready
+from evaluation.client import NotReady, served_model_config, wait_ready
 from evaluation.data import Example, LoadedData, load_examples
 from evaluation.engine_predictor import EnginePredictor, read_engine_spec
 from evaluation.options import EvalOptions, EvalSettings  # noqa: F401 - EvalSettings kept
 from evaluation.outputs import METRICS, PREDICTIONS, REPORT, OutputDir, prediction_line
 from evaluation.predictor import LATENCY_BOUNDARIES_MS, Predictor  # noqa: F401 - public names
-from evaluation.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer, model_vocab_size
+from evaluation.tokenizer import (
+    Tokenizer,
+    check_vocab_fits,
+    load_tokenizer,
+    model_vocab_size,
+    read_model_config,
+)
 
 Log = Callable[[str], None]
 
@@ -178,6 +184,32 @@ def _gpus_per_actor(s: EvalSettings) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def served_as(s: EvalSettings, urls: Sequence[str]) -> dict[str, Any]:
+    """metrics.json's ``serving``: how the answers were computed, so two runs' metrics can be
+    compared knowingly: the inference ``data_type`` and the engine's ``batch_invariant`` mode
+    (None for a FasterTransformer model, which has no such mode), and where they were read
+    (``source``): the server's model config for ``--backend triton`` (what answered), else, or
+    when no server answers, ``--model-repository``'s config.pbtxt; "unknown" when neither."""
+    from core import repository
+
+    config, source = None, "unknown"
+    if s.backend == "triton" and urls:
+        config = served_model_config(urls, s.model_name)
+        source = "server" if config is not None else source
+    if config is None and s.model_repository:
+        config = read_model_config(s.model_repository, s.model_name)
+        source = "repository" if config is not None else source
+    if config is None:
+        return {"data_type": None, "batch_invariant": None, "source": source}
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    try:
+        invariant = repository.batch_invariant(config)
+    except ValueError:
+        invariant = None  # the engine refuses such a config; nothing was served from it
+    return {"data_type": params.get("data_type") or None, "batch_invariant": invariant,
+            "source": source}
+
+
 def _where(s: EvalSettings, urls: Sequence[str]) -> str:
     """Who answers, for the log and the report."""
     if s.backend == "in-process":
@@ -283,7 +315,8 @@ def _score(inputs: _Inputs, run: _Run, out: OutputDir, t_start: float) -> dict[s
         sent=len(run.latencies), latencies_ms=run.latencies,
         resumed=len(inputs.data.examples) - len(run.pending),
     )
-    result.update(vocab_pieces=inputs.tokenizer.vocab_size, model_vocab_size=inputs.model_vocab)
+    result.update(vocab_pieces=inputs.tokenizer.vocab_size, model_vocab_size=inputs.model_vocab,
+                  serving=served_as(inputs.settings, inputs.urls))
     return result
 
 
@@ -306,7 +339,10 @@ def _render(s: EvalSettings, inputs: _Inputs, run: _Run, out: OutputDir,
                   "batch size": s.batch_size, "max input len": s.max_input_len,
                   "max output len": s.max_output_len, "beam width": s.beam_width,
                   "top k": s.top_k, "vocabulary pieces": inputs.tokenizer.vocab_size,
-                  "model vocab_size": "unknown" if model_vocab is None else model_vocab},
+                  "model vocab_size": "unknown" if model_vocab is None else model_vocab,
+                  "inference dtype": result["serving"]["data_type"],
+                  "batch invariant": result["serving"]["batch_invariant"],
+                  "read from": result["serving"]["source"]},
     )
     out.write_file(REPORT, html)
 

@@ -2,6 +2,15 @@
 
 One compiled program per (kind, batch bucket, input bucket, output bucket): batch sizes and
 lengths are rounded up to powers of two, so a stream of requests reuses a handful of programs.
+
+Batch invariance (the default, ``batch_invariant=True``): a row's output ids and log probs must
+not depend on the rows it is batched with. They would: the padded input length is the longest
+row's, the output bucket the largest max_output_len's, and the batch size picks the program,
+whose matrix products reduce in a shape-dependent order (XLA's CPU GEMV for one row and GEMM
+for several differ in the last bit; GPU GEMM tilings differ by shape). So in this mode every
+row runs at shapes chosen by the row alone: its own input bucket and output bucket, in a group
+of rows sharing both, padded with dummy rows to one fixed batch size (:meth:`invariant_rows`)
+and split into chunks of that size. The cost is the padding (docs/benchmarks.md).
 Rows are grouped by what changes the program (beam width; greedy vs sampling); every other
 setting (seed, temperature, top-k/p, penalties, start/end ids, max_output_len) is a per-row
 array inside the program, so each row keeps its own values (FT takes the first row's
@@ -118,16 +127,25 @@ class T5Engine:
     max_output_limit: int = 4096  # largest accepted max_output_len
     max_batch: int = 64  # rows per compiled call; larger groups are split
     min_len_bucket: int = 8
+    # Batch-invariant mode's fixed batch on a CPU: there a program's cost grows with its rows,
+    # so a small fixed batch keeps one-row requests cheap (a GPU runs max_batch rows for about
+    # the price of one, so there the fixed batch is max_batch).
+    cpu_invariant_batch: int = 8
 
     def __init__(self, cfg: T5Config, params: dict, dtype: str = "fp32",
-                 tensor_parallel: int = 1, devices: int = 1) -> None:
+                 tensor_parallel: int = 1, devices: int = 1,
+                 batch_invariant: bool = True) -> None:
         """params: a weights.py tree (numpy or jax arrays, already in the compute dtype).
         tensor_parallel: the T of the folder it came from (informational).
-        devices: shard over this many local devices with FT's split (sharding.py)."""
+        devices: shard over this many local devices with FT's split (sharding.py).
+        batch_invariant: run every row at shapes chosen by the row alone (module docstring),
+        so its output does not depend on the rows batched with it; False batches freely
+        (faster, but a row's tokens and log probs may change with its neighbours)."""
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {list(COMPUTE_DTYPES)}")
         self.config = cfg
         self.dtype = dtype
+        self.batch_invariant = batch_invariant
         self.source_tensor_parallel = tensor_parallel
         self.devices = devices
         if devices > 1:
@@ -150,20 +168,22 @@ class T5Engine:
 
     @classmethod
     def load(cls, weights_dir: str, dtype: str = "fp32", devices: int = 1,
-             max_batch: int = 0) -> T5Engine:
+             max_batch: int = 0, batch_invariant: bool = True) -> T5Engine:
         """Read a ``<T>-gpu`` folder of any tensor-parallel size T (ranks are re-joined).
 
         devices: local devices to shard over (heads and d_ff split as FT does); any T folder
         can be served on any device count that divides num_heads and d_ff.
         max_batch: rows per compiled call (0: the class default); the Triton model passes its
         max_batch_size, so a batch Triton merged runs as one program.
+        batch_invariant: see :meth:`__init__` (the config.pbtxt parameter ``batch_invariant``).
         """
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {list(COMPUTE_DTYPES)}")
         cfg, file_dtype, t, full = weights.read_ft_folder(Path(weights_dir))
         params = weights.to_param_tree(cfg, full, np.dtype(COMPUTE_DTYPES[dtype]))
         log.info("loaded %s (%s files, T=%d) as %s", weights_dir, file_dtype, t, dtype)
-        engine = cls(cfg, params, dtype=dtype, tensor_parallel=t, devices=devices)
+        engine = cls(cfg, params, dtype=dtype, tensor_parallel=t, devices=devices,
+                     batch_invariant=batch_invariant)
         if max_batch:
             engine.max_batch = max_batch
         return engine
@@ -173,6 +193,15 @@ class T5Engine:
         """How many programs of each kind ("encode", "sampling", "beam", "logits") this process has
         traced (= compiled): engines of one config and dtype share their programs."""
         return TRACE_COUNTS
+
+    def invariant_rows(self, width: int) -> int:
+        """Batch-invariant mode's fixed batch (requests) for beam width ``width``: every
+        program of that width runs exactly this many rows. On a CPU ``cpu_invariant_batch``,
+        elsewhere ``max_batch`` rows (as beams: max_batch // width requests)."""
+        rows = self.max_batch
+        if jax.default_backend() == "cpu":
+            rows = min(rows, self.cpu_invariant_batch * width)
+        return max(1, rows // width)
 
     # --- public API --------------------------------------------------------------------------
 
@@ -199,17 +228,24 @@ class T5Engine:
             raise ValueError(f"{len(inputs)} input rows but {len(params)} SamplingParams")
         rows = [self._check_row(i, x, p) for i, (x, p) in enumerate(zip(inputs, params,
                                                                          strict=True))]
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for i, p in enumerate(params):
-            key = (p.beam_width, p.beam_width == 1 and not p.greedy)
+        # Rows run together only when they share a program kind (beam width; greedy or
+        # sampling) and, batch-invariant, also their own input and output buckets.
+        groups: dict[tuple[int, bool, int, int], list[int]] = {}
+        for i, (x, p) in enumerate(zip(rows, params, strict=True)):
+            key = (p.beam_width, p.beam_width == 1 and not p.greedy, 0, 0)
+            if self.batch_invariant:
+                key = key[:2] + (_bucket(len(x), self.min_len_bucket),
+                                 _bucket(p.max_output_len, self.min_len_bucket))
             groups.setdefault(key, []).append(i)
         results: list[GenerationResult | None] = [None] * len(rows)
-        for (width, sample), idx in groups.items():
-            chunk_rows = max(1, self.max_batch // width)
+        for (width, sample, s, n), idx in groups.items():
+            fixed = self.invariant_rows(width) if self.batch_invariant else 0
+            chunk_rows = fixed or max(1, self.max_batch // width)
             for start in range(0, len(idx), chunk_rows):
                 part = idx[start:start + chunk_rows]
                 outs = self._run([rows[i] for i in part], [params[i] for i in part],
-                                 width, sample, beam=width > 1)
+                                 width, sample, beam=width > 1,
+                                 shape=(fixed, s, n) if fixed else None)
                 for i, out in zip(part, outs, strict=True):
                     results[i] = out
         return results  # type: ignore[return-value]
@@ -253,11 +289,17 @@ class T5Engine:
         return x.astype(np.int32)
 
     def _run(self, rows: list[np.ndarray], params: list[SamplingParams], width: int,
-             sample: bool, beam: bool) -> list[GenerationResult]:
+             sample: bool, beam: bool, shape: tuple[int, int, int] | None = None
+             ) -> list[GenerationResult]:
+        """Decode rows in one program. shape: its (batch, input length, output length), fixed
+        by the caller (batch-invariant mode); None: buckets of these rows' own extremes."""
         n_real = len(rows)
-        b = _bucket(n_real, 1)
-        s = _bucket(max(len(x) for x in rows), self.min_len_bucket)
-        n = _bucket(max(p.max_output_len for p in params), self.min_len_bucket)
+        if shape is None:
+            b = _bucket(n_real, 1)
+            s = _bucket(max(len(x) for x in rows), self.min_len_bucket)
+            n = _bucket(max(p.max_output_len for p in params), self.min_len_bucket)
+        else:
+            b, s, n = shape
         # Padding rows: one token, one output step; they finish at once.
         pad_p = SamplingParams(max_output_len=1)
         params = list(params) + [pad_p] * (b - n_real)

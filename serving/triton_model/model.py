@@ -3,7 +3,9 @@
 A model repository written by ``ray_jobs.convert --engine jax`` holds
 ``<model>/1/model.py`` = ``from serving.triton_model.model import TritonPythonModel``, and a
 ``config.pbtxt`` with ``backend: "python"``, dynamic batching and the string parameters
-``weights_dir`` (``<T>-gpu``), ``data_type`` and ``max_input_len``.
+``weights_dir`` (``<T>-gpu``), ``data_type``, ``max_input_len`` and ``batch_invariant``
+("true" unless it says "false": each row decoded at shapes chosen by the row alone, so a
+request's answer does not depend on what the dynamic batcher merges it with).
 
 Every row of every request in a dynamic batch goes to the engine in one ``generate`` call (the
 engine groups rows it can run together); each request gets its own response, or a TritonError
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from core import ft_format
+from core import ft_format, repository
 from serving.engine import T5Engine
 from serving.engine.contract import (
     ParsedRequest,
@@ -64,7 +66,14 @@ class TritonPythonModel:
             )
         dtype = params.get("data_type") or "fp32"
         self.max_batch_size = int(self.model_config.get("max_batch_size", 0))
-        self.engine = T5Engine.load(str(weights_dir), dtype=dtype, max_batch=self.max_batch_size)
+        try:
+            invariant = repository.batch_invariant_value(
+                params.get(repository.BATCH_INVARIANT, ""))
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(
+                f"{self.model_config.get('name')}/config.pbtxt: {exc}") from None
+        self.engine = T5Engine.load(str(weights_dir), dtype=dtype, max_batch=self.max_batch_size,
+                                    batch_invariant=invariant)
         self.vocab_size = self.engine.config.vocab_size
         self.end_id = self.engine.config.eos_token_id
         self.max_input_len = T5Engine.input_limit(int(params.get("max_input_len") or 0))
@@ -75,7 +84,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         self.logger.log_info(
             f"T5 engine loaded from {weights_dir} ({dtype}) on {self.device}; "
-            f"max_input_len {self.max_input_len}"
+            f"max_input_len {self.max_input_len}; batch_invariant {invariant}"
         )
 
     def execute(self, requests: list) -> list:

@@ -67,10 +67,11 @@ def subprocess_env(repo_root: Path) -> dict[str, str]:
     return env
 
 
-def convert_tiny_model(work: Path, repo_root: Path, vocab: Path, extra_logits: int = 0) -> Path:
+def convert_tiny_model(work: Path, repo_root: Path, vocab: Path, extra_logits: int = 0,
+                       dtype: str = "fp32") -> Path:
     """``work/repo``: a tiny random T5 with ``vocab``'s pieces plus ``extra_logits`` logits
     (config vocab_size) and ``vocab`` as its spiece.model, made by the real chain:
-    demo.t5x_writer -> python -m ray_jobs.convert --engine jax --vocab.
+    demo.t5x_writer -> python -m ray_jobs.convert --engine jax --vocab; served in ``dtype``.
     """
     import sentencepiece as spm
 
@@ -85,7 +86,7 @@ def convert_tiny_model(work: Path, repo_root: Path, vocab: Path, extra_logits: i
     write_t5x_checkpoint(ckpt, random_t5x_params(cfg, seed=0, dtype="float32"), step=1)
     repo = work / "repo"
     cmd = [sys.executable, "-m", "ray_jobs.convert", "--src", str(ckpt), "--dst", str(repo),
-           "--model-name", MODEL, "--engine", "jax", "--inference-dtype", "fp32",
+           "--model-name", MODEL, "--engine", "jax", "--inference-dtype", dtype,
            "--vocab", str(vocab), "--json"]
     proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(repo_root),
                           capture_output=True, text=True, timeout=300)
@@ -108,6 +109,23 @@ def eval_servers(ray_local, eval_model_repo):
 
     with LocalServers(str(eval_model_repo), MODEL, replicas=2, num_cpus=0.5) as servers:
         yield servers
+
+
+@pytest.fixture(scope="session")
+def bf16_model_repo(tmp_path_factory, repo_root, eval_vocab) -> Path:
+    """The tiny model converted with the default inference dtype, bf16 (batch-invariant by
+    default)."""
+    return convert_tiny_model(tmp_path_factory.mktemp("bf16_model"), repo_root, eval_vocab,
+                              dtype="bf16")
+
+
+@pytest.fixture(scope="session")
+def bf16_grpc_url(ray_local, bf16_model_repo):
+    """One real tritonserver serving the bf16 model: its gRPC HOST:PORT."""
+    from serving.local import LocalServers
+
+    with LocalServers(str(bf16_model_repo), MODEL, replicas=1, num_cpus=0.5) as servers:
+        yield servers.endpoints[0]["grpc"]
 
 
 @pytest.fixture(scope="session")

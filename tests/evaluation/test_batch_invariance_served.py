@@ -1,0 +1,104 @@
+"""Batch invariance through a served bf16 model (issue 22): concurrent clients (Triton's
+dynamic batcher merges their requests) get for each row exactly what the engine gives that row
+alone, and ``ray_jobs.evaluate`` writes byte-identical predictions.jsonl whatever its actor
+count and batch size, and records the dtype and the mode in metrics.json."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from evaluation.runner import EvalSettings, evaluate
+from tests.evaluation.conftest import COMMON, MODEL
+from tests.serving.conftest import ft_inputs
+
+pytestmark = pytest.mark.slow
+
+OUTPUTS = ("output_ids", "sequence_length", "cum_log_probs", "output_log_probs")
+
+
+def _rows(n: int, vocab: int) -> list[np.ndarray]:
+    """n rows of 3..40 tokens (input buckets 8, 16, 32, 64), ending with EOS."""
+    rng = np.random.default_rng(1)
+    return [np.append(rng.integers(2, vocab, size=int(k)), 1).astype(np.uint32)
+            for k in rng.integers(2, 40, size=n)]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_concurrent_clients_get_each_rows_alone_answer(bf16_grpc_url, bf16_model_repo, mode):
+    from serving.engine import SamplingParams, T5Engine
+
+    engine = T5Engine.load(str(bf16_model_repo / MODEL / "1" / "1-gpu"), dtype="bf16",
+                           max_batch=128)  # as the Triton model loads it
+    rows = _rows(12, engine.config.vocab_size)
+    knobs = {"greedy": {}, "sample": {"runtime_top_k": 0, "runtime_top_p": 0.9},
+             "beam": {"beam_width": 2}}[mode]
+    seed = {"random_seed": 77} if mode == "sample" else {}
+    alone = []
+    for r in rows:
+        p = SamplingParams(max_output_len=10, return_log_probs=True,
+                           top_k=knobs.get("runtime_top_k", 1),
+                           top_p=knobs.get("runtime_top_p", 0.0),
+                           beam_width=knobs.get("beam_width", 1), random_seed=77)
+        alone.append(engine.generate([r], [p])[0])
+
+    # 6 clients at once, requests of 1, 2 or 3 rows: the dynamic batcher merges them.
+    answers: dict[int, dict[str, np.ndarray]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def client(parts: list[list[int]]) -> None:
+        try:
+            c = grpcclient.InferenceServerClient(bf16_grpc_url)
+            barrier.wait()
+            for part in parts:
+                res = c.infer(MODEL, ft_inputs([rows[i] for i in part], 10,
+                                               is_return_log_probs=True, **knobs, **seed))
+                for j, i in enumerate(part):
+                    answers[i] = {name: res.as_numpy(name)[j] for name in OUTPUTS}
+            c.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    plan = [[[0], [7]], [[1, 2]], [[3], [4, 5]], [[6, 8, 9]], [[10]], [[11]]]
+    threads = [threading.Thread(target=client, args=(p,)) for p in plan]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert sorted(answers) == list(range(12))
+    for i, want in enumerate(alone):
+        got = answers[i]
+        width = want.output_ids.shape[0]
+        n = want.output_ids.shape[1]
+        assert np.array_equal(got["output_ids"][:width, :n], want.output_ids), i
+        assert np.array_equal(got["sequence_length"][:width], want.sequence_length), i
+        assert got["cum_log_probs"][:width].tobytes() == want.cum_log_probs.tobytes(), i
+        assert (got["output_log_probs"][:width, :n].tobytes()
+                == want.output_log_probs.tobytes()), i
+
+
+def test_evaluate_actors_and_batch_sizes_give_identical_predictions(
+        tmp_path, bf16_grpc_url, bf16_model_repo, data_with_holes):
+    outputs: list[Path] = []
+    for actors, batch in ((1, 2), (2, 5), (4, 1)):
+        out = tmp_path / f"a{actors}-b{batch}"
+        m = evaluate(EvalSettings(
+            url=bf16_grpc_url, model_name=MODEL, output=str(out), dataset=str(data_with_holes),
+            model_repository=str(bf16_model_repo),
+            **{**COMMON, "batch_size": batch, "num_actors": actors}))
+        assert m["serving"] == {"data_type": "bf16", "batch_invariant": True,
+                                "source": "server"}
+        saved = json.loads((out / "metrics.json").read_text())
+        assert saved["serving"] == m["serving"]
+        outputs.append(out / "predictions.jsonl")
+    first = outputs[0].read_bytes()
+    assert first  # predictions.jsonl is sorted by id (example order) and not empty
+    for other in outputs[1:]:
+        assert other.read_bytes() == first, other.parent.name
