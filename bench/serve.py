@@ -5,6 +5,7 @@ CPU mode, the whole served path: a random T5X checkpoint (demo.t5x_writer) -> ``
 -> gRPC requests of B rows each, from C client threads.
 
     .venv/bin/python bench/serve.py [--runs 1:1,8:1,32:1,1:8] [--seconds 20]
+                                    [--no-batch-invariant]
 
 GPU mode (``--gpu``), for a machine with a CUDA jax and no Ray: random FT weights written
 straight into a model repository (the test fixtures' writer; conversion itself needs Ray), one
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def build_repository(work: Path, cfg, dtype: str) -> Path:
+def build_repository(work: Path, cfg, dtype: str, invariant: bool = True) -> Path:
     from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
 
     ckpt = work / "ckpt"
@@ -49,7 +50,8 @@ def build_repository(work: Path, cfg, dtype: str) -> Path:
     repo = work / "repo"
     subprocess.run([sys.executable, "-m", "ray_jobs.convert", "--src", str(ckpt), "--dst",
                     str(repo), "--model-name", "t5", "--engine", "jax", "--inference-dtype",
-                    dtype, "--json"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+                    dtype, "--json", *([] if invariant else ["--no-batch-invariant"])],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return repo
 
 
@@ -69,7 +71,7 @@ def start_server(repo: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("ray_jobs.serve did not become ready")
 
 
-def build_repository_plain(work: Path, cfg, dtype: str) -> Path:
+def build_repository_plain(work: Path, cfg, dtype: str, invariant: bool = True) -> Path:
     """A jax-engine model repository ``t5`` from random FT-layout weights, without Ray."""
     from core import repository
     from demo.ft_writer import random_ft_weights, write_ft_folder
@@ -79,7 +81,8 @@ def build_repository_plain(work: Path, cfg, dtype: str) -> Path:
     write_ft_folder(version, cfg, 1, random_ft_weights(cfg, seed=0))
     (version / "model.py").write_text(repository.JAX_MODEL_PY)
     (repo / "t5" / "config.pbtxt").write_text(
-        repository.to_pbtxt(repository.model_config("t5", "jax", 1, data_type=dtype)))
+        repository.to_pbtxt(repository.model_config("t5", "jax", 1, data_type=dtype,
+                                                    batch_invariant=invariant)))
     return repo
 
 
@@ -198,13 +201,15 @@ def _load(url: str, batch: int, concurrency: int, seconds: float, in_len: int, o
 
 
 def measure_engine(repo: Path, batch: int, seconds: float, in_len: int, out_len: int,
-                   vocab: int, dtype: str) -> dict:
-    """The same rows through T5Engine.generate in this process: the no-serving baseline."""
+                   vocab: int, dtype: str, invariant: bool = True) -> dict:
+    """The same rows through T5Engine.generate in this process: the no-serving baseline
+    (loaded as the Triton model loads it: the repository's max_batch_size)."""
     from serving.engine import SamplingParams, T5Engine
 
     global _ENGINE
     if _ENGINE is None:
-        _ENGINE = T5Engine.load(str(repo / "t5" / "1" / "1-gpu"), dtype=dtype)
+        _ENGINE = T5Engine.load(str(repo / "t5" / "1" / "1-gpu"), dtype=dtype, max_batch=128,
+                                batch_invariant=invariant)
     rng = np.random.default_rng(1)
     rows = []
     for _ in range(batch):
@@ -243,6 +248,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4, help="encoder and decoder depth each")
     p.add_argument("--vocab", type=int, default=32128)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--no-batch-invariant", dest="invariant", action="store_false",
+                   help="convert with --no-batch-invariant (rows batched freely: the engine "
+                   "before issue 22); default batch-invariant")
     p.add_argument("--repository", default=None,
                    help="serve this model repository (model t5) instead of building one")
     p.add_argument("--gpu", action="store_true",
@@ -261,7 +269,7 @@ def main() -> None:
         else:
             print(f"building a random model: {cfg}", file=sys.stderr, flush=True)
             build = build_repository_plain if args.gpu else build_repository
-            repo = build(Path(tmp), cfg, args.dtype)
+            repo = build(Path(tmp), cfg, args.dtype, args.invariant)
         if args.gpu:
             server, url = start_plain_server(repo, Path(tmp) / "triton")
             served_on = server_device(server.log_path)
@@ -288,7 +296,7 @@ def main() -> None:
         if not args.no_baseline:
             for b in sorted({r["batch"] for r in results}):
                 base = measure_engine(repo, b, args.seconds, args.input_len, args.output_len,
-                                      cfg.vocab_size, args.dtype)
+                                      cfg.vocab_size, args.dtype, args.invariant)
                 print(json.dumps(base), flush=True)
                 for r in results:
                     if r["batch"] == b:
@@ -298,6 +306,7 @@ def main() -> None:
     print(json.dumps({"model": {"d_model": cfg.d_model, "layers": args.layers,
                                 "vocab": cfg.vocab_size, "dtype": args.dtype,
                                 "params": cfg.num_parameters()},
+                      "batch_invariant": args.invariant,
                       "input_len": args.input_len, "output_len": args.output_len,
                       "cpus": os.cpu_count(), "server": "serving.tritonserver" if args.gpu
                       else "ray_jobs.serve", "server_engine_device": served_on,

@@ -179,9 +179,10 @@ def test_start_and_end_ids(engine, rows) -> None:
 
 
 def test_one_compilation_per_bucket(folder) -> None:
-    """Programs are counted as jax traces them; this test uses input and output buckets (32)
-    no other test here uses, and counts the programs it adds."""
-    engine = T5Engine.load(str(folder))
+    """Programs are counted as jax traces them; this test uses input and output buckets (32, 64)
+    no other test here uses, and counts the programs it adds. Batching freely (not
+    batch-invariant), each batch bucket is a program; batch-invariant, one fixed batch is."""
+    engine = T5Engine.load(str(folder), batch_invariant=False)
     rng = np.random.default_rng(9)
     base = dict(engine.trace_counts)
 
@@ -208,9 +209,16 @@ def test_one_compilation_per_bucket(folder) -> None:
     request(2, 31, 31, beam_width=2, len_penalty=1.0)
     assert added("beam") == 1
     # a second engine on the same model reuses the programs
-    T5Engine.load(str(folder)).generate([rng.integers(2, 100, size=18)] * 3,
-                                        [SamplingParams(max_output_len=20)] * 3)
+    T5Engine.load(str(folder), batch_invariant=False).generate(
+        [rng.integers(2, 100, size=18)] * 3, [SamplingParams(max_output_len=20)] * 3)
     assert added("sampling") == 3
+    # batch-invariant (the default): 1, 3, 8 and 11 rows (8 + 3) all run the one fixed batch
+    invariant = T5Engine.load(str(folder))
+    assert invariant.invariant_rows(1) == 8  # on a CPU
+    for batch in (1, 3, 8, 11):
+        invariant.generate([rng.integers(2, 100, size=40) for _ in range(batch)],
+                           [SamplingParams(max_output_len=40)] * batch)
+    assert added("sampling") == 4
 
 
 def test_input_limit_caps_the_ask_and_zero_means_the_engines() -> None:

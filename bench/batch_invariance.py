@@ -1,0 +1,179 @@
+"""Batch invariance of the JAX engine, and what it costs (issue 22), on JAX's default device.
+
+    python bench/batch_invariance.py check [--model small]   # rows alone vs in batches
+    python bench/batch_invariance.py cost [--model mid] [--rows 1024] [--batch 128]
+
+``check``: random rows of different lengths, each decoded alone and inside batches of several
+sizes and orders, for fp32 / fp16 / bf16 x greedy / seeded sampling / beam 2. Counts the rows
+whose output ids, and ids plus every log prob, are bit-identical to their alone run, with the
+engine batch-invariant (the default) and, for bf16 greedy, batching freely (the engine before
+issue 22). One JSON line per case.
+
+``cost``: the same rows (lengths drawn like XSum documents, 64 to 512 tokens, sorted by length
+and cut into requests of ``--batch`` rows as ``evaluation.batching`` cuts them; exactly
+``--output-len`` new tokens per row: the end id's LM-head row is zero, as bench/xsum_gpu.py)
+decoded by one engine (bf16, max_batch 128 as the Triton model loads it), batch-invariant and
+not, alternately, ``--repeats`` times each after a warm-up pass that compiles every program.
+Prints one JSON line with the median seconds of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from core.t5config import T5Config  # noqa: E402
+
+MODELS = {
+    "tiny": T5Config(d_model=32, num_heads=4, d_kv=12, d_ff=64, vocab_size=100,
+                     num_encoder_layers=2, num_decoder_layers=3,
+                     feed_forward_proj="gated-silu", tie_word_embeddings=False),
+    "small": T5Config(d_model=256, num_heads=4, d_kv=64, d_ff=1024, vocab_size=32128,
+                      num_encoder_layers=4, num_decoder_layers=4,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "mid": T5Config(d_model=1024, num_heads=16, d_kv=64, d_ff=2816, vocab_size=32128,
+                    num_encoder_layers=8, num_decoder_layers=8,
+                    feed_forward_proj="gated-silu", tie_word_embeddings=False),
+}
+
+
+def _folder(cfg: T5Config, work: Path, no_end: bool = False) -> Path:
+    from demo.ft_writer import random_ft_weights, write_ft_folder
+
+    weights = random_ft_weights(cfg, seed=11)
+    if no_end:  # the end id's logit is exactly 0 while the arg-max is positive: never ends
+        for name, arr in weights.items():
+            if "lm_head" in name:
+                arr[cfg.eos_token_id] = 0
+    return write_ft_folder(work, cfg, 1, weights)
+
+
+def _key(r) -> tuple[bytes, ...]:
+    return (r.output_ids.tobytes(), r.sequence_length.tobytes(), r.cum_log_probs.tobytes(),
+            r.output_log_probs.tobytes())
+
+
+def check(cfg: T5Config, rows_n: int) -> None:
+    import jax
+
+    from serving.engine import SamplingParams, T5Engine
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, size=rows_n)
+    rows = [rng.integers(2, cfg.vocab_size, size=int(n)) for n in lengths]
+
+    def params(mode: str, i: int) -> SamplingParams:
+        common = {"max_output_len": 12 if i % 3 else 16, "return_log_probs": True}
+        if mode == "sample":
+            return SamplingParams(top_k=0, top_p=0.9, random_seed=500 + i, **common)
+        if mode == "beam":
+            return SamplingParams(beam_width=2, **common)
+        return SamplingParams(**common)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _folder(cfg, Path(tmp))
+        cases = [(d, m, True) for d in ("fp32", "fp16", "bf16")
+                 for m in ("greedy", "sample", "beam")] + [("bf16", "greedy", False)]
+        for dtype, mode, invariant in cases:
+            engine = T5Engine.load(str(folder), dtype=dtype, max_batch=128,
+                                   batch_invariant=invariant)
+            t0 = time.perf_counter()
+            alone = [_key(engine.generate([r], [params(mode, i)])[0])
+                     for i, r in enumerate(rows)]
+            n = len(rows)
+            worst_ids, worst_all = n, n
+            layouts = ([n], [5, 7, n - 12], [2] * (n // 2))
+            for sizes in layouts:
+                order = [int(i) for i in rng.permutation(n)]
+                got: dict[int, tuple] = {}
+                start = 0
+                for size in sizes:
+                    part = order[start:start + size]
+                    start += size
+                    res = engine.generate([rows[i] for i in part],
+                                          [params(mode, i) for i in part])
+                    got.update({i: _key(r) for i, r in zip(part, res, strict=True)})
+                worst_ids = min(worst_ids, sum(got[i][:2] == alone[i][:2] for i in range(n)))
+                worst_all = min(worst_all, sum(got[i] == alone[i] for i in range(n)))
+            print(json.dumps({"dtype": dtype, "mode": mode, "batch_invariant": invariant,
+                              "rows": n, "layouts": [len(s) for s in layouts],
+                              "rows_equal_ids": worst_ids,
+                              "rows_equal_ids_and_log_probs": worst_all,
+                              "seconds": round(time.perf_counter() - t0, 1),
+                              "device": str(jax.devices()[0])}), flush=True)
+
+
+def cost(cfg: T5Config, rows_n: int, batch: int, out_len: int, repeats: int) -> None:
+    import jax
+
+    from serving.engine import SamplingParams, T5Engine
+
+    rng = np.random.default_rng(0)
+    lengths = np.sort(rng.integers(64, 513, size=rows_n))
+    rows = [np.append(rng.integers(2, cfg.vocab_size, size=int(n) - 1), 1) for n in lengths]
+    p = SamplingParams(max_output_len=out_len)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        engine = T5Engine.load(str(_folder(cfg, Path(tmp), no_end=True)), dtype="bf16",
+                               max_batch=128)
+        load_s = time.perf_counter() - t0
+
+        def run(invariant: bool) -> float:
+            engine.batch_invariant = invariant
+            t = time.perf_counter()
+            toks = 0
+            for s in range(0, rows_n, batch):
+                part = rows[s:s + batch]
+                toks += sum(int(r.sequence_length[0]) for r in engine.generate(part,
+                                                                               [p] * len(part)))
+            assert toks == rows_n * out_len, toks  # every row ran every step
+            return time.perf_counter() - t
+
+        warm = {m: round(run(m), 2) for m in (False, True)}  # compiles every program
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats):
+            for m in (False, True):
+                times[m].append(run(m))
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(json.dumps({"model": dataclasses.asdict(cfg), "rows": rows_n, "batch": batch,
+                      "input_lens": [int(lengths[0]), int(lengths[-1])], "output_len": out_len,
+                      "dtype": "bf16", "load_s": round(load_s, 1),
+                      "first_pass_s": {"free": warm[False], "invariant": warm[True]},
+                      "seconds_free": [round(x, 3) for x in times[False]],
+                      "seconds_invariant": [round(x, 3) for x in times[True]],
+                      "median_free_s": round(med[False], 3),
+                      "median_invariant_s": round(med[True], 3),
+                      "invariant_vs_free": round(med[True] / med[False], 3),
+                      "device": str(jax.devices()[0])}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["check", "cost"])
+    ap.add_argument("--model", choices=sorted(MODELS), default=None,
+                    help="default: small for check, mid for cost")
+    ap.add_argument("--rows", type=int, default=None, help="default: 24 (check), 1024 (cost)")
+    ap.add_argument("--batch", type=int, default=128, help="cost: rows per request")
+    ap.add_argument("--output-len", type=int, default=64, help="cost: new tokens per row")
+    ap.add_argument("--repeats", type=int, default=3, help="cost: timed passes of each mode")
+    args = ap.parse_args()
+    if args.what == "check":
+        check(MODELS[args.model or "small"], args.rows or 24)
+    else:
+        cost(MODELS[args.model or "mid"], args.rows or 1024, args.batch, args.output_len,
+             args.repeats)
+
+
+if __name__ == "__main__":
+    main()
