@@ -115,7 +115,8 @@ def test_jax_engine_config_and_vocab(ray_local, t5x_checkpoint, tmp_path):
     assert [(g.kind, g.count) for g in pb.instance_group] == [(pb.instance_group[0].KIND_CPU, 1)]
     params = {k: v.string_value for k, v in pb.parameters.items()}
     assert params == {"tensor_para_size": "2", "pipeline_para_size": "1", "data_type": "bf16",
-                      "model_type": "T5", "weights_dir": "2-gpu", "max_input_len": "1024"}
+                      "model_type": "T5", "weights_dir": "2-gpu", "max_input_len": "1024",
+                      "batch_invariant": "true"}
     inputs = {i.name: (i.data_type, list(i.dims), i.optional) for i in pb.input}
     assert inputs["input_ids"] == (pb.input[0].data_type, [-1], False)
     assert inputs["bad_words_list"][1:] == ([2, -1], True)
