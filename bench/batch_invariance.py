@@ -2,12 +2,18 @@
 
     python bench/batch_invariance.py check [--model small]   # rows alone vs in batches
     python bench/batch_invariance.py cost [--model mid] [--rows 1024] [--batch 128]
+    python bench/batch_invariance.py served [--model small]  # needs tritonserver, no Ray
 
 ``check``: random rows of different lengths, each decoded alone and inside batches of several
 sizes and orders, for fp32 / fp16 / bf16 x greedy / seeded sampling / beam 2. Counts the rows
 whose output ids, and ids plus every log prob, are bit-identical to their alone run, with the
 engine batch-invariant (the default) and, for bf16 greedy, batching freely (the engine before
 issue 22). One JSON line per case.
+
+``served``: a bf16 model repository (random FT weights, bench/serve.py's plain writer) served
+by one tritonserver (serving.tritonserver, no Ray); 6 clients at once send requests of 1 to 3
+of 12 rows (the dynamic batcher merges them); each row's ids and log probs are compared with
+the same engine in this process decoding that row alone (max_batch 128, as the Triton model).
 
 ``cost``: the same rows (lengths drawn like XSum documents, 64 to 512 tokens, sorted by length
 and cut into requests of ``--batch`` rows as ``evaluation.batching`` cuts them; exactly
@@ -70,7 +76,7 @@ def check(cfg: T5Config, rows_n: int) -> None:
     from serving.engine import SamplingParams, T5Engine
 
     rng = np.random.default_rng(0)
-    lengths = rng.integers(3, 60, size=rows_n)
+    lengths = rng.integers(3, 30, size=rows_n)  # input buckets 8, 16, 32
     rows = [rng.integers(2, cfg.vocab_size, size=int(n)) for n in lengths]
 
     def params(mode: str, i: int) -> SamplingParams:
@@ -93,7 +99,7 @@ def check(cfg: T5Config, rows_n: int) -> None:
                      for i, r in enumerate(rows)]
             n = len(rows)
             worst_ids, worst_all = n, n
-            layouts = ([n], [5, 7, n - 12], [2] * (n // 2))
+            layouts = ([n], [3, 5, n - 8], [2] * (n // 2))
             for sizes in layouts:
                 order = [int(i) for i in rng.permutation(n)]
                 got: dict[int, tuple] = {}
@@ -114,13 +120,14 @@ def check(cfg: T5Config, rows_n: int) -> None:
                               "device": str(jax.devices()[0])}), flush=True)
 
 
-def cost(cfg: T5Config, rows_n: int, batch: int, out_len: int, repeats: int) -> None:
+def cost(cfg: T5Config, rows_n: int, batch: int, out_len: int, repeats: int,
+         max_len: int = 512) -> None:
     import jax
 
     from serving.engine import SamplingParams, T5Engine
 
     rng = np.random.default_rng(0)
-    lengths = np.sort(rng.integers(64, 513, size=rows_n))
+    lengths = np.sort(rng.integers(min(64, max_len), max_len + 1, size=rows_n))
     rows = [np.append(rng.integers(2, cfg.vocab_size, size=int(n) - 1), 1) for n in lengths]
     p = SamplingParams(max_output_len=out_len)
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,21 +165,116 @@ def cost(cfg: T5Config, rows_n: int, batch: int, out_len: int, repeats: int) -> 
                       "device": str(jax.devices()[0])}), flush=True)
 
 
+def served(cfg: T5Config, modes: tuple[str, ...] = ("greedy", "sample", "beam")) -> None:
+    import threading
+
+    import jax
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    from bench.serve import build_repository_plain, server_device, start_plain_server
+    from serving.engine import SamplingParams, T5Engine
+
+    rng = np.random.default_rng(1)
+    rows = [np.append(rng.integers(2, cfg.vocab_size, size=int(k)), 1).astype(np.uint32)
+            for k in rng.integers(2, 40, size=12)]
+    plan = [[[0], [7]], [[1, 2]], [[3], [4, 5]], [[6, 8, 9]], [[10]], [[11]]]
+    knobs = {"greedy": {}, "sample": {"runtime_top_k": (0, np.uint32),
+                                      "runtime_top_p": (0.9, np.float32),
+                                      "random_seed": (2**40 + 7, np.uint64)},
+             "beam": {"beam_width": (2, np.uint32)}}
+
+    def request(part: list[int], mode: str) -> list:
+        width = max(len(rows[i]) for i in part)
+        ids = np.zeros((len(part), width), np.uint32)
+        for j, i in enumerate(part):
+            ids[j, :len(rows[i])] = rows[i]
+        arrays = {"input_ids": ids,
+                  "sequence_length": np.array([[len(rows[i])] for i in part], np.uint32),
+                  "max_output_len": np.full((len(part), 1), 10, np.uint32),
+                  "is_return_log_probs": np.ones((len(part), 1), np.bool_)}
+        for name, (value, dtype) in knobs[mode].items():
+            arrays[name] = np.full((len(part), 1), value, dtype)
+        inputs = []
+        for name, arr in arrays.items():
+            inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        return inputs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = build_repository_plain(Path(tmp), cfg, "bf16")
+        server, url = start_plain_server(repo, Path(tmp) / "triton")
+        answers: dict[str, dict[int, dict]] = {m: {} for m in modes}
+        try:
+            for mode in modes:
+                barrier = threading.Barrier(len(plan))
+
+                def client(parts: list[list[int]], mode: str = mode,
+                           barrier: threading.Barrier = barrier) -> None:
+                    c = grpcclient.InferenceServerClient(url)
+                    barrier.wait()
+                    for part in parts:
+                        res = c.infer("t5", request(part, mode))
+                        for j, i in enumerate(part):
+                            answers[mode][i] = {n: res.as_numpy(n)[j] for n in (
+                                "output_ids", "sequence_length", "cum_log_probs",
+                                "output_log_probs")}
+                    c.close()
+
+                threads = [threading.Thread(target=client, args=(p,)) for p in plan]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+        finally:
+            server.stop()
+        served_on = server_device(server.log_path)
+        engine = T5Engine.load(str(repo / "t5" / "1" / "1-gpu"), dtype="bf16", max_batch=128)
+        for mode in modes:
+            k = {n: v[0] for n, v in knobs[mode].items()}
+            same = 0
+            for i, r in enumerate(rows):
+                p = SamplingParams(max_output_len=10, return_log_probs=True,
+                                   top_k=int(k.get("runtime_top_k", 1)),
+                                   top_p=float(k.get("runtime_top_p", 0.0)),
+                                   random_seed=int(k.get("random_seed", 0)),
+                                   beam_width=int(k.get("beam_width", 1)))
+                want = engine.generate([r], [p])[0]
+                got = answers[mode][i]
+                w, n = want.output_ids.shape
+                same += bool(
+                    np.array_equal(got["output_ids"][:w, :n], want.output_ids)
+                    and np.array_equal(got["sequence_length"][:w], want.sequence_length)
+                    and got["cum_log_probs"][:w].tobytes() == want.cum_log_probs.tobytes()
+                    and got["output_log_probs"][:w, :n].tobytes()
+                    == want.output_log_probs.tobytes())
+            print(json.dumps({"served": mode, "dtype": "bf16", "rows": len(rows),
+                              "requests": sum(len(p) for p in plan),
+                              "rows_equal_to_alone_in_process": same,
+                              "server_engine_device": served_on,
+                              "in_process_device": str(jax.devices()[0])}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["check", "cost"])
+    ap.add_argument("what", choices=["check", "cost", "served"])
     ap.add_argument("--model", choices=sorted(MODELS), default=None,
                     help="default: small for check, mid for cost")
     ap.add_argument("--rows", type=int, default=None, help="default: 24 (check), 1024 (cost)")
     ap.add_argument("--batch", type=int, default=128, help="cost: rows per request")
     ap.add_argument("--output-len", type=int, default=64, help="cost: new tokens per row")
     ap.add_argument("--repeats", type=int, default=3, help="cost: timed passes of each mode")
+    ap.add_argument("--max-input-len", type=int, default=512,
+                    help="cost: input lengths are drawn from 64..this")
     args = ap.parse_args()
     if args.what == "check":
         check(MODELS[args.model or "small"], args.rows or 24)
+    elif args.what == "served":
+        served(MODELS[args.model or "small"])
     else:
         cost(MODELS[args.model or "mid"], args.rows or 1024, args.batch, args.output_len,
-             args.repeats)
+             args.repeats, args.max_input_len)
 
 
 if __name__ == "__main__":
