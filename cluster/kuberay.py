@@ -120,3 +120,10 @@ def effective_gates(args: list[str]) -> dict[str, bool]:
     gates = {name: default for name, (default, _) in default_gates().items()}
     gates.update(parse_feature_gates(args))
     return gates
+
+
+def feature_gates_arg(values: dict) -> str:
+    """The operator's flag as the chart renders VALUES' featureGates (templates/_helpers.tpl,
+    "kuberay.featureGates": `--feature-gates=NAME=BOOL,...` in list order)."""
+    return FEATURE_GATES_FLAG + ",".join(
+        f"{item['name']}={str(bool(item['enabled'])).lower()}" for item in values["featureGates"])
