@@ -1,0 +1,39 @@
+"""`make` installs the Linux-only tritonserver wheel only where pip finds one for the platform:
+the decision is pip's own answer to a dry-run install, asked here for other platforms."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _make(flags: str) -> str:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run(["make", "-s", "tritonserver-wheel", f"PY={sys.executable}",
+                           f"PIP_PLATFORM_FLAGS={flags}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_pip_decides_the_tritonserver_wheel_per_platform():
+    linux = _make("--platform manylinux_2_35_x86_64 --python-version 3.11")
+    if "skipped" in linux and "Could not find a version" in linux and "from versions: none)" \
+            in linux and "No matching distribution" not in linux:
+        pytest.skip(f"no package index reachable: {linux}")
+    # A platform the wheel exists for: pip says so (nothing is installed when asking).
+    assert linux == ("tritonserver: pip has nvidia-pytriton==0.7.0 for --platform "
+                     "manylinux_2_35_x86_64 --python-version 3.11")
+    # macOS: pip finds no wheel, so the install is skipped with one line saying what and why.
+    mac = _make("--platform macosx_11_0_arm64 --python-version 3.11")
+    assert mac.startswith("tritonserver: skipped nvidia-pytriton==0.7.0: pip has no wheel for "
+                          "this platform (ERROR: No matching distribution found for "
+                          "nvidia-pytriton==0.7.0)")
+    assert len(mac.splitlines()) == 1
