@@ -25,9 +25,6 @@ def _make(flags: str) -> str:
 
 def test_pip_decides_the_tritonserver_wheel_per_platform():
     linux = _make("--platform manylinux_2_35_x86_64 --python-version 3.11")
-    if "skipped" in linux and "Could not find a version" in linux and "from versions: none)" \
-            in linux and "No matching distribution" not in linux:
-        pytest.skip(f"no package index reachable: {linux}")
     # A platform the wheel exists for: pip says so (nothing is installed when asking).
     assert linux == ("tritonserver: pip has nvidia-pytriton==0.7.0 for --platform "
                      "manylinux_2_35_x86_64 --python-version 3.11")

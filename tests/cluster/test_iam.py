@@ -1,0 +1,68 @@
+"""Item 3's table: each call on the bucket, its permission and source; the roles the setup
+script grants cover it, and docs/gke.md prints the same table."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cluster import gcloud, iam
+from cluster.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+EXCERPT = REPO / "cluster" / "schemas" / "triton-core-r24.12" / "gcs.h.excerpt"
+
+
+def test_docs_hold_the_table_of_the_code():
+    assert iam.markdown_table() in (REPO / "docs" / "gke.md").read_text()
+
+
+def test_triton_rows_are_the_calls_in_the_vendored_gcs_h():
+    text = EXCERPT.read_text()
+    for call in ("GetBucketMetadata", "ListObjects", "GetObjectMetadata", "ReadObject"):
+        assert f"client_->{call}(" in text
+        assert any(call in c.call for c in iam.CALLS if c.account == iam.TRITON), call
+    assert all("gcs.h" in c.source for c in iam.CALLS if c.account == iam.TRITON)
+
+
+@pytest.mark.parametrize("name", ["cluster-gke.yaml", "cluster-small.yaml"])
+def test_roles_the_script_grants_cover_the_table(name):
+    cfg = load_config(REPO / "examples" / name)
+    script = gcloud.script(cfg, name)
+    granted: dict[str, set[str]] = {}
+    for member, role in re.findall(r"buckets add-iam-policy-binding gs://\S+ "
+                                   r"--member=serviceAccount:(\S+) --role=(\S+)", script):
+        granted.setdefault(member, set()).update(iam.ROLE_PERMISSIONS[role])
+    accounts = {cfg.service_accounts.google_service_account: {iam.RUNNER}}
+    accounts.setdefault(cfg.service_accounts.triton_gsa, set()).add(iam.TRITON)
+    for gsa, who in accounts.items():
+        assert iam.missing(who, granted.get(gsa, set())) == [], gsa
+    # objectViewer alone would leave Triton's GetBucketMetadata without storage.buckets.get.
+    assert [c.permission for c in iam.missing({iam.TRITON},
+                                               set(iam.ROLE_PERMISSIONS["roles/storage.objectViewer"]))
+            ] == ["storage.buckets.get"]
+
+
+def test_setup_grants_nodes_and_build_explicitly():
+    cfg = load_config(REPO / "examples" / "cluster-gke.yaml")
+    lines = gcloud.script(cfg, "c.yaml").splitlines()
+    nodes, build = gcloud.node_gsa(cfg), gcloud.build_gsa(cfg)
+    assert any(f"--member=serviceAccount:{nodes} --role=roles/artifactregistry.reader" in x
+               for x in lines)
+    assert any(f"--member=serviceAccount:{build} --role=roles/artifactregistry.writer" in x
+               for x in lines)
+    assert all(x.startswith("retry ") for x in lines if "add-iam-policy-binding" in x)
+    assert all(f"--service-account={nodes}" in x for x in lines
+               if "clusters create" in x or "node-pools create" in x)
+    submit = next(x for x in lines if x.startswith("gcloud builds submit"))
+    assert f"--service-account=projects/{cfg.project}/serviceAccounts/{build}" in submit
+    # Nothing is created before the accelerator check.
+    check = next(i for i, x in enumerate(lines) if "accelerator-types list" in x)
+    assert not any(" create " in x for x in lines[:check])
+    teardown = gcloud.script(cfg, "c.yaml", teardown=True)
+    for needle in ("artifacts repositories delete t5ft", f"storage rm -r {gcloud.build_staging(cfg)}",
+                   f"service-accounts delete {nodes}", f"service-accounts delete {build}",
+                   "clusters delete t5ft"):
+        assert needle in teardown
