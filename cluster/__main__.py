@@ -171,7 +171,12 @@ def _cluster_report(kube: Kube, cfg: ClusterConfig, rc: dict) -> tuple[list, str
     pod_list = kube.list("Pod", cfg.namespace, label_selector=f"ray.io/cluster={name}")
     events = kube.list("Event", cfg.namespace)
     groups = diagnose.diagnose(rc, pod_list, events)
-    return groups, diagnose.summary(rc, groups)
+    headline = diagnose.summary(rc, groups)
+    refusal = diagnose.operator_refusal(events, "RayCluster", name)
+    if refusal:
+        # No pod will come: say why first (the operator's InvalidRayClusterSpec event).
+        headline += f"; the KubeRay operator refused the spec: {refusal}"
+    return groups, headline
 
 
 def dashboard_address(kube: Kube, cfg: ClusterConfig) -> str:

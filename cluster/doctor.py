@@ -146,6 +146,20 @@ def check_operator(cfg: ClusterConfig, kube: Kube) -> list[str]:
     return out
 
 
+def _properties(schema: dict, key: str) -> dict:
+    return ((schema.get("properties") or {}).get(key) or {})
+
+
+def _unknown_fields(schema: dict, spec: dict, where: str) -> list[str]:
+    """Keys of SPEC (and of a RayJob's rayClusterSpec) that SCHEMA does not list."""
+    known = schema.get("properties") or {}
+    out = [f"{where}.{k}" for k in spec if k not in known]
+    if isinstance(spec.get("rayClusterSpec"), dict) and "rayClusterSpec" in known:
+        out += _unknown_fields(known["rayClusterSpec"], spec["rayClusterSpec"],
+                               f"{where}.rayClusterSpec")
+    return out
+
+
 def check_crds(cfg: ClusterConfig, kube: Kube) -> list[str]:
     """The CRDs serve ray.io/v1 and know every top-level field of our specs."""
     out = []
@@ -160,16 +174,10 @@ def check_crds(cfg: ClusterConfig, kube: Kube) -> list[str]:
         if version is None or not version.get("served"):
             out.append(f"CRD {name} does not serve v1")
             continue
-        schema = ((version.get("schema") or {}).get("openAPIV3Schema") or {})
-        known = set(((schema.get("properties") or {}).get("spec") or {}).get("properties") or {})
-        spec = objects[kind]["spec"]
-        fields = set(spec) | ({f"rayClusterSpec.{k}" for k in spec.get("rayClusterSpec", {})})
-        nested = ((schema.get("properties") or {}).get("spec") or {}).get("properties") or {}
-        nested = set(((nested.get("rayClusterSpec") or {}).get("properties")) or {})
-        unknown = sorted(f for f in fields if ("." not in f and f not in known)
-                         or ("." in f and f.split(".", 1)[1] not in nested))
+        schema = (version.get("schema") or {}).get("openAPIV3Schema") or {}
+        unknown = _unknown_fields(_properties(schema, "spec"), objects[kind]["spec"], "spec")
         if unknown:
-            out.append(f"CRD {name} does not know spec.{', spec.'.join(unknown)} (the API "
+            out.append(f"CRD {name} does not know {', '.join(unknown)} (the API "
                        f"server would drop them): install the CRDs of KubeRay "
                        f"{KUBERAY_CHART_VERSION}")
     return out
@@ -293,11 +301,10 @@ def check_bucket_iam(cfg: ClusterConfig, google: GoogleApis) -> list[str]:
                 f"and may you read it (storage.buckets.getIamPolicy)?"]
     _, project_policy = google.call("POST", "resourcemanager",
                                     f"/v1/projects/{cfg.project}:getIamPolicy")
-    accounts: dict[str, set[str]] = {}
-    accounts.setdefault(cfg.service_accounts.google_service_account, set()).add(iam.RUNNER)
-    accounts.setdefault(cfg.service_accounts.triton_gsa, set()).add(iam.TRITON)
     cache: dict = {}
     out = []
+    accounts = iam.accounts(cfg.service_accounts.google_service_account,
+                            cfg.service_accounts.triton_gsa)
     for gsa, who in accounts.items():
         member = f"serviceAccount:{gsa}"
         roles = _policy_roles(bucket_policy, member) | _policy_roles(project_policy, member)

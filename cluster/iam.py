@@ -106,13 +106,20 @@ def covering_roles(permissions: set[str]) -> list[str]:
     raise ValueError(f"no role set covers {sorted(permissions)}")
 
 
+def accounts(runner_gsa: str, triton_gsa: str) -> dict[str, set[str]]:
+    """Google account -> the table's accounts it acts for (both, when Triton has no account
+    of its own)."""
+    out: dict[str, set[str]] = {}
+    out.setdefault(runner_gsa, set()).add(RUNNER)
+    out.setdefault(triton_gsa, set()).add(TRITON)
+    return out
+
+
 def bucket_roles(runner_gsa: str, triton_gsa: str) -> dict[str, list[str]]:
-    """Google account -> the roles on the bucket it needs; one account that is both the runner
-    and Triton (no triton_google_service_account) needs the union."""
-    roles_of: dict[str, set[str]] = {}
-    roles_of.setdefault(runner_gsa, set()).add(RUNNER)
-    roles_of.setdefault(triton_gsa, set()).add(TRITON)
-    return {gsa: covering_roles(needed(who)) for gsa, who in roles_of.items()}
+    """Google account -> the roles on the bucket it needs (the union, for one account that is
+    both the runner and Triton)."""
+    return {gsa: covering_roles(needed(who))
+            for gsa, who in accounts(runner_gsa, triton_gsa).items()}
 
 
 def missing(accounts: set[str], granted: set[str]) -> list[Call]:

@@ -35,9 +35,8 @@ def test_roles_the_script_grants_cover_the_table(name):
     for member, role in re.findall(r"buckets add-iam-policy-binding gs://\S+ "
                                    r"--member=serviceAccount:(\S+) --role=(\S+)", script):
         granted.setdefault(member, set()).update(iam.ROLE_PERMISSIONS[role])
-    accounts = {cfg.service_accounts.google_service_account: {iam.RUNNER}}
-    accounts.setdefault(cfg.service_accounts.triton_gsa, set()).add(iam.TRITON)
-    for gsa, who in accounts.items():
+    for gsa, who in iam.accounts(cfg.service_accounts.google_service_account,
+                                 cfg.service_accounts.triton_gsa).items():
         assert iam.missing(who, granted.get(gsa, set())) == [], gsa
     # objectViewer alone would leave Triton's GetBucketMetadata without storage.buckets.get.
     assert [c.permission for c in iam.missing({iam.TRITON},
