@@ -285,8 +285,10 @@ def _role_permissions(google: GoogleApis, role: str, cache: dict) -> set[str]:
     if role not in cache:
         # Predefined: roles/X -> /v1/roles/X; custom: projects/P/roles/X -> /v1/projects/P/...
         status, body = google.call("GET", "iam", f"/v1/{role}")
+        # Unreadable (no iam.roles.get on a custom role): the documented permissions of a
+        # predefined role we know, else none (the line then names the role).
         cache[role] = set((body or {}).get("includedPermissions") or []) if status == 200 \
-            else set()
+            else set(iam.ROLE_PERMISSIONS.get(role, ()))
     return cache[role]
 
 

@@ -49,13 +49,14 @@ CALLS: tuple[Call, ...] = (
     Call(RUNNER, "objects.delete (replace an output, delete_tree on --overwrite)",
          "storage.objects.delete", f"{_STORAGE} Blob.delete; {_GCS_JSON}/objects/delete"),
     Call(TRITON, "GetBucketMetadata (IsDirectory: does the bucket exist)",
-         "storage.buckets.get", f"{_TRITON_GCS} GCSFileSystem::IsDirectory; "
-         f"{_GCS_JSON}/buckets/get"),
+         "storage.buckets.get", f"{_TRITON_GCS} GCSFileSystem::IsDirectory: "
+         f"\"client_->GetBucketMetadata(bucket)\"; {_GCS_JSON}/buckets/get"),
     Call(TRITON, "ListObjects (IsDirectory, GetDirectoryContents)", "storage.objects.list",
-         f"{_TRITON_GCS} GCSFileSystem::GetDirectoryContents; {_GCS_JSON}/objects/list"),
+         f"{_TRITON_GCS} GCSFileSystem::GetDirectoryContents: \"client_->ListObjects(bucket, "
+         f"gcs::Prefix(full_dir))\"; {_GCS_JSON}/objects/list"),
     Call(TRITON, "GetObjectMetadata, ReadObject (FileExists, ReadTextFile, LocalizePath)",
-         "storage.objects.get", f"{_TRITON_GCS} GCSFileSystem::ReadTextFile, LocalizePath; "
-         f"{_GCS_JSON}/objects/get"),
+         "storage.objects.get", f"{_TRITON_GCS} GCSFileSystem::ReadTextFile: "
+         f"\"client_->ReadObject(bucket, object)\"; {_GCS_JSON}/objects/get"),
 )
 
 # storage.* permissions of the predefined roles we may grant (source in the module docstring).

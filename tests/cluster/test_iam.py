@@ -24,7 +24,10 @@ def test_triton_rows_are_the_calls_in_the_vendored_gcs_h():
     for call in ("GetBucketMetadata", "ListObjects", "GetObjectMetadata", "ReadObject"):
         assert f"client_->{call}(" in text
         assert any(call in c.call for c in iam.CALLS if c.account == iam.TRITON), call
-    assert all("gcs.h" in c.source for c in iam.CALLS if c.account == iam.TRITON)
+    for c in (c for c in iam.CALLS if c.account == iam.TRITON):
+        # Each Triton row quotes the vendored line it rests on.
+        quoted = c.source.split('"')[1]
+        assert "gcs.h" in c.source and quoted in text, quoted
 
 
 @pytest.mark.parametrize("name", ["cluster-gke.yaml", "cluster-small.yaml"])
@@ -65,3 +68,26 @@ def test_setup_grants_nodes_and_build_explicitly():
                    f"service-accounts delete {nodes}", f"service-accounts delete {build}",
                    "clusters delete t5ft"):
         assert needle in teardown
+
+
+def test_gcloud_teardown_cli(capsys):
+    from cluster.__main__ import main
+
+    config = str(REPO / "examples" / "cluster-gke.yaml")
+    assert main(["gcloud", "--teardown", "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# Google Cloud teardown for {config}")
+    assert "gcloud artifacts repositories delete t5ft --location=us-central1 --quiet" in out
+    assert "\n# gcloud storage rm -r gs://my-gcp-project-t5ft\n" in out  # data: commented
+
+
+def test_facts_table_names_tests_that_exist():
+    docs = (REPO / "docs" / "gke.md").read_text()
+    table = docs.split("## Facts we rely on", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) >= 15
+    names = set(re.findall(r"`(test_\w+)`", table))
+    sources = "".join(p.read_text() for p in (REPO / "tests").rglob("test_*.py"))
+    assert names and all(f"def {n}(" in sources for n in names), \
+        sorted(n for n in names if f"def {n}(" not in sources)
+    assert all(re.search(r"tests?/|test_", row.rsplit("|", 2)[1]) for row in rows), rows
