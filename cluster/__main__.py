@@ -246,8 +246,8 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
                                             cfg.name, seen)
         if refusal:
             # The operator creates no pod for a refused spec: waiting would only time out.
-            raise UserError(f"RayCluster {cfg.name}: the KubeRay operator refused it "
-                            f"({diagnose.INVALID_SPEC_REASON}): {refusal}")
+            raise UserError(f"RayCluster {cfg.name}: the KubeRay operator refused it, "
+                            f"{refusal}")
         return False
 
     def describe() -> str:

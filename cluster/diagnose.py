@@ -209,6 +209,7 @@ def summary(rc: dict, groups: list[GroupHealth]) -> str:
 # raycluster_controller.go: "The RayCluster spec is invalid NS/NAME: ERR"). Warnings of the same
 # reason that do not stop it ("RayCluster spec warning ...") are not refusals.
 INVALID_SPEC_REASON = "InvalidRayClusterSpec"
+_REFUSALS = (INVALID_SPEC_REASON, "InvalidRayClusterMetadata")
 _REFUSAL_PREFIX = "The RayCluster "
 
 
@@ -218,14 +219,14 @@ def _event_key(event: dict) -> tuple[str, int]:
 
 def operator_refusal(events: list[dict], kind: str, name: str,
                      seen: set[tuple[str, int]] = frozenset()) -> str | None:
-    """The operator's message refusing KIND/NAME's spec, from EVENTS, or None; events whose
-    (name, count) is in SEEN (there before we applied) are old news and skipped."""
+    """"REASON: MESSAGE" of the operator's event refusing KIND/NAME, from EVENTS, or None;
+    events whose (name, count) is in SEEN (there before we applied) are old news, skipped."""
     for event in events:
         involved = event.get("involvedObject") or {}
-        if (event.get("reason") == INVALID_SPEC_REASON and involved.get("kind") == kind
+        if (event.get("reason") in _REFUSALS and involved.get("kind") == kind
                 and involved.get("name") == name and _event_key(event) not in seen
                 and (event.get("message") or "").startswith(_REFUSAL_PREFIX)):
-            return " ".join(event["message"].split())
+            return f"{event['reason']}: {' '.join(event['message'].split())}"
     return None
 
 

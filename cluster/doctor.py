@@ -20,6 +20,13 @@ Google Cloud (when credentials are found):
   bucket (the bucket's and the project's IAM policies, the roles' permissions).
 - workload_identity: each Google account lets its Kubernetes service account act as it.
 - images: the config's Artifact Registry images exist (tag lookup).
+
+Google REST calls (v1 APIs; the fields read are the documented ones): GKE
+projects.locations.clusters.nodePools.list (config.accelerators, config.taints,
+config.workloadMetadataConfig.mode, config.spot, autoscaling.maxNodeCount); Cloud Storage
+buckets.getIamPolicy; Resource Manager projects.getIamPolicy; IAM roles.get
+(includedPermissions) and projects.serviceAccounts.getIamPolicy; Artifact Registry
+projects.locations.repositories.packages.tags.get.
 """
 
 from __future__ import annotations

@@ -110,8 +110,8 @@ def test_up_stops_at_once_on_the_operators_invalid_spec_event(api, kubeconfig):
 
     api.answer = answer
     try:
-        with pytest.raises(UserError, match=r"^RayCluster t5ft: the KubeRay operator refused it "
-                                            r"\(InvalidRayClusterSpec\): The RayCluster spec is "
+        with pytest.raises(UserError, match=r"^RayCluster t5ft: the KubeRay operator refused it, "
+                                            r"InvalidRayClusterSpec: The RayCluster spec is "
                                             r"invalid t5ft/t5ft: spec.networkPolicy requires the "
                                             r"RayClusterNetworkPolicy feature gate"):
             main(["up", "--config", str(GKE), "--kubeconfig", str(kubeconfig), "--poll", "0.01",
@@ -133,3 +133,14 @@ def test_up_job_ends_on_validation_failed_with_the_operators_message(api, kubeco
                                         r"Policy requires the RayClusterNetworkPolicy"):
         main(["up", "--config", str(GKE), "--kubeconfig", str(kubeconfig), "--poll", "0.01",
               "--job", "python x.py"])
+
+
+def test_status_names_the_operators_refusal(api, kubeconfig, capsys):
+    cfg = load_config(GKE)
+    api.put(f"{RC}/t5ft", raycluster.raycluster(cfg) | {"status": {}})
+    api.put(f"{EVENTS}/t5ft.x", _refusal_event("x"))
+    assert main(["status", "--config", str(GKE), "--kubeconfig", str(kubeconfig)]) == 0
+    headline = capsys.readouterr().out.splitlines()[0]
+    assert headline.endswith("; the KubeRay operator refused the spec: InvalidRayClusterSpec: "
+                             "The RayCluster spec is invalid t5ft/t5ft: spec.networkPolicy "
+                             "requires the RayClusterNetworkPolicy feature gate to be enabled")
