@@ -234,11 +234,53 @@ def _tolerated(taint: dict, tolerations: list) -> bool:
                and t.effect in (None, effect) for t in tolerations)
 
 
-def check_node_pools(cfg: ClusterConfig, google: GoogleApis) -> list[str]:
-    """A node pool with the GPU group's accelerator and count, Workload Identity, room for the
-    pool's size, and only taints our GPU pods tolerate."""
+def _pool_needs(cfg: ClusterConfig) -> list[tuple[str, str, int, bool, int]]:
+    """(who, accelerator, GPUs per node, spot, nodes) each GPU consumer needs of a pool: the
+    GPU group's pool holds Triton too (gcloud.gpu_pool_nodes); a Triton accelerator of its
+    own needs a pool of its own."""
+    needs = []
     g = cfg.gpu_workers
-    if g is None:
+    if g is not None:
+        needs.append(("gpu_workers", g.accelerator, g.gpus_per_node, g.spot,
+                      gcloud.gpu_pool_nodes(cfg)["nodes"]))
+    acc = cfg.triton_accelerator
+    if acc and (g is None or acc != g.accelerator):
+        needs.append(("triton", acc, cfg.triton.gpus or 1, cfg.triton_spot,
+                      cfg.triton.max_replicas))
+    return needs
+
+
+def _pool_problems(pool: dict, accelerator: str, per_node: int, spot: bool,
+                   nodes: int) -> list[str]:
+    config = pool.get("config") or {}
+    problems = []
+    count = max(int(a.get("acceleratorCount") or 0) for a in config["accelerators"]
+                if a.get("acceleratorType") == accelerator)
+    if count < per_node:
+        problems.append(f"{count} x {accelerator} per node, the config needs {per_node}")
+    if (config.get("workloadMetadataConfig") or {}).get("mode") != "GKE_METADATA":
+        problems.append("no GKE metadata server (Workload Identity: "
+                        "--workload-metadata=GKE_METADATA)")
+    _, tolerations = pods.gpu_scheduling(accelerator, spot)
+    bad = [t for t in config.get("taints") or [] if not _tolerated(t, tolerations)]
+    if bad:
+        problems.append("taints our GPU pods do not tolerate: " + ", ".join(
+            f"{t.get('key')}={t.get('value')}:{t.get('effect')}" for t in bad))
+    if bool(config.get("spot") or config.get("preemptible")) != spot:
+        problems.append(f"spot is {bool(config.get('spot'))}, the config's is {spot}")
+    auto = pool.get("autoscaling") or {}
+    if auto.get("enabled") and int(auto.get("maxNodeCount") or 0) < nodes:
+        problems.append(f"at most {auto.get('maxNodeCount')} nodes, the Ray GPU workers "
+                        f"and Triton replicas need {nodes}")
+    return problems
+
+
+def check_node_pools(cfg: ClusterConfig, google: GoogleApis) -> list[str]:
+    """For each GPU consumer (the GPU group with Triton, or Triton on an accelerator of its
+    own): a node pool with that accelerator and count, Workload Identity, room for its size,
+    and only taints our GPU pods tolerate."""
+    needs = _pool_needs(cfg)
+    if not needs:
         return []
     status, body = google.call(
         "GET", "container", f"/v1/projects/{cfg.project}/locations/{cfg.zone}/clusters/"
@@ -246,40 +288,20 @@ def check_node_pools(cfg: ClusterConfig, google: GoogleApis) -> list[str]:
     if status != 200:
         return [f"cannot list the node pools of GKE cluster {cfg.name} in {cfg.zone} "
                 f"(HTTP {status}): create it with the setup script"]
-    _, tolerations = pods.gpu_scheduling(g.accelerator, g.spot)
-    candidates, out = [], []
-    for pool in (body or {}).get("nodePools", []):
-        accs = (pool.get("config") or {}).get("accelerators") or []
-        if any(a.get("acceleratorType") == g.accelerator for a in accs):
-            candidates.append(pool)
-    if not candidates:
-        return [f"no node pool offers {g.accelerator}: the gpu_workers pods (and Triton) would "
-                f"stay Pending (the setup script's node-pools create {g.group})"]
-    need = gcloud.gpu_pool_nodes(cfg)["nodes"]
-    for pool in candidates:
-        config = pool.get("config") or {}
-        problems = []
-        count = max(int(a.get("acceleratorCount") or 0) for a in config["accelerators"]
-                    if a.get("acceleratorType") == g.accelerator)
-        if count < g.gpus_per_node:
-            problems.append(f"{count} x {g.accelerator} per node, the config needs "
-                            f"{g.gpus_per_node}")
-        if (config.get("workloadMetadataConfig") or {}).get("mode") != "GKE_METADATA":
-            problems.append("no GKE metadata server (Workload Identity: "
-                            "--workload-metadata=GKE_METADATA)")
-        bad = [t for t in config.get("taints") or [] if not _tolerated(t, tolerations)]
-        if bad:
-            problems.append("taints our GPU pods do not tolerate: " + ", ".join(
-                f"{t.get('key')}={t.get('value')}:{t.get('effect')}" for t in bad))
-        if bool(config.get("spot") or config.get("preemptible")) != g.spot:
-            problems.append(f"spot is {bool(config.get('spot'))}, gpu_workers.spot is {g.spot}")
-        auto = pool.get("autoscaling") or {}
-        if auto.get("enabled") and int(auto.get("maxNodeCount") or 0) < need:
-            problems.append(f"at most {auto.get('maxNodeCount')} nodes, the Ray GPU workers "
-                            f"and Triton replicas need {need}")
-        if not problems:
-            return []
-        out.append(f"node pool {pool.get('name')}: {'; '.join(problems)}")
+    out = []
+    for who, accelerator, per_node, spot, nodes in needs:
+        candidates = [pool for pool in (body or {}).get("nodePools", [])
+                      if any(a.get("acceleratorType") == accelerator for a in
+                             (pool.get("config") or {}).get("accelerators") or [])]
+        if not candidates:
+            out.append(f"no node pool offers {accelerator}: the {who} pods would stay Pending"
+                       f"{' (the setup script creates it)' if who == 'gpu_workers' else ''}")
+            continue
+        found = [(pool, _pool_problems(pool, accelerator, per_node, spot, nodes))
+                 for pool in candidates]
+        if not any(not problems for _, problems in found):
+            out += [f"node pool {pool.get('name')}: {'; '.join(problems)}"
+                    for pool, problems in found]
     return out
 
 

@@ -64,7 +64,9 @@ def gpu_pool_nodes(cfg: ClusterConfig) -> dict[str, int]:
     per_node = g.gpus_per_node
     ray_nodes = math.ceil(g.max_replicas / max(1, per_node // g.gpus))
     triton_gpus = cfg.triton.gpus or per_node
-    triton_nodes = cfg.triton.max_replicas * math.ceil(triton_gpus / per_node) \
+    # Replicas that fit a node share it (the scheduler fills a node's free GPUs before the
+    # autoscaler adds one); config.py refuses a replica larger than a node.
+    triton_nodes = math.ceil(cfg.triton.max_replicas / max(1, per_node // triton_gpus)) \
         if cfg.triton_accelerator == g.accelerator else 0
     nodes = ray_nodes + triton_nodes
     return {"ray": ray_nodes, "triton": triton_nodes, "nodes": nodes, "gpus": nodes * per_node}

@@ -162,7 +162,8 @@ def test_service_account_without_its_workload_identity_annotation(api, kubeconfi
 
 
 @pytest.mark.parametrize("change,expected", [
-    (lambda p: p["config"].update(accelerators=[]), "no node pool offers nvidia-a100-80gb"),
+    (lambda p: p["config"].update(accelerators=[]),
+     "no node pool offers nvidia-a100-80gb: the gpu_workers pods would stay Pending"),
     (lambda p: p["config"]["accelerators"][0].update(acceleratorCount="1"),
      "1 x nvidia-a100-80gb per node, the config needs 2"),
     (lambda p: p["config"].update(workloadMetadataConfig={"mode": "GCE_METADATA"}),
@@ -177,6 +178,13 @@ def test_node_pools(api, kubeconfig, google, change, expected):
     change(pools["nodePools"][1])
     found = _failures(api, kubeconfig, google)["node_pools"]
     assert len(found) == 1 and expected in found[0]
+
+
+def test_triton_on_an_accelerator_without_a_pool(api, kubeconfig, google):
+    cfg = CFG.model_copy(update={"triton": CFG.triton.model_copy(
+        update={"accelerator": "nvidia-h100-80gb"})})
+    assert doctor.check_node_pools(cfg, google.apis()) == [
+        "no node pool offers nvidia-h100-80gb: the triton pods would stay Pending"]
 
 
 def test_bucket_iam_triton_without_buckets_get(api, kubeconfig, google):

@@ -91,3 +91,23 @@ def test_facts_table_names_tests_that_exist():
     assert names and all(f"def {n}(" in sources for n in names), \
         sorted(n for n in names if f"def {n}(" not in sources)
     assert all(re.search(r"tests?/|test_", row.rsplit("|", 2)[1]) for row in rows), rows
+
+
+@pytest.mark.parametrize("name,ray,triton", [("cluster-gke.yaml", 2, 1),
+                                             ("cluster-small.yaml", 1, 1)])
+def test_gpu_pool_and_quota_sized_for_ray_gpu_workers_plus_triton(name, ray, triton):
+    cfg = load_config(REPO / "examples" / name)
+    size = gcloud.gpu_pool_nodes(cfg)
+    g = cfg.gpu_workers
+    # One Ray GPU pod per node here (gpus == node_gpus), one whole-node Triton replica.
+    assert (size["ray"], size["triton"]) == (ray, triton)
+    assert size["gpus"] == (ray + triton) * g.gpus_per_node
+    script = gcloud.script(cfg, name)
+    pool = next(x for x in script.splitlines() if f"node-pools create {g.group} " in x)
+    assert f"--max-nodes={ray + triton} " in pool
+    assert f"= {size['gpus']} GPUs: GPUS_ALL_REGIONS" in script.splitlines()[2]
+    # Three Triton replicas of one GPU each on 2-GPU nodes: two nodes (replicas share a node).
+    two = cfg.model_copy(update={"gpu_workers": g.model_copy(update={"node_gpus": 2}),
+                                 "triton": cfg.triton.model_copy(
+                                     update={"max_replicas": 3, "gpus": 1})})
+    assert gcloud.gpu_pool_nodes(two)["triton"] == 2
