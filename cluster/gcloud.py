@@ -188,9 +188,10 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
                                        cfg.triton_accelerator) if a})
     for acc in accelerators:
         # Before anything is created: the accelerator type must exist in the zone.
+        # `describe` fails when the zone has no such type (acceleratorTypes.get).
         checks.append(
-            f"gcloud compute accelerator-types list --filter={shlex.quote(f'zone:{zone}')} "
-            f"--format='value(name)' | grep -qx {shlex.quote(acc)} || "
+            f"gcloud compute accelerator-types describe {shlex.quote(acc)} "
+            f"--zone={shlex.quote(zone)} --format='value(name)' >/dev/null || "
             f"{{ echo {shlex.quote(f'{acc} is not offered in {zone}: pick a zone that lists it (gcloud compute accelerator-types list --filter=name:{acc})')} >&2; exit 1; }}")
     values = yaml.safe_dump(helm_values(cfg), sort_keys=False)
     return [

@@ -61,7 +61,7 @@ def test_setup_grants_nodes_and_build_explicitly():
     submit = next(x for x in lines if x.startswith("gcloud builds submit"))
     assert f"--service-account=projects/{cfg.project}/serviceAccounts/{build}" in submit
     # Nothing is created before the accelerator check.
-    check = next(i for i, x in enumerate(lines) if "accelerator-types list" in x)
+    check = next(i for i, x in enumerate(lines) if "accelerator-types describe" in x)
     assert not any(" create " in x for x in lines[:check])
     teardown = gcloud.script(cfg, "c.yaml", teardown=True)
     for needle in ("artifacts repositories delete t5ft", f"storage rm -r {gcloud.build_staging(cfg)}",
