@@ -222,9 +222,10 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
         report = _doctor(cfg, kube)
         for line in report.lines():
             _progress(line)
-        if not report.ok:
-            raise UserError(f"up: nothing created, {len(report.lines())} assumption(s) do not "
-                            f"hold (python -m cluster doctor): {report.lines()[0]}")
+        blocking = report.lines(skip=doctor.REPAIRED_BY_UP)
+        if blocking:
+            raise UserError(f"up: nothing created, {len(blocking)} assumption(s) do not "
+                            f"hold (python -m cluster doctor): {blocking[0]}")
     # Events already there are old news: only a refusal after our apply stops `up`.
     seen = diagnose.event_keys(kube.list("Event", cfg.namespace)) \
         if kube.get("Namespace", cfg.namespace) is not None else set()

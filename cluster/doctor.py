@@ -110,9 +110,10 @@ class Report:
         """Whether every check that ran held."""
         return not any(self.failures.values())
 
-    def lines(self) -> list[str]:
-        """One line per failed assumption, prefixed with its check."""
-        return [f"{name}: {line}" for name, found in self.failures.items() for line in found]
+    def lines(self, skip: frozenset[str] = frozenset()) -> list[str]:
+        """One line per failed assumption, prefixed with its check (checks in SKIP left out)."""
+        return [f"{name}: {line}" for name, found in self.failures.items() if name not in skip
+                for line in found]
 
     def to_json(self) -> dict:
         """The JSON summary of `doctor --json`."""
@@ -380,6 +381,10 @@ def check_images(cfg: ClusterConfig, google: GoogleApis) -> list[str]:
                        f"(the setup script's gcloud builds submit)")
     return out
 
+
+# What `up` repairs itself (it patches the service accounts with their annotation): reported
+# by `up`, but no reason to stop it.
+REPAIRED_BY_UP = frozenset({"service_accounts"})
 
 KUBE_CHECKS: dict[str, Callable[[ClusterConfig, Kube], list[str]]] = {
     "operator": check_operator, "crds": check_crds, "namespace": check_namespace,

@@ -236,3 +236,14 @@ def test_cli_doctor_and_up_run_the_checks_first(api, kubeconfig, capsys):
     with pytest.raises(UserError, match=r"^up: nothing created, 1 assumption\(s\) do not hold"):
         main(["up", "--config", str(GKE), "--kubeconfig", str(kubeconfig), "--timeout", "0"])
     assert not api.calls("POST")  # nothing was created
+
+
+def test_up_repairs_a_service_accounts_annotation_instead_of_stopping(api, kubeconfig, capsys):
+    ksa = "/api/v1/namespaces/t5ft/serviceaccounts/t5ft-triton"
+    api.put(ksa, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "t5ft-triton"}})
+    api.statuses["/apis/ray.io/v1/namespaces/t5ft/rayclusters/t5ft"] = [{"state": "ready"}]
+    assert main(["up", "--config", str(GKE), "--kubeconfig", str(kubeconfig), "--poll", "0.01",
+                 "--timeout", "5"]) == 0
+    assert "service_accounts: service account t5ft/t5ft-triton has" in capsys.readouterr().err
+    assert api.objects[ksa]["metadata"]["annotations"] == {
+        "iam.gke.io/gcp-service-account": TRITON}
