@@ -5,11 +5,12 @@ IAM and Triton do. Each check reads the live project or cluster and returns one 
 assumption that does not hold (empty: it holds):
 
 Kubernetes (the cluster `up` would write to):
-- operator: the KubeRay operator's Deployment exists in config.kuberay_namespace, runs the
+- operator: the KubeRay operator's Deployment exists in config.kuberay_namespace, is available,
+  runs the
   version whose CRDs we validate against, and its --feature-gates (over features.go's
   defaults) enable every gate our objects need (cluster/kuberay.py).
 - crds: rayclusters.ray.io and rayjobs.ray.io serve v1 and know every field of our specs
-  (an older CRD would prune them silently).
+  (an older CRD would prune them silently); PodMonitoring's CRD is there when we render them.
 - namespace: its Pod Security enforce level is no stricter than what our pods meet.
 - service_accounts: each existing Kubernetes service account names its Google account in
   iam.gke.io/gcp-service-account.
@@ -47,6 +48,7 @@ from cluster.kubeapi import Kube
 
 OPERATOR_LABEL = "app.kubernetes.io/name=kuberay-operator"  # the chart's kuberay-operator.labels
 CRDS = {"RayCluster": "rayclusters.ray.io", "RayJob": "rayjobs.ray.io"}
+PODMONITORING = "podmonitorings.monitoring.googleapis.com"  # GKE's Managed Prometheus
 _PSA_ORDER = ["privileged", "baseline", "restricted"]
 _AR_IMAGE = re.compile(r"^(?P<location>[a-z0-9-]+)-docker\.pkg\.dev/(?P<project>[^/]+)/"
                        r"(?P<repo>[^/]+)/(?P<package>.+)$")
@@ -137,6 +139,10 @@ def check_operator(cfg: ClusterConfig, kube: Kube) -> list[str]:
                 f"{cfg.kuberay_namespace!r}: install it with the setup script's helm command "
                 f"(python -m cluster gcloud; config.kuberay_namespace names where it runs)"]
     out = []
+    if not int((found[0].get("status") or {}).get("availableReplicas") or 0):
+        out.append(f"the KubeRay operator in {cfg.kuberay_namespace!r} has no available replica "
+                   f"(kubectl -n {cfg.kuberay_namespace} describe deployment "
+                   f"{found[0]['metadata']['name']}): nothing would reconcile our objects")
     containers = found[0]["spec"]["template"]["spec"]["containers"]
     container = next((c for c in containers if "kuberay" in c.get("image", "")), containers[0])
     tag = container.get("image", "").rsplit(":", 1)[-1]
@@ -172,6 +178,10 @@ def check_crds(cfg: ClusterConfig, kube: Kube) -> list[str]:
     """The CRDs serve ray.io/v1 and know every top-level field of our specs."""
     out = []
     objects = {o["kind"]: o for o in our_objects(cfg)}
+    if cfg.managed_prometheus and kube.get("CustomResourceDefinition", PODMONITORING) is None:
+        out.append(f"CRD {PODMONITORING} is not installed: enable Managed Prometheus (gcloud "
+                   f"container clusters update {cfg.name} --enable-managed-prometheus) or set "
+                   f"managed_prometheus: false")
     for kind, name in CRDS.items():
         crd = kube.get("CustomResourceDefinition", name)
         if crd is None:

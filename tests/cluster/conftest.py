@@ -217,7 +217,8 @@ def operator_deployment(values: dict, image: str | None = None) -> dict:
             "spec": {"template": {"spec": {"containers": [{
                 "name": "kuberay-operator", "image": image or kuberay.chart_image(),
                 "command": ["/manager"],
-                "args": [kuberay.feature_gates_arg(values), "--enable-leader-election=true"]}]}}}}
+                "args": [kuberay.feature_gates_arg(values), "--enable-leader-election=true"]}]}}},
+            "status": {"replicas": 1, "availableReplicas": 1}}
 
 
 _CRDS: dict[str, dict] = {}
@@ -232,14 +233,16 @@ def vendored_crd(file_name: str) -> dict:
 
 
 def install_kuberay(server: FakeKubeAPI) -> None:
-    """What the setup script's helm install leaves: the operator (with the script's values)
-    and the v1.7.0 CRDs."""
+    """What the setup script leaves: the operator (with the script's Helm values), the v1.7.0
+    CRDs, and Managed Prometheus' PodMonitoring CRD."""
     from cluster import gcloud
     from cluster.config import load_config
 
     cfg = load_config(REPO / "examples" / "cluster-gke.yaml")
     server.objects[OPERATOR] = operator_deployment(gcloud.helm_values(cfg))
-    for file_name in ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml"):
+    # GKE's Managed Prometheus (the setup script enables it) installs the PodMonitoring CRD.
+    for file_name in ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml",
+                      "monitoring.googleapis.com_podmonitorings.yaml"):
         crd = vendored_crd(file_name)
         server.objects[f"{CRD_PATH}/{crd['metadata']['name']}"] = crd
 

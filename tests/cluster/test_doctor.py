@@ -132,6 +132,24 @@ def test_operator_version_and_its_gates(api, kubeconfig, google):
                                "but our RayCluster spec.networkPolicy needs it")
 
 
+def test_operator_not_available(api, kubeconfig, google):
+    down = copy.deepcopy(api.objects[OPERATOR])
+    down["status"] = {"replicas": 1, "unavailableReplicas": 1}
+    api.put(OPERATOR, down)
+    assert _failures(api, kubeconfig, google)["operator"] == [
+        "the KubeRay operator in 'kuberay-system' has no available replica (kubectl -n "
+        "kuberay-system describe deployment kuberay-operator): nothing would reconcile our "
+        "objects"]
+
+
+def test_podmonitoring_crd_missing(api, kubeconfig, google):
+    del api.objects[f"{CRD_PATH}/podmonitorings.monitoring.googleapis.com"]
+    assert _failures(api, kubeconfig, google)["crds"][0].startswith(
+        "CRD podmonitorings.monitoring.googleapis.com is not installed: enable Managed Prometheus")
+    off = CFG.model_copy(update={"managed_prometheus": False})
+    assert doctor.check_crds(off, _kube(kubeconfig)) == []
+
+
 def test_crds_missing_or_too_old(api, kubeconfig, google):
     del api.objects[f"{CRD_PATH}/rayjobs.ray.io"]
     old = copy.deepcopy(api.objects[f"{CRD_PATH}/rayclusters.ray.io"])
