@@ -3,10 +3,14 @@
 `python -m cluster gcloud --config CLUSTER.yaml` prints them as a shell script, generated from
 the same ClusterConfig that `render` and `up` use, so the project and the objects cannot drift:
 the namespace, the service account names and the node pools are read from one place.
-Facts relied on (docs/gke.md cites them): Workload Identity Federation for GKE binds
-`PROJECT.svc.id.goog[NAMESPACE/KSA]` with roles/iam.workloadIdentityUser; GKE taints GPU node
-pools with nvidia.com/gpu and installs the driver with `gpu-driver-version=default`; the
-KubeRay chart is pinned to the release whose CRDs are vendored in cluster/schemas/.
+Facts relied on (docs/gke.md, "Facts we rely on", cites them): Workload Identity Federation for
+GKE binds `PROJECT.svc.id.goog[NAMESPACE/KSA]` with roles/iam.workloadIdentityUser; GKE taints
+GPU node pools with nvidia.com/gpu and installs the driver with `gpu-driver-version=default`;
+the KubeRay chart is pinned to the release whose CRDs and sources are vendored in
+cluster/schemas/, installed with the feature gates our objects need (kuberay.py); the bucket
+roles come from cluster/iam.py's call table; the nodes and Cloud Build run as accounts of our
+own with explicit roles (new organisations give the default compute account none), bound with
+retries (IAM is eventually consistent). `teardown_steps` removes what `steps` made.
 """
 
 from __future__ import annotations
