@@ -436,10 +436,11 @@ def test_gcloud_commands_cover_the_config(path):
     assert not any(f"serviceAccount:{reader} --role=roles/storage.objectAdmin" in x
                    for x in lines)
     # The namespace comes first, then the dry run and up; KubeRay at the vendored version.
-    create = lines.index(f"kubectl create namespace {ns}")
+    create = next(i for i, x in enumerate(lines) if x.endswith(f"kubectl create namespace {ns}"))
     dry = next(i for i, x in enumerate(lines) if "--dry-run=server" in x)
     assert create < dry < next(i for i, x in enumerate(lines) if " cluster up " in x)
-    assert any("helm install kuberay-operator kuberay/kuberay-operator --version=1.7.0" in x
+    assert any("helm upgrade --install kuberay-operator kuberay/kuberay-operator --version=1.7.0"
+               in x
                for x in lines)
     assert "v1.7.0" in (REPO / "cluster" / "schemas" / "README.md").read_text()
     # triton.repository: fuse needs the GCS FUSE CSI add-on and Workload Identity on the nodes.
