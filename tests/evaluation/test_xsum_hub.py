@@ -59,3 +59,25 @@ def test_when_the_retry_fails_too_one_line_names_both_ways_out(script_dataset, m
                               f"datasets ")
     assert "parquet conversion (revision refs/convert/parquet) failed too" in message
     assert "pass --dataset a parquet copy, e.g. gs://BUCKET/data/xsum-test.parquet" in message
+
+
+def test_hub_out_of_reach_is_one_line_naming_the_parquet_copy(tmp_path, monkeypatch):
+    # No egress (a private cluster): datasets' own error for a hub it cannot reach, made here
+    # at once with its offline mode and an empty cache (without it, the same ConnectionError
+    # comes after huggingface_hub's retries).
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ConnectionError, match="Couldn't reach"):  # the real error, first
+        datasets.load_dataset(data.HUB_XSUM, split="test")
+    with pytest.raises(DataError) as info:
+        load_examples("xsum", split="test")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"--dataset xsum: cannot read {data.HUB_XSUM} from the hub "
+                              f"(Couldn't reach")
+    assert "pass --dataset gs://BUCKET/data/xsum-test.parquet" in message
