@@ -34,7 +34,10 @@ from cluster.config import (
 NODE_DISK_GB = 200
 APIS = ["container.googleapis.com", "compute.googleapis.com", "storage.googleapis.com",
         "iam.googleapis.com", "iamcredentials.googleapis.com", "artifactregistry.googleapis.com",
-        "cloudbuild.googleapis.com", "monitoring.googleapis.com", "logging.googleapis.com"]
+        "cloudbuild.googleapis.com", "monitoring.googleapis.com", "logging.googleapis.com",
+        # doctor reads the project's IAM policy (projects.getIamPolicy) with application-default
+        # credentials, whose quota project is normally this one: the API must be on here.
+        "cloudresourcemanager.googleapis.com"]
 # The Helm values file the setup script writes and installs the operator with (kuberay.py).
 KUBERAY_VALUES = "kuberay-values.yaml"
 # Roles each account of ours needs beyond the bucket (cluster/iam.py has the bucket's), granted
