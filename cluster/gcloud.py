@@ -300,30 +300,50 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
     ]
 
 
+def _if_found(probe: list[str], *commands: list[str]) -> str:
+    """COMMANDS only while PROBE finds the thing: a teardown stopped part way (or run twice)
+    goes on past what is already gone; a command that fails on something still there stops
+    it under `set -e` (errexit holds inside `then`)."""
+    return (f"if {shlex.join(probe)} >/dev/null 2>&1; then "
+            f"{'; '.join(shlex.join(c) for c in commands)}; fi")
+
+
 def teardown_steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
     """What the setup script made, removed: the cluster, the images (tens of GB), Cloud
     Build's staging bucket, the service accounts and their project roles. The data bucket
-    is left to the user (a commented line)."""
+    is left to the user (a commented line). Each removal runs only while its thing exists."""
     project, zone, region = cfg.project, cfg.zone, _region(cfg)
     repo_name = registry(cfg).rsplit("/", 1)[-1]
     accounts = list(dict.fromkeys([cfg.service_accounts.google_service_account,
                                    cfg.service_accounts.triton_gsa]))
-    unbind = [["gcloud", "projects", "remove-iam-policy-binding", project,
-               f"--member=serviceAccount:{g}", f"--role={r}", "--condition=None"]
+
+    def account(gsa: str) -> list[str]:
+        return ["gcloud", "iam", "service-accounts", "describe", gsa]
+
+    unbind = [_if_found(account(g), ["gcloud", "projects", "remove-iam-policy-binding", project,
+                                     f"--member=serviceAccount:{g}", f"--role={r}",
+                                     "--condition=None"])
               for g, rs in ((node_gsa(cfg), NODE_PROJECT_ROLES),
                             (build_gsa(cfg), BUILD_PROJECT_ROLES)) for r in rs]
     return [
         ("the cluster's objects, then the GKE cluster (stops all node charges); kubectl "
          "pointed at it first, so that `down` deletes in this cluster and no other",
-         [["gcloud", "container", "clusters", "get-credentials", cfg.name, f"--zone={zone}"],
-          ["python", "-m", "cluster", "down", f"--config={config_ref}"],
-          ["gcloud", "container", "clusters", "delete", cfg.name, f"--zone={zone}", "--quiet"]]),
+         [_if_found(["gcloud", "container", "clusters", "describe", cfg.name, f"--zone={zone}"],
+                    ["gcloud", "container", "clusters", "get-credentials", cfg.name,
+                     f"--zone={zone}"],
+                    ["python", "-m", "cluster", "down", f"--config={config_ref}"],
+                    ["gcloud", "container", "clusters", "delete", cfg.name, f"--zone={zone}",
+                     "--quiet"])]),
         ("the images and their repository, and Cloud Build's staging bucket",
-         [["gcloud", "artifacts", "repositories", "delete", repo_name, f"--location={region}",
-           "--quiet"],
-          ["gcloud", "storage", "rm", "-r", build_staging(cfg)]]),
+         [_if_found(["gcloud", "artifacts", "repositories", "describe", repo_name,
+                     f"--location={region}"],
+                    ["gcloud", "artifacts", "repositories", "delete", repo_name,
+                     f"--location={region}", "--quiet"]),
+          _if_found(["gcloud", "storage", "buckets", "describe", build_staging(cfg)],
+                    ["gcloud", "storage", "rm", "-r", build_staging(cfg)])]),
         ("the service accounts and their project roles",
-         unbind + [["gcloud", "iam", "service-accounts", "delete", g, "--quiet"]
+         unbind + [_if_found(account(g), ["gcloud", "iam", "service-accounts", "delete", g,
+                                          "--quiet"])
                    for g in [*accounts, node_gsa(cfg), build_gsa(cfg)]]),
         ("the data bucket: only when you no longer need the checkpoints and results",
          [f"# gcloud storage rm -r {bucket_url(cfg)}"]),

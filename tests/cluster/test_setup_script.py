@@ -25,19 +25,22 @@ tool, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
 state = os.environ["FAKE_STATE"]
 with open(state + ".log", "a") as log:
     log.write(json.dumps([tool, *argv]) + "\\n")
-verbs = [i for i, a in enumerate(argv) if a in ("describe", "get", "create")]
+verbs = [i for i, a in enumerate(argv) if a in ("describe", "get", "create", "delete", "rm")]
 if not verbs or tool not in ("gcloud", "kubectl"):
     sys.exit(0)
 i = verbs[0]
-# The thing named: gcloud GROUP... VERB NAME (an account by email or by id), kubectl VERB KIND NAME.
+# The thing named: gcloud GROUP... VERB NAME (an account by email or by id), kubectl VERB KIND
+# NAME; `gcloud storage rm -r gs://B` removes bucket B.
 key = (argv[i + 1] + " " + argv[i + 2]) if tool == "kubectl" else \\
+    "storage buckets " + argv[-1] if argv[i] == "rm" else \\
     " ".join(argv[:i] + [argv[i + 1].split("@")[0]])
-have = set(open(state).read().split("\\n")) if os.path.exists(state) else set()
-if argv[i] == "create":
-    if key in have:
-        sys.exit(f"ERROR: ({tool}) {key}: ALREADY_EXISTS")
-    with open(state, "a") as f:
-        f.write(key + "\\n")
+have = [k for k in open(state).read().split("\\n") if k] if os.path.exists(state) else []
+if argv[i] in ("create", "delete", "rm"):
+    if (key in have) == (argv[i] == "create"):
+        sys.exit(f"ERROR: ({tool}) {key}: " + ("ALREADY_EXISTS" if key in have else "NOT_FOUND"))
+    have = have + [key] if argv[i] == "create" else [k for k in have if k != key]
+    with open(state, "w") as f:
+        f.write("".join(k + "\\n" for k in have))
     sys.exit(0)
 sys.exit(0 if key in have else 1)
 '''
@@ -81,11 +84,29 @@ def test_setup_script_runs_again_after_it_stopped_part_way(tmp_path):
     assert '"--install"' in helm and '"--wait"' in helm
 
 
-def test_teardown_points_kubectl_at_the_cluster_before_down(tmp_path):
+def test_teardown_points_kubectl_at_the_cluster_first_and_runs_again(tmp_path):
     cfg = load_config(REPO / "examples" / "cluster-gke.yaml")
-    done = _run_setup(tmp_path, gcloud.script(cfg, "c.yaml", teardown=True))
+    (tmp_path / "state").write_text("compute accelerator-types nvidia-a100-80gb\n")
+    assert _run_setup(tmp_path, gcloud.script(cfg, "c.yaml")).returncode == 0
+    (tmp_path / "state.log").unlink()
+    teardown = gcloud.script(cfg, "c.yaml", teardown=True)
+    done = _run_setup(tmp_path, teardown)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "state.log").read_text().splitlines()
+    # `down` acts on kubectl's current context: pointed at this cluster first.
     creds = log.index('["gcloud", "container", "clusters", "get-credentials", "t5ft", '
                       '"--zone=us-central1-a"]')
     assert creds < log.index('["python", "-m", "cluster", "down", "--config=c.yaml"]')
+    # Left: the data bucket (kept on purpose) and what goes with the cluster in GKE (its
+    # pools, the namespace), which these stand-ins do not delete with it.
+    left = (tmp_path / "state").read_text().split("\n")
+    assert sorted(k for k in left if k) == sorted([
+        "compute accelerator-types nvidia-a100-80gb", "namespace t5ft",
+        "container node-pools convert", "container node-pools gpu",
+        "storage buckets gs://my-gcp-project-t5ft"])
+    # Run again (it stopped part way, or twice): what is gone is skipped, nothing fails.
+    (tmp_path / "state.log").unlink()
+    again = _run_setup(tmp_path, teardown)
+    assert again.returncode == 0, again.stderr
+    assert not [x for x in (tmp_path / "state.log").read_text().splitlines()
+                if '"delete"' in x or '"rm"' in x or "get-credentials" in x]
