@@ -30,7 +30,8 @@ class ConvertOptions(StageOptions):
     COMMAND_HELP: ClassVar[str] = (
         "Convert a T5X checkpoint (T5 1.1, Flan-T5, UL2; legacy or OCDBT, local or "
         "gs://) into FasterTransformer weight shards in a Triton model repository: "
-        "DST/<model>/config.pbtxt, DST/<model>/1/<T>-gpu/{config.ini, *.bin, manifest.json}."
+        "DST/<model>/config.pbtxt, DST/<model>/1/<T>-gpu/{config.ini, *.bin, manifest.json}; "
+        "or, with --format hf, into a Hugging Face T5 checkpoint in DST/<model>."
     )
 
     # Frozen, as the dataclass it replaces: copy with a change, ConvertOptions(**{**o.__dict__}).
@@ -41,6 +42,12 @@ class ConvertOptions(StageOptions):
         "(the newest step is used); local path or gs:// URL")
     dst: str = option(help="Triton model repository root (local or gs://)")
     model_name: str = option("t5", help="model folder name in DST (default t5)")
+    format: Literal["ft", "hf"] = option(
+        "ft", help="ft (default): FasterTransformer shards in a Triton model repository; hf: a "
+        "Hugging Face T5 checkpoint in DST/<model> (sharded safetensors, one shard per layer, "
+        "model.safetensors.index.json, config.json, generation_config.json, tokenizer files) "
+        "that transformers, TensorRT-LLM, CTranslate2, Optimum and vLLM load; "
+        "--tensor-parallel, --engine and --inference-dtype do not apply to it")
     tensor_parallel: int = option(
         1, help="T: split attention heads and d_ff over T GPUs (default 1)")
     pipeline_parallel: int = option(
