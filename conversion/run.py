@@ -149,7 +149,7 @@ def _check_tables(ckpt: Checkpoint, plan: ConversionPlan) -> None:
 
     for task in plan.tasks:
         for tensor in task.tensors:
-            if tensor.transform == "copy_identical":
+            if tensor.transform in ("copy_identical", "transpose_identical"):
                 check_identical(ckpt, tensor)
 
 

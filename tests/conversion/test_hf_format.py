@@ -1,0 +1,167 @@
+"""--format hf: T5X checkpoints -> a Hugging Face T5 checkpoint transformers loads.
+
+Checked against things this repository did not make: transformers' T5ForConditionalGeneration
+(its load report: no missing, unexpected or mismatched keys), safetensors' own reader, and,
+for the values, an independent FT -> transformers state-dict loader
+(tests/serving/test_engine_hf.py's ``hf_model``) applied to the FT conversion of the same
+checkpoint: every tensor equal, and the teacher-forced logits of our JAX engine on the FT
+files equal transformers' on the HF folder within 1e-4 (fp32, random rows).
+Models: T5 1.0 (relu, tied, OCDBT, bf16 save), T5 1.1 / Flan-T5 (gated-gelu, untied, legacy),
+UL2 (gated-silu, untied, I != D, 2 encoder / 3 decoder layers, legacy multi-chunk) and UL2
+scanned (current scalable_t5 naming, heads on their own axis, a table in every layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import T5ForConditionalGeneration
+
+from conversion.run import ConversionError, ConvertOptions, convert
+from core import hf_format
+from demo.t5x_writer import gin_config, random_t5x_params, write_t5x_checkpoint
+from serving.engine import T5Engine
+from tests.conversion.conftest import MODELS, SMALL_CHUNK_BYTES
+from tests.conversion.reference import scan_params
+from tests.serving.test_engine_hf import hf_model
+
+T5V11 = dataclasses.replace(MODELS["ul2"], feed_forward_proj="gated-gelu", num_decoder_layers=2)
+CASES = {
+    # name: (config, layout, save dtype, scanned)
+    "t5v1-ocdbt": (MODELS["t5v1"], "ocdbt", "bfloat16", False),
+    "t5v11-legacy": (T5V11, "legacy", "float32", False),
+    "ul2-legacy": (MODELS["ul2"], "legacy", "float32", False),
+    "ul2-scanned": (MODELS["ul2"], "legacy", "float32", True),
+}
+TOLERANCE = 1e-4  # fp32 logits, ours (JAX) against transformers (torch), same weights
+
+
+def _checkpoint(root: Path, case: str, tables: dict | None = None) -> Path:
+    cfg, layout, dtype, scanned = CASES[case]
+    params = random_t5x_params(cfg, seed=3, dtype=dtype)
+    gin_lines = ["  scan_layers = True", "  param_scan_axis = 1"] if scanned else None
+    if scanned:
+        params = scan_params(params, cfg, naming="current", tables=tables)
+    gin = gin_config(cfg, gin_lines or []) if cfg.gated else None  # T5 1.0: from the shapes
+    return write_t5x_checkpoint(root / case, params, step=5, dtype=dtype, layout=layout,
+                                gin=gin, chunk_bytes=SMALL_CHUNK_BYTES)
+
+
+@pytest.fixture(scope="module")
+def converted(ray_local, tmp_path_factory) -> dict[str, tuple[Path, Path, dict]]:
+    """case -> (HF folder, FT weights folder, HF summary), both from the same checkpoint."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for case in CASES:
+        src = str(_checkpoint(root / "src", case))
+        hf = convert(ConvertOptions(src=src, dst=str(root / "hf"), model_name=case,
+                                    format="hf", verify=True, progress=False))
+        ft = convert(ConvertOptions(src=src, dst=str(root / "ft"), model_name=case,
+                                    progress=False))
+        out[case] = (Path(hf["output"]), Path(ft["output"]), hf)
+    return out
+
+
+def _load(folder: Path) -> T5ForConditionalGeneration:
+    model, info = T5ForConditionalGeneration.from_pretrained(str(folder),
+                                                             output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"], info
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert not info.get("error_msgs"), info
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_loads_every_tensor_as_the_ft_conversion_holds_it(converted, case):
+    cfg = CASES[case][0]
+    folder, ft_folder, summary = converted[case]
+    assert summary["format"] == "hf" and summary["verified"] and summary["unaccounted"] == []
+    model = _load(folder)
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    n = 1 + cfg.num_encoder_layers + cfg.num_decoder_layers  # one per layer and the globals
+    assert shards == [hf_format.shard_name(i, n) for i in range(n)]
+    assert summary["files"] == n
+
+    # safetensors' own reader agrees with the index, and every name is transformers'.
+    index = json.loads((folder / hf_format.INDEX).read_text())
+    stored = {}
+    for shard in shards:
+        with safe_open(str(folder / shard), framework="pt") as f:
+            stored.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    assert {k: index["weight_map"][k] for k in stored} == index["weight_map"]
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in stored.values())
+    state = model.state_dict()
+    assert set(stored) <= set(state)
+    assert set(state) - set(stored) <= {"encoder.embed_tokens.weight",
+                                        "decoder.embed_tokens.weight", "lm_head.weight"}
+
+    # Values: equal to the independent FT -> transformers loader's on the FT conversion.
+    reference = hf_model(ft_folder).state_dict()
+    for name, value in state.items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=0, msg=name)
+    if cfg.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()
+        assert model.config.scale_decoder_outputs
+    else:
+        assert not torch.equal(model.lm_head.weight, model.shared.weight)
+        assert not model.config.scale_decoder_outputs
+    assert (model.config.num_layers, model.config.num_decoder_layers) == (
+        cfg.num_encoder_layers, cfg.num_decoder_layers)
+    assert model.config.feed_forward_proj == cfg.feed_forward_proj
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_teacher_forced_logits_equal_our_engine_on_the_ft_files(converted, case):
+    cfg = CASES[case][0]
+    folder, ft_folder, _ = converted[case]
+    rng = np.random.default_rng(5)
+    ids = rng.integers(2, cfg.vocab_size, size=(3, 9))
+    dec = np.concatenate([np.zeros((3, 1), int), rng.integers(2, cfg.vocab_size, (3, 6))], 1)
+    ours = T5Engine.load(str(ft_folder)).logits(ids, dec)
+    with torch.no_grad():
+        theirs = _load(folder)(input_ids=torch.from_numpy(ids),
+                               decoder_input_ids=torch.from_numpy(dec)).logits.numpy()
+    assert theirs.shape == ours.shape == (3, 7, cfg.vocab_size)
+    assert np.abs(theirs).max() > 0.1  # not a degenerate model
+    np.testing.assert_allclose(theirs, ours, atol=TOLERANCE, rtol=0)
+
+
+def test_bf16_shards_hold_the_fp32_values_rounded(converted, tmp_path):
+    folder, _, summary = converted["ul2-legacy"]
+    src = summary["source"]
+    bf16 = convert(ConvertOptions(src=src, dst=str(tmp_path), format="hf", weight_dtype="bf16",
+                                  progress=False))
+    model = _load(Path(bf16["output"]))
+    assert json.loads((Path(bf16["output"]) / "config.json").read_text())["dtype"] == "bfloat16"
+    full = _load(folder).state_dict()
+    for name, value in model.state_dict().items():
+        assert value.dtype == torch.bfloat16, name
+        torch.testing.assert_close(value, full[name].to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_scanned_per_layer_tables_that_differ_are_refused_in_one_line(ray_local, tmp_path):
+    cfg = MODELS["ul2"]
+    rng = np.random.default_rng(8)
+    shape = (cfg.num_heads, cfg.relative_attention_num_buckets)
+    tables = {side: [rng.standard_normal(shape).astype(np.float32) for _ in range(depth)]
+              for side, depth in (("encoder", 2), ("decoder", 3))}
+    src = _checkpoint(tmp_path / "src", "ul2-scanned", tables)
+    with pytest.raises(ConversionError) as err:
+        convert(ConvertOptions(src=str(src), dst=str(tmp_path / "out"), format="hf",
+                               progress=False))
+    msg = str(err.value)
+    assert "\n" not in msg and "transformers' T5 holds one table per stack" in msg
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_tensor_parallel_does_not_apply(ray_local, converted, tmp_path):
+    src = converted["ul2-legacy"][2]["source"]
+    with pytest.raises(ConversionError, match="--tensor-parallel does not apply"):
+        convert(ConvertOptions(src=src, dst=str(tmp_path), format="hf", tensor_parallel=2,
+                               progress=False))
