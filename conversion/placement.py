@@ -230,6 +230,7 @@ class _OutFile:
     """
 
     def __init__(self, path: str, nbytes: int, digest: Digest = DEFAULT_DIGEST) -> None:
+        self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, nbytes)
         self.nbytes = nbytes
@@ -431,5 +432,24 @@ def write_shard(ckpt: Checkpoint, task: LayerTask, out_dir: str,
         out.write(0, np.frombuffer(shard.header, dtype=np.uint8))
         for tensor, offset in zip(task.tensors, shard.offsets, strict=True):
             _fill(ckpt, tensor, [_At(out, offset)], reads)
-        return ManifestEntry.of(shard.name, shard.nbytes, digest, out.digest(),
-                                task.tensors[0].weight_dtype, ())
+        entry = ManifestEntry.of(shard.name, shard.nbytes, digest, out.digest(),
+                                 task.tensors[0].weight_dtype, ())
+        _check_shard(out.path, task)
+        return entry
+
+
+def _check_shard(path: str, task: LayerTask) -> None:
+    """Open the staged shard with safetensors' own reader (header, offsets against the file's
+    size) and compare its names and shapes with the plan's, before it is published."""
+    from safetensors import safe_open
+
+    want = {t.files[0].name: list(t.full_shape) for t in task.tensors}
+    try:
+        with safe_open(path, framework="numpy") as f:
+            got = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # noqa: BLE001 - whatever the reader refuses, say it in one line
+        raise ConversionError(f"safetensors cannot read the shard written for {task.group}: "
+                              f"{exc}") from exc
+    if got != want:
+        raise ConversionError(f"the shard written for {task.group} holds {sorted(got)[:3]}..., "
+                              f"not the planned tensors")

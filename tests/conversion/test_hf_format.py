@@ -165,3 +165,78 @@ def test_tensor_parallel_does_not_apply(ray_local, converted, tmp_path):
     with pytest.raises(ConversionError, match="--tensor-parallel does not apply"):
         convert(ConvertOptions(src=src, dst=str(tmp_path), format="hf", tensor_parallel=2,
                                progress=False))
+
+
+@pytest.fixture(scope="module")
+def demo_hf(ray_local, tmp_path_factory) -> tuple[Path, Path, object]:
+    """The trained demo model (T5FT_DEMO_CACHE) converted to HF and to FT; its build."""
+    from demo.build import build
+
+    demo = build(log=lambda _: None)
+    root = tmp_path_factory.mktemp("demo")
+    hf = convert(ConvertOptions(src=str(demo.checkpoint), dst=str(root), model_name="hf",
+                                format="hf", vocab=str(demo.vocab), progress=False))
+    ft = convert(ConvertOptions(src=str(demo.checkpoint), dst=str(root), model_name="ft",
+                                progress=False))
+    return Path(hf["output"]), Path(ft["output"]), demo
+
+
+def test_tokenizer_is_sentencepiece_plus_eos_and_decodes_back(demo_hf, xsum_sample):
+    """AutoTokenizer on the folder (tokenizer.json, no conversion at load) against the
+    SentencePiece model itself, and against what transformers' T5Tokenizer writes."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, T5Tokenizer
+
+    from conversion.hf_files import precompiled_charsmap
+
+    folder, _, demo = demo_hf
+    sp = spm.SentencePieceProcessor(model_file=str(demo.vocab))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    assert type(tok).__name__ == "T5Tokenizer" and len(tok) == sp.get_piece_size()
+    rows = [json.loads(line) for line in xsum_sample.read_text().splitlines()]
+    for text in [r[k] for r in rows for k in ("document", "summary")]:
+        ids = tok(text).input_ids
+        assert ids == sp.encode(text) + [1]
+        assert tok.decode(ids, skip_special_tokens=True) == sp.decode(sp.encode(text))
+    assert tok.decode(tok(rows[0]["summary"]).input_ids, skip_special_tokens=True) == \
+        rows[0]["summary"]
+
+    # The files equal what the real producer writes for the same pieces and charsmap.
+    model = demo.vocab.read_bytes()
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    reference = folder.parent / "reference-tokenizer"
+    T5Tokenizer(vocab=vocab, _spm_precompiled_charsmap=precompiled_charsmap(model),
+                extra_ids=0).save_pretrained(str(reference))
+    assert json.loads((folder / "tokenizer.json").read_text()) == json.loads(
+        (reference / "tokenizer.json").read_text())
+    ours = json.loads((folder / "tokenizer_config.json").read_text())
+    theirs = json.loads((reference / "tokenizer_config.json").read_text())
+    theirs.pop("model_max_length")  # transformers' "no limit" default, left to it
+    assert ours == theirs
+    assert (folder / "spiece.model").read_bytes() == model
+
+
+def test_greedy_outputs_of_the_trained_demo_equal_our_engines(demo_hf, xsum_sample):
+    from transformers import AutoTokenizer
+
+    from serving.engine import SamplingParams
+
+    folder, ft_folder, demo = demo_hf
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = _load(folder)
+    rows = [json.loads(line) for line in xsum_sample.read_text().splitlines()]
+    inputs = [np.asarray(tok("summarize: " + r["document"], truncation=True,
+                             max_length=128).input_ids) for r in rows]
+    n_out = demo.settings.max_output_len
+    ours = T5Engine.load(str(ft_folder)).generate(inputs,
+                                                  [SamplingParams(max_output_len=n_out)] * len(rows))
+    exact = 0
+    for ids, res, row in zip(inputs, ours, rows, strict=True):
+        with torch.no_grad():
+            out = model.generate(torch.from_numpy(ids[None]), max_new_tokens=n_out,
+                                 do_sample=False, num_beams=1)[0].numpy()[1:]  # drop start id
+        n = int(res.sequence_length[0])
+        assert out.tolist()[:n] == res.output_ids[0][:n].tolist()
+        assert len(out) == n or out[n:].tolist() == [0] * (len(out) - n)  # HF pads after EOS
+        exact += tok.decode(out, skip_special_tokens=True) == row["summary"]
+    assert exact >= len(rows) // 2  # the trained model reproduces its summaries
