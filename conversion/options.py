@@ -40,7 +40,8 @@ class ConvertOptions(StageOptions):
     src: str = option(
         help="T5X checkpoint folder (checkpoint_<step>), or a folder holding several "
         "(the newest step is used); local path or gs:// URL")
-    dst: str = option(help="Triton model repository root (local or gs://)")
+    dst: str = option(help="Triton model repository root (local or gs://); with --format hf "
+                      "the checkpoint is written to DST/<model>")
     model_name: str = option("t5", help="model folder name in DST (default t5)")
     format: Literal["ft", "hf"] = option(
         "ft", help="ft (default): FasterTransformer shards in a Triton model repository; hf: a "
@@ -53,7 +54,7 @@ class ConvertOptions(StageOptions):
     pipeline_parallel: int = option(
         1, help="pipeline_para_size written to config.pbtxt (default 1)")
     weight_dtype: WeightDtype = option(
-        "fp32", help="dtype of the stored .bin files (default fp32)")
+        "fp32", help="dtype of the stored weights, .bin files or safetensors (default fp32)")
     inference_dtype: WeightDtype = option(
         "bf16", help="data_type in config.pbtxt (default bf16)")
     gin: str | None = option(
@@ -69,9 +70,9 @@ class ConvertOptions(StageOptions):
         "t5x's param_scan_axis, overriding config.gin (default: from gin, else from "
         "the shapes when only one axis fits; ignored for unscanned checkpoints)")
     vocab: str | None = option(
-        None, help="SentencePiece model copied to DST/<model>/spiece.model (default: the "
-        "one config.gin names, seqio.SentencePieceVocabulary.sentencepiece_model_file,"
-        " when it exists)")
+        None, help="SentencePiece model copied to DST/<model>/spiece.model, with --format hf "
+        "also written as tokenizer.json (default: the one config.gin names, "
+        "seqio.SentencePieceVocabulary.sentencepiece_model_file, when it exists)")
     engine: Engine = option(
         "fastertransformer",
         help="Triton backend config.pbtxt is written for (default fastertransformer)")
