@@ -99,10 +99,10 @@ def main() -> None:
     result["hf_over_ft_peak_rss"] = round(result["hf"]["worker_peak_rss_bytes"]
                                           / result["ft"]["worker_peak_rss_bytes"], 2)
     result["load_after"] = _load()
-    print(f"HF {result['hf']['seconds']['median']}s vs FT TP 1 "
-          f"{result['ft']['seconds']['median']}s ({result['hf_over_ft_seconds']}x); worker "
-          f"peak {result['hf']['worker_peak_rss_bytes'] / 2**20:.0f} vs "
-          f"{result['ft']['worker_peak_rss_bytes'] / 2**20:.0f} MiB; load {load_before} -> "
+    mib = {fmt: round(result[fmt]["worker_peak_rss_bytes"] / 2**20) for fmt in runs}
+    medians = {fmt: result[fmt]["seconds"]["median"] for fmt in runs}
+    print(f"median s {medians}, worker peak MiB {mib}, HF/FT {result['hf_over_ft_seconds']}x"
+          f" time {result['hf_over_ft_peak_rss']}x memory, load {load_before} -> "
           f"{result['load_after']}", file=sys.stderr)
     print(json.dumps(result), flush=True)
 
