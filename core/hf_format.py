@@ -48,6 +48,11 @@ MANIFEST = "manifest.json"
 SAFETENSORS_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
+# t5x's gelu is the tanh approximation (flax ``nn.gelu`` defaults to approximate=True), as is
+# transformers' "gated-gelu" (configuration_t5.py maps it to "gelu_new"); its plain "gelu" is
+# the exact function, so a non-gated gelu MLP is written as "gelu_new".
+_FEED_FORWARD = {"gelu": "gelu_new"}
+
 # Block 0 of each stack holds the stack's one relative-position table.
 RELATIVE_BIAS = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
 
@@ -179,7 +184,7 @@ def config_json(cfg: T5Config, weight_dtype: str) -> str:
         "num_heads": cfg.num_heads,
         "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
         "relative_attention_max_distance": cfg.relative_attention_max_distance,
-        "feed_forward_proj": cfg.feed_forward_proj,
+        "feed_forward_proj": _FEED_FORWARD.get(cfg.feed_forward_proj, cfg.feed_forward_proj),
         "tie_word_embeddings": cfg.tie_word_embeddings,
         # t5x's LayerNorm epsilon (layers.py) and HF's dropout default for fine-tuning.
         "layer_norm_epsilon": 1e-6,

@@ -35,6 +35,9 @@ T5V11 = dataclasses.replace(MODELS["ul2"], feed_forward_proj="gated-gelu", num_d
 CASES = {
     # name: (config, layout, save dtype, scanned)
     "t5v1-ocdbt": (MODELS["t5v1"], "ocdbt", "bfloat16", False),
+    # a non-gated gelu MLP (t5x's tanh approximation: transformers' "gelu_new"), untied, OCDBT
+    "gelu-ocdbt": (dataclasses.replace(MODELS["t5v1"], feed_forward_proj="gelu",
+                                       tie_word_embeddings=False), "ocdbt", "float32", False),
     "t5v11-legacy": (T5V11, "legacy", "float32", False),
     "ul2-legacy": (MODELS["ul2"], "legacy", "float32", False),
     "ul2-scanned": (MODELS["ul2"], "legacy", "float32", True),
@@ -48,7 +51,8 @@ def _checkpoint(root: Path, case: str, tables: dict | None = None) -> Path:
     gin_lines = ["  scan_layers = True", "  param_scan_axis = 1"] if scanned else None
     if scanned:
         params = scan_params(params, cfg, naming="current", tables=tables)
-    gin = gin_config(cfg, gin_lines or []) if cfg.gated else None  # T5 1.0: from the shapes
+    # T5 1.0 (relu) from the shapes alone; the others' activation from their config.gin
+    gin = None if cfg.feed_forward_proj == "relu" else gin_config(cfg, gin_lines or [])
     return write_t5x_checkpoint(root / case, params, step=5, dtype=dtype, layout=layout,
                                 gin=gin, chunk_bytes=SMALL_CHUNK_BYTES)
 
@@ -71,7 +75,7 @@ def converted(ray_local, tmp_path_factory) -> dict[str, tuple[Path, Path, dict]]
 def _load(folder: Path) -> T5ForConditionalGeneration:
     model, info = T5ForConditionalGeneration.from_pretrained(str(folder),
                                                              output_loading_info=True)
-    assert info["missing_keys"] == set() or not info["missing_keys"], info
+    assert not info["missing_keys"], info
     assert not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert not info.get("error_msgs"), info
     return model.eval()
@@ -113,7 +117,8 @@ def test_transformers_loads_every_tensor_as_the_ft_conversion_holds_it(converted
         assert not model.config.scale_decoder_outputs
     assert (model.config.num_layers, model.config.num_decoder_layers) == (
         cfg.num_encoder_layers, cfg.num_decoder_layers)
-    assert model.config.feed_forward_proj == cfg.feed_forward_proj
+    want = "gelu_new" if cfg.feed_forward_proj == "gelu" else cfg.feed_forward_proj
+    assert model.config.feed_forward_proj == want
 
 
 @pytest.mark.parametrize("case", list(CASES))
