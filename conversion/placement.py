@@ -193,8 +193,11 @@ _SCRATCH: list[np.ndarray] = [np.empty(0, dtype=np.uint8)]
 _SLAB = 8 * 1024 * 1024
 
 # Columns per band of a blocked copy: a transposed chunk is copied band by band so that reads
-# and writes both stay within cache (about 3x numpy's whole-array transposing copy).
-_BAND = 256
+# and writes both stay within cache (about 3x numpy's whole-array transposing copy). 64, not
+# 256: a 512-row slab of a transposed [4096, 4096] fp32 chunk copies in 22 ms at 64 against
+# 112 ms at 256 (bench/transpose_band.py, docs/benchmarks.md); --format hf transposes every
+# kernel, FT only the LM head.
+_BAND = 64
 
 
 def _grown(bufs: list[np.ndarray], i: int, nbytes: int) -> np.ndarray:
