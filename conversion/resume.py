@@ -69,7 +69,8 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
             f"{manifest_url}); pass --overwrite to replace them")
     for name in [ours] if ours in manifests else manifests[:1]:
         model, entries = _read_manifest(storage.join(model_dir, name)) or ({}, {})
-        old = {k: model.get(k) for k in identity}
+        # A manifest without "format" is an FT conversion's (identity() writes it only for hf).
+        old = {k: model.get(k, "ft" if k == "format" else None) for k in identity}
         diff = [k for k in identity if _jsonable(old[k]) != _jsonable(identity[k])]
         if diff:
             k = diff[0]

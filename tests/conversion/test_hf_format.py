@@ -252,3 +252,18 @@ def test_greedy_outputs_of_the_trained_demo_equal_our_engines(demo_hf, xsum_samp
         assert len(out) == n or out[n:].tolist() == [0] * (len(out) - n)  # HF pads after EOS
         exact += tok.decode(out, skip_special_tokens=True) == row["summary"]
     assert exact >= len(rows) // 2  # the trained model reproduces its summaries
+
+
+def test_an_ft_folder_and_an_hf_folder_are_never_mixed(converted):
+    """Either format into a folder the other wrote: refused in one line, nothing touched."""
+    hf_folder, ft_folder, summary = converted["t5v1-ocdbt"]
+    src = summary["source"]
+    ft_root, hf_root = ft_folder.parents[2], hf_folder.parent
+    before = sorted(p.name for p in hf_folder.iterdir())
+    with pytest.raises(ConversionError, match="already holds a different model .format 'ft', not 'hf'"):
+        convert(ConvertOptions(src=src, dst=str(ft_root), model_name="t5v1-ocdbt", format="hf",
+                               resume=True, progress=False))
+    with pytest.raises(ConversionError, match="already holds files that are not this conversion"):
+        convert(ConvertOptions(src=src, dst=str(hf_root), model_name="t5v1-ocdbt",
+                               resume=True, progress=False))
+    assert sorted(p.name for p in hf_folder.iterdir()) == before
