@@ -22,7 +22,9 @@ Facts relied on, with their sources:
   header length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
   "__metadata__": {str: str}}`` (space-padded, N a multiple of 8), then the data; offsets are
   relative to the data, contiguous from 0, and each tensor is row-major little-endian.
-  transformers refuses shards whose ``__metadata__["format"]`` is not pt/tf/flax/mlx.
+  transformers' ``save_pretrained`` writes ``__metadata__ = {"format": "pt"}``
+  (modeling_utils.py, 5.23); transformers 4.x refused shards without such a format on load, so
+  we write the same.
 - Sharded checkpoints (transformers ``utils/hub.py``, ``modeling_utils.py``):
   ``model.safetensors.index.json`` = ``{"metadata": {"total_size": bytes},
   "weight_map": {tensor name: shard file}}``, shards named ``model-XXXXX-of-YYYYY.safetensors``.
