@@ -267,3 +267,22 @@ def test_an_ft_folder_and_an_hf_folder_are_never_mixed(converted):
         convert(ConvertOptions(src=src, dst=str(hf_root), model_name="t5v1-ocdbt",
                                resume=True, progress=False))
     assert sorted(p.name for p in hf_folder.iterdir()) == before
+
+
+@pytest.mark.parametrize(("weight_dtype", "torch_dtype"), [
+    ("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_shard_header_is_what_safetensors_writes(weight_dtype, torch_dtype):
+    """core.hf_format's header, then the data in its order, is byte for byte the file
+    safetensors' own serializer makes of the same tensors (which it orders by name when the
+    dtypes are equal: so the tensors are given here sorted by name)."""
+    from safetensors.torch import save
+
+    specs = sorted(hf_format.decoder_block(MODELS["ul2"], 0), key=lambda t: t.name)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {t.name: torch.randn(t.shape, generator=gen).to(torch_dtype) for t in specs}
+    header, offsets = hf_format.safetensors_header(specs, weight_dtype)
+    data = b"".join(tensors[t.name].view(torch.uint8).numpy().tobytes() for t in specs)
+    theirs = save(tensors, metadata={"format": "pt"})
+    assert header + data == theirs
+    assert offsets[0] == len(header) and len(theirs) == hf_format.shard_bytes(specs,
+                                                                             weight_dtype)
