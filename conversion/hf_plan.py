@@ -24,12 +24,12 @@ from conversion.plan import (
     ConversionPlan,
     LayerTask,
     OutputTensor,
+    ParamInfo,
     PlanError,
     Shard,
     Transform,
-    _checked,
-    _Param,
-    _sources,
+    checked_source,
+    weight_sources,
 )
 from core import ft_format, hf_format
 from core.ft_format import FileSpec
@@ -55,19 +55,20 @@ def _transform(name: str) -> Transform:
     return "transpose"  # nn.Linear [out, in] of a [in, out] kernel; lm_head; [B, H] of [H, B]
 
 
-def _tensor(spec: TensorSpec, params: Mapping[str, _Param], shapes: Mapping[str, tuple[int, ...]],
-            arch: T5Arch, weight_dtype: str) -> OutputTensor:
-    refs, ft_transform = _sources(ft_stem(spec.name), arch, shapes)
+def _tensor(spec: TensorSpec, params: Mapping[str, ParamInfo],
+            shapes: Mapping[str, tuple[int, ...]], arch: T5Arch,
+            weight_dtype: str) -> OutputTensor:
+    refs, ft_transform = weight_sources(ft_stem(spec.name), arch, shapes)
     transform = _transform(spec.name)
     if ft_transform == "copy_identical":  # a scanned side's tables, one per layer
         transform = "transpose_identical"
-    refs = tuple(_checked(ref, params, shapes, spec.shape, transform, arch, spec.name)
+    refs = tuple(checked_source(ref, params, shapes, spec.shape, transform, arch, spec.name)
                  for ref in refs)
     return OutputTensor(refs, transform, spec.shape, "none",
                         (FileSpec(spec.name, spec.shape, "none"),), weight_dtype)
 
 
-def make_hf_plan(params: Mapping[str, _Param], arch: T5Arch,
+def make_hf_plan(params: Mapping[str, ParamInfo], arch: T5Arch,
                  weight_dtype: str = "fp32") -> ConversionPlan:
     """Plan the conversion of ``params`` for ``arch`` into transformers' T5 checkpoint: one
     task and one shard per layer (and one for the globals), in schedule order.

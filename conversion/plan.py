@@ -52,7 +52,9 @@ class PlanError(ValueError):
     tensor-parallel size that does not divide, unsupported dtype)."""
 
 
-class _Param(Protocol):
+class ParamInfo(Protocol):
+    """What the plan reads of a parameter: its shape and dtype name."""
+
     shape: tuple[int, ...]
     dtype: str
 
@@ -295,8 +297,10 @@ def _table_sources(stem: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]
     return refs, "copy_identical"
 
 
-def _sources(stem: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]],
-             layer_tables: bool = False) -> tuple[tuple[SourceRef, ...], Transform]:
+def weight_sources(stem: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]],
+                   layer_tables: bool = False) -> tuple[tuple[SourceRef, ...], Transform]:
+    """The T5X sources of the weight FT names ``stem`` (``x.y`` of ``x.y[.rank].bin``) and the
+    transform FT's layout needs (also used by conversion/hf_plan.py, whose names map to FT's)."""
     if stem.endswith("relative_attention_bias.weight"):
         return _table_sources(stem, arch, shapes, layer_tables)
     names, transform = _t5x_sources(stem, arch.config)
@@ -341,7 +345,7 @@ def _expected_source_shape(full_shape: tuple[int, ...], transform: Transform, re
 
 
 def make_plan(
-    params: Mapping[str, _Param],
+    params: Mapping[str, ParamInfo],
     arch: T5Arch,
     tensor_parallel: int = 1,
     weight_dtype: str = "fp32",
@@ -374,19 +378,19 @@ def make_plan(
             by_stem.setdefault(_stem(spec), []).append(spec)
         tensors = []
         for stem, files in by_stem.items():
-            refs, transform = _sources(stem, arch, shapes, bool(sides))
+            refs, transform = weight_sources(stem, arch, shapes, bool(sides))
             full_shape = files[0].full_shape
-            refs = tuple(_checked(ref, params, shapes, full_shape, transform, arch, stem)
-                         for ref in refs)
+            refs = tuple(checked_source(ref, params, shapes, full_shape, transform, arch,
+                                        stem) for ref in refs)
             tensors.append(OutputTensor(refs, transform, full_shape, files[0].split,
                                         tuple(files), weight_dtype))
         tasks.append(LayerTask(group, tuple(tensors)))
     return ConversionPlan(cfg, tensor_parallel, weight_dtype, tuple(tasks), sides)
 
 
-def _checked(ref: SourceRef, params: Mapping[str, _Param], shapes: Mapping[str, tuple[int, ...]],
-             full_shape: tuple[int, ...], transform: Transform, arch: T5Arch,
-             stem: str) -> SourceRef:
+def checked_source(ref: SourceRef, params: Mapping[str, ParamInfo],
+                   shapes: Mapping[str, tuple[int, ...]], full_shape: tuple[int, ...],
+                   transform: Transform, arch: T5Arch, stem: str) -> SourceRef:
     """``ref`` once its parameter is there, a float, and of the shape the transform reads
     (with a heads ``view`` where it is stored with heads on their own axis)."""
     if ref.param not in params:

@@ -240,8 +240,8 @@ def test_greedy_outputs_of_the_trained_demo_equal_our_engines(demo_hf, xsum_samp
     inputs = [np.asarray(tok("summarize: " + r["document"], truncation=True,
                              max_length=128).input_ids) for r in rows]
     n_out = demo.settings.max_output_len
-    ours = T5Engine.load(str(ft_folder)).generate(inputs,
-                                                  [SamplingParams(max_output_len=n_out)] * len(rows))
+    ours = T5Engine.load(str(ft_folder)).generate(
+        inputs, [SamplingParams(max_output_len=n_out)] * len(rows))
     exact = 0
     for ids, res, row in zip(inputs, ours, rows, strict=True):
         with torch.no_grad():
@@ -260,7 +260,8 @@ def test_an_ft_folder_and_an_hf_folder_are_never_mixed(converted):
     src = summary["source"]
     ft_root, hf_root = ft_folder.parents[2], hf_folder.parent
     before = sorted(p.name for p in hf_folder.iterdir())
-    with pytest.raises(ConversionError, match="already holds a different model .format 'ft', not 'hf'"):
+    with pytest.raises(ConversionError,
+                       match="already holds a different model .format 'ft', not 'hf'"):
         convert(ConvertOptions(src=src, dst=str(ft_root), model_name="t5v1-ocdbt", format="hf",
                                resume=True, progress=False))
     with pytest.raises(ConversionError, match="already holds files that are not this conversion"):
