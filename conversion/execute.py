@@ -26,7 +26,7 @@ from core.gcs_env import forwarded_env
 from core.manifest import DEFAULT_DIGEST, Digest, ManifestEntry
 
 if TYPE_CHECKING:
-    from conversion.run import ConvertOptions
+    from conversion.options import ConvertOptions
 
 
 def task_env() -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from core import manifest as manifest_lib
 from core.manifest import ManifestEntry
 
 if TYPE_CHECKING:
-    from conversion.run import ConvertOptions
+    from conversion.options import ConvertOptions
 
 
 def identity(ckpt: Checkpoint, plan: ConversionPlan) -> dict[str, Any]:

@@ -98,12 +98,12 @@ class EvalOptions(StageOptions):
         """Check the settings; returns the parsed endpoint list ("host:port" strings; empty
         with ``--backend in-process``).
 
-        Raises evaluation.runner.EvaluationError naming the flag at fault.
+        Raises evaluation.errors.EvaluationError naming the flag at fault.
         """
         # Imported here: runner imports this module.
         from core.gcs_env import is_gcs
         from evaluation.client import parse_urls
-        from evaluation.runner import EvaluationError
+        from evaluation.errors import EvaluationError
 
         urls: list[str] = []
         if self.backend == "in-process":

@@ -31,16 +31,13 @@ from evaluation.batching import group_rows
 from evaluation.client import NotReady, wait_ready
 from evaluation.data import Example, LoadedData, load_examples
 from evaluation.engine_predictor import EnginePredictor, read_engine_spec
+from evaluation.errors import EvaluationError  # noqa: F401 - public name
 from evaluation.options import EvalOptions, EvalSettings  # noqa: F401 - EvalSettings kept
 from evaluation.outputs import METRICS, PREDICTIONS, REPORT, OutputDir, prediction_line
 from evaluation.predictor import LATENCY_BOUNDARIES_MS, Predictor  # noqa: F401 - public names
 from evaluation.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer, model_vocab_size
 
 Log = Callable[[str], None]
-
-
-class EvaluationError(ValueError):
-    """Settings or preconditions that make the evaluation impossible (reported as one line)."""
 
 
 @dataclasses.dataclass

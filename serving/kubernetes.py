@@ -34,7 +34,7 @@ from cluster.wait import wait_for
 from core import storage
 from core.errors import UserError
 from core.repository import parse_pbtxt
-from serving.api import ServersBase
+from serving.servers import ServersBase
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig
