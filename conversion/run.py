@@ -32,7 +32,7 @@ from conversion.t5x import Checkpoint, CheckpointError, open_checkpoint
 from core import ft_format, repository, scratch, storage
 from core.manifest import ManifestEntry, manifest_json, parse_manifest, write_manifest
 
-__all__ = ["USER_ERRORS", "ConversionError", "ConvertOptions", "choose_vocab", "convert",
+__all__ = ["USER_ERRORS", "ConversionError", "ConvertOptions", "Converted", "choose_vocab", "convert",
            "convert_layer", "find_gin", "prepare", "verify_layer"]
 
 # Errors caused by the input or the options: entry points report them as one line, exit 2.
@@ -114,10 +114,10 @@ class _Paths:
 
     @classmethod
     def of(cls, opts: ConvertOptions, tensor_parallel: int) -> _Paths:
-        model_dir = storage.join(opts.dst, opts.model_name)
-        out_dir = storage.join(model_dir, "1", ft_format.weights_dir_name(tensor_parallel))
-        return cls(model_dir, out_dir, storage.join(out_dir, ft_format.MANIFEST),
-                   storage.join(model_dir, "config.pbtxt"))
+        out_dir = repository.weights_url(opts.dst, opts.model_name, tensor_parallel)
+        return cls(repository.model_dir(opts.dst, opts.model_name), out_dir,
+                   storage.join(out_dir, ft_format.MANIFEST),
+                   repository.config_url(opts.dst, opts.model_name))
 
 
 def _check_options(opts: ConvertOptions) -> None:
@@ -202,10 +202,10 @@ def _write_model_files(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths
     storage.write_text(storage.join(paths.out_dir, ft_format.CONFIG_INI),
                        ft_format.config_ini(plan.config, plan.weight_dtype, plan.tensor_parallel))
     if vocab:
-        storage.write_bytes(storage.join(paths.model_dir, "spiece.model"),
+        storage.write_bytes(storage.join(paths.model_dir, repository.VOCAB),
                             storage.read_bytes(vocab))
     if opts.engine == "jax":
-        storage.write_text(storage.join(paths.model_dir, "1", "model.py"),
+        storage.write_text(storage.join(paths.model_dir, repository.VERSION, "model.py"),
                            repository.JAX_MODEL_PY)
 
 
@@ -225,8 +225,18 @@ def _verify(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
     return unaccounted
 
 
-def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary.
+class Converted(dict):
+    """What :func:`convert` returns: the JSON summary (a dict, as printed) and ``model``, the
+    converted model's handle (core.repository.ConvertedModel) that serve and evaluate take."""
+
+    def __init__(self, summary: dict[str, Any], model: repository.ConvertedModel) -> None:
+        super().__init__(summary)
+        self.model = model
+
+
+def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> Converted:
+    """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary
+    with the converted model's handle (:class:`Converted`).
 
     ``connect`` starts or joins Ray (``ray_jobs._cli.init_ray``); it is called only once the
     checkpoint, the plan and the destination have been checked, so bad input fails fast.
@@ -253,9 +263,10 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     storage.write_text(paths.config_url, repository.to_pbtxt(config))
     vocab_info = {"gin": header["gin"], "gin_warnings": gin_warnings, "vocab": vocab,
                   "vocab_source": vocab_source}
-    return _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
-                    {"verified": opts.verify, "unaccounted": unaccounted,
-                     "scratch_removed": removed.as_dict()}, time.monotonic() - t0)
+    summary = _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
+                       {"verified": opts.verify, "unaccounted": unaccounted,
+                        "scratch_removed": removed.as_dict()}, time.monotonic() - t0)
+    return Converted(summary, repository.ConvertedModel(opts.dst, opts.model_name, config))
 
 
 def _summary(opts: ConvertOptions, ckpt: Checkpoint, arch: T5Arch, plan: ConversionPlan,

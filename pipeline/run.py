@@ -122,9 +122,10 @@ class Pipeline:
         self.metrics.stage(run.name, "convert")
         start = time.monotonic()
         entry = self.state.data["convert"].get(key, {})
-        problem = stages.verify_conversion(run.convert)
+        opts = stages.options_for("convert", run.convert)
+        problem = stages.verify_conversion(opts)
         if entry.get("status") == "done" and problem is None:
-            self.log(f"{run.name}: convert skipped: {stages.weights_dir(run.convert)} verifies")
+            self.log(f"{run.name}: convert skipped: {stages.weights_dir(opts)} verifies")
             converted[key] = entry.get("summary", {})
             self._finish_stage(run, "convert", "skipped", time.monotonic() - start)
             return
@@ -147,7 +148,7 @@ class Pipeline:
 
     def model_identity(self, run: RunSpec) -> str | None:
         """The served model's manifest digest, or None when it has no manifest."""
-        t = int((run.convert or {}).get("tensor_parallel") or 0) or None
+        t = stages.options_for("convert", run.convert).tensor_parallel if run.convert else None
         return manifest_digest(run.serve["model_repository"], run.serve["model_name"], t)
 
     def evaluation_done(self, run: RunSpec, identity: str | None) -> bool:

@@ -17,13 +17,16 @@ import json
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core import ft_format, storage
+from core import repository, storage
 from core.errors import UserError, first_line
 from core.manifest import verify_repository
 from core.options import StageOptions
 from pipeline import config
+
+if TYPE_CHECKING:
+    from conversion.options import ConvertOptions
 
 
 class StageError(RuntimeError):
@@ -96,20 +99,15 @@ def evaluate(settings: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
 # --- outputs that verify -------------------------------------------------------------------
 
 
-def weights_dir(convert: dict[str, Any]) -> str:
-    """The weights folder a convert section writes: DST/<model>/1/<T>-gpu."""
-    t = int(convert.get("tensor_parallel") or 1)
-    return storage.join(convert["dst"], convert.get("model_name") or "t5", "1",
-                        ft_format.weights_dir_name(t))
+def weights_dir(opts: ConvertOptions) -> str:
+    """The weights folder a conversion writes: DST/<model>/1/<T>-gpu (core.repository)."""
+    return repository.weights_url(opts.dst, opts.model_name, opts.tensor_parallel)
 
 
-def verify_conversion(convert: dict[str, Any]) -> str | None:
-    """None when a convert section's model is complete and intact, else what is wrong."""
-    return verify_repository(
-        convert["dst"], convert.get("model_name") or "t5",
-        tensor_parallel=int(convert.get("tensor_parallel") or 1),
-        weight_dtype=convert.get("weight_dtype") or "fp32",
-        need_vocab=bool(convert.get("vocab")))
+def verify_conversion(opts: ConvertOptions) -> str | None:
+    """None when the model a conversion writes is complete and intact, else what is wrong."""
+    return verify_repository(opts.dst, opts.model_name, tensor_parallel=opts.tensor_parallel,
+                             weight_dtype=opts.weight_dtype, need_vocab=bool(opts.vocab))
 
 
 def read_metrics(output: str) -> dict[str, Any] | None:

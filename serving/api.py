@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.repository import config_url
 from serving.servers import ServeError, Servers, ServersBase
 
 if TYPE_CHECKING:
@@ -73,9 +74,8 @@ def open_servers(opts: ServeOptions) -> Servers:
     from serving.local import LocalServers, ServerError
 
     repo = opts.model_repository
-    if not repo.startswith("gs://") and \
-            not (Path(repo) / opts.model_name / "config.pbtxt").is_file():
-        raise ServeError(f"{repo}/{opts.model_name}/config.pbtxt not found")
+    if not repo.startswith("gs://") and not Path(config_url(repo, opts.model_name)).is_file():
+        raise ServeError(f"{config_url(repo, opts.model_name)} not found")
     try:
         # gs://: checked here, downloaded by each server's actor on its own node.
         return _Local(LocalServers(

@@ -33,7 +33,7 @@ from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
 from core import storage
 from core.errors import UserError
-from core.repository import parse_pbtxt
+from core.repository import ConvertedModel, config_url
 from serving.servers import ServersBase
 
 if TYPE_CHECKING:
@@ -60,17 +60,15 @@ def _log(message: str) -> None:
 
 def read_model_config(model_repository: str, model_name: str) -> ModelConfig:
     """The model's config.pbtxt as tritonclient's ModelConfig protobuf (local path or gs://)."""
-    url = storage.join(model_repository, model_name, "config.pbtxt")
+    url = config_url(model_repository, model_name)
     try:
-        text = storage.read_text(url)
+        return ConvertedModel.open(model_repository, model_name).config
+    except text_format.ParseError as exc:
+        raise UserError(f"{url} is not a valid Triton model config: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any read failure is the same problem for the user
         raise UserError(f"cannot read {url} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); the Deployment's "
                         f"GPU count comes from its tensor_para_size") from exc
-    try:
-        return parse_pbtxt(text)
-    except text_format.ParseError as exc:
-        raise UserError(f"{url} is not a valid Triton model config: {exc}") from exc
 
 
 def gpus_for(model_config: ModelConfig) -> int:
