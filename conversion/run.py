@@ -22,23 +22,19 @@ from collections.abc import Callable
 from typing import Any
 
 from conversion import resume
-from conversion.arch import ArchError, T5Arch, infer_arch
-from conversion.errors import ConversionError
+from conversion.arch import T5Arch, infer_arch
+from conversion.errors import ConversionError, ConversionRefused
 from conversion.execute import convert_layer, run_tasks, verify_layer
 from conversion.gin_config import GinConfig, GinError, read_gin
 from conversion.options import ConvertOptions
-from conversion.plan import ConversionPlan, PlanError, make_plan
-from conversion.t5x import Checkpoint, CheckpointError, open_checkpoint
+from conversion.plan import ConversionPlan, make_plan
+from conversion.t5x import Checkpoint, open_checkpoint
 from core import ft_format, repository, scratch, storage
 from core.manifest import ManifestEntry, manifest_json, parse_manifest, write_manifest
 
-__all__ = ["USER_ERRORS", "ConversionError", "ConvertOptions", "Converted", "choose_vocab", "convert",
+__all__ = ["ConversionError", "ConversionRefused", "ConvertOptions", "Converted", "choose_vocab",
+           "convert",
            "convert_layer", "find_gin", "prepare", "verify_layer"]
-
-# Errors caused by the input or the options: entry points report them as one line, exit 2.
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, ArchError, PlanError,
-                                            ConversionError)
-
 
 def find_gin(ckpt_path: str) -> str | None:
     """config.gin beside the checkpoint, or in one of the two folders above it (t5x writes it in
@@ -64,11 +60,11 @@ def prepare(opts: ConvertOptions
     gin = None
     if gin_url:
         if not storage.exists(gin_url):
-            raise ConversionError(f"gin file {gin_url} does not exist")
+            raise ConversionRefused(f"gin file {gin_url} does not exist")
         try:
             gin = read_gin(storage.read_text(gin_url), gin_url)
         except GinError as exc:
-            raise ConversionError(f"gin file {exc}") from None
+            raise ConversionRefused(f"gin file {exc}") from None
     shapes = {name: p.shape for name, p in ckpt.params.items()}
     arch = infer_arch(shapes, gin.t5_values() if gin else None, opts.activation,
                       opts.param_scan_axis)
@@ -122,12 +118,9 @@ class _Paths:
 
 def _check_options(opts: ConvertOptions) -> None:
     """Refuse (one line) options that no checkpoint could make right."""
-    if opts.engine not in repository.ENGINES:
-        raise ConversionError(f"engine {opts.engine!r} is not one of {repository.ENGINES}")
-    if opts.pipeline_parallel < 1:
-        raise ConversionError(f"pipeline-parallel size must be >= 1, got {opts.pipeline_parallel}")
+    # engine (a Literal), pipeline_parallel and resume/overwrite: ConvertOptions checks them.
     if opts.vocab and not storage.exists(opts.vocab):
-        raise ConversionError(f"vocabulary {opts.vocab} does not exist")
+        raise ConversionRefused(f"vocabulary {opts.vocab} does not exist")
 
 
 def _check_tables(ckpt: Checkpoint, plan: ConversionPlan) -> None:

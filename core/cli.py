@@ -7,7 +7,7 @@ launcher), which sit below ray_jobs and so cannot import it.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import sys
 import traceback
 from collections.abc import Callable
@@ -33,20 +33,42 @@ def emit_summary(summary: dict, as_json: bool) -> None:
             print(f"{key}: {value}", flush=True)
 
 
+# Our packages log progress at INFO; other libraries' (jax, google-auth...) from WARNING up.
+_OURS = ("core", "conversion", "serving", "evaluation", "cluster", "pipeline", "demo", "ray_jobs")
+
+
+def configure_logging() -> None:
+    """stdlib logging for a command, once: one line per record on stderr.
+
+    stdout is kept for results (the JSON summary); progress and logs go to stderr.
+    """
+    root = logging.getLogger()
+    if not any(getattr(h, "_t5ft", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._t5ft = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    for name in _OURS:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None):
-    """Run an entry point: errors become one stderr line and a non-zero exit."""
+    """Run an entry point: the one place a command's errors are caught.
+
+    A :class:`core.errors.UserError` (any stage's refusal) is one stderr line, exit 2; any
+    other exception is a bug: its traceback, then the same one line, exit 1.
+    """
+    configure_logging()
     try:
         code = main(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {first_line(exc)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the contract is one line, the trace goes to a log
-        if os.environ.get("T5FT_TRACEBACK"):
-            traceback.print_exc()
-        reason = first_line(exc)
-        print(f"error: {type(exc).__name__}: {reason}", file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001 - a bug: its traceback, then the one line
+        traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr, flush=True)
         sys.exit(1)
     sys.exit(code or 0)

@@ -22,7 +22,7 @@ import google_crc32c
 import numpy as np
 
 from core import ft_format, repository, storage
-from core.errors import first_line
+from core.errors import UserError, first_line
 
 MANIFEST = ft_format.MANIFEST
 
@@ -85,7 +85,7 @@ def new_hasher(digest: Digest) -> Hasher:
     return _Crc32c() if digest == "crc32c" else _Sha256()
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest exists but cannot be read (bad JSON or a malformed entry)."""
 
 

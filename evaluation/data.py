@@ -21,12 +21,14 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from core.errors import UserError
+
 HUB_XSUM = "EdinburghNLP/xsum"
 DEFAULT_TEMPLATE = "summarize: {document}"
 FILE_FORMATS = (".jsonl", ".json", ".parquet", ".tsv")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The dataset as a whole cannot be read (bad path, missing field, duplicate ids)."""
 
 

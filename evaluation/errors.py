@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from core.errors import UserError
 
-class EvaluationError(ValueError):
+
+class EvaluationError(UserError, ValueError):
     """Settings or preconditions that make the evaluation impossible (reported as one line)."""

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
+from core.errors import UserError
+
 if TYPE_CHECKING:
     from core.repository import ConvertedModel
 
@@ -29,7 +31,7 @@ EOS_ID = 1
 PAD_ID = 0
 
 
-class VocabError(ValueError):
+class VocabError(UserError, ValueError):
     """The vocabulary cannot be found or is not a T5-style SentencePiece model."""
 
 

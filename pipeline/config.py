@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
 from core.options import FlagSpec, StageOptions, flag_specs, from_keys, specs_to_argv
 from core.yaml_file import read_yaml
 
@@ -45,7 +46,7 @@ _TOP_LEVEL = {"output", "name", *STAGES, "runs"}
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The pipeline config is malformed; the message names the key and the fix."""
 
 

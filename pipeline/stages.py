@@ -37,15 +37,15 @@ class StageError(RuntimeError):
 def reported(stage: str) -> Iterator[None]:
     """Turn any exception raised inside into one StageError line naming ``stage``.
 
-    What is not a user-facing error (bad input, I/O) also gets its traceback on stderr, as a
-    crashed job's would have been.
+    A refusal (core.errors.UserError) is that line alone; anything else is a bug and also
+    gets its traceback on stderr.
     """
     try:
         yield
     except StageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any stage failure becomes that stage's line
-        if not isinstance(exc, (UserError, OSError, ValueError)):
+        if not isinstance(exc, UserError):
             traceback.print_exc(file=sys.stderr)
         raise StageError(f"{stage} failed: {first_line(exc)}") from exc
 
@@ -63,10 +63,7 @@ def convert(settings: dict[str, Any]) -> dict[str, Any]:
     with reported("convert"):
         from conversion.run import convert as run_convert
 
-        opts = options_for("convert", settings)
-        if opts.overwrite and opts.resume:
-            raise UserError("--resume and --overwrite exclude each other")
-        return run_convert(opts)
+        return run_convert(options_for("convert", settings))
 
 
 def open_servers(settings: dict[str, Any]) -> Any:
