@@ -94,13 +94,13 @@ class EvalOptions(StageOptions):
     actor_num_cpus: float = option(0.25, cli=False,
                                   help="Ray CPUs each request-sending actor reserves")
 
-    def validate(self) -> list[str]:
+    def checked_urls(self) -> list[str]:
         """Check the settings; returns the parsed endpoint list ("host:port" strings; empty
         with ``--backend in-process``).
 
         Raises evaluation.errors.EvaluationError naming the flag at fault.
         """
-        # Imported here: runner imports this module.
+        # Imported here: evaluation.client loads tritonclient, which building options does not need.
         from core.gcs_env import is_gcs
         from evaluation.client import parse_urls
         from evaluation.errors import EvaluationError

@@ -158,7 +158,7 @@ def _stream_results(
 def _check_engine(s: EvalSettings) -> None:
     """Fail on the driver, before Ray starts actors, when the repository has no engine to run.
 
-    Called after ``s.validate()``, which refused a missing or gs:// ``--model-repository``.
+    Called after ``s.checked_urls()``, which refused a missing or gs:// ``--model-repository``.
     """
     try:
         read_engine_spec(s.model_repository, s.model_name)
@@ -184,7 +184,7 @@ def _where(s: EvalSettings, urls: Sequence[str]) -> str:
 
 def _load(s: EvalSettings, log: Log) -> _Inputs:
     """Check the settings and read the vocabulary and the data (no Ray, no request yet)."""
-    urls = s.validate()
+    urls = s.checked_urls()
     if s.backend == "in-process":
         _check_engine(s)
     tokenizer = load_tokenizer(s.vocab, s.model_repository, s.model_name)

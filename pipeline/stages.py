@@ -1,8 +1,9 @@
 """The pipeline's stages as library calls in its own process, on its own Ray.
 
 convert = :func:`conversion.run.convert`, serve = :func:`serving.api.open_servers`, evaluate =
-:func:`evaluation.runner.evaluate`. Each takes its stage's options model, built from a run's
-section of the config (whose keys are the stage's flags, interfaces.md). A stage that raises
+:func:`evaluation.runner.evaluate`. Each takes its stage's options model, built once from a
+run's section of the config (pipeline.config.RunSpec; the keys are the stage's flags,
+interfaces.md) and copied with the pipeline's own settings (resume, url). A stage that raises
 becomes a :class:`StageError` whose message is one line, ``<stage> failed: <reason>``. Their
 Ray tasks, actors and metrics run on the pipeline's cluster, so they show on its dashboard.
 
@@ -22,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 from core import repository, storage
 from core.errors import UserError, first_line
 from core.manifest import verify_repository
-from core.options import StageOptions
-from pipeline import config
 
 if TYPE_CHECKING:
     from conversion.options import ConvertOptions
+    from evaluation.options import EvalOptions
+    from serving.options import ServeOptions
 
 
 class StageError(RuntimeError):
@@ -50,23 +51,19 @@ def reported(stage: str) -> Iterator[None]:
         raise StageError(f"{stage} failed: {first_line(exc)}") from exc
 
 
-def options_for(stage: str, settings: dict[str, Any]) -> StageOptions:
-    """The stage's options model from a config section; None values mean the default."""
-    return config.options_for(stage, {k: v for k, v in settings.items() if v is not None})
-
-
-def convert(settings: dict[str, Any]) -> dict[str, Any]:
-    """Run the conversion (``ray_jobs.convert``'s work); returns its JSON summary.
+def convert(opts: ConvertOptions) -> dict[str, Any]:
+    """Run the conversion (``ray_jobs.convert``'s work); returns its JSON summary (with the
+    converted model's handle, ``.model``).
 
     Ray must already be initialised. Raises StageError (``convert failed: ...``).
     """
     with reported("convert"):
         from conversion.run import convert as run_convert
 
-        return run_convert(options_for("convert", settings))
+        return run_convert(opts)
 
 
-def open_servers(settings: dict[str, Any]) -> Any:
+def open_servers(opts: ServeOptions) -> Any:
     """The serve stage's servers, not started yet (``serving.api.Servers``).
 
     Raises StageError (``serve failed: ...``) when the settings or the repository are wrong.
@@ -74,14 +71,14 @@ def open_servers(settings: dict[str, Any]) -> Any:
     with reported("serve"):
         from serving.api import open_servers as open_serving
 
-        return open_serving(options_for("serve", settings))
+        return open_serving(opts)
 
 
 # The evaluate result's paths; the rest of it is metrics.json's content.
 _EVAL_PATHS = ("output", "predictions", "report")
 
 
-def evaluate(settings: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+def evaluate(opts: EvalOptions, log: Callable[[str], None]) -> dict[str, Any]:
     """Run one evaluation (``ray_jobs.evaluate``'s work); returns its metrics.
 
     Ray must already be initialised. Raises StageError (``evaluate failed: ...``).
@@ -89,7 +86,7 @@ def evaluate(settings: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
     with reported("evaluate"):
         from evaluation.runner import evaluate as run_evaluate
 
-        result = run_evaluate(options_for("evaluate", settings), log=log)
+        result = run_evaluate(opts, log=log)
     return {k: v for k, v in result.items() if k not in _EVAL_PATHS}
 
 
