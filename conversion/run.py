@@ -265,7 +265,8 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
 def _summary(opts: ConvertOptions, ckpt: Checkpoint, arch: T5Arch, plan: ConversionPlan,
              paths: _Paths, results: list[dict[str, Any]], vocab_info: dict[str, Any],
              checks: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """The JSON summary ``ray_jobs.convert`` prints (docs/interfaces.md: keys and order)."""
+    """The JSON summary ``ray_jobs.convert`` prints (docs/interfaces.md: its keys; --json
+    prints them sorted)."""
     entries = [e for r in results for e in r["entries"]]
     return {
         "output": paths.out_dir,

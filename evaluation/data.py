@@ -10,7 +10,7 @@ Sources (``--dataset``):
 
 Local paths may also be ``gs://`` URLs (copied to a temporary file through ``core.storage``).
 A row with a missing or empty document or reference is not dropped silently: it becomes a
-:class:`DataError` that the runner writes to ``errors.jsonl``.
+:class:`RowError` that the runner writes to ``errors.jsonl``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 READERS = {"parse_config_ini", "parse_pbtxt", "weights_dir_name"}
 OWNERS = {"core/repository.py", "core/ft_format.py"}
 # Folders that are not the library: the test writers make repositories as NVIDIA's tools do.
-NOT_LIBRARY = ("tests/", "testing/", "bench/", "demo/ft_writer.py")
+NOT_LIBRARY = ("tests/", "testing/", "bench/")
 
 CFG = T5Config(vocab_size=64, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_encoder_layers=1,
                num_decoder_layers=1)
