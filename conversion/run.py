@@ -195,7 +195,7 @@ def _write_model_files(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths
     storage.write_text(storage.join(paths.out_dir, ft_format.CONFIG_INI),
                        ft_format.config_ini(plan.config, plan.weight_dtype, plan.tensor_parallel))
     if vocab:
-        storage.write_bytes(storage.join(paths.model_dir, repository.VOCAB),
+        storage.write_bytes(repository.vocab_url(opts.dst, opts.model_name),
                             storage.read_bytes(vocab))
     if opts.engine == "jax":
         storage.write_text(storage.join(paths.model_dir, repository.VERSION, "model.py"),

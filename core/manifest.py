@@ -262,7 +262,7 @@ def verify_repository(model_repository: str, model_name: str, tensor_parallel: i
         return f"{out}/manifest.json says the conversion is incomplete"
     if dtype != weight_dtype or int(header.get("tensor_parallel", t)) != t:
         return f"{out} holds {dtype} at T={header.get('tensor_parallel')}, not {weight_dtype}"
-    if need_vocab and not storage.exists(storage.join(model_dir, repository.VOCAB)):
+    if need_vocab and not storage.exists(repository.vocab_url(model_repository, model_name)):
         return f"{model_dir}/spiece.model is missing"
     expected = {f.name for f in ft_format.all_files(cfg, t)}
     missing = sorted(expected - set(entries))

@@ -153,6 +153,11 @@ def config_url(repository: str, name: str) -> str:
     return storage.join(repository, name, CONFIG_PBTXT)
 
 
+def vocab_url(repository: str, name: str) -> str:
+    """Where a conversion copies the SentencePiece model: ``<repository>/<name>/spiece.model``."""
+    return storage.join(repository, name, VOCAB)
+
+
 def weights_url(repository: str, name: str, tensor_parallel: int, version: str = VERSION) -> str:
     """The weights folder a conversion at ``tensor_parallel`` writes: ``<name>/1/<T>-gpu``."""
     return storage.join(repository, name, version, weights_dir_name(tensor_parallel))
@@ -213,7 +218,7 @@ class ConvertedModel:
     @property
     def vocab_url(self) -> str:
         """Where a conversion copies the SentencePiece model: ``<name>/spiece.model``."""
-        return storage.join(self.model_dir, VOCAB)
+        return vocab_url(self.repository, self.name)
 
     @functools.cached_property
     def parameters(self) -> dict[str, str]:

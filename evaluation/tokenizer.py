@@ -94,7 +94,9 @@ def vocab_location(
     if vocab:
         return vocab
     if model_repository:
-        return f"{model_repository.rstrip('/')}/{model_name}/spiece.model"
+        from core.repository import vocab_url
+
+        return vocab_url(model_repository, model_name)
     raise VocabError("no vocabulary: give --vocab SPIECE.model or --model-repository DST")
 
 
