@@ -177,6 +177,9 @@ def test_serve_checks_hold_on_the_pipeline_path(tmp_path):
                            ({"ready_timeout": 0}, "--ready-timeout must be > 0, got 0.0")):
         with pytest.raises(ConfigError, match=f"^run m: serve: {message}$"):
             parse({**BASE, "serve": serve})
+    # The same for evaluate's own checks (EvalOptions).
+    with pytest.raises(ConfigError, match="^run m: evaluate: --beam-width must be >= 1, got 0$"):
+        parse({**BASE, "evaluate": {**BASE["evaluate"], "beam_width": 0}})
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**BASE, "serve": {"replicas": 0}}))
     proc = _cli("--config", str(bad))
