@@ -341,8 +341,14 @@ def check_bucket_iam(cfg: ClusterConfig, google: GoogleApis) -> list[str]:
     if status != 200:
         return [f"cannot read the IAM policy of gs://{bucket} (HTTP {status}): does it exist, "
                 f"and may you read it (storage.buckets.getIamPolicy)?"]
-    _, project_policy = google.call("POST", "resourcemanager",
-                                    f"/v1/projects/{cfg.project}:getIamPolicy")
+    project_status, project_policy = google.call("POST", "resourcemanager",
+                                                 f"/v1/projects/{cfg.project}:getIamPolicy")
+    # Roles granted on the project count too; where that policy cannot be read (no
+    # resourcemanager.projects.getIamPolicy, or the API off in the credentials' quota
+    # project), say so rather than report roles it may hold as missing without a word.
+    unread = "" if project_status == 200 else (
+        f"; the project's IAM policy could not be read (HTTP {project_status}), so roles "
+        f"granted there are not counted")
     cache: dict = {}
     out = []
     accounts = iam.accounts(cfg.service_accounts.google_service_account,
@@ -355,7 +361,7 @@ def check_bucket_iam(cfg: ClusterConfig, google: GoogleApis) -> list[str]:
         for call in iam.missing(who, granted):
             out.append(f"{gsa} lacks {call.permission} on gs://{bucket}, which {call.account} "
                        f"needs for {call.call} ({', '.join(sorted(roles)) or 'no roles'}; "
-                       f"grant {' + '.join(iam.covering_roles(iam.needed(who)))})")
+                       f"grant {' + '.join(iam.covering_roles(iam.needed(who)))}{unread})")
     return out
 
 

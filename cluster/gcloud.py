@@ -34,7 +34,10 @@ from cluster.config import (
 NODE_DISK_GB = 200
 APIS = ["container.googleapis.com", "compute.googleapis.com", "storage.googleapis.com",
         "iam.googleapis.com", "iamcredentials.googleapis.com", "artifactregistry.googleapis.com",
-        "cloudbuild.googleapis.com", "monitoring.googleapis.com", "logging.googleapis.com"]
+        "cloudbuild.googleapis.com", "monitoring.googleapis.com", "logging.googleapis.com",
+        # doctor reads the project's IAM policy (projects.getIamPolicy) with application-default
+        # credentials, whose quota project is normally this one: the API must be on here.
+        "cloudresourcemanager.googleapis.com"]
 # The Helm values file the setup script writes and installs the operator with (kuberay.py).
 KUBERAY_VALUES = "kuberay-values.yaml"
 # Roles each account of ours needs beyond the bucket (cluster/iam.py has the bucket's), granted
@@ -76,7 +79,7 @@ def gpu_pool_nodes(cfg: ClusterConfig) -> dict[str, int]:
     return {"ray": ray_nodes, "triton": triton_nodes, "nodes": nodes, "gpus": nodes * per_node}
 
 
-def _node_pool(cfg: ClusterConfig, g: WorkerGroup, where: str) -> list[str]:
+def _node_pool(cfg: ClusterConfig, g: WorkerGroup, where: str) -> str:
     if not g.machine_type:
         raise ConfigError(f"{where}.machine_type is needed to create its node pool "
                           f"(e.g. n2-standard-16, a2-ultragpu-2g, g2-standard-8)")
@@ -92,7 +95,8 @@ def _node_pool(cfg: ClusterConfig, g: WorkerGroup, where: str) -> list[str]:
                     f"gpu-driver-version=default")
     if g.spot:
         argv += ["--spot", "--node-taints=cloud.google.com/gke-spot=true:NoSchedule"]
-    return argv
+    return _once(["gcloud", "container", "node-pools", "describe", g.group,
+                  f"--cluster={cfg.name}", f"--zone={cfg.zone}"], argv)
 
 
 def _build_tag(image: str, key: str) -> tuple[str, str]:
@@ -152,6 +156,25 @@ def _bind(argv: list[str]) -> list[str]:
     return ["retry", *argv]
 
 
+def _create_gsa(email: str) -> str:
+    return _once(["gcloud", "iam", "service-accounts", "describe", email],
+                 ["gcloud", "iam", "service-accounts", "create", _gsa_name(email)])
+
+
+def _create_bucket(url: str, region: str) -> str:
+    return _once(["gcloud", "storage", "buckets", "describe", url],
+                 ["gcloud", "storage", "buckets", "create", url, f"--location={region}",
+                  "--uniform-bucket-level-access"])
+
+
+def _once(probe: list[str], create: list[str]) -> str:
+    """CREATE unless PROBE (a describe/get) finds the thing: a script stopped part way (a
+    quota, a typo in the config) can be run again; under `set -e` a second `create` would stop
+    it at the first "already exists". A probe that fails for another reason (no permission, an
+    API still being enabled) lets CREATE run and report the real error."""
+    return f"{shlex.join(probe)} >/dev/null 2>&1 || {shlex.join(create)}"
+
+
 def quota_lines(cfg: ClusterConfig) -> list[str]:
     """Comment lines: the GPU quota the pools need (docs/gke.md, section 1)."""
     size = gpu_pool_nodes(cfg)
@@ -204,8 +227,7 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
         (f"the accelerator exists in {zone} (nothing is created before this check)", checks),
         ("service accounts of the nodes and of Cloud Build, with explicit roles (new "
          "organisations give the default compute account none)",
-         [["gcloud", "iam", "service-accounts", "create", _gsa_name(nodes)],
-          ["gcloud", "iam", "service-accounts", "create", _gsa_name(builder)]]
+         [_create_gsa(nodes), _create_gsa(builder)]
          + [_bind(["gcloud", "projects", "add-iam-policy-binding", project,
                    f"--member=serviceAccount:{nodes}", f"--role={r}", "--condition=None"])
             for r in NODE_PROJECT_ROLES]
@@ -214,17 +236,17 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
             for r in BUILD_PROJECT_ROLES]),
         ("GKE cluster: Workload Identity, GCS FUSE CSI driver, Dataplane V2 (enforces "
          "NetworkPolicy), Managed Prometheus",
-         [["gcloud", "container", "clusters", "create", cfg.name, f"--zone={zone}",
-           "--release-channel=regular", f"--workload-pool={project}.svc.id.goog",
-           "--addons=GcsFuseCsiDriver", "--enable-dataplane-v2", "--enable-managed-prometheus",
-           f"--machine-type={cfg.head.machine_type}", "--num-nodes=1",
-           f"--service-account={nodes}"]]),
+         [_once(["gcloud", "container", "clusters", "describe", cfg.name, f"--zone={zone}"],
+                ["gcloud", "container", "clusters", "create", cfg.name, f"--zone={zone}",
+                 "--release-channel=regular", f"--workload-pool={project}.svc.id.goog",
+                 "--addons=GcsFuseCsiDriver", "--enable-dataplane-v2",
+                 "--enable-managed-prometheus", f"--machine-type={cfg.head.machine_type}",
+                 "--num-nodes=1", f"--service-account={nodes}"])]),
         ("node pools (the GPU pool holds the Ray GPU workers and the Triton replicas)", pools),
-        ("bucket", [["gcloud", "storage", "buckets", "create", bucket, f"--location={region}",
-                     "--uniform-bucket-level-access"]]),
+        ("bucket", [_create_bucket(bucket, region)]),
         ("Google service accounts, one per role, and their rights on the bucket "
          "(cluster/iam.py: the calls each makes, docs/gke.md)",
-         [["gcloud", "iam", "service-accounts", "create", _gsa_name(g)] for g in roles]
+         [_create_gsa(g) for g in roles]
          + [_bind(["gcloud", "storage", "buckets", "add-iam-policy-binding", bucket,
                    f"--member=serviceAccount:{g}", f"--role={role}"])
             for g, granted in roles.items() for role in granted]),
@@ -234,16 +256,17 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
                  f"--member=serviceAccount:{project}.svc.id.goog[{ns}/{ksa}]"])
           for ksa, gsa in ksa_gsa.items()]),
         ("Artifact Registry and the images (docker/cloudbuild.yaml), built as our build account",
-         [["gcloud", "artifacts", "repositories", "create", repo_name,
-           "--repository-format=docker", f"--location={region}"],
+         [_once(["gcloud", "artifacts", "repositories", "describe", repo_name,
+                 f"--location={region}"],
+                ["gcloud", "artifacts", "repositories", "create", repo_name,
+                 "--repository-format=docker", f"--location={region}"]),
           _bind(["gcloud", "artifacts", "repositories", "add-iam-policy-binding", repo_name,
                  f"--location={region}", f"--member=serviceAccount:{nodes}",
                  f"--role={NODE_REPO_ROLE}"]),
           _bind(["gcloud", "artifacts", "repositories", "add-iam-policy-binding", repo_name,
                  f"--location={region}", f"--member=serviceAccount:{builder}",
                  f"--role={BUILD_REPO_ROLE}"]),
-          ["gcloud", "storage", "buckets", "create", build_staging(cfg), f"--location={region}",
-           "--uniform-bucket-level-access"],
+          _create_bucket(build_staging(cfg), region),
           _bind(["gcloud", "storage", "buckets", "add-iam-policy-binding", build_staging(cfg),
                  f"--member=serviceAccount:{builder}", f"--role={BUILD_STAGING_ROLE}"]),
           ["gcloud", "builds", "submit", f"--region={region}",
@@ -260,11 +283,13 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
          [f"cat > {KUBERAY_VALUES} <<'EOF'\n{values}EOF",
           ["helm", "repo", "add", "kuberay", "https://ray-project.github.io/kuberay-helm/"],
           ["helm", "repo", "update"],
-          ["helm", "install", "kuberay-operator", "kuberay/kuberay-operator",
+          # upgrade --install: a second run changes nothing, or applies new values; --wait:
+          # until the operator's Deployment is available, which doctor (next) requires.
+          ["helm", "upgrade", "--install", "kuberay-operator", "kuberay/kuberay-operator",
            f"--version={KUBERAY_CHART_VERSION}", f"--namespace={cfg.kuberay_namespace}",
-           "--create-namespace", f"--values={KUBERAY_VALUES}"]]),
+           "--create-namespace", f"--values={KUBERAY_VALUES}", "--wait"]]),
         ("the namespace first (a server-side dry run needs it), with its Pod Security labels",
-         [["kubectl", "create", "namespace", ns],
+         [_once(["kubectl", "get", "namespace", ns], ["kubectl", "create", "namespace", ns]),
           ["kubectl", "label", "namespace", ns, "--overwrite",
            *[f"{k}={v}" for k, v in rbac.psa_labels(cfg).items()]]]),
         (f"check, then create the cluster's objects (pod security: {level}; `up` runs "
@@ -275,28 +300,50 @@ def steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
     ]
 
 
+def _if_found(probe: list[str], *commands: list[str]) -> str:
+    """COMMANDS only while PROBE finds the thing: a teardown stopped part way (or run twice)
+    goes on past what is already gone; a command that fails on something still there stops
+    it under `set -e` (errexit holds inside `then`)."""
+    return (f"if {shlex.join(probe)} >/dev/null 2>&1; then "
+            f"{'; '.join(shlex.join(c) for c in commands)}; fi")
+
+
 def teardown_steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
     """What the setup script made, removed: the cluster, the images (tens of GB), Cloud
     Build's staging bucket, the service accounts and their project roles. The data bucket
-    is left to the user (a commented line)."""
+    is left to the user (a commented line). Each removal runs only while its thing exists."""
     project, zone, region = cfg.project, cfg.zone, _region(cfg)
     repo_name = registry(cfg).rsplit("/", 1)[-1]
     accounts = list(dict.fromkeys([cfg.service_accounts.google_service_account,
                                    cfg.service_accounts.triton_gsa]))
-    unbind = [["gcloud", "projects", "remove-iam-policy-binding", project,
-               f"--member=serviceAccount:{g}", f"--role={r}", "--condition=None"]
+
+    def account(gsa: str) -> list[str]:
+        return ["gcloud", "iam", "service-accounts", "describe", gsa]
+
+    unbind = [_if_found(account(g), ["gcloud", "projects", "remove-iam-policy-binding", project,
+                                     f"--member=serviceAccount:{g}", f"--role={r}",
+                                     "--condition=None"])
               for g, rs in ((node_gsa(cfg), NODE_PROJECT_ROLES),
                             (build_gsa(cfg), BUILD_PROJECT_ROLES)) for r in rs]
     return [
-        ("the cluster's objects, then the GKE cluster (stops all node charges)",
-         [["python", "-m", "cluster", "down", f"--config={config_ref}"],
-          ["gcloud", "container", "clusters", "delete", cfg.name, f"--zone={zone}", "--quiet"]]),
+        ("the cluster's objects, then the GKE cluster (stops all node charges); kubectl "
+         "pointed at it first, so that `down` deletes in this cluster and no other",
+         [_if_found(["gcloud", "container", "clusters", "describe", cfg.name, f"--zone={zone}"],
+                    ["gcloud", "container", "clusters", "get-credentials", cfg.name,
+                     f"--zone={zone}"],
+                    ["python", "-m", "cluster", "down", f"--config={config_ref}"],
+                    ["gcloud", "container", "clusters", "delete", cfg.name, f"--zone={zone}",
+                     "--quiet"])]),
         ("the images and their repository, and Cloud Build's staging bucket",
-         [["gcloud", "artifacts", "repositories", "delete", repo_name, f"--location={region}",
-           "--quiet"],
-          ["gcloud", "storage", "rm", "-r", build_staging(cfg)]]),
+         [_if_found(["gcloud", "artifacts", "repositories", "describe", repo_name,
+                     f"--location={region}"],
+                    ["gcloud", "artifacts", "repositories", "delete", repo_name,
+                     f"--location={region}", "--quiet"]),
+          _if_found(["gcloud", "storage", "buckets", "describe", build_staging(cfg)],
+                    ["gcloud", "storage", "rm", "-r", build_staging(cfg)])]),
         ("the service accounts and their project roles",
-         unbind + [["gcloud", "iam", "service-accounts", "delete", g, "--quiet"]
+         unbind + [_if_found(account(g), ["gcloud", "iam", "service-accounts", "delete", g,
+                                          "--quiet"])
                    for g in [*accounts, node_gsa(cfg), build_gsa(cfg)]]),
         ("the data bucket: only when you no longer need the checkpoints and results",
          [f"# gcloud storage rm -r {bucket_url(cfg)}"]),

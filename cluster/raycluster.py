@@ -223,17 +223,23 @@ def network_policy(cfg: ClusterConfig) -> dict:
     (config.kuberay_namespace: rayjob_controller.go polls the job's status through the
     dashboard; without it a RayJob's status never moves), and the metrics port for Managed
     Prometheus. Egress stays open: pods read GCS and the Kubernetes API.
+    With head.service_type LoadBalancer or NodePort the user asked for the dashboard from
+    outside the cluster, whose traffic matches no pod or namespace selector: 8265 is then
+    open to every source (token authentication still guards it), or the address `up` prints
+    would only time out.
 
     The field needs the operator's alpha RayClusterNetworkPolicy gate (cluster/kuberay.py);
     the setup script's Helm values turn it on and `python -m cluster doctor` checks it.
     """
     metrics = _ingress_from_namespace(GMP_NAMESPACE, METRICS_PORT)
+    dashboard = [_ingress_from_namespace(None, DASHBOARD_PORT),
+                 _ingress_from_namespace(cfg.kuberay_namespace, DASHBOARD_PORT)]
+    if cfg.head.service_type != "ClusterIP":
+        # A rule without `from` admits every source (networking.k8s.io/v1 NetworkPolicy).
+        dashboard.append({"ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]})
     return {
         "mode": "DenyAllIngress",
-        "head": {"ingressRules": [_ingress_from_namespace(None, DASHBOARD_PORT),
-                                  _ingress_from_namespace(cfg.kuberay_namespace,
-                                                          DASHBOARD_PORT),
-                                  metrics]},
+        "head": {"ingressRules": [*dashboard, metrics]},
         "worker": {"ingressRules": [metrics]},
     }
 

@@ -164,6 +164,14 @@ def _load_hub_xsum(split: str) -> Any:
         if SCRIPT_REFUSED not in str(exc):
             raise
         refused = " ".join(str(exc).split())
+    except OSError as exc:
+        # The hub out of reach (a cluster without egress: datasets raises ConnectionError,
+        # "Couldn't reach ... on the Hub") or the dataset gone: the same way out as below.
+        raise DataError(
+            f"--dataset xsum: cannot read {HUB_XSUM} from the hub "
+            f"({' '.join(str(exc).split()) or type(exc).__name__}); from a machine that can "
+            f"reach it, copy it to the bucket as parquet and pass --dataset "
+            f"gs://BUCKET/data/xsum-test.parquet (docs/gke.md, \"XSum as parquet\")") from exc
     repo, revision = _PARQUET_SOURCE
     print(f"{HUB_XSUM}: {refused}; reading the hub's parquet conversion (revision "
           f"{revision})", file=sys.stderr, flush=True)

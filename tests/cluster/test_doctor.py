@@ -226,6 +226,18 @@ def test_bucket_iam_granted_at_project_level_counts(api, kubeconfig, google):
     assert "bucket_iam" not in _failures(api, kubeconfig, google)
 
 
+def test_bucket_iam_unreadable_project_policy_is_named(api, kubeconfig, google):
+    # Roles held on the project only, and a project policy we may not read: the line says the
+    # project's roles were not counted instead of calling them missing without a word.
+    google.routes[BUCKET_IAM] = (200, {"bindings": []})
+    google.routes[f"/v1/projects/{CFG.project}:getIamPolicy"] = (403, {"error": {
+        "code": 403, "status": "PERMISSION_DENIED"}})
+    found = _failures(api, kubeconfig, google)["bucket_iam"]
+    assert found and all(line.endswith("the project's IAM policy could not be read (HTTP "
+                                       "403), so roles granted there are not counted)")
+                         for line in found), found
+
+
 def test_workload_identity_binding_missing(api, kubeconfig, google):
     google.routes[f"/v1/projects/{CFG.project}/serviceAccounts/{RUNNER}:getIamPolicy"] = (
         200, {"bindings": []})

@@ -265,6 +265,21 @@ def test_raycluster_token_auth_and_dashboard_only_from_its_namespace(crd_validat
         assert not list(crd_validators[obj["kind"]].iter_errors(obj))
 
 
+@pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort"])
+def test_an_exposed_head_service_is_reachable_through_the_network_policy(crd_validators,
+                                                                          service_type):
+    # Traffic from outside the cluster matches no pod or namespace selector: without a rule
+    # open to every source, the address `up` prints for a LoadBalancer would time out.
+    cfg = load_config(GKE)
+    cfg = cfg.model_copy(update={"head": cfg.head.model_copy(
+        update={"service_type": service_type})})
+    obj = raycluster.raycluster(cfg)
+    rules = obj["spec"]["networkPolicy"]["head"]["ingressRules"]
+    assert {"ports": [{"protocol": "TCP", "port": 8265}]} in rules
+    assert all("from" in r for r in rules if r["ports"][0]["port"] != 8265)
+    assert not list(crd_validators["RayCluster"].iter_errors(obj))
+
+
 # -- (13) the Triton Deployment ----------------------------------------------------------------
 
 def _launch_from_head(api, kubeconfig, monkeypatch, cfg, repo: str) -> dict:
@@ -436,10 +451,11 @@ def test_gcloud_commands_cover_the_config(path):
     assert not any(f"serviceAccount:{reader} --role=roles/storage.objectAdmin" in x
                    for x in lines)
     # The namespace comes first, then the dry run and up; KubeRay at the vendored version.
-    create = lines.index(f"kubectl create namespace {ns}")
+    create = next(i for i, x in enumerate(lines) if x.endswith(f"kubectl create namespace {ns}"))
     dry = next(i for i, x in enumerate(lines) if "--dry-run=server" in x)
     assert create < dry < next(i for i, x in enumerate(lines) if " cluster up " in x)
-    assert any("helm install kuberay-operator kuberay/kuberay-operator --version=1.7.0" in x
+    assert any("helm upgrade --install kuberay-operator kuberay/kuberay-operator --version=1.7.0"
+               in x
                for x in lines)
     assert "v1.7.0" in (REPO / "cluster" / "schemas" / "README.md").read_text()
     # triton.repository: fuse needs the GCS FUSE CSI add-on and Workload Identity on the nodes.

@@ -48,14 +48,39 @@ def test_script_dataset_falls_back_to_the_parquet_conversion(script_dataset, tmp
     assert f"read revision {data.PARQUET_REVISION}" in err
 
 
-def test_when_the_retry_fails_too_one_line_names_both_ways_out(script_dataset, monkeypatch):
-    # The retry hits a script folder again: datasets refuses it with the same RuntimeError.
-    monkeypatch.setattr(data, "_PARQUET_SOURCE", (str(script_dataset), data.PARQUET_REVISION))
+def _one_line_error() -> str:
+    """The DataError of `load_examples("xsum")`, checked to be one line."""
     with pytest.raises(DataError) as info:
         load_examples("xsum", split="test")
     message = str(info.value)
     assert "\n" not in message
+    return message
+
+
+def test_when_the_retry_fails_too_one_line_names_both_ways_out(script_dataset, monkeypatch):
+    # The retry hits a script folder again: datasets refuses it with the same RuntimeError.
+    monkeypatch.setattr(data, "_PARQUET_SOURCE", (str(script_dataset), data.PARQUET_REVISION))
+    message = _one_line_error()
     assert message.startswith(f"--dataset xsum: {script_dataset} holds a loading script that "
                               f"datasets ")
     assert "parquet conversion (revision refs/convert/parquet) failed too" in message
     assert "pass --dataset a parquet copy, e.g. gs://BUCKET/data/xsum-test.parquet" in message
+
+
+def test_hub_out_of_reach_is_one_line_naming_the_parquet_copy(tmp_path, monkeypatch):
+    # No egress (a private cluster): datasets' own error for a hub it cannot reach, made here
+    # at once with its offline mode and an empty cache (without it, the same ConnectionError
+    # comes after huggingface_hub's retries).
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ConnectionError, match="Couldn't reach"):  # the real error, first
+        datasets.load_dataset(data.HUB_XSUM, split="test")
+    message = _one_line_error()
+    assert message.startswith(f"--dataset xsum: cannot read {data.HUB_XSUM} from the hub "
+                              f"(Couldn't reach")
+    assert "pass --dataset gs://BUCKET/data/xsum-test.parquet" in message
