@@ -238,9 +238,11 @@ def _verify(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
 
 class Converted(dict):
     """What :func:`convert` returns: the JSON summary (a dict, as printed) and ``model``, the
-    converted model's handle (core.repository.ConvertedModel) that serve and evaluate take."""
+    converted model's handle (core.repository.ConvertedModel) that serve and evaluate take;
+    None for ``--format hf``, which writes no Triton repository."""
 
-    def __init__(self, summary: dict[str, Any], model: repository.ConvertedModel) -> None:
+    def __init__(self, summary: dict[str, Any],
+                 model: repository.ConvertedModel | None) -> None:
         super().__init__(summary)
         self.model = model
 
@@ -269,6 +271,7 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     manifest_text = manifest_json({**header, "complete": True}, entries)
     storage.write_text(paths.manifest_url, manifest_text)
     unaccounted = _verify(opts, plan, paths, manifest_text) if opts.verify else None
+    model = None
     if plan.output_format == "hf":
         storage.write_text(paths.config_url, hf_format.config_json(plan.config,
                                                                    plan.weight_dtype))
@@ -276,12 +279,13 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
                                          opts.pipeline_parallel, opts.inference_dtype)
         storage.write_text(paths.config_url, repository.to_pbtxt(config))
+        model = repository.ConvertedModel(opts.dst, opts.model_name, config)
     vocab_info = {"gin": header["gin"], "gin_warnings": gin_warnings, "vocab": vocab,
                   "vocab_source": vocab_source}
     summary = _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
                        {"verified": opts.verify, "unaccounted": unaccounted,
                         "scratch_removed": removed.as_dict()}, time.monotonic() - t0)
-    return Converted(summary, repository.ConvertedModel(opts.dst, opts.model_name, config))
+    return Converted(summary, model)
 
 
 def _summary(opts: ConvertOptions, ckpt: Checkpoint, arch: T5Arch, plan: ConversionPlan,
