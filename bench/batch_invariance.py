@@ -55,7 +55,7 @@ MODELS = {
 
 
 def _folder(cfg: T5Config, work: Path, no_end: bool = False) -> Path:
-    from demo.ft_writer import random_ft_weights, write_ft_folder
+    from testing.ft_writer import random_ft_weights, write_ft_folder
 
     weights = random_ft_weights(cfg, seed=11)
     if no_end:  # the end id's logit is exactly 0 while the arg-max is positive: never ends

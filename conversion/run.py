@@ -22,24 +22,20 @@ from collections.abc import Callable
 from typing import Any
 
 from conversion import hf_files, resume
-from conversion.arch import ArchError, T5Arch, infer_arch
-from conversion.errors import ConversionError
+from conversion.arch import T5Arch, infer_arch
+from conversion.errors import ConversionError, ConversionRefused
 from conversion.execute import convert_layer, run_tasks, verify_layer
 from conversion.gin_config import GinConfig, GinError, read_gin
 from conversion.hf_plan import make_hf_plan
 from conversion.options import ConvertOptions
-from conversion.plan import ConversionPlan, PlanError, make_plan
-from conversion.t5x import Checkpoint, CheckpointError, open_checkpoint
+from conversion.plan import ConversionPlan, make_plan
+from conversion.t5x import Checkpoint, open_checkpoint
 from core import ft_format, hf_format, repository, scratch, storage
 from core.manifest import ManifestEntry, manifest_json, parse_manifest, write_manifest
 
-__all__ = ["USER_ERRORS", "ConversionError", "ConvertOptions", "choose_vocab", "convert",
+__all__ = ["ConversionError", "ConversionRefused", "ConvertOptions", "Converted", "choose_vocab",
+           "convert",
            "convert_layer", "find_gin", "prepare", "verify_layer"]
-
-# Errors caused by the input or the options: entry points report them as one line, exit 2.
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, ArchError, PlanError,
-                                            ConversionError)
-
 
 def find_gin(ckpt_path: str) -> str | None:
     """config.gin beside the checkpoint, or in one of the two folders above it (t5x writes it in
@@ -65,11 +61,11 @@ def prepare(opts: ConvertOptions
     gin = None
     if gin_url:
         if not storage.exists(gin_url):
-            raise ConversionError(f"gin file {gin_url} does not exist")
+            raise ConversionRefused(f"gin file {gin_url} does not exist")
         try:
             gin = read_gin(storage.read_text(gin_url), gin_url)
         except GinError as exc:
-            raise ConversionError(f"gin file {exc}") from None
+            raise ConversionRefused(f"gin file {exc}") from None
     shapes = {name: p.shape for name, p in ckpt.params.items()}
     arch = infer_arch(shapes, gin.t5_values() if gin else None, opts.activation,
                       opts.param_scan_axis)
@@ -120,26 +116,24 @@ class _Paths:
 
     @classmethod
     def of(cls, opts: ConvertOptions, tensor_parallel: int) -> _Paths:
-        model_dir = storage.join(opts.dst, opts.model_name)
         if opts.format == "hf":
+            model_dir = repository.model_dir(opts.dst, opts.model_name)
             return cls(model_dir, model_dir, storage.join(model_dir, hf_format.MANIFEST),
                        storage.join(model_dir, hf_format.CONFIG))
-        out_dir = storage.join(model_dir, "1", ft_format.weights_dir_name(tensor_parallel))
-        return cls(model_dir, out_dir, storage.join(out_dir, ft_format.MANIFEST),
-                   storage.join(model_dir, "config.pbtxt"))
+        out_dir = repository.weights_url(opts.dst, opts.model_name, tensor_parallel)
+        return cls(repository.model_dir(opts.dst, opts.model_name), out_dir,
+                   storage.join(out_dir, ft_format.MANIFEST),
+                   repository.config_url(opts.dst, opts.model_name))
 
 
 def _check_options(opts: ConvertOptions) -> None:
     """Refuse (one line) options that no checkpoint could make right."""
-    if opts.engine not in repository.ENGINES:
-        raise ConversionError(f"engine {opts.engine!r} is not one of {repository.ENGINES}")
-    if opts.pipeline_parallel < 1:
-        raise ConversionError(f"pipeline-parallel size must be >= 1, got {opts.pipeline_parallel}")
+    # engine (a Literal), pipeline_parallel and resume/overwrite: ConvertOptions checks them.
     if opts.format == "hf" and opts.tensor_parallel != 1:
-        raise ConversionError("--tensor-parallel does not apply to --format hf (a Hugging Face "
-                              "checkpoint holds whole tensors; engines split them at load)")
+        raise ConversionRefused("--tensor-parallel does not apply to --format hf (a Hugging Face "
+                                "checkpoint holds whole tensors; engines split them at load)")
     if opts.vocab and not storage.exists(opts.vocab):
-        raise ConversionError(f"vocabulary {opts.vocab} does not exist")
+        raise ConversionRefused(f"vocabulary {opts.vocab} does not exist")
 
 
 def _check_tables(ckpt: Checkpoint, plan: ConversionPlan) -> None:
@@ -218,10 +212,10 @@ def _write_model_files(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths
     storage.write_text(storage.join(paths.out_dir, ft_format.CONFIG_INI),
                        ft_format.config_ini(plan.config, plan.weight_dtype, plan.tensor_parallel))
     if vocab:
-        storage.write_bytes(storage.join(paths.model_dir, "spiece.model"),
+        storage.write_bytes(repository.vocab_url(opts.dst, opts.model_name),
                             storage.read_bytes(vocab))
     if opts.engine == "jax":
-        storage.write_text(storage.join(paths.model_dir, "1", "model.py"),
+        storage.write_text(storage.join(paths.model_dir, repository.VERSION, "model.py"),
                            repository.JAX_MODEL_PY)
 
 
@@ -242,8 +236,20 @@ def _verify(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
     return unaccounted
 
 
-def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary.
+class Converted(dict):
+    """What :func:`convert` returns: the JSON summary (a dict, as printed) and ``model``, the
+    converted model's handle (core.repository.ConvertedModel) that serve and evaluate take;
+    None for ``--format hf``, which writes no Triton repository."""
+
+    def __init__(self, summary: dict[str, Any],
+                 model: repository.ConvertedModel | None) -> None:
+        super().__init__(summary)
+        self.model = model
+
+
+def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> Converted:
+    """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary
+    with the converted model's handle (:class:`Converted`).
 
     ``connect`` starts or joins Ray (``ray_jobs._cli.init_ray``); it is called only once the
     checkpoint, the plan and the destination have been checked, so bad input fails fast.
@@ -265,6 +271,7 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     manifest_text = manifest_json({**header, "complete": True}, entries)
     storage.write_text(paths.manifest_url, manifest_text)
     unaccounted = _verify(opts, plan, paths, manifest_text) if opts.verify else None
+    model = None
     if plan.output_format == "hf":
         storage.write_text(paths.config_url, hf_format.config_json(plan.config,
                                                                    plan.weight_dtype))
@@ -273,17 +280,20 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
                                          opts.pipeline_parallel, opts.inference_dtype,
                                          batch_invariant=opts.batch_invariant)
         storage.write_text(paths.config_url, repository.to_pbtxt(config))
+        model = repository.ConvertedModel(opts.dst, opts.model_name, config)
     vocab_info = {"gin": header["gin"], "gin_warnings": gin_warnings, "vocab": vocab,
                   "vocab_source": vocab_source}
-    return _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
-                    {"verified": opts.verify, "unaccounted": unaccounted,
-                     "scratch_removed": removed.as_dict()}, time.monotonic() - t0)
+    summary = _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
+                       {"verified": opts.verify, "unaccounted": unaccounted,
+                        "scratch_removed": removed.as_dict()}, time.monotonic() - t0)
+    return Converted(summary, model)
 
 
 def _summary(opts: ConvertOptions, ckpt: Checkpoint, arch: T5Arch, plan: ConversionPlan,
              paths: _Paths, results: list[dict[str, Any]], vocab_info: dict[str, Any],
              checks: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """The JSON summary ``ray_jobs.convert`` prints (docs/interfaces.md: keys and order)."""
+    """The JSON summary ``ray_jobs.convert`` prints (docs/interfaces.md: its keys; --json
+    prints them sorted)."""
     entries = [e for r in results for e in r["entries"]]
     return {
         "output": paths.out_dir,

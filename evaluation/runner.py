@@ -31,6 +31,7 @@ from evaluation.batching import group_rows
 from evaluation.client import NotReady, served_model_config, wait_ready
 from evaluation.data import Example, LoadedData, load_examples
 from evaluation.engine_predictor import EnginePredictor, read_engine_spec
+from evaluation.errors import EvaluationError  # noqa: F401 - public name
 from evaluation.options import EvalOptions, EvalSettings  # noqa: F401 - EvalSettings kept
 from evaluation.outputs import METRICS, PREDICTIONS, REPORT, OutputDir, prediction_line
 from evaluation.predictor import LATENCY_BOUNDARIES_MS, Predictor  # noqa: F401 - public names
@@ -39,14 +40,10 @@ from evaluation.tokenizer import (
     check_vocab_fits,
     load_tokenizer,
     model_vocab_size,
-    read_model_config,
+    open_model,
 )
 
 Log = Callable[[str], None]
-
-
-class EvaluationError(ValueError):
-    """Settings or preconditions that make the evaluation impossible (reported as one line)."""
 
 
 @dataclasses.dataclass
@@ -167,7 +164,7 @@ def _stream_results(
 def _check_engine(s: EvalSettings) -> None:
     """Fail on the driver, before Ray starts actors, when the repository has no engine to run.
 
-    Called after ``s.validate()``, which refused a missing or gs:// ``--model-repository``.
+    Called after ``s.checked_urls()``, which refused a missing or gs:// ``--model-repository``.
     """
     try:
         read_engine_spec(s.model_repository, s.model_name)
@@ -197,7 +194,8 @@ def served_as(s: EvalSettings, urls: Sequence[str]) -> dict[str, Any]:
         config = served_model_config(urls, s.model_name)
         source = "server" if config is not None else source
     if config is None and s.model_repository:
-        config = read_model_config(s.model_repository, s.model_name)
+        model = open_model(s.model_repository, s.model_name)
+        config = model.config if model is not None else None
         source = "repository" if config is not None else source
     if config is None:
         return {"data_type": None, "batch_invariant": None, "source": source}
@@ -219,7 +217,7 @@ def _where(s: EvalSettings, urls: Sequence[str]) -> str:
 
 def _load(s: EvalSettings, log: Log) -> _Inputs:
     """Check the settings and read the vocabulary and the data (no Ray, no request yet)."""
-    urls = s.validate()
+    urls = s.checked_urls()
     if s.backend == "in-process":
         _check_engine(s)
     tokenizer = load_tokenizer(s.vocab, s.model_repository, s.model_name)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 from serving.engine import GenerationResult, SamplingParams, T5Engine
+from testing.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 
 LENGTHS = (3, 11, 9, 5, 15, 14, 7, 12, 8, 6, 16, 4)
 
