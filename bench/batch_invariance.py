@@ -40,11 +40,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from core.t5config import T5Config  # noqa: E402
+from testing.ft_writer import UL2_TINY  # noqa: E402
 
 MODELS = {
-    "tiny": T5Config(d_model=32, num_heads=4, d_kv=12, d_ff=64, vocab_size=100,
-                     num_encoder_layers=2, num_decoder_layers=3,
-                     feed_forward_proj="gated-silu", tie_word_embeddings=False),
+    "tiny": UL2_TINY,
     "small": T5Config(d_model=256, num_heads=4, d_kv=64, d_ff=1024, vocab_size=32128,
                       num_encoder_layers=4, num_decoder_layers=4,
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False),
@@ -170,9 +169,9 @@ def served(cfg: T5Config, modes: tuple[str, ...] = ("greedy", "sample", "beam"))
 
     import jax
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
 
     from bench.serve import build_repository_plain, server_device, start_plain_server
+    from evaluation.client import to_infer_inputs
     from serving.engine import SamplingParams, T5Engine
 
     rng = np.random.default_rng(1)
@@ -195,12 +194,7 @@ def served(cfg: T5Config, modes: tuple[str, ...] = ("greedy", "sample", "beam"))
                   "is_return_log_probs": np.ones((len(part), 1), np.bool_)}
         for name, (value, dtype) in knobs[mode].items():
             arrays[name] = np.full((len(part), 1), value, dtype)
-        inputs = []
-        for name, arr in arrays.items():
-            inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
-        return inputs
+        return to_infer_inputs(arrays)
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository_plain(Path(tmp), cfg, "bf16")
