@@ -169,9 +169,9 @@ def served(cfg: T5Config, modes: tuple[str, ...] = ("greedy", "sample", "beam"))
 
     import jax
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
 
     from bench.serve import build_repository_plain, server_device, start_plain_server
-    from evaluation.client import to_infer_inputs
     from serving.engine import SamplingParams, T5Engine
 
     rng = np.random.default_rng(1)
@@ -194,7 +194,12 @@ def served(cfg: T5Config, modes: tuple[str, ...] = ("greedy", "sample", "beam"))
                   "is_return_log_probs": np.ones((len(part), 1), np.bool_)}
         for name, (value, dtype) in knobs[mode].items():
             arrays[name] = np.full((len(part), 1), value, dtype)
-        return to_infer_inputs(arrays)
+        inputs = []  # not evaluation.client.to_infer_inputs: it needs tenacity, absent on GPUs
+        for name, arr in arrays.items():
+            inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        return inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository_plain(Path(tmp), cfg, "bf16")
