@@ -59,7 +59,13 @@ def activation(cfg: T5Config, x: jax.Array) -> jax.Array:
 
 
 def mlp(cfg: T5Config, p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    """act(x @ wi) [* (x @ wi2)] @ wo. x [..., D] -> [..., D]."""
+    """act(x @ wi) [* (x @ wi2)] @ wo. x [..., D] -> [..., D].
+
+    A layer with ``wi12`` ([D, 2, F], attention.fuse_weights) runs both input products as one.
+    """
+    if "wi12" in p:
+        both = jnp.einsum("...d,dtf->t...f", x, p["wi12"])
+        return (activation(cfg, both[0]) * both[1]) @ p["wo"]
     h = activation(cfg, x @ p["wi"])
     if cfg.gated:
         h = h * (x @ p["wi2"])
@@ -100,6 +106,18 @@ def project_heads(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("bsd,dhk->bhsk", x, w)
 
 
+def self_qkv(h: jax.Array, p: dict[str, jax.Array], layout: str = "bhsk"
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A layer's self-attention q, k, v: h [B, S, D] -> three [B, H, S, K] (layout "bhsk")
+    or [B, S, H, K] ("bshk"). A layer with ``qkv`` ([D, 3, H, K], attention.fuse_weights)
+    runs the three products as one."""
+    if "qkv" in p:
+        t = jnp.einsum(f"bsd,dthk->t{layout}", h, p["qkv"])
+        return t[0], t[1], t[2]
+    q, k, v = (jnp.einsum(f"bsd,dhk->{layout}", h, p[n]) for n in ("q", "k", "v"))
+    return q, k, v
+
+
 def merge_heads(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [B, H, S, K], w [H, K, D] -> [B, S, D]."""
     return jnp.einsum("bhsk,hkd->bsd", x, w)
@@ -138,11 +156,10 @@ def encode(cfg: T5Config, params: dict, ids: jax.Array, lengths: jax.Array) -> j
         rel_p = rel if "rel_bias" not in p else position_bias(p["rel_bias"], buckets)[None]
         h = rms_norm(x, p["ln_attn"])
         if choice == "reference":
-            o = attention(project_heads(h, p["q"]), project_heads(h, p["k"]),
-                          project_heads(h, p["v"]), rel_p + mask)
+            o = attention(*self_qkv(h, p), rel_p + mask)
             x = x + merge_heads(o, p["o"])
         else:  # fused attention in the [B, S, H, K] layout (attention.py)
-            q, k, v = (jnp.einsum("bsd,dhk->bshk", h, p[n]) for n in ("q", "k", "v"))
+            q, k, v = self_qkv(h, p, "bshk")
             o = paths.encoder_fused(q, k, v, rel_p, lengths,
                                     "xla" if choice == "xla-fused" else "cudnn")
             x = x + jnp.einsum("bshk,hkd->bsd", o, p["o"])
@@ -184,8 +201,7 @@ def decode_full(cfg: T5Config, params: dict, dec_ids: jax.Array, enc: jax.Array,
         self_bias = (shared if "rel_bias" not in p
                      else position_bias(p["rel_bias"], buckets)[None] + causal)
         h = rms_norm(x, p["ln_self"])
-        o = attention(project_heads(h, p["q"]), project_heads(h, p["k"]),
-                      project_heads(h, p["v"]), self_bias)
+        o = attention(*self_qkv(h, p), self_bias)
         x = x + merge_heads(o, p["o"])
         h = rms_norm(x, p["ln_cross"])
         x = x + merge_heads(attention(project_heads(h, p["cq"]), k_c, v_c, cross_bias), p["co"])
@@ -238,7 +254,7 @@ def decode_step(cfg: T5Config, params: dict, tokens: jax.Array, step: jax.Array,
     for p, k_past, v_past, k_c, v_c in layers:
         past_bias, self_bias = shared if "rel_bias" not in p else step_bias(p["rel_bias"])
         h = rms_norm(x, p["ln_self"])
-        q, k, v = (project_heads(h, p[n]) for n in ("q", "k", "v"))  # [B, H, 1, K]
+        q, k, v = self_qkv(h, p)  # [B, H, 1, K]
         # this step's k/v [B, H, 1, K] -> position `step` of the layer's cache [B, H, M, K]
         k_new = jax.lax.dynamic_update_slice_in_dim(k_past, k, step, axis=2)
         v_new = jax.lax.dynamic_update_slice_in_dim(v_past, v, step, axis=2)

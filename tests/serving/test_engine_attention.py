@@ -18,7 +18,7 @@ from core.t5config import T5Config
 from serving.engine import attention, generate, model
 from tests.serving.conftest import TINY
 
-FUSED = attention.Paths(encoder="xla-fused", decode_self="cache_first")
+FUSED = attention.Paths(encoder="xla-fused", decode_self="cache_first", fuse_weights=True)
 
 
 def random_params(cfg: T5Config, seed: int, own_tables: bool = False) -> dict:
@@ -63,10 +63,11 @@ def test_cpu_and_fp32_choose_the_reference_paths() -> None:
     assert attention.choose(jnp.float32, 64) == attention.REFERENCE
     assert attention.choose(jnp.float32, 64, "gpu") == attention.REFERENCE
     assert attention.choose(jnp.bfloat16, 64, "cpu") == attention.REFERENCE
-    assert attention.choose(jnp.bfloat16, 64, "gpu") == attention.Paths("cudnn", "cache_first")
+    assert attention.choose(jnp.bfloat16, 64, "gpu") == attention.Paths("cudnn", "cache_first",
+                                                                       True)
     assert attention.choose(jnp.float16, 128, "gpu").encoder == "cudnn"
     assert attention.choose(jnp.bfloat16, 256, "gpu") == attention.Paths("reference",
-                                                                       "cache_first")
+                                                                       "cache_first", True)
     with attention.force(FUSED):
         assert attention.choose(jnp.float32, 64) == FUSED
     assert attention.choose(jnp.float32, 64) == attention.REFERENCE
@@ -102,7 +103,7 @@ def test_forced_paths_encoder_and_decoder_match_reference(own_tables: bool) -> N
     lengths = jnp.asarray([13, 5, 1], jnp.int32)
     toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(m, b)), jnp.int32)
 
-    def run() -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    def run(params: dict) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         enc = jax.jit(lambda p, i, n: model.encode(cfg, p, i, n))(params, ids, lengths)
         cross = jax.jit(lambda p, i, n: generate.encode_cross(cfg, p, i, n))(params, ids,
                                                                              lengths)
@@ -117,9 +118,9 @@ def test_forced_paths_encoder_and_decoder_match_reference(own_tables: bool) -> N
             logits.append(np.asarray(out))
         return np.asarray(enc), logits, [np.asarray(c) for c in ck + cv]
 
-    ref_enc, ref_logits, ref_cache = run()
+    ref_enc, ref_logits, ref_cache = run(params)
     with attention.force(FUSED):
-        enc, logits, cache = run()
+        enc, logits, cache = run(attention.fuse_weights(params))
     real = np.arange(s)[None, :] < np.asarray(lengths)[:, None]
     assert rel_err(enc[real], ref_enc[real]) < 1e-5
     for got, ref in zip(logits, ref_logits, strict=True):
@@ -153,7 +154,7 @@ def test_forced_paths_greedy_identical_and_batch_invariant() -> None:
             repetition_penalty=jnp.ones(n, jnp.float32), len_penalty=jnp.zeros(n, jnp.float32),
             seed_lo=jnp.zeros(n, jnp.uint32), seed_hi=jnp.zeros(n, jnp.uint32))
 
-    def greedy(idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def greedy(idx: list[int], params: dict = params) -> tuple[np.ndarray, np.ndarray]:
         r = rows_of(idx)
         cross = generate.encode_cross(cfg, params, r.ids, r.lengths)
         out = jax.jit(lambda r, c: generate.generate_sampling(cfg, params, r, c, out_len,
@@ -161,10 +162,11 @@ def test_forced_paths_greedy_identical_and_batch_invariant() -> None:
         return np.asarray(out.tokens[:, 0]), np.asarray(out.output_log_probs[:, 0])
 
     ref_tokens, ref_lp = greedy([0, 1, 2, 3])
+    fused = attention.fuse_weights(params)
     with attention.force(FUSED):
-        tokens, lp = greedy([0, 1, 2, 3])
-        alone = greedy([2])
-        pair = greedy([3, 1])
+        tokens, lp = greedy([0, 1, 2, 3], fused)
+        alone = greedy([2], fused)
+        pair = greedy([3, 1], fused)
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(lp, ref_lp, rtol=1e-5, atol=1e-6)
     # every reduction is over one row's own keys; XLA's CPU matrix products may still block
@@ -173,3 +175,34 @@ def test_forced_paths_greedy_identical_and_batch_invariant() -> None:
     np.testing.assert_allclose(alone[1][0], lp[2], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(pair[0], tokens[[3, 1]])
     np.testing.assert_allclose(pair[1], lp[[3, 1]], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_weights_teacher_forced_logits_and_tensor_parallel_specs() -> None:
+    """q|k|v and wi|wi2 stacked: the teacher-forced decoder (engine.logits' path) gives the
+    separate products' logits, and the stacked matrices split on the same head / d_ff axes
+    (each device keeps its own heads' q, k, v and its own d_ff columns of wi and wi2)."""
+    from serving.engine import sharding
+
+    cfg = TINY
+    params = random_params(cfg, seed=7)
+    fused = attention.fuse_weights(params)
+    assert "q" not in fused["encoder"][0] and "wi2" not in fused["decoder"][0]
+    assert "q" in params["encoder"][0]  # the caller's tree is left as it was
+    np.testing.assert_array_equal(fused["decoder"][1]["qkv"][:, 2], params["decoder"][1]["v"])
+    np.testing.assert_array_equal(fused["encoder"][0]["wi12"][:, 1], params["encoder"][0]["wi2"])
+    rng = np.random.default_rng(8)
+    ids = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(2, 9)), jnp.int32)
+    lengths = jnp.asarray([9, 4], jnp.int32)
+    dec = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(2, 6)), jnp.int32)
+
+    def logits(p: dict) -> np.ndarray:
+        return np.asarray(model.decode_full(cfg, p, dec, model.encode(cfg, p, ids, lengths),
+                                            lengths))
+    assert rel_err(logits(fused), logits(params)) < 1e-5
+    specs = sharding.partition_specs(fused)
+    spec = {"qkv": specs["encoder"][0]["qkv"], "wi12": specs["encoder"][0]["wi12"]}
+    assert spec == {"qkv": jax.sharding.PartitionSpec(None, None, sharding.AXIS, None),
+                    "wi12": jax.sharding.PartitionSpec(None, None, sharding.AXIS)}
+    # the split axis of the stack is the one of the matrices it stacks
+    assert fused["encoder"][0]["qkv"].shape[2] == cfg.num_heads
+    assert fused["encoder"][0]["wi12"].shape[2] == cfg.d_ff
