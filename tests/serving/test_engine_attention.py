@@ -206,3 +206,53 @@ def test_fused_weights_teacher_forced_logits_and_tensor_parallel_specs() -> None
     # the split axis of the stack is the one of the matrices it stacks
     assert fused["encoder"][0]["qkv"].shape[2] == cfg.num_heads
     assert fused["encoder"][0]["wi12"].shape[2] == cfg.d_ff
+
+
+TP_CHILD = """
+import json, sys
+import numpy as np
+from serving.engine import SamplingParams, T5Engine, attention
+
+rng = np.random.default_rng(0)
+rows = [rng.integers(2, 100, n) for n in (5, 9, 3)]
+ps = [SamplingParams(max_output_len=10), SamplingParams(max_output_len=12, beam_width=2),
+      SamplingParams(max_output_len=8, top_k=0, top_p=0.9, random_seed=3)]
+ids, dec = rng.integers(2, 100, (2, 7)), rng.integers(0, 100, (2, 5))
+ref = T5Engine.load(sys.argv[1])
+a, la = ref.generate(rows, ps), ref.logits(ids, dec)
+with attention.force(attention.Paths("xla-fused", "cache_first", True)):
+    two = T5Engine.load(sys.argv[1], devices=2)
+    b, lb = two.generate(rows, ps), two.logits(ids, dec)
+qkv = two.params["decoder"][0]["qkv"]
+print(json.dumps({
+    "qkv_shard_shape": list(qkv.addressable_shards[0].data.shape),
+    "wi12_shard_shape": list(two.params["encoder"][0]["wi12"].addressable_shards[0].data.shape),
+    "same_tokens": all(np.array_equal(x.output_ids, y.output_ids) for x, y in zip(a, b)),
+    "logit_diff": float(np.abs(la - lb).max()),
+}))
+"""
+
+
+def test_fused_paths_tensor_parallel_over_two_devices_match_reference(tmp_path,
+                                                                     repo_root) -> None:
+    """Every fused path (stacked weights, fused encoder call, cache-first step) tensor-parallel
+    over 2 XLA host devices gives the single-device reference's tokens and logits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
+
+    folder = write_ft_folder(tmp_path, UL2_TINY, 1, random_ft_weights(UL2_TINY, seed=3))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo_root)}
+    proc = subprocess.run([sys.executable, "-c", TP_CHILD, str(folder)], env=env,
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    cfg = UL2_TINY
+    assert got["qkv_shard_shape"] == [cfg.d_model, 3, cfg.num_heads // 2, cfg.d_kv]
+    assert got["wi12_shard_shape"] == [cfg.d_model, 2, cfg.d_ff // 2]
+    assert got["same_tokens"]
+    assert got["logit_diff"] < 1e-4
