@@ -258,6 +258,43 @@ def bounds(cfg: T5Config, b: int, s: int, s_bucket: int, rates: dict, read: dict
             "step_GB": (step_bytes(cfg, s, b) + self_cache) / 1e9}
 
 
+def step_kernels(engine, b: int, s: int) -> dict:
+    """Kernels one decoder step launches: the instructions of the greedy output-64 program's
+    while-loop body (optimized HLO) that run as their own kernel, by kind. Many small
+    per-layer kernels are where a decode step's time beyond its reads goes."""
+    import collections
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from serving.engine import engine as engine_mod
+    from serving.engine import generate
+
+    def spec(shape: tuple, dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
+    r = generate.Rows(spec((b, s), i32), *(spec((b,), t) for t in (
+        i32, i32, i32, i32, i32, f32, f32, f32, f32, u32, u32)))
+    cross = jax.eval_shape(lambda p, i, n: generate.encode_cross(engine.config, p, i, n),
+                           engine.params, r.ids, r.lengths)
+    hlo = engine_mod._sampling.lower(engine.config, engine.params, r, cross, out_len=64,
+                                     sample=False).compile().as_text()
+    bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+    comps = {m.group(1): m.group(2) for m in re.finditer(
+        r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M)}
+    kinds: collections.Counter[str] = collections.Counter()
+    for body in bodies:
+        for line in comps.get(body, "").splitlines():
+            m = re.search(r"= [^ ]+ (fusion|custom-call|copy|dynamic-update-slice|"
+                          r"all-reduce|convolution|dot|gather|scatter)\(", line)
+            if m:
+                kinds[m.group(1)] += 1
+    return {"while_bodies": len(bodies), "kernels": sum(kinds.values()), "by_kind": dict(kinds),
+            "per_layer": sum(kinds.values()) / max(1, engine.config.num_decoder_layers)}
+
+
 def engine_parts(cfg: T5Config, params: dict, b: int, s: int, repeats: int) -> dict:
     """encode, cross_kv and a decoder step of the real engine at B rows."""
     import jax
@@ -287,6 +324,11 @@ def engine_parts(cfg: T5Config, params: dict, b: int, s: int, repeats: int) -> d
     log(f"B={b}: {out}")
     engine = T5Engine(cfg, params, dtype="bf16")
     engine.max_batch = b
+    try:
+        out["step_kernels"] = step_kernels(engine, b, 1 << max(0, s - 1).bit_length())
+    except Exception as exc:  # a diagnosis only; never fail the numbers
+        out["step_kernels"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    log(f"B={b}: kernels in a decode step: {out['step_kernels']}")
     times = step_times(engine, list(np.asarray(ids)), repeats)
     step = times["step_s"]
     out.update(generate_64_s=times["generate_64_s"], generate_8_s=times["generate_8_s"],
