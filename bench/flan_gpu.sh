@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 23's GPU runs in one device call: Flan-T5-XL widths, 350 tokens in, the engine before
 # issue 23 ("reference") and with its per-shape attention choice ("auto"), same card, same call.
-# Results land in $OUT (or ./out): one JSON line and a log per run. Each run has its own time
+# Results land in $OUT (or ./out): one file per run, its log with the JSON line last. Each run has its own time
 # limit so that a slow one costs only its own numbers.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -11,7 +11,7 @@ G="python3 bench/gpu.py --impl jax --model flan-t5-xl --input-len 350 --output-l
 E="python3 bench/engine_parts.py --model flan-t5-xl --batches 128 --input-len 350 --skip-micro"
 run() {  # name seconds command...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"; echo "$name rc $?"
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; echo "$name rc $?"
 }
 run gpu-ref-128 140 $G --batches 128 --attention reference --no-check
 run gpu-auto-128 160 $G --batches 128 --attention auto
@@ -19,5 +19,6 @@ run parts-auto-128 110 $E --attention auto
 run parts-ref-128 100 $E --attention reference
 run gpu-ref-32-64 ${T3264:-100} $G --batches 32,64 --attention reference --no-check
 run gpu-auto-32-64 ${T3264:-100} $G --batches 32,64 --attention auto --no-check
-for f in "$OUT"/*.json; do echo "== $f"; grep -v '^{' "$f"; done
-grep -hE "jax batch|check:|against the bounds|kernels in|encoder attention|Error" "$OUT"/*.log | cut -c1-600
+for f in "$OUT"/*.txt; do
+  echo "== $f"; grep -E "^\||jax batch|check:|against the bounds|kernels in|encoder attention|Error" "$f" | cut -c1-700
+done

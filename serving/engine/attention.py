@@ -113,6 +113,8 @@ def fuse_weights(params: dict) -> dict:
         return (np.stack if isinstance(arrays[0], np.ndarray) else jnp.stack)(arrays, axis)
 
     def fuse(layer: dict) -> dict:
+        if "qkv" in layer:  # already stacked
+            return layer
         out = {n: a for n, a in layer.items() if n not in ("q", "k", "v", "wi", "wi2")}
         out["qkv"] = stack([layer["q"], layer["k"], layer["v"]], 1)
         if "wi2" in layer:
