@@ -13,12 +13,14 @@ run() {  # name seconds command...
   local name=$1 limit=$2; shift 2
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; echo "$name rc $?"
 }
-run gpu-ref-128 140 $G --batches 128 --attention reference --no-check
-run gpu-auto-128 160 $G --batches 128 --attention auto
+run gpu-ref-128 ${T128:-140} $G --batches 128 --attention reference --no-check
+run gpu-auto-128 ${T128A:-160} $G --batches 128 --attention auto
+[ "${ONLY_128:-0}" = 1 ] || {  # ONLY_128=1: the two batch-128 runs alone (a short lease)
 run parts-auto-128 110 $E --attention auto
 run parts-ref-128 100 $E --attention reference
 run gpu-ref-32-64 ${T3264:-100} $G --batches 32,64 --attention reference --no-check
 run gpu-auto-32-64 ${T3264:-100} $G --batches 32,64 --attention auto --no-check
+}
 for f in "$OUT"/*.txt; do
   echo "== $f"; grep -E "^\||jax batch|check:|against the bounds|kernels in|encoder attention|Error" "$f" | cut -c1-700
 done
