@@ -15,18 +15,18 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from conversion.errors import ConversionError
-from conversion.placement import ReadAhead, read_refs, write_tensor
+from conversion.errors import ConversionError, ConversionRefused
+from conversion.placement import ReadAhead, read_refs, write_shard, write_tensor
 from conversion.plan import LayerTask, OutputTensor
 from conversion.t5x import Checkpoint
 from core import manifest as manifest_lib
 from core import scratch, storage
-from core.errors import first_line
+from core.errors import UserError, first_line
 from core.gcs_env import forwarded_env
 from core.manifest import DEFAULT_DIGEST, Digest, ManifestEntry
 
 if TYPE_CHECKING:
-    from conversion.run import ConvertOptions
+    from conversion.options import ConvertOptions
 
 
 def task_env() -> dict[str, Any] | None:
@@ -70,6 +70,8 @@ def convert_layer(ckpt: Checkpoint, task: LayerTask, out_dir: str,
     """
     _return_freed_memory()
     previous = previous or {}
+    if task.shard is not None:
+        return _convert_shard(ckpt, task, out_dir, previous, digest)
     entries: list[ManifestEntry] = []
     skipped = 0
     todo = []
@@ -90,22 +92,39 @@ def convert_layer(ckpt: Checkpoint, task: LayerTask, out_dir: str,
             "peak_rss": _peak_rss_bytes(), "pid": os.getpid()}
 
 
+def _convert_shard(ckpt: Checkpoint, task: LayerTask, out_dir: str,
+                   previous: dict[str, ManifestEntry], digest: Digest) -> dict[str, Any]:
+    """:func:`convert_layer` for a task written as one shard (Hugging Face safetensors)."""
+    shard = task.shard
+    assert shard is not None
+    url = storage.join(out_dir, shard.name)
+    entry = previous.get(shard.name)
+    dtype = task.tensors[0].weight_dtype
+    if previous and manifest_lib.entry_matches(entry, url, dtype=dtype, shape=(),
+                                               nbytes=shard.nbytes):
+        entries, skipped = [entry], 1
+    else:
+        with ReadAhead(ckpt, [ref for t in task.tensors for ref in read_refs(t)]) as reads:
+            entries, skipped = [write_shard(ckpt, task, out_dir, digest, reads)], 0
+    return {"group": task.group, "entries": entries, "skipped": skipped,
+            "peak_rss": _peak_rss_bytes(), "pid": os.getpid()}
+
+
 def verify_layer(task: LayerTask, out_dir: str,
                  manifest: dict[str, ManifestEntry]) -> dict[str, Any]:
     """Check every file of a layer against the manifest: size and digest (a local file is read
     once; a gs:// crc32c entry is compared with the object's metadata, nothing downloaded)."""
-    for tensor in task.tensors:
-        for spec in tensor.files:
-            url = storage.join(out_dir, spec.name)
-            entry = manifest.get(spec.name)
-            if entry is None:
-                raise ConversionError(f"verify: {spec.name} is not in the manifest")
-            problem = manifest_lib.file_mismatch(url, entry)
-            if problem is not None and problem[0] == "bytes":
-                raise ConversionError(f"verify: {url} holds {problem[1]} bytes, manifest says "
-                                      f"{entry.bytes}")
-            if problem is not None:
-                raise ConversionError(f"verify: {url} does not match its manifest {problem[0]}")
+    for name in task.file_names():
+        url = storage.join(out_dir, name)
+        entry = manifest.get(name)
+        if entry is None:
+            raise ConversionRefused(f"verify: {name} is not in the manifest")
+        problem = manifest_lib.file_mismatch(url, entry)
+        if problem is not None and problem[0] == "bytes":
+            raise ConversionRefused(f"verify: {url} holds {problem[1]} bytes, manifest says "
+                                    f"{entry.bytes}")
+        if problem is not None:
+            raise ConversionRefused(f"verify: {url} does not match its manifest {problem[0]}")
     return {"group": task.group, "files": len(task.file_names())}
 
 
@@ -117,7 +136,7 @@ def _cause(exc: BaseException) -> BaseException:
 
 
 class _Progress:
-    """A tqdm bar on a terminal, otherwise a plain line per finished task on stdout; and the
+    """A tqdm bar on a terminal, otherwise a plain line per finished task on stderr; and the
     Ray dashboard's view: ``t5ft_convert_tasks_done`` / ``t5ft_convert_tasks_total`` and
     ``t5ft_convert_bytes_done`` counters, tagged by model and step ("convert" or "verify")."""
 
@@ -160,7 +179,8 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(nbytes)
         elif self.enabled:
-            print(f"{self.label}: {group} done ({self.done}/{self.tasks})", flush=True)
+            print(f"{self.label}: {group} done ({self.done}/{self.tasks})", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         """Close the terminal bar, if any."""
@@ -203,8 +223,11 @@ def run_tasks(fn: Callable[..., dict[str, Any]], calls: list[tuple[LayerTask, tu
                     if pending:
                         ray.wait(list(pending), num_returns=len(pending), timeout=60)
                     cause = _cause(exc)
-                    raise ConversionError(
-                        f"{label} of {task.group} failed: {first_line(cause)}") from cause
+                    # A refusal inside a task (bad chunk, full disk, a file that does not
+                    # verify) stays one; anything else is a bug and keeps its traceback.
+                    error = ConversionRefused if isinstance(cause, (UserError, OSError)) \
+                        else ConversionError
+                    raise error(f"{label} of {task.group} failed: {first_line(cause)}") from cause
                 progress.update(task.group, task.bytes())
                 if on_result is not None:
                     on_result(results)

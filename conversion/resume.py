@@ -15,7 +15,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from conversion.errors import ConversionError
+from conversion.errors import ConversionRefused
 from conversion.execute import task_env
 from conversion.plan import ConversionPlan
 from conversion.t5x import Checkpoint
@@ -24,25 +24,28 @@ from core import manifest as manifest_lib
 from core.manifest import ManifestEntry
 
 if TYPE_CHECKING:
-    from conversion.run import ConvertOptions
+    from conversion.options import ConvertOptions
 
 
 def identity(ckpt: Checkpoint, plan: ConversionPlan) -> dict[str, Any]:
     """What makes two conversions the same model: compared before writing into DST."""
-    return {
+    out = {
         "source": ckpt.path,
         "step": ckpt.step,
         "config": dataclasses.asdict(plan.config),
         "tensor_parallel": plan.tensor_parallel,
         "weight_dtype": plan.weight_dtype,
     }
+    if plan.output_format != "ft":  # absent for FT, so manifests written before it still match
+        out["format"] = plan.output_format
+    return out
 
 
 def _read_manifest(url: str) -> tuple[dict, dict[str, ManifestEntry]] | None:
     try:
         return manifest_lib.read_manifest(url)
     except manifest_lib.ManifestError as exc:
-        raise ConversionError(str(exc)) from exc
+        raise ConversionRefused(str(exc)) from exc
 
 
 def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any],
@@ -58,26 +61,27 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
             storage.delete(storage.join(model_dir, name))
         return {}
     ours = manifest_url[len(model_dir.rstrip("/")) + 1:]
-    manifests = sorted(f for f in existing if f.startswith("1/") and
-                       f.endswith(f"/{ft_format.MANIFEST}") and f.count("/") == 2)
+    manifests = sorted(f for f in existing if f == ours or (
+        f.startswith("1/") and f.endswith(f"/{ft_format.MANIFEST}") and f.count("/") == 2))
     if not manifests:
-        raise ConversionError(
+        raise ConversionRefused(
             f"{model_dir} already holds files that are not this conversion (no manifest at "
             f"{manifest_url}); pass --overwrite to replace them")
     for name in [ours] if ours in manifests else manifests[:1]:
         model, entries = _read_manifest(storage.join(model_dir, name)) or ({}, {})
-        old = {k: model.get(k) for k in identity}
+        # A manifest without "format" is an FT conversion's (identity() writes it only for hf).
+        old = {k: model.get(k, "ft" if k == "format" else None) for k in identity}
         diff = [k for k in identity if _jsonable(old[k]) != _jsonable(identity[k])]
         if diff:
             k = diff[0]
-            raise ConversionError(
+            raise ConversionRefused(
                 f"{model_dir} already holds a different model ({k} {old[k]!r}, not "
                 f"{identity[k]!r}); pass --overwrite to replace it")
     weights_prefix = ours.rsplit("/", 1)[0] + "/"
     others = [f for f in existing if "/" in f and not f.startswith(weights_prefix)
               and f != "1/model.py"]
     if others:
-        raise ConversionError(f"{model_dir} also holds {others[0]}, not part of this "
+        raise ConversionRefused(f"{model_dir} also holds {others[0]}, not part of this "
                               "conversion; pass --overwrite to replace it")
     return entries if opts.resume else {}
 
@@ -126,9 +130,11 @@ def sweep_nodes(model_dir: str) -> scratch.Removed:
     return removed
 
 
-def unaccounted(out_dir: str, manifest: dict[str, ManifestEntry]) -> list[str]:
-    """Files in the weights folder that neither the manifest nor the FT format names."""
-    known = set(manifest) | {ft_format.CONFIG_INI, ft_format.MANIFEST}
+def unaccounted(out_dir: str, manifest: dict[str, ManifestEntry],
+                known_files: tuple[str, ...] = ()) -> list[str]:
+    """Files in the weights folder that neither the manifest nor the format (FT's, or
+    ``known_files``) names."""
+    known = set(manifest) | {ft_format.CONFIG_INI, ft_format.MANIFEST, *known_files}
     return [name for name in storage.list_files(out_dir) if name not in known]
 
 

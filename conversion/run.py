@@ -21,24 +21,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conversion import resume
-from conversion.arch import ArchError, T5Arch, infer_arch
-from conversion.errors import ConversionError
+from conversion import hf_files, resume
+from conversion.arch import T5Arch, infer_arch
+from conversion.errors import ConversionError, ConversionRefused
 from conversion.execute import convert_layer, run_tasks, verify_layer
 from conversion.gin_config import GinConfig, GinError, read_gin
+from conversion.hf_plan import make_hf_plan
 from conversion.options import ConvertOptions
-from conversion.plan import ConversionPlan, PlanError, make_plan
-from conversion.t5x import Checkpoint, CheckpointError, open_checkpoint
-from core import ft_format, repository, scratch, storage
+from conversion.plan import ConversionPlan, make_plan
+from conversion.t5x import Checkpoint, open_checkpoint
+from core import ft_format, hf_format, repository, scratch, storage
 from core.manifest import ManifestEntry, manifest_json, parse_manifest, write_manifest
 
-__all__ = ["USER_ERRORS", "ConversionError", "ConvertOptions", "choose_vocab", "convert",
+__all__ = ["ConversionError", "ConversionRefused", "ConvertOptions", "Converted", "choose_vocab",
+           "convert",
            "convert_layer", "find_gin", "prepare", "verify_layer"]
-
-# Errors caused by the input or the options: entry points report them as one line, exit 2.
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, ArchError, PlanError,
-                                            ConversionError)
-
 
 def find_gin(ckpt_path: str) -> str | None:
     """config.gin beside the checkpoint, or in one of the two folders above it (t5x writes it in
@@ -64,14 +61,17 @@ def prepare(opts: ConvertOptions
     gin = None
     if gin_url:
         if not storage.exists(gin_url):
-            raise ConversionError(f"gin file {gin_url} does not exist")
+            raise ConversionRefused(f"gin file {gin_url} does not exist")
         try:
             gin = read_gin(storage.read_text(gin_url), gin_url)
         except GinError as exc:
-            raise ConversionError(f"gin file {exc}") from None
+            raise ConversionRefused(f"gin file {exc}") from None
     shapes = {name: p.shape for name, p in ckpt.params.items()}
     arch = infer_arch(shapes, gin.t5_values() if gin else None, opts.activation,
                       opts.param_scan_axis)
+    if opts.format == "hf":
+        plan = make_hf_plan(ckpt.params, arch, opts.weight_dtype)
+        return ckpt, arch, plan, gin
     # The JAX engine serves per-layer relative-position tables exactly; FT holds one per stack.
     plan = make_plan(ckpt.params, arch, opts.tensor_parallel, opts.weight_dtype,
                      layer_tables=opts.engine == "jax")
@@ -105,7 +105,9 @@ def choose_vocab(flag: str | None, gin: GinConfig | None
 
 @dataclasses.dataclass(frozen=True)
 class _Paths:
-    """Where one conversion writes: ``<dst>/<name>/{config.pbtxt,1/<T>-gpu/manifest.json}``."""
+    """Where one conversion writes: ``<dst>/<name>/{config.pbtxt,1/<T>-gpu/manifest.json}``;
+    for --format hf ``<dst>/<name>/{config.json,manifest.json,*.safetensors,...}``. The config
+    file is written last: until it is there, nothing loads a half-written folder."""
 
     model_dir: str
     out_dir: str
@@ -114,20 +116,24 @@ class _Paths:
 
     @classmethod
     def of(cls, opts: ConvertOptions, tensor_parallel: int) -> _Paths:
-        model_dir = storage.join(opts.dst, opts.model_name)
-        out_dir = storage.join(model_dir, "1", ft_format.weights_dir_name(tensor_parallel))
-        return cls(model_dir, out_dir, storage.join(out_dir, ft_format.MANIFEST),
-                   storage.join(model_dir, "config.pbtxt"))
+        if opts.format == "hf":
+            model_dir = repository.model_dir(opts.dst, opts.model_name)
+            return cls(model_dir, model_dir, storage.join(model_dir, hf_format.MANIFEST),
+                       storage.join(model_dir, hf_format.CONFIG))
+        out_dir = repository.weights_url(opts.dst, opts.model_name, tensor_parallel)
+        return cls(repository.model_dir(opts.dst, opts.model_name), out_dir,
+                   storage.join(out_dir, ft_format.MANIFEST),
+                   repository.config_url(opts.dst, opts.model_name))
 
 
 def _check_options(opts: ConvertOptions) -> None:
     """Refuse (one line) options that no checkpoint could make right."""
-    if opts.engine not in repository.ENGINES:
-        raise ConversionError(f"engine {opts.engine!r} is not one of {repository.ENGINES}")
-    if opts.pipeline_parallel < 1:
-        raise ConversionError(f"pipeline-parallel size must be >= 1, got {opts.pipeline_parallel}")
+    # engine (a Literal), pipeline_parallel and resume/overwrite: ConvertOptions checks them.
+    if opts.format == "hf" and opts.tensor_parallel != 1:
+        raise ConversionRefused("--tensor-parallel does not apply to --format hf (a Hugging Face "
+                                "checkpoint holds whole tensors; engines split them at load)")
     if opts.vocab and not storage.exists(opts.vocab):
-        raise ConversionError(f"vocabulary {opts.vocab} does not exist")
+        raise ConversionRefused(f"vocabulary {opts.vocab} does not exist")
 
 
 def _check_tables(ckpt: Checkpoint, plan: ConversionPlan) -> None:
@@ -137,7 +143,7 @@ def _check_tables(ckpt: Checkpoint, plan: ConversionPlan) -> None:
 
     for task in plan.tasks:
         for tensor in task.tensors:
-            if tensor.transform == "copy_identical":
+            if tensor.transform in ("copy_identical", "transpose_identical"):
                 check_identical(ckpt, tensor)
 
 
@@ -187,7 +193,7 @@ def _convert_layers(opts: ConvertOptions, ckpt: Checkpoint, plan: ConversionPlan
     except ConversionError:
         resume.sweep_here(paths.model_dir)  # what tasks killed by the failure left
         raise
-    expected = {f.name for f in plan.files()}
+    expected = plan.file_names()
     got = {e.name for r in results for e in r["entries"]}
     if got != expected:  # a plan/executor mismatch must never pass silently
         missing = sorted(expected - got)[:3]
@@ -198,14 +204,18 @@ def _convert_layers(opts: ConvertOptions, ckpt: Checkpoint, plan: ConversionPlan
 
 def _write_model_files(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
                        vocab: str | None) -> None:
-    """config.ini, the vocabulary and (JAX engine) the Triton Python model."""
+    """config.ini, the vocabulary and (JAX engine) the Triton Python model; for --format hf
+    the shard index, generation_config.json and the tokenizer files."""
+    if plan.output_format == "hf":
+        hf_files.write_model_files(plan, paths.out_dir, vocab)
+        return
     storage.write_text(storage.join(paths.out_dir, ft_format.CONFIG_INI),
                        ft_format.config_ini(plan.config, plan.weight_dtype, plan.tensor_parallel))
     if vocab:
-        storage.write_bytes(storage.join(paths.model_dir, "spiece.model"),
+        storage.write_bytes(repository.vocab_url(opts.dst, opts.model_name),
                             storage.read_bytes(vocab))
     if opts.engine == "jax":
-        storage.write_text(storage.join(paths.model_dir, "1", "model.py"),
+        storage.write_text(storage.join(paths.model_dir, repository.VERSION, "model.py"),
                            repository.JAX_MODEL_PY)
 
 
@@ -217,7 +227,8 @@ def _verify(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
               opts, "verify")
     # Reported, not fatal: every file the model needs checked out, and Triton loads files
     # by name, so an extra one changes nothing served; the user decides what it is.
-    unaccounted = resume.unaccounted(paths.out_dir, by_name)
+    known = hf_files.known_files() if plan.output_format == "hf" else ()
+    unaccounted = resume.unaccounted(paths.out_dir, by_name, known)
     if unaccounted:
         print(f"convert: verify: {len(unaccounted)} file(s) in {paths.out_dir} that neither the "
               f"manifest nor the FT format accounts for: {', '.join(unaccounted[:5])}",
@@ -225,8 +236,20 @@ def _verify(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
     return unaccounted
 
 
-def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary.
+class Converted(dict):
+    """What :func:`convert` returns: the JSON summary (a dict, as printed) and ``model``, the
+    converted model's handle (core.repository.ConvertedModel) that serve and evaluate take;
+    None for ``--format hf``, which writes no Triton repository."""
+
+    def __init__(self, summary: dict[str, Any],
+                 model: repository.ConvertedModel | None) -> None:
+        super().__init__(summary)
+        self.model = model
+
+
+def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> Converted:
+    """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary
+    with the converted model's handle (:class:`Converted`).
 
     ``connect`` starts or joins Ray (``ray_jobs._cli.init_ray``); it is called only once the
     checkpoint, the plan and the destination have been checked, so bad input fails fast.
@@ -248,20 +271,28 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     manifest_text = manifest_json({**header, "complete": True}, entries)
     storage.write_text(paths.manifest_url, manifest_text)
     unaccounted = _verify(opts, plan, paths, manifest_text) if opts.verify else None
-    config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
-                                     opts.pipeline_parallel, opts.inference_dtype)
-    storage.write_text(paths.config_url, repository.to_pbtxt(config))
+    model = None
+    if plan.output_format == "hf":
+        storage.write_text(paths.config_url, hf_format.config_json(plan.config,
+                                                                   plan.weight_dtype))
+    else:
+        config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
+                                         opts.pipeline_parallel, opts.inference_dtype)
+        storage.write_text(paths.config_url, repository.to_pbtxt(config))
+        model = repository.ConvertedModel(opts.dst, opts.model_name, config)
     vocab_info = {"gin": header["gin"], "gin_warnings": gin_warnings, "vocab": vocab,
                   "vocab_source": vocab_source}
-    return _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
-                    {"verified": opts.verify, "unaccounted": unaccounted,
-                     "scratch_removed": removed.as_dict()}, time.monotonic() - t0)
+    summary = _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
+                       {"verified": opts.verify, "unaccounted": unaccounted,
+                        "scratch_removed": removed.as_dict()}, time.monotonic() - t0)
+    return Converted(summary, model)
 
 
 def _summary(opts: ConvertOptions, ckpt: Checkpoint, arch: T5Arch, plan: ConversionPlan,
              paths: _Paths, results: list[dict[str, Any]], vocab_info: dict[str, Any],
              checks: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """The JSON summary ``ray_jobs.convert`` prints (docs/interfaces.md: keys and order)."""
+    """The JSON summary ``ray_jobs.convert`` prints (docs/interfaces.md: its keys; --json
+    prints them sorted)."""
     entries = [e for r in results for e in r["entries"]]
     return {
         "output": paths.out_dir,
@@ -275,6 +306,7 @@ def _summary(opts: ConvertOptions, ckpt: Checkpoint, arch: T5Arch, plan: Convers
         "layout": ckpt.layout,
         "layout_detail": ckpt.detail,
         "step": ckpt.step,
+        "format": plan.output_format,
         "engine": opts.engine,
         "tensor_parallel": plan.tensor_parallel,
         "pipeline_parallel": opts.pipeline_parallel,

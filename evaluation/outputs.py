@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core import scratch, storage
+from core.errors import UserError
 
 PREDICTIONS = "predictions.jsonl"
 ERRORS = "errors.jsonl"
@@ -31,7 +32,7 @@ METRICS = "metrics.json"
 REPORT = "report.html"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """The existing predictions do not belong to this evaluation."""
 
 

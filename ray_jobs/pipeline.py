@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"demo config: {exc}") from exc
         name = "demo"
     else:
-        try:
-            cfg = pconfig.load(args.config, args.output)
-        except pconfig.ConfigError as exc:
-            raise UserError(str(exc)) from exc
+        cfg = pconfig.load(args.config, args.output)  # a ConfigError is a UserError
         name = os.path.splitext(os.path.basename(args.config))[0]
 
     address = _start_ray(args.address)
