@@ -242,7 +242,7 @@ def test_fused_paths_tensor_parallel_over_two_devices_match_reference(tmp_path,
     import subprocess
     import sys
 
-    from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
+    from testing.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 
     folder = write_ft_folder(tmp_path, UL2_TINY, 1, random_ft_weights(UL2_TINY, seed=3))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
