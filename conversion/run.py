@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conversion import resume
+from conversion import resume, source_id
 from conversion.arch import ArchError, T5Arch, infer_arch
 from conversion.errors import ConversionError
 from conversion.execute import convert_layer, run_tasks, verify_layer
@@ -161,6 +161,28 @@ def _clear_destination(opts: ConvertOptions, paths: _Paths, identity: dict[str, 
     return removed, previous
 
 
+def _drop_changed(paths: _Paths, plan: ConversionPlan, source: source_id.SourceState,
+                  previous: dict[str, ManifestEntry]
+                  ) -> tuple[dict[str, ManifestEntry], list[str]]:
+    """The resumable entries less those of layers whose source content changed since they were
+    written (the manifest's ``source_files``), and those layers' groups."""
+    if not previous:
+        return previous, []
+    header, _ = parse_manifest(storage.read_text(paths.manifest_url))
+    recorded = header.get("source_files")
+    groups, changed = source_id.changed_tasks(
+        plan, source, recorded if isinstance(recorded, dict) else None)
+    if not groups:
+        return previous, []
+    why = ("its manifest records no source fingerprints" if not isinstance(recorded, dict)
+           else f"the source changed since it was written: {source_id.describe_change(changed)}")
+    print(f"convert: --resume: {why}; redoing {len(groups)} of {len(plan.tasks)} layer "
+          f"task(s) ({', '.join(groups[:4])}{', ...' if len(groups) > 4 else ''})",
+          file=sys.stderr, flush=True)
+    stale = {name for t in plan.tasks if t.group in groups for name in t.file_names()}
+    return {k: v for k, v in previous.items() if k not in stale}, groups
+
+
 def _convert_layers(opts: ConvertOptions, ckpt: Checkpoint, plan: ConversionPlan,
                     paths: _Paths, header: dict[str, Any],
                     previous: dict[str, ManifestEntry]) -> list[dict[str, Any]]:
@@ -238,10 +260,13 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     vocab, vocab_source, gin_warnings = choose_vocab(opts.vocab, gin)
     paths = _Paths.of(opts, plan.tensor_parallel)
     identity = resume.identity(ckpt, plan)
+    source = source_id.read_state(ckpt)  # before anything is written: no missing chunk
     _check_tables(ckpt, plan)
     removed, previous = _clear_destination(opts, paths, identity, connect)
+    previous, redone = _drop_changed(paths, plan, source, previous)
     header = {**identity, "layout": ckpt.layout, "engine": opts.engine,
-              "arch_sources": arch.sources, "gin": gin.url if gin else None}
+              "arch_sources": arch.sources, "gin": gin.url if gin else None,
+              "source_files": source.fingerprints}
     results = _convert_layers(opts, ckpt, plan, paths, header, previous)
     entries = [e for r in results for e in r["entries"]]
     _write_model_files(opts, plan, paths, vocab)
@@ -255,7 +280,8 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
                   "vocab_source": vocab_source}
     return _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
                     {"verified": opts.verify, "unaccounted": unaccounted,
-                     "scratch_removed": removed.as_dict()}, time.monotonic() - t0)
+                     "scratch_removed": removed.as_dict(), "redone_source_changed": redone,
+                     "chunks_read_as_fill": source.fill_chunks}, time.monotonic() - t0)
 
 
 def _summary(opts: ConvertOptions, ckpt: Checkpoint, arch: T5Arch, plan: ConversionPlan,
