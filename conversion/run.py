@@ -15,10 +15,13 @@ Any task error stops the run with the error's first line; the manifest then stil
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from conversion import resume, source_id
@@ -113,21 +116,80 @@ class _Paths:
     config_url: str
 
     @classmethod
-    def of(cls, opts: ConvertOptions, tensor_parallel: int) -> _Paths:
-        model_dir = storage.join(opts.dst, opts.model_name)
+    def of(cls, opts: ConvertOptions, tensor_parallel: int, model_dir: str | None = None
+           ) -> _Paths:
+        model_dir = model_dir or storage.join(opts.dst, opts.model_name)
         out_dir = storage.join(model_dir, "1", ft_format.weights_dir_name(tensor_parallel))
         return cls(model_dir, out_dir, storage.join(out_dir, ft_format.MANIFEST),
                    storage.join(model_dir, "config.pbtxt"))
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a model name that is not one folder name: every delete of a conversion is
+    confined to DST/<name>, which ``..``, ``""`` or a ``/`` would make DST, its parent or
+    somewhere else."""
+    bad = (not name or name in (".", "..") or any(c in name for c in "/\\\0")
+           or name != name.strip() or any(ord(c) < 32 for c in name))
+    if bad:
+        raise ConversionError(f"model name {name!r} is not one folder name (no '/', '\\', "
+                              "'..', '.', control characters, surrounding spaces or empty): it "
+                              "names the folder DST/<model> that is written and replaced")
+
+
 def _check_options(opts: ConvertOptions) -> None:
     """Refuse (one line) options that no checkpoint could make right."""
+    check_model_name(opts.model_name)
     if opts.engine not in repository.ENGINES:
         raise ConversionError(f"engine {opts.engine!r} is not one of {repository.ENGINES}")
     if opts.pipeline_parallel < 1:
         raise ConversionError(f"pipeline-parallel size must be >= 1, got {opts.pipeline_parallel}")
     if opts.vocab and not storage.exists(opts.vocab):
         raise ConversionError(f"vocabulary {opts.vocab} does not exist")
+    if opts.vocab:
+        _check_vocab(opts.vocab)
+
+
+# A SentencePiece model is a serialized ModelProto; its first field (pieces, field 1, length
+# delimited) starts with this tag byte. Any other file copied as spiece.model would only fail
+# when evaluation loads it.
+def _check_vocab(url: str) -> None:
+    """Refuse a --vocab that sentencepiece cannot load, naming it (before anything is written)."""
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=storage.read_bytes(url))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise ConversionError(f"vocabulary {url} is not a SentencePiece model "
+                              f"(sentencepiece: {str(exc).splitlines()[0] if str(exc) else exc})"
+                              ) from None
+
+
+def _within(inner: str, outer: str) -> bool:
+    """Whether path/URL ``inner`` is ``outer`` or lies inside it (local paths resolved)."""
+    if storage.is_gcs(inner) != storage.is_gcs(outer):
+        return False
+    if not storage.is_gcs(inner):
+        inner, outer = os.path.realpath(inner), os.path.realpath(outer)
+    inner, outer = inner.rstrip("/") + "/", outer.rstrip("/") + "/"
+    return inner.startswith(outer)
+
+
+def _check_overlap(ckpt: Checkpoint, paths: _Paths) -> None:
+    """Refuse a destination model folder that holds, or is inside, the checkpoint it reads
+    (replacing it would delete the source before the conversion failed)."""
+    if _within(ckpt.path, paths.model_dir) or _within(paths.model_dir, ckpt.path):
+        raise ConversionError(f"the model folder {paths.model_dir} overlaps the checkpoint "
+                              f"{ckpt.path} it converts: choose another --dst or --model-name")
+
+
+def _check_pipeline(opts: ConvertOptions, arch: T5Arch) -> None:
+    """Refuse a pipeline-parallel size FT cannot split the layers into."""
+    cfg = arch.config
+    for side, layers in (("encoder", cfg.num_encoder_layers),
+                         ("decoder", cfg.num_decoder_layers)):
+        if layers % opts.pipeline_parallel:
+            raise ConversionError(f"pipeline-parallel size {opts.pipeline_parallel} does not "
+                                  f"divide the {layers} {side} layers")
 
 
 def _check_tables(ckpt: Checkpoint, plan: ConversionPlan) -> None:
@@ -247,6 +309,45 @@ def _verify(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
     return unaccounted
 
 
+def _aside(opts: ConvertOptions, plan: ConversionPlan, final: _Paths,
+           identity: dict[str, Any]) -> _Paths:
+    """Where this run writes: FINAL, or, when it replaces a local model folder that holds
+    files (--overwrite, or a rerun without --resume), a folder beside it that is swapped in
+    once complete, so a failed run leaves the repository it found as it was.
+
+    gs:// has no folder rename: there a replaced folder is emptied first (after every check).
+    """
+    if opts.resume or storage.is_gcs(final.model_dir) or not storage.is_dir(final.model_dir):
+        return final
+    if not [f for f in storage.list_files(final.model_dir) if not scratch.is_scratch(f)]:
+        return final
+    if not opts.overwrite:  # refuses a different model, deletes nothing (no --overwrite)
+        resume.check_destination(final.model_dir, final.manifest_url, identity, opts)
+    staging = storage.join(opts.dst, f".{opts.model_name}.t5ft-new")
+    storage.delete_tree(staging)  # a failed earlier run's: ours by its name
+    return _Paths.of(opts, plan.tensor_parallel, staging)
+
+
+@contextlib.contextmanager
+def _discarded_on_failure(paths: _Paths, final: _Paths) -> Iterator[None]:
+    """A write-aside folder that will not be swapped in is deleted (the original stays)."""
+    try:
+        yield
+    except BaseException:
+        if paths != final:
+            storage.delete_tree(paths.model_dir)
+        raise
+
+
+def _swap(staging: str, model_dir: str) -> None:
+    """Put the complete STAGING folder in MODEL_DIR's place (two renames, then delete the old)."""
+    old = f"{staging.removesuffix('.t5ft-new')}.t5ft-old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(model_dir, old)
+    os.rename(staging, model_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> dict[str, Any]:
     """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary.
 
@@ -257,25 +358,32 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     t0 = time.monotonic()
     _check_options(opts)
     ckpt, arch, plan, gin = prepare(opts)
+    _check_pipeline(opts, arch)
     vocab, vocab_source, gin_warnings = choose_vocab(opts.vocab, gin)
-    paths = _Paths.of(opts, plan.tensor_parallel)
+    final = _Paths.of(opts, plan.tensor_parallel)
+    _check_overlap(ckpt, final)
     identity = resume.identity(ckpt, plan)
     source = source_id.read_state(ckpt)  # before anything is written: no missing chunk
     _check_tables(ckpt, plan)
-    removed, previous = _clear_destination(opts, paths, identity, connect)
-    previous, redone = _drop_changed(paths, plan, source, previous)
-    header = {**identity, "layout": ckpt.layout, "engine": opts.engine,
-              "arch_sources": arch.sources, "gin": gin.url if gin else None,
-              "source_files": source.fingerprints}
-    results = _convert_layers(opts, ckpt, plan, paths, header, previous)
-    entries = [e for r in results for e in r["entries"]]
-    _write_model_files(opts, plan, paths, vocab)
-    manifest_text = manifest_json({**header, "complete": True}, entries)
-    storage.write_text(paths.manifest_url, manifest_text)
-    unaccounted = _verify(opts, plan, paths, manifest_text) if opts.verify else None
-    config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
-                                     opts.pipeline_parallel, opts.inference_dtype)
-    storage.write_text(paths.config_url, repository.to_pbtxt(config))
+    paths = _aside(opts, plan, final, identity)
+    with _discarded_on_failure(paths, final):
+        removed, previous = _clear_destination(opts, paths, identity, connect)
+        previous, redone = _drop_changed(paths, plan, source, previous)
+        header = {**identity, "layout": ckpt.layout, "engine": opts.engine,
+                  "arch_sources": arch.sources, "gin": gin.url if gin else None,
+                  "source_files": source.fingerprints}
+        results = _convert_layers(opts, ckpt, plan, paths, header, previous)
+        entries = [e for r in results for e in r["entries"]]
+        _write_model_files(opts, plan, paths, vocab)
+        manifest_text = manifest_json({**header, "complete": True}, entries)
+        storage.write_text(paths.manifest_url, manifest_text)
+        unaccounted = _verify(opts, plan, paths, manifest_text) if opts.verify else None
+        config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
+                                         opts.pipeline_parallel, opts.inference_dtype)
+        storage.write_text(paths.config_url, repository.to_pbtxt(config))
+    if paths != final:
+        _swap(paths.model_dir, final.model_dir)
+        paths = final
     vocab_info = {"gin": header["gin"], "gin_warnings": gin_warnings, "vocab": vocab,
                   "vocab_source": vocab_source}
     return _summary(opts, ckpt, arch, plan, paths, results, vocab_info,

@@ -21,7 +21,7 @@ from typing import Any
 
 from core import ft_format, storage
 from core.errors import UserError, first_line
-from core.manifest import verify_repository
+from core.manifest import parse_manifest, verify_repository
 from core.options import StageOptions
 from pipeline import config
 
@@ -104,12 +104,24 @@ def weights_dir(convert: dict[str, Any]) -> str:
 
 
 def verify_conversion(convert: dict[str, Any]) -> str | None:
-    """None when a convert section's model is complete and intact, else what is wrong."""
-    return verify_repository(
+    """None when a convert section's model is complete and intact and was converted from the
+    source's present content (not only its path), else what is wrong."""
+    problem = verify_repository(
         convert["dst"], convert.get("model_name") or "t5",
         tensor_parallel=int(convert.get("tensor_parallel") or 1),
         weight_dtype=convert.get("weight_dtype") or "fp32",
         need_vocab=bool(convert.get("vocab")))
+    if problem is not None:
+        return problem
+    from conversion.source_id import same_source
+    from conversion.t5x import CheckpointError
+
+    try:
+        header, _ = parse_manifest(storage.read_text(storage.join(weights_dir(convert),
+                                                                  ft_format.MANIFEST)))
+        return same_source(header, convert["src"])
+    except (OSError, ValueError, CheckpointError) as exc:  # the convert stage will say it
+        return first_line(exc)
 
 
 def read_metrics(output: str) -> dict[str, Any] | None:
