@@ -27,7 +27,7 @@ from typing import Any
 from conversion import resume, source_id
 from conversion.arch import ArchError, T5Arch, infer_arch
 from conversion.errors import ConversionError
-from conversion.execute import convert_layer, run_tasks, verify_layer
+from conversion.execute import check_fits, convert_layer, run_tasks, verify_layer
 from conversion.gin_config import GinConfig, GinError, read_gin
 from conversion.options import ConvertOptions
 from conversion.plan import ConversionPlan, PlanError, make_plan
@@ -216,6 +216,7 @@ def _clear_destination(opts: ConvertOptions, paths: _Paths, identity: dict[str, 
     previous = resume.check_destination(paths.model_dir, paths.manifest_url, identity, opts)
     if connect is not None:
         connect()
+    check_fits(opts)  # before anything is written
     removed.add(resume.sweep_nodes(paths.model_dir))
     if removed.files:
         print(f"convert: removed {removed.files} scratch file(s) ({removed.bytes} bytes) left by "

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from core import reach
 from core.errors import UserError, first_line
 from core.options import StageOptions, flag_specs
 
@@ -31,8 +32,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=None,
-        help="Ray cluster address (ray://, http://HEAD:8265's GCS, or 'auto'); "
-        "default: RAY_ADDRESS, else a new local Ray",
+        help="Ray cluster to join: HOST:6379 (the head's GCS), ray://HOST:10001 (Ray "
+        "Client) or 'auto' (the cluster `ray start` runs on this machine); default: "
+        "RAY_ADDRESS, else a new local Ray",
     )
     parser.add_argument(
         "--json", action="store_true", help="print a JSON summary as the last stdout line"
@@ -153,6 +155,23 @@ def _stderr_to(file) -> Iterator[None]:
         os.close(saved)
 
 
+def _check_address(address: str) -> None:
+    """Refuse, in one line and within seconds, an address no Ray head can be joined at
+    (ray.init retries an unreachable GCS for minutes without a word)."""
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"--address {address} is a URL (the dashboard's, for `ray job submit`);"
+                        " join the head's GCS, HOST:6379, or ray://HOST:10001")
+    client = address.startswith("ray://")
+    try:
+        host, port = reach.host_port(address, 10001 if client else 6379)
+    except ValueError as exc:
+        raise UserError(f"--address: {exc}") from None
+    reach.require("the Ray head at", address, host, port,
+                  "is the cluster up, and is this its GCS (HOST:6379) or ray://HOST:10001?")
+
+
 def _join(address: str, **kwargs) -> None:
     """ray.init(address=ADDRESS); a head that refuses us for want of a token is one line.
 
@@ -162,6 +181,7 @@ def _join(address: str, **kwargs) -> None:
     import ray
     from ray.exceptions import AuthenticationError
 
+    _check_address(address)
     sending = _send_token_if_found()
     with tempfile.TemporaryFile() as log:
         try:
