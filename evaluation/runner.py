@@ -311,6 +311,16 @@ def _render(s: EvalSettings, inputs: _Inputs, run: _Run, out: OutputDir,
     out.write_file(REPORT, html)
 
 
+# What a prediction depends on besides the model: a resume must use the same values.
+_RECORDED = ("model_name", "dataset", "split", "document_field", "summary_field",
+             "input_template", "max_input_len", "max_output_len", "beam_width", "top_k",
+             "random_seed")
+
+
+def _recorded_settings(s: EvalSettings) -> dict[str, Any]:
+    return {key: getattr(s, key) for key in _RECORDED}
+
+
 def evaluate(
     settings: EvalSettings,
     log: Log | None = None,
@@ -332,7 +342,7 @@ def evaluate(
     t_start = time.perf_counter()
     s = settings
     inputs = _load(s, log)
-    out = OutputDir(s.output, resume=s.resume)
+    out = OutputDir(s.output, resume=s.resume, settings=_recorded_settings(s))
     try:
         run = _resume(inputs, out, log)
         _stream(s, inputs, run, out, init_ray)

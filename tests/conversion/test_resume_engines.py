@@ -104,7 +104,7 @@ def test_jax_engine_config_and_vocab(ray_local, t5x_checkpoint, tmp_path, xsum_s
     src, _ = t5x_checkpoint("ul2", "ocdbt", "bfloat16")
     # A real SentencePiece model: --vocab refuses a file sentencepiece cannot load.
     texts = [line for line in xsum_sample.read_text().splitlines() if line.strip()]
-    vocab = train_sentencepiece(texts, tmp_path / "spiece.model", 64)
+    vocab = train_sentencepiece(texts, tmp_path / "spiece.model", 128)
     summary = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "repo"), model_name="ul2",
                                      tensor_parallel=2, engine="jax", vocab=str(vocab),
                                      weight_dtype="bf16", progress=False))
