@@ -41,11 +41,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit 2), as every other refusal is:
+    the usage block it would print first is what --help is for."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def stage_parser(name: str, description: str, model: type[StageOptions] | None = None,
                  add_own: Callable[[argparse.ArgumentParser], None] | None = None,
                  ) -> argparse.ArgumentParser:
     """``python -m ray_jobs.NAME``'s parser: MODEL's flags, ADD_OWN's, then --address/--json."""
-    p = argparse.ArgumentParser(prog=f"python -m ray_jobs.{name}", description=description)
+    p = OneLineParser(prog=f"python -m ray_jobs.{name}", description=description)
     if model is not None:
         add_options(p, model)
     if add_own is not None:

@@ -103,6 +103,43 @@ class _Local(ServersBase):
         self.servers.stop()
 
 
+def _check_host(host: str) -> None:
+    """Refuse a --host that is neither an IP address nor a name that resolves (tritonserver
+    would die on it with a page of C++ stack)."""
+    import ipaddress
+    import socket
+
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ServeError(f"--host {host!r} is not an IP address nor a host name that resolves "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _check_local_config(path: Path) -> None:
+    """Refuse a config.pbtxt Triton cannot parse, or whose backend the local tritonserver
+    lacks (it has the Python backend only), naming the file and what is wrong."""
+    from google.protobuf import text_format
+
+    from core.repository import parse_pbtxt
+
+    try:
+        config = parse_pbtxt(path.read_text(encoding="utf-8"))
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise ServeError(f"{path} is not a Triton model config: {str(exc).splitlines()[0]}"
+                         ) from None
+    if config.backend and config.backend != "python":
+        raise ServeError(f"{path} is for the {config.backend!r} backend, which the local "
+                         "tritonserver (CPU, Python backend only) does not have: convert with "
+                         "--engine jax to serve here, or use --backend kubernetes with "
+                         "Triton's FasterTransformer image")
+
+
 def open_servers(opts: ServeOptions) -> Servers:
     """The servers ``opts`` asks for, not started yet (call ``start`` or use ``with``).
 
@@ -120,6 +157,9 @@ def open_servers(opts: ServeOptions) -> Servers:
     if not repo.startswith("gs://") and \
             not (Path(repo) / opts.model_name / "config.pbtxt").is_file():
         raise ServeError(f"{repo}/{opts.model_name}/config.pbtxt not found")
+    _check_host(opts.host)
+    if not repo.startswith("gs://"):
+        _check_local_config(Path(repo) / opts.model_name / "config.pbtxt")
     try:
         # gs://: checked here, downloaded by each server's actor on its own node.
         return _Local(LocalServers(
