@@ -70,9 +70,14 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
         diff = [k for k in identity if _jsonable(old[k]) != _jsonable(identity[k])]
         if diff:
             k = diff[0]
+            was, now = _jsonable(old[k]), _jsonable(identity[k])
+            if isinstance(was, dict) and isinstance(now, dict):  # name the fields that differ
+                sub = [f for f in sorted({*was, *now}) if was.get(f) != now.get(f)]
+                k = f"{k}.{sub[0]}" if sub else k
+                was, now = (was.get(sub[0]), now.get(sub[0])) if sub else (was, now)
             raise ConversionError(
-                f"{model_dir} already holds a different model ({k} {old[k]!r}, not "
-                f"{identity[k]!r}); pass --overwrite to replace it")
+                f"{model_dir} already holds a different model ({k} {was!r}, not "
+                f"{now!r}); pass --overwrite to replace it")
     weights_prefix = ours.rsplit("/", 1)[0] + "/"
     others = [f for f in existing if "/" in f and not f.startswith(weights_prefix)
               and f != "1/model.py"]

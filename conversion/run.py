@@ -139,6 +139,12 @@ def check_model_name(name: str) -> None:
 def _check_options(opts: ConvertOptions) -> None:
     """Refuse (one line) options that no checkpoint could make right."""
     check_model_name(opts.model_name)
+    if not storage.is_gcs(opts.dst) and os.path.exists(opts.dst) and \
+            not os.path.isdir(opts.dst):
+        raise ConversionError(f"--dst {opts.dst} is a file, not a folder")
+    for flag, value in (("--task-cpus", opts.task_cpus), ("--task-gpus", opts.task_gpus)):
+        if value < 0:
+            raise ConversionError(f"{flag} must be >= 0, got {value:g}")
     if opts.engine not in repository.ENGINES:
         raise ConversionError(f"engine {opts.engine!r} is not one of {repository.ENGINES}")
     if opts.pipeline_parallel < 1:

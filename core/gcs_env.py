@@ -99,7 +99,16 @@ def _client(key: tuple[int, str | None]):
         reach.require("STORAGE_EMULATOR_HOST", key[1], host, port)
 
         return storage.Client(project=EMULATOR_PROJECT, credentials=AnonymousCredentials())
-    return storage.Client()
+    from google.auth.exceptions import DefaultCredentialsError
+
+    from core.errors import UserError
+
+    try:
+        return storage.Client()
+    except DefaultCredentialsError:
+        raise UserError("gs:// needs Google Cloud credentials and none were found: run `gcloud "
+                        "auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+                        ) from None
 
 
 def storage_client():
