@@ -54,9 +54,7 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
     if not existing:
         return {}
     if opts.overwrite:
-        for name in existing:
-            storage.delete(storage.join(model_dir, name))
-        return {}
+        return {}  # emptied by clear() once every check has passed
     ours = manifest_url[len(model_dir.rstrip("/")) + 1:]
     manifests = sorted(f for f in existing if f.startswith("1/") and
                        f.endswith(f"/{ft_format.MANIFEST}") and f.count("/") == 2)
@@ -85,6 +83,16 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
         raise ConversionError(f"{model_dir} also holds {others[0]}, not part of this "
                               "conversion; pass --overwrite to replace it")
     return entries if opts.resume else {}
+
+
+def clear(model_dir: str) -> None:
+    """Delete what --overwrite replaces: the files in MODEL_DIR (a live writer's scratch
+    stays), nothing outside it."""
+    if not storage.is_dir(model_dir):
+        return
+    for name in storage.list_files(model_dir):
+        if not scratch.is_scratch(name):
+            storage.delete(storage.join(model_dir, name))
 
 
 def sweep_here(model_dir: str) -> scratch.Removed:

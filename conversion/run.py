@@ -223,6 +223,8 @@ def _clear_destination(opts: ConvertOptions, paths: _Paths, identity: dict[str, 
     if connect is not None:
         connect()
     check_fits(opts)  # before anything is written
+    if opts.overwrite:
+        resume.clear(paths.model_dir)
     removed.add(resume.sweep_nodes(paths.model_dir))
     if removed.files:
         print(f"convert: removed {removed.files} scratch file(s) ({removed.bytes} bytes) left by "

@@ -153,8 +153,8 @@ class OutputDir:
           ResumeError: a line's reference differs from the dataset's (another dataset or
             another --summary-field), which would silently mix two evaluations.
         """
-        if not self._pred_path.exists():
-            return {}
+        if not self.resume or not self._pred_path.exists():
+            return {}  # a fresh run keeps nothing (it replaces the file at its first line)
         raw = self._pred_path.read_bytes()
         done: dict[str, str] = {}
         good_end = 0
