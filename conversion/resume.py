@@ -50,7 +50,9 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
     """Refuse to mix models in one folder; returns the entries a resumed run may keep."""
     existing = storage.list_files(model_dir) if storage.is_dir(model_dir) else []
     # What is still scratch here belongs to a live writer: neither foreign nor to delete.
-    existing = [f for f in existing if not scratch.is_scratch(f)]
+    # Python's bytecode cache is what serving 1/model.py (Triton's Python backend) leaves.
+    existing = [f for f in existing if not scratch.is_scratch(f)
+                and "__pycache__" not in f.split("/")]
     if not existing:
         return {}
     if opts.overwrite:

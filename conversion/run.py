@@ -380,7 +380,9 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         previous, redone = _drop_changed(paths, plan, source, previous)
         header = {**identity, "layout": ckpt.layout, "engine": opts.engine,
                   "arch_sources": arch.sources, "gin": gin.url if gin else None,
-                  "source_files": source.fingerprints}
+                  "source_files": source.fingerprints,
+                  # What evaluate warns against (--max-input-len beyond what it was trained on).
+                  "task_feature_lengths": gin.feature_lengths if gin else None}
         results = _convert_layers(opts, ckpt, plan, paths, header, previous)
         entries = [e for r in results for e in r["entries"]]
         _write_model_files(opts, plan, paths, vocab)
