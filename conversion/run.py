@@ -349,12 +349,26 @@ def _discarded_on_failure(paths: _Paths, final: _Paths) -> Iterator[None]:
 
 
 def _swap(staging: str, model_dir: str) -> None:
-    """Put the complete STAGING folder in MODEL_DIR's place (two renames, then delete the old)."""
-    old = f"{staging.removesuffix('.t5ft-new')}.t5ft-old"
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(model_dir, old)
-    os.rename(staging, model_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """Put the complete STAGING folder's files in MODEL_DIR's place, then drop the old ones.
+
+    File by file (``os.replace`` is atomic per file), not by renaming the folder: a live
+    writer's scratch in MODEL_DIR (core.scratch) is never touched. config.pbtxt goes first and
+    comes back last, so a crash midway leaves a folder that does not claim to be a model.
+    """
+    staged = storage.list_files(staging)
+    storage.delete(storage.join(model_dir, "config.pbtxt"))
+    for name in sorted(staged, key=lambda n: n == "config.pbtxt"):
+        target = os.path.join(model_dir, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(staging, name), target)
+    for name in storage.list_files(model_dir):
+        if name not in staged and not scratch.is_scratch(name):
+            storage.delete(storage.join(model_dir, name))
+    for folder, _, _ in sorted(os.walk(model_dir), reverse=True):  # folders left empty
+        with contextlib.suppress(OSError):
+            if folder != model_dir:
+                os.rmdir(folder)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> dict[str, Any]:

@@ -237,7 +237,7 @@ _LOCAL_INPUTS = (("convert", "src"), ("convert", "vocab"), ("convert", "gin"),
                  ("evaluate", "dataset"), ("evaluate", "vocab"))
 
 
-def check_inputs(cfg: PipelineConfig) -> None:
+def check_inputs(cfg: PipelineConfig, where: str = "") -> None:
     """Refuse a local input path that does not exist (``convert.src`` left at an example's
     placeholder, say), naming the run and the key, before anything starts."""
     for run in cfg.runs:
@@ -248,18 +248,15 @@ def check_inputs(cfg: PipelineConfig) -> None:
                     (stage == "evaluate" and key == "dataset" and "." not in Path(value).name):
                 continue  # gs:// is read by the stage; a dataset name is the hub's
             if not Path(value).exists():
-                raise ConfigError(f"run {run.name}: {stage}.{key} {value} does not exist "
+                raise ConfigError(f"{where}run {run.name}: {stage}.{key} {value} does not exist "
                                   f"(relative to {Path.cwd()}); point it at your own")
 
 
 def load(path: str | Path, output: str | None = None) -> PipelineConfig:
-    """Read and validate PIPELINE.yaml: a local path or a gs:// URL (read through core.storage);
-    its local inputs must exist."""
+    """Read and validate PIPELINE.yaml: a local path or a gs:// URL (read through core.storage)."""
     path = str(path)
     obj = read_yaml(path, "pipeline config", ConfigError)
     try:
-        cfg = parse(obj, output)
-        check_inputs(cfg)
-        return cfg
+        return parse(obj, output)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

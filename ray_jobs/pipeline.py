@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             cfg = pconfig.load(args.config, args.output)
+            pconfig.check_inputs(cfg, f"{args.config}: ")  # before Ray starts: an example's placeholder paths
         except pconfig.ConfigError as exc:
             raise UserError(str(exc)) from exc
         name = os.path.splitext(os.path.basename(args.config))[0]

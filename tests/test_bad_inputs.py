@@ -401,3 +401,30 @@ def test_failed_rerun_without_resume_keeps_config_pbtxt(world, tmp_path, capfd):
     code, err = run_here(capfd, "convert", args)
     assert_refused(code, err, "invalid GZIP header")
     assert snapshot(repo) == before
+
+
+def test_resume_into_a_repository_that_was_served(world, tmp_path):
+    """Triton's Python backend leaves 1/__pycache__ beside model.py; --resume into that
+    repository was refused as holding foreign files."""
+    import compileall
+
+    from conversion.run import ConvertOptions, convert
+
+    repo = tmp_path / "repo"
+    shutil.copytree(world["R"], repo)
+    assert compileall.compile_file(str(repo / "t5" / "1" / "model.py"), quiet=1)
+    assert any((repo / "t5" / "1" / "__pycache__").iterdir())
+    summary = convert(ConvertOptions(src=str(world["D"]), dst=str(repo), engine="jax",
+                                     vocab=str(world["V"]), resume=True, progress=False))
+    assert summary["skipped_files"] == summary["files"]
+
+
+def test_warns_when_max_input_len_exceeds_the_trained_length(world, capfd):
+    """The demo was trained on 128 input tokens (its config.gin's TASK_FEATURE_LENGTHS);
+    the default --max-input-len 512 scored it 0.874 against 1.0, without a word."""
+    args = fill([*_EVAL, "--dataset", "{DS}", "--model-repository", "{R}"], world)
+    code, err = run_here(capfd, "evaluate", args)
+    assert_refused(code, err, "nothing listens")
+    assert "warning: --max-input-len 512 exceeds the 128 input tokens" in err
+    code, err = run_here(capfd, "evaluate", [*args, "--max-input-len", "128"])
+    assert "warning" not in err
