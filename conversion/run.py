@@ -155,9 +155,8 @@ def _check_options(opts: ConvertOptions) -> None:
         _check_vocab(opts.vocab)
 
 
-# A SentencePiece model is a serialized ModelProto; its first field (pieces, field 1, length
-# delimited) starts with this tag byte. Any other file copied as spiece.model would only fail
-# when evaluation loads it.
+# Any file that is not a SentencePiece model (a config.gin, say) copied as spiece.model would
+# only fail when evaluation loads it, after the whole conversion: sentencepiece itself judges.
 def _check_vocab(url: str) -> None:
     """Refuse a --vocab that sentencepiece cannot load, naming it (before anything is written)."""
     import sentencepiece
