@@ -294,14 +294,19 @@ def test_worst_resume_redoes_a_replaced_checkpoint(world, tmp_path, capfd):
     from conversion.run import ConvertOptions, convert
     from demo.build import build, model_config
     from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
+    from pipeline.stages import verify_conversion
 
     d = tmp_path / "D"
     shutil.copytree(world["D"], d)
     dst = tmp_path / "repo"
     opts = ConvertOptions(src=str(d), dst=str(dst), progress=False)
     convert(opts)
+    section = {"src": str(d), "dst": str(dst), "model_name": "t5"}
+    assert verify_conversion(section) is None  # the pipeline would skip it: right
     params = random_t5x_params(model_config(build().settings), seed=123)
     write_t5x_checkpoint(d, params, step=300)  # replaces checkpoint_300 in place
+    # The pipeline (which skipped a conversion whose output verified) converts it again.
+    assert "the source changed since it was converted" in verify_conversion(section)
     capfd.readouterr()
     summary = convert(ConvertOptions(**{**opts.__dict__, "resume": True}))
     assert summary["skipped_files"] == 0
