@@ -1,10 +1,15 @@
-"""python -m cluster gcloud|render|up|status|down --config CLUSTER.yaml
+"""python -m cluster gcloud|render|doctor|up|status|down --config CLUSTER.yaml
 
 gcloud  print the gcloud/helm/kubectl commands that prepare the project for this config (APIs,
         GKE cluster, node pools, bucket, service accounts, Workload Identity, images, KubeRay,
-        namespace); nothing is contacted.
+        namespace); with --teardown, the commands that remove all of it; nothing is contacted.
 render  print the objects as YAML (for kubectl apply -f -); nothing is contacted.
-up      create or update them through the API, wait for the RayCluster to be ready and print
+doctor  check the live cluster and project before anything is created: the KubeRay operator,
+        its version and feature gates, the CRDs, Pod Security labels, service accounts; with
+        Google credentials also node pools, bucket IAM, Workload Identity and the images. One
+        line per failed assumption.
+up      run doctor's checks, then create or update the objects through the API, wait for the
+        RayCluster to be ready and print
         the dashboard address for `ray job submit` (with --job: run ENTRYPOINT as a one-shot
         RayJob and wait for it to finish).
 status  the cluster's state, and per worker group how many pods are ready of how many wanted,
@@ -26,7 +31,7 @@ import time
 
 import yaml
 
-from cluster import diagnose, gcloud, monitoring, pods, raycluster, rbac, triton
+from cluster import diagnose, doctor, gcloud, monitoring, pods, raycluster, rbac, triton
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
@@ -83,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gcloud", help="print the commands that prepare the project")
     common(p, api=False)
+    p.add_argument("--teardown", action="store_true",
+                   help="print the commands that remove what the setup made instead (the "
+                   "cluster, the images and their repository, Cloud Build's staging bucket, the "
+                   "service accounts); the data bucket's removal stays commented out")
+
+    p = sub.add_parser("doctor", help="check the live cluster and project; one line per "
+                                      "failed assumption")
+    common(p)
 
     p = sub.add_parser("render", help="print the objects as YAML")
     common(p, api=False)
@@ -97,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
                    "limit: wait until the RayJob ends (bounded by --job-deadline if given); "
                    "0: check once, do not wait")
     p.add_argument("--poll", type=float, default=5, help="seconds between checks (default 5)")
+    p.add_argument("--no-doctor", action="store_true",
+                   help="skip the preflight checks of `doctor` (not recommended)")
 
     p = sub.add_parser("status", help="state per group: ready/wanted, short resources, why")
     common(p)
@@ -141,8 +156,8 @@ def cmd_render(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
 def cmd_gcloud(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
     """`gcloud`: the project's setup commands for this config, as a shell script on stdout."""
     try:
-        steps = gcloud.steps(cfg, args.config)
-        text = gcloud.script(cfg, args.config)
+        steps = (gcloud.teardown_steps if args.teardown else gcloud.steps)(cfg, args.config)
+        text = gcloud.script(cfg, args.config, teardown=args.teardown)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
     if not args.json:
@@ -156,7 +171,12 @@ def _cluster_report(kube: Kube, cfg: ClusterConfig, rc: dict) -> tuple[list, str
     pod_list = kube.list("Pod", cfg.namespace, label_selector=f"ray.io/cluster={name}")
     events = kube.list("Event", cfg.namespace)
     groups = diagnose.diagnose(rc, pod_list, events)
-    return groups, diagnose.summary(rc, groups)
+    headline = diagnose.summary(rc, groups)
+    refusal = diagnose.operator_refusal(events, "RayCluster", name)
+    if refusal:
+        # No pod will come: say why first (the operator's InvalidRayClusterSpec event).
+        headline += f"; the KubeRay operator refused the spec: {refusal}"
+    return groups, headline
 
 
 def dashboard_address(kube: Kube, cfg: ClusterConfig) -> str:
@@ -171,10 +191,44 @@ def dashboard_address(kube: Kube, cfg: ClusterConfig) -> str:
     return raycluster.dashboard_url(cfg)
 
 
+def _doctor(cfg: ClusterConfig, kube: Kube) -> doctor.Report:
+    google = doctor.GoogleApis.from_environment()
+    report = doctor.run(cfg, kube, google)
+    if report.skipped:
+        _progress(f"doctor: no Google credentials (gcloud auth application-default login): "
+                  f"skipped {', '.join(report.skipped)}")
+    return report
+
+
+def cmd_doctor(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
+    """`doctor`: every check; the failed assumptions on stdout, one a line; fails if any."""
+    report = _doctor(cfg, kube)
+    if not args.json:
+        for line in report.lines():
+            print(line)
+    if not report.ok:
+        raise UserError(f"doctor: {len(report.lines())} assumption(s) do not hold: "
+                        f"{report.lines()[0]}")
+    _progress(f"doctor: all {len(report.failures)} checks hold")
+    return report.to_json()
+
+
 def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
-    """`up`: apply every object, then wait for the RayCluster (or run the RayJob to its end)."""
+    """`up`: doctor's checks, apply every object, then wait for the RayCluster (or run the
+    RayJob to its end); stops at once when the operator refuses the spec."""
     objects = render_objects(cfg, args.job, _runtime_env(args.runtime_env_json),
                              args.job_deadline)
+    if not args.no_doctor:
+        report = _doctor(cfg, kube)
+        for line in report.lines():
+            _progress(line)
+        blocking = report.lines(skip=doctor.REPAIRED_BY_UP)
+        if blocking:
+            raise UserError(f"up: nothing created, {len(blocking)} assumption(s) do not "
+                            f"hold (python -m cluster doctor): {blocking[0]}")
+    # Events already there are old news: only a refusal after our apply stops `up`.
+    seen = diagnose.event_keys(kube.list("Event", cfg.namespace)) \
+        if kube.get("Namespace", cfg.namespace) is not None else set()
     applied = []
     for obj in objects:
         outcome, _ = kube.apply(obj)
@@ -187,7 +241,15 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
 
     def check() -> bool:
         state["rc"] = kube.get("RayCluster", cfg.name, cfg.namespace) or {}
-        return diagnose.raycluster_ready(state["rc"])
+        if diagnose.raycluster_ready(state["rc"]):
+            return True
+        refusal = diagnose.operator_refusal(kube.list("Event", cfg.namespace), "RayCluster",
+                                            cfg.name, seen)
+        if refusal:
+            # The operator creates no pod for a refused spec: waiting would only time out.
+            raise UserError(f"RayCluster {cfg.name}: the KubeRay operator refused it, "
+                            f"{refusal}")
+        return False
 
     def describe() -> str:
         groups, headline = _cluster_report(kube, cfg, state["rc"])
@@ -211,6 +273,10 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
             "namespace": cfg.namespace, "raycluster": cfg.name}
 
 
+# RayJob deployment states that end it (ray-operator/apis/ray/v1/rayjob_types.go, v1.7.0).
+JOB_DEPLOYMENT_ENDS = ("Complete", "Failed", "ValidationFailed")
+
+
 def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     name = raycluster.rayjob_name(cfg)
     state: dict = {}
@@ -218,7 +284,9 @@ def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     def check() -> bool:
         job = kube.get("RayJob", name, cfg.namespace) or {}
         state["status"] = job.get("status") or {}
-        return state["status"].get("jobDeploymentStatus") in ("Complete", "Failed") or \
+        # ValidationFailed is final too: the controller never leaves it (rayjob_controller.go,
+        # v1.7.0), though KubeRay's IsJobDeploymentTerminal omits it.
+        return state["status"].get("jobDeploymentStatus") in JOB_DEPLOYMENT_ENDS or \
             state["status"].get("jobStatus") in ("SUCCEEDED", "FAILED", "STOPPED")
 
     started = time.monotonic()
@@ -235,8 +303,9 @@ def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     wait_for(check, describe, timeout, args.poll, what=f"RayJob {name}", log=_progress)
     status = state["status"]
     if status.get("jobStatus") != "SUCCEEDED":
+        reason = f", {status['reason']}" if status.get("reason") else ""
         raise UserError(f"RayJob {name} ended {status.get('jobStatus') or 'without a job'} "
-                        f"({status.get('jobDeploymentStatus')}): "
+                        f"({status.get('jobDeploymentStatus')}{reason}): "
                         f"{' '.join((status.get('message') or 'no message').split())}")
     return {"rayjob": name, "job_status": status.get("jobStatus"),
             "job_id": status.get("jobId"), "namespace": cfg.namespace}
@@ -316,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         kube = Kube(new_api_client(args.kubeconfig, args.context), retries=args.retries,
                     backoff=args.retry_backoff)
-        command = {"up": cmd_up, "status": cmd_status, "down": cmd_down}[args.command]
+        command = {"up": cmd_up, "status": cmd_status, "down": cmd_down,
+                   "doctor": cmd_doctor}[args.command]
         summary = command(cfg, args, kube)
     if args.json or args.command in ("up", "down"):
         emit_summary(summary, args.json)

@@ -146,6 +146,11 @@ class TritonDefaults(_Section):
     # on the node's disk, hence the ephemeral-storage request), or "fuse", a read-only mount by
     # the Cloud Storage FUSE CSI driver (no local copy; docs/gke.md, "Images").
     repository: Literal["gcs", "fuse"] = "gcs"
+    # What the GPU node pool and the GPU quota are sized for (python -m cluster gcloud): at most
+    # this many Triton replicas at once, each with `gpus` GPUs (default: a whole node's,
+    # gpu_workers.node_gpus), in the GPU pool beside the Ray GPU workers.
+    max_replicas: Count = 1
+    gpus: Count | None = None
 
 
 class ClusterConfig(_Section):
@@ -168,6 +173,9 @@ class ClusterConfig(_Section):
     create_namespace: bool = True
     managed_prometheus: bool = True  # render PodMonitorings (cluster/monitoring.py)
     run_as_user: Count = 1000  # the `ray` user of rayproject/ray images
+    # Where the KubeRay operator runs (the Helm release's namespace): the head admits its
+    # dashboard port from there (the operator polls RayJob status through it).
+    kuberay_namespace: str = "kuberay-system"
 
     @property
     def worker_groups(self) -> list[WorkerGroup]:
@@ -337,6 +345,13 @@ def _check_values(cfg: ClusterConfig) -> None:
                           f"{cfg.image!r} / {cfg.gpu_image!r}")
     _check_quantity(cfg.triton.cpu, "triton.cpu")
     _check_quantity(cfg.triton.memory, "triton.memory")
+    if not _DNS_LABEL.match(cfg.kuberay_namespace):
+        raise ConfigError(f"config.kuberay_namespace {cfg.kuberay_namespace!r} must be a DNS "
+                          f"label")
+    if cfg.triton.gpus is not None and cfg.triton_node_gpus is not None \
+            and cfg.triton.gpus > cfg.triton_node_gpus:
+        raise ConfigError(f"triton.gpus {cfg.triton.gpus} exceeds gpu_workers.node_gpus "
+                          f"{cfg.triton_node_gpus}: a replica must fit one node")
 
 
 def load_config(path: str | Path) -> ClusterConfig:

@@ -202,3 +202,34 @@ def summary(rc: dict, groups: list[GroupHealth]) -> str:
     state = status.get("state") or ("ready" if raycluster_ready(rc) else "not ready")
     counts = ", ".join(f"{g.group} {g.ready}/{g.desired}" for g in groups)
     return f"RayCluster {rc.get('metadata', {}).get('name')}: {state} ({counts})"
+
+
+# The KubeRay operator's event when it refuses a RayCluster's spec and creates no pod
+# (ray-project/kuberay v1.7.0 ray-operator/controllers/ray/utils/constant.go InvalidRayClusterSpec,
+# raycluster_controller.go: "The RayCluster spec is invalid NS/NAME: ERR"). Warnings of the same
+# reason that do not stop it ("RayCluster spec warning ...") are not refusals.
+INVALID_SPEC_REASON = "InvalidRayClusterSpec"
+_REFUSALS = (INVALID_SPEC_REASON, "InvalidRayClusterMetadata")
+_REFUSAL_PREFIX = "The RayCluster "
+
+
+def _event_key(event: dict) -> tuple[str, int]:
+    return (event.get("metadata") or {}).get("name", ""), int(event.get("count") or 1)
+
+
+def operator_refusal(events: list[dict], kind: str, name: str,
+                     seen: set[tuple[str, int]] = frozenset()) -> str | None:
+    """"REASON: MESSAGE" of the operator's event refusing KIND/NAME, from EVENTS, or None;
+    events whose (name, count) is in SEEN (there before we applied) are old news, skipped."""
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if (event.get("reason") in _REFUSALS and involved.get("kind") == kind
+                and involved.get("name") == name and _event_key(event) not in seen
+                and (event.get("message") or "").startswith(_REFUSAL_PREFIX)):
+            return f"{event['reason']}: {' '.join(event['message'].split())}"
+    return None
+
+
+def event_keys(events: list[dict]) -> set[tuple[str, int]]:
+    """(name, count) of EVENTS: what operator_refusal should treat as already seen."""
+    return {_event_key(e) for e in events}

@@ -61,7 +61,7 @@ class Kind:
     of tests/cluster/conftest.py serves no discovery (/apis), which the dynamic client needs.
     """
 
-    api: type  # client.CoreV1Api | AppsV1Api | RbacAuthorizationV1Api | CustomObjectsApi
+    api: type  # client.CoreV1Api | AppsV1Api | RbacAuthorizationV1Api | CustomObjectsApi | ...
     resource: str  # RBAC resource name, as a Role would grant it (e.g. "deployments.apps")
     create: Callable[..., Any]
     get: Callable[..., Any]
@@ -138,6 +138,14 @@ KINDS: dict[str, Kind] = {
         _RBAC, "rolebindings.rbac.authorization.k8s.io", _RBAC.create_namespaced_role_binding,
         _RBAC.read_namespaced_role_binding, _RBAC.patch_namespaced_role_binding,
         _RBAC.delete_namespaced_role_binding, _RBAC.list_namespaced_role_binding),
+    # Read only (python -m cluster doctor checks the KubeRay CRDs' versions and fields).
+    "CustomResourceDefinition": Kind(
+        client.ApiextensionsV1Api, "customresourcedefinitions.apiextensions.k8s.io",
+        client.ApiextensionsV1Api.create_custom_resource_definition,
+        client.ApiextensionsV1Api.read_custom_resource_definition,
+        client.ApiextensionsV1Api.patch_custom_resource_definition,
+        client.ApiextensionsV1Api.delete_custom_resource_definition,
+        client.ApiextensionsV1Api.list_custom_resource_definition, namespaced=False),
     "RayCluster": _custom("rayclusters"),
     "RayJob": _custom("rayjobs"),
     "PodMonitoring": _custom("podmonitorings", "monitoring.googleapis.com"),

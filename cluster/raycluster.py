@@ -193,7 +193,7 @@ def raycluster_spec(cfg: ClusterConfig, owner: tuple[str, str] | None = None) ->
     # with a random token and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every Ray container
     # (auth_secret below); `ray job submit` then needs RAY_AUTH_TOKEN (docs/gke.md).
     spec["authOptions"] = {"mode": "token"}
-    spec["networkPolicy"] = network_policy()
+    spec["networkPolicy"] = network_policy(cfg)
     if cfg.autoscaling.enabled:
         spec["autoscalerOptions"] = {
             "upscalingMode": cfg.autoscaling.upscaling_mode,
@@ -214,19 +214,34 @@ def _ingress_from_namespace(namespace: str | None, port: int) -> dict:
     return {"from": [peer], "ports": [{"protocol": "TCP", "port": port}]}
 
 
-def network_policy() -> dict:
+def network_policy(cfg: ClusterConfig) -> dict:
     """KubeRay's `networkPolicy` (v1.7.0 CRD): deny ingress except what is listed.
 
-    The operator's NetworkPolicy controller always lets the cluster's own pods and the KubeRay
-    operator in (ray-operator/controllers/ray/networkpolicy_controller.go); we add the head's
-    dashboard/job API (8265) for pods of the head's own namespace only (job submission, serve's
-    drivers) and the metrics port for Managed Prometheus. Egress stays open: pods read GCS and
-    the Kubernetes API.
+    KubeRay v1.7.0's NetworkPolicy controller lets in the cluster's own pods (and, for a RayJob
+    in K8sJobMode, its submitter) and deliberately nothing else: "Operator access is
+    intentionally omitted here" (ray-operator/controllers/ray/networkpolicy_controller.go,
+    buildHeadIngressRules). So we add the head's dashboard/job API (8265) for pods of the head's
+    own namespace (job submission, serve's drivers) and of the operator's namespace
+    (config.kuberay_namespace: rayjob_controller.go polls the job's status through the
+    dashboard; without it a RayJob's status never moves), and the metrics port for Managed
+    Prometheus. Egress stays open: pods read GCS and the Kubernetes API.
+    With head.service_type LoadBalancer or NodePort the user asked for the dashboard from
+    outside the cluster, whose traffic matches no pod or namespace selector: 8265 is then
+    open to every source (token authentication still guards it), or the address `up` prints
+    would only time out.
+
+    The field needs the operator's alpha RayClusterNetworkPolicy gate (cluster/kuberay.py);
+    the setup script's Helm values turn it on and `python -m cluster doctor` checks it.
     """
     metrics = _ingress_from_namespace(GMP_NAMESPACE, METRICS_PORT)
+    dashboard = [_ingress_from_namespace(None, DASHBOARD_PORT),
+                 _ingress_from_namespace(cfg.kuberay_namespace, DASHBOARD_PORT)]
+    if cfg.head.service_type != "ClusterIP":
+        # A rule without `from` admits every source (networking.k8s.io/v1 NetworkPolicy).
+        dashboard.append({"ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]})
     return {
         "mode": "DenyAllIngress",
-        "head": {"ingressRules": [_ingress_from_namespace(None, DASHBOARD_PORT), metrics]},
+        "head": {"ingressRules": [*dashboard, metrics]},
         "worker": {"ingressRules": [metrics]},
     }
 

@@ -110,7 +110,7 @@ def repository_volume(model_repository: str) -> tuple[client.V1Volume, client.V1
 
     only-dir mounts just the repository's prefix; implicit-dirs shows folders that exist only
     as object-name prefixes (ours are written without folder placeholder objects). The pod's
-    Kubernetes service account needs read access to the bucket (Triton's has objectViewer).
+    Kubernetes service account needs read access to the bucket (cluster/iam.py: Triton's roles).
     """
     bucket, prefix = split_gs_url(model_repository)
     options = ["implicit-dirs"] + ([f"only-dir={prefix}"] if prefix else [])

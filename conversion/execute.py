@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from conversion.errors import ConversionError
-from conversion.placement import ReadAhead, read_refs, write_tensor
+from conversion.placement import ReadAhead, read_refs, write_shard, write_tensor
 from conversion.plan import LayerTask, OutputTensor
 from conversion.t5x import Checkpoint
 from core import manifest as manifest_lib
@@ -70,6 +70,8 @@ def convert_layer(ckpt: Checkpoint, task: LayerTask, out_dir: str,
     """
     _return_freed_memory()
     previous = previous or {}
+    if task.shard is not None:
+        return _convert_shard(ckpt, task, out_dir, previous, digest)
     entries: list[ManifestEntry] = []
     skipped = 0
     todo = []
@@ -90,22 +92,39 @@ def convert_layer(ckpt: Checkpoint, task: LayerTask, out_dir: str,
             "peak_rss": _peak_rss_bytes(), "pid": os.getpid()}
 
 
+def _convert_shard(ckpt: Checkpoint, task: LayerTask, out_dir: str,
+                   previous: dict[str, ManifestEntry], digest: Digest) -> dict[str, Any]:
+    """:func:`convert_layer` for a task written as one shard (Hugging Face safetensors)."""
+    shard = task.shard
+    assert shard is not None
+    url = storage.join(out_dir, shard.name)
+    entry = previous.get(shard.name)
+    dtype = task.tensors[0].weight_dtype
+    if previous and manifest_lib.entry_matches(entry, url, dtype=dtype, shape=(),
+                                               nbytes=shard.nbytes):
+        entries, skipped = [entry], 1
+    else:
+        with ReadAhead(ckpt, [ref for t in task.tensors for ref in read_refs(t)]) as reads:
+            entries, skipped = [write_shard(ckpt, task, out_dir, digest, reads)], 0
+    return {"group": task.group, "entries": entries, "skipped": skipped,
+            "peak_rss": _peak_rss_bytes(), "pid": os.getpid()}
+
+
 def verify_layer(task: LayerTask, out_dir: str,
                  manifest: dict[str, ManifestEntry]) -> dict[str, Any]:
     """Check every file of a layer against the manifest: size and digest (a local file is read
     once; a gs:// crc32c entry is compared with the object's metadata, nothing downloaded)."""
-    for tensor in task.tensors:
-        for spec in tensor.files:
-            url = storage.join(out_dir, spec.name)
-            entry = manifest.get(spec.name)
-            if entry is None:
-                raise ConversionError(f"verify: {spec.name} is not in the manifest")
-            problem = manifest_lib.file_mismatch(url, entry)
-            if problem is not None and problem[0] == "bytes":
-                raise ConversionError(f"verify: {url} holds {problem[1]} bytes, manifest says "
-                                      f"{entry.bytes}")
-            if problem is not None:
-                raise ConversionError(f"verify: {url} does not match its manifest {problem[0]}")
+    for name in task.file_names():
+        url = storage.join(out_dir, name)
+        entry = manifest.get(name)
+        if entry is None:
+            raise ConversionError(f"verify: {name} is not in the manifest")
+        problem = manifest_lib.file_mismatch(url, entry)
+        if problem is not None and problem[0] == "bytes":
+            raise ConversionError(f"verify: {url} holds {problem[1]} bytes, manifest says "
+                                  f"{entry.bytes}")
+        if problem is not None:
+            raise ConversionError(f"verify: {url} does not match its manifest {problem[0]}")
     return {"group": task.group, "files": len(task.file_names())}
 
 

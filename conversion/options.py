@@ -30,7 +30,8 @@ class ConvertOptions(StageOptions):
     COMMAND_HELP: ClassVar[str] = (
         "Convert a T5X checkpoint (T5 1.1, Flan-T5, UL2; legacy or OCDBT, local or "
         "gs://) into FasterTransformer weight shards in a Triton model repository: "
-        "DST/<model>/config.pbtxt, DST/<model>/1/<T>-gpu/{config.ini, *.bin, manifest.json}."
+        "DST/<model>/config.pbtxt, DST/<model>/1/<T>-gpu/{config.ini, *.bin, manifest.json}; "
+        "or, with --format hf, into a Hugging Face T5 checkpoint in DST/<model>."
     )
 
     # Frozen, as the dataclass it replaces: copy with a change, ConvertOptions(**{**o.__dict__}).
@@ -39,14 +40,21 @@ class ConvertOptions(StageOptions):
     src: str = option(
         help="T5X checkpoint folder (checkpoint_<step>), or a folder holding several "
         "(the newest step is used); local path or gs:// URL")
-    dst: str = option(help="Triton model repository root (local or gs://)")
+    dst: str = option(help="Triton model repository root (local or gs://); with --format hf "
+                      "the checkpoint is written to DST/<model>")
     model_name: str = option("t5", help="model folder name in DST (default t5)")
+    format: Literal["ft", "hf"] = option(
+        "ft", help="ft (default): FasterTransformer shards in a Triton model repository; hf: a "
+        "Hugging Face T5 checkpoint in DST/<model> (sharded safetensors, one shard per layer, "
+        "model.safetensors.index.json, config.json, generation_config.json, tokenizer files) "
+        "that transformers, TensorRT-LLM, CTranslate2, Optimum and vLLM load; "
+        "--tensor-parallel, --engine and --inference-dtype do not apply to it")
     tensor_parallel: int = option(
         1, help="T: split attention heads and d_ff over T GPUs (default 1)")
     pipeline_parallel: int = option(
         1, help="pipeline_para_size written to config.pbtxt (default 1)")
     weight_dtype: WeightDtype = option(
-        "fp32", help="dtype of the stored .bin files (default fp32)")
+        "fp32", help="dtype of the stored weights, .bin files or safetensors (default fp32)")
     inference_dtype: WeightDtype = option(
         "bf16", help="data_type in config.pbtxt (default bf16)")
     gin: str | None = option(
@@ -62,9 +70,9 @@ class ConvertOptions(StageOptions):
         "t5x's param_scan_axis, overriding config.gin (default: from gin, else from "
         "the shapes when only one axis fits; ignored for unscanned checkpoints)")
     vocab: str | None = option(
-        None, help="SentencePiece model copied to DST/<model>/spiece.model (default: the "
-        "one config.gin names, seqio.SentencePieceVocabulary.sentencepiece_model_file,"
-        " when it exists)")
+        None, help="SentencePiece model copied to DST/<model>/spiece.model, with --format hf "
+        "also written as tokenizer.json (default: the one config.gin names, "
+        "seqio.SentencePieceVocabulary.sentencepiece_model_file, when it exists)")
     engine: Engine = option(
         "fastertransformer",
         help="Triton backend config.pbtxt is written for (default fastertransformer)")

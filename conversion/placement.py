@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from conversion.errors import ConversionError
-from conversion.plan import OutputTensor, SourceRef
+from conversion.plan import LayerTask, OutputTensor, SourceRef
 from conversion.t5x import Checkpoint
 from core import ft_format, storage
 from core.manifest import DEFAULT_DIGEST, Digest, ManifestEntry, new_hasher
@@ -193,8 +193,11 @@ _SCRATCH: list[np.ndarray] = [np.empty(0, dtype=np.uint8)]
 _SLAB = 8 * 1024 * 1024
 
 # Columns per band of a blocked copy: a transposed chunk is copied band by band so that reads
-# and writes both stay within cache (about 3x numpy's whole-array transposing copy).
-_BAND = 256
+# and writes both stay within cache (about 3x numpy's whole-array transposing copy). 64, not
+# 256: a 512-row slab of a transposed [4096, 4096] fp32 chunk copies in 22 ms at 64 against
+# 112 ms at 256 (bench/transpose_band.py, docs/benchmarks.md); --format hf transposes every
+# kernel, FT only the LM head.
+_BAND = 64
 
 
 def _grown(bufs: list[np.ndarray], i: int, nbytes: int) -> np.ndarray:
@@ -230,6 +233,7 @@ class _OutFile:
     """
 
     def __init__(self, path: str, nbytes: int, digest: Digest = DEFAULT_DIGEST) -> None:
+        self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, nbytes)
         self.nbytes = nbytes
@@ -317,11 +321,22 @@ def _place(block: np.ndarray, box_lo: list[int], tensor: OutputTensor,
         _write_box(outs[r], file_shape, local, block[tuple(index)], dtype)
 
 
+_IDENTICAL = ("copy_identical", "transpose_identical")
+
+
 def check_identical(ckpt: Checkpoint, tensor: OutputTensor) -> None:
     """Refuse (one line) a scanned side whose per-layer relative-position tables differ."""
     first = ckpt.read(tensor.sources[0].param, _layer_index(tensor.sources[0]))
     for ref in tensor.sources[1:]:
         other = ckpt.read(ref.param, _layer_index(ref))
+        if first.tobytes() != other.tobytes() and tensor.transform == "transpose_identical":
+            raise ConversionError(
+                f"scanned checkpoint: the per-layer relative-position tables differ "
+                f"({ref.param} differs between layer 0 and layer {ref.layer}); transformers' T5 "
+                "holds one table per stack (block 0's), so no Hugging Face T5 checkpoint can "
+                "hold this model: convert to --format ft --engine jax, which keeps each layer's"
+                " table"
+            )
         if first.tobytes() != other.tobytes():
             raise ConversionError(
                 f"scanned checkpoint: the per-layer relative-position tables differ "
@@ -347,7 +362,33 @@ def read_refs(tensor: OutputTensor) -> list[SourceRef]:
 def _sources(tensor: OutputTensor) -> list[SourceRef]:
     """The sources a tensor is written from: one layer's for a scanned side's shared table
     (copy_identical: the others are only compared), else all of them."""
-    return tensor.sources[:1] if tensor.transform == "copy_identical" else tensor.sources
+    return tensor.sources[:1] if tensor.transform in _IDENTICAL else tensor.sources
+
+
+class _At:
+    """A file seen from byte ``base`` on: one tensor's region of a shard."""
+
+    def __init__(self, out: _OutFile, base: int) -> None:
+        self.out, self.base = out, base
+
+    def write(self, offset: int, data: np.ndarray) -> None:
+        """Write ``data`` at ``offset`` bytes into the region."""
+        self.out.write(self.base + offset, data)
+
+
+def _fill(ckpt: Checkpoint, tensor: OutputTensor, outs: list, reads: ReadAhead) -> None:
+    """Write every block of ``tensor``'s sources, transformed, into its rank files ``outs``."""
+    if tensor.transform in _IDENTICAL:
+        check_identical(ckpt, tensor)
+    for j, ref in enumerate(_sources(tensor)):
+        for region, values in blocks(ckpt, ref, reads):
+            lo = [s.start for s in region]
+            if tensor.transform in ("transpose", "transpose_identical"):
+                values, lo = values.T, lo[::-1]
+            elif tensor.transform == "fuse_qkv":
+                values, lo = values[:, None, :], [lo[0], j, lo[1]]
+            _place(values, lo, tensor, outs)
+            del values  # free this chunk before the next one is read (see blocks)
 
 
 def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
@@ -358,8 +399,6 @@ def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
     :func:`read_refs` next (default: one for this tensor alone)."""
     urls = [storage.join(out_dir, f.name) for f in tensor.files]
     nbytes = tensor.file_bytes()
-    if tensor.transform == "copy_identical":
-        check_identical(ckpt, tensor)
     entries = []
     with contextlib.ExitStack() as stack:
         paths = [stack.enter_context(storage.staged_file(u)) for u in urls]
@@ -370,16 +409,50 @@ def write_tensor(ckpt: Checkpoint, tensor: OutputTensor, out_dir: str,
             outs.append(out)
         if reads is None:
             reads = stack.enter_context(ReadAhead(ckpt, read_refs(tensor)))
-        for j, ref in enumerate(_sources(tensor)):
-            for region, values in blocks(ckpt, ref, reads):
-                lo = [s.start for s in region]
-                if tensor.transform == "transpose":
-                    values, lo = values.T, lo[::-1]
-                elif tensor.transform == "fuse_qkv":
-                    values, lo = values[:, None, :], [lo[0], j, lo[1]]
-                _place(values, lo, tensor, outs)
-                del values  # free this chunk before the next one is read (see blocks)
+        _fill(ckpt, tensor, outs, reads)
         for spec, out in zip(tensor.files, outs, strict=True):
             entries.append(ManifestEntry.of(spec.name, nbytes, digest, out.digest(),
                                             tensor.weight_dtype, tensor.file_shape()))
     return entries
+
+
+def write_shard(ckpt: Checkpoint, task: LayerTask, out_dir: str,
+                digest: Digest = DEFAULT_DIGEST, reads: ReadAhead | None = None
+                ) -> ManifestEntry:
+    """Write a task's shard (``task.shard``): its header, then each tensor at its offset, chunk
+    by chunk as for FT files; returns its manifest entry (shape ``()``: a shard is no array).
+    ``reads``: the task's read-ahead, announced every tensor's :func:`read_refs` in order."""
+    shard = task.shard
+    assert shard is not None, "write_shard needs a task with a shard"
+    with contextlib.ExitStack() as stack:
+        out = _OutFile(stack.enter_context(storage.staged_file(storage.join(out_dir,
+                                                                            shard.name))),
+                       shard.nbytes, digest)
+        stack.callback(out.close)
+        if reads is None:
+            reads = stack.enter_context(ReadAhead(
+                ckpt, [ref for t in task.tensors for ref in read_refs(t)]))
+        out.write(0, np.frombuffer(shard.header, dtype=np.uint8))
+        for tensor, offset in zip(task.tensors, shard.offsets, strict=True):
+            _fill(ckpt, tensor, [_At(out, offset)], reads)
+        entry = ManifestEntry.of(shard.name, shard.nbytes, digest, out.digest(),
+                                 task.tensors[0].weight_dtype, ())
+        _check_shard(out.path, task)
+        return entry
+
+
+def _check_shard(path: str, task: LayerTask) -> None:
+    """Open the staged shard with safetensors' own reader (header, offsets against the file's
+    size) and compare its names and shapes with the plan's, before it is published."""
+    from safetensors import safe_open
+
+    want = {t.files[0].name: list(t.full_shape) for t in task.tensors}
+    try:
+        with safe_open(path, framework="numpy") as f:
+            got = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # noqa: BLE001 - whatever the reader refuses, say it in one line
+        raise ConversionError(f"safetensors cannot read the shard written for {task.group}: "
+                              f"{exc}") from exc
+    if got != want:
+        raise ConversionError(f"the shard written for {task.group} holds {sorted(got)[:3]}..., "
+                              f"not the planned tensors")

@@ -12,6 +12,8 @@ sources ``S_0, S_1, ...`` by its transform, then cut into ranks and cast:
 - ``fuse_qkv``:       F[:, j, :] = S_j for j in 0..2, F of shape [D, 3, I]   (decoder self-attn)
 - ``copy_identical``: F = S_0, and every other S_j must equal S_0   (a scanned side's per-layer
   relative-bias tables, which FT can only hold once)
+- ``transpose_identical``: F = S_0.T, and every other S_j must equal S_0   (the same, for the
+  Hugging Face layout [B, H], :mod:`conversion.hf_plan`)
 
 File r of T is part r of F cut into T equal parts on ``ft_format.split_axis(split, F.ndim)``,
 cast to the weight dtype (cast from any source float dtype). A scanned source is indexed at
@@ -41,7 +43,7 @@ from core import ft_format
 from core.ft_format import FileSpec, Split
 from core.t5config import T5Config
 
-Transform = Literal["copy", "transpose", "fuse_qkv", "copy_identical"]
+Transform = Literal["copy", "transpose", "fuse_qkv", "copy_identical", "transpose_identical"]
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -50,7 +52,9 @@ class PlanError(ValueError):
     tensor-parallel size that does not divide, unsupported dtype)."""
 
 
-class _Param(Protocol):
+class ParamInfo(Protocol):
+    """What the plan reads of a parameter: its shape and dtype name."""
+
     shape: tuple[int, ...]
     dtype: str
 
@@ -128,14 +132,38 @@ class OutputFile:
 
 
 @dataclasses.dataclass(frozen=True)
+class Shard:
+    """One file holding every tensor of a task (a safetensors shard, core.hf_format).
+
+    Attributes:
+      name: the file name.
+      header: the file's first bytes (written as they are).
+      offsets: each tensor's byte offset in the file, in the task's tensor order.
+      nbytes: the file's size.
+    """
+
+    name: str
+    header: bytes
+    offsets: tuple[int, ...]
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerTask:
-    """The unit of scheduling: one layer (or the globals), its own sources and files."""
+    """The unit of scheduling: one layer (or the globals), its own sources and files.
+
+    ``shard``: None for FT (one file per tensor and rank, named by each tensor's files); else
+    the one file all of the task's tensors are written into, each at its offset.
+    """
 
     group: str
     tensors: tuple[OutputTensor, ...]
+    shard: Shard | None = None
 
     def file_names(self) -> list[str]:
         """Every output file name of this task, in the plan's order."""
+        if self.shard is not None:
+            return [self.shard.name]
         return [f.name for t in self.tensors for f in t.files]
 
     def params(self) -> list[str]:
@@ -144,19 +172,27 @@ class LayerTask:
 
     def bytes(self) -> int:
         """The bytes this task writes, over every rank file."""
+        if self.shard is not None:
+            return self.shard.nbytes
         return sum(t.file_bytes() * len(t.files) for t in self.tensors)
 
 
 @dataclasses.dataclass(frozen=True)
 class ConversionPlan:
     """Every task of a conversion; ``layer_tables``: the sides whose every layer's own
-    relative-bias table is written (JAX engine, scanned checkpoints with per-layer tables)."""
+    relative-bias table is written (JAX engine, scanned checkpoints with per-layer tables);
+    ``output_format``: "ft" (FT weight files) or "hf" (safetensors shards, one per task)."""
 
     config: T5Config
     tensor_parallel: int
     weight_dtype: str
     tasks: tuple[LayerTask, ...]
     layer_tables: tuple[str, ...] = ()
+    output_format: Literal["ft", "hf"] = "ft"
+
+    def file_names(self) -> set[str]:
+        """Every file the plan's tasks write."""
+        return {name for task in self.tasks for name in task.file_names()}
 
     def files(self) -> list[OutputFile]:
         """Every output file of the plan, flattened (one entry per rank file)."""
@@ -261,8 +297,10 @@ def _table_sources(stem: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]
     return refs, "copy_identical"
 
 
-def _sources(stem: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]],
-             layer_tables: bool = False) -> tuple[tuple[SourceRef, ...], Transform]:
+def weight_sources(stem: str, arch: T5Arch, shapes: Mapping[str, tuple[int, ...]],
+                   layer_tables: bool = False) -> tuple[tuple[SourceRef, ...], Transform]:
+    """The T5X sources of the weight FT names ``stem`` (``x.y`` of ``x.y[.rank].bin``) and the
+    transform FT's layout needs (also used by conversion/hf_plan.py, whose names map to FT's)."""
     if stem.endswith("relative_attention_bias.weight"):
         return _table_sources(stem, arch, shapes, layer_tables)
     names, transform = _t5x_sources(stem, arch.config)
@@ -294,7 +332,7 @@ def _heads_view(ref: SourceRef, stored: tuple[int, ...], want: tuple[int, ...],
 
 def _expected_source_shape(full_shape: tuple[int, ...], transform: Transform, ref: SourceRef,
                            arch: T5Arch) -> tuple[int, ...]:
-    if transform == "transpose":
+    if transform in ("transpose", "transpose_identical"):
         shape = tuple(reversed(full_shape))
     elif transform == "fuse_qkv":
         shape = (full_shape[0], full_shape[2])
@@ -307,7 +345,7 @@ def _expected_source_shape(full_shape: tuple[int, ...], transform: Transform, re
 
 
 def make_plan(
-    params: Mapping[str, _Param],
+    params: Mapping[str, ParamInfo],
     arch: T5Arch,
     tensor_parallel: int = 1,
     weight_dtype: str = "fp32",
@@ -340,23 +378,23 @@ def make_plan(
             by_stem.setdefault(_stem(spec), []).append(spec)
         tensors = []
         for stem, files in by_stem.items():
-            refs, transform = _sources(stem, arch, shapes, bool(sides))
+            refs, transform = weight_sources(stem, arch, shapes, bool(sides))
             full_shape = files[0].full_shape
-            refs = tuple(_checked(ref, params, shapes, full_shape, transform, arch, stem)
-                         for ref in refs)
+            refs = tuple(checked_source(ref, params, shapes, full_shape, transform, arch,
+                                        stem) for ref in refs)
             tensors.append(OutputTensor(refs, transform, full_shape, files[0].split,
                                         tuple(files), weight_dtype))
         tasks.append(LayerTask(group, tuple(tensors)))
     return ConversionPlan(cfg, tensor_parallel, weight_dtype, tuple(tasks), sides)
 
 
-def _checked(ref: SourceRef, params: Mapping[str, _Param], shapes: Mapping[str, tuple[int, ...]],
-             full_shape: tuple[int, ...], transform: Transform, arch: T5Arch,
-             stem: str) -> SourceRef:
+def checked_source(ref: SourceRef, params: Mapping[str, ParamInfo],
+                   shapes: Mapping[str, tuple[int, ...]], full_shape: tuple[int, ...],
+                   transform: Transform, arch: T5Arch, stem: str) -> SourceRef:
     """``ref`` once its parameter is there, a float, and of the shape the transform reads
     (with a heads ``view`` where it is stored with heads on their own axis)."""
     if ref.param not in params:
-        raise PlanError(f"missing parameter {ref.param!r} (needed for FT tensor {stem})")
+        raise PlanError(f"missing parameter {ref.param!r} (needed for output tensor {stem})")
     want = _expected_source_shape(full_shape, transform, ref, arch)
     if shapes[ref.param] != want:
         viewed = _heads_view(ref, shapes[ref.param], want, arch.config)

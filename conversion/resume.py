@@ -29,13 +29,16 @@ if TYPE_CHECKING:
 
 def identity(ckpt: Checkpoint, plan: ConversionPlan) -> dict[str, Any]:
     """What makes two conversions the same model: compared before writing into DST."""
-    return {
+    out = {
         "source": ckpt.path,
         "step": ckpt.step,
         "config": dataclasses.asdict(plan.config),
         "tensor_parallel": plan.tensor_parallel,
         "weight_dtype": plan.weight_dtype,
     }
+    if plan.output_format != "ft":  # absent for FT, so manifests written before it still match
+        out["format"] = plan.output_format
+    return out
 
 
 def _read_manifest(url: str) -> tuple[dict, dict[str, ManifestEntry]] | None:
@@ -58,15 +61,16 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
     if opts.overwrite:
         return {}  # emptied by clear() once every check has passed
     ours = manifest_url[len(model_dir.rstrip("/")) + 1:]
-    manifests = sorted(f for f in existing if f.startswith("1/") and
-                       f.endswith(f"/{ft_format.MANIFEST}") and f.count("/") == 2)
+    manifests = sorted(f for f in existing if f == ours or (
+        f.startswith("1/") and f.endswith(f"/{ft_format.MANIFEST}") and f.count("/") == 2))
     if not manifests:
         raise ConversionError(
             f"{model_dir} already holds files that are not this conversion (no manifest at "
             f"{manifest_url}); pass --overwrite to replace them")
     for name in [ours] if ours in manifests else manifests[:1]:
         model, entries = _read_manifest(storage.join(model_dir, name)) or ({}, {})
-        old = {k: model.get(k) for k in identity}
+        # A manifest without "format" is an FT conversion's (identity() writes it only for hf).
+        old = {k: model.get(k, "ft" if k == "format" else None) for k in identity}
         diff = [k for k in identity if _jsonable(old[k]) != _jsonable(identity[k])]
         if diff:
             k = diff[0]
@@ -141,9 +145,11 @@ def sweep_nodes(model_dir: str) -> scratch.Removed:
     return removed
 
 
-def unaccounted(out_dir: str, manifest: dict[str, ManifestEntry]) -> list[str]:
-    """Files in the weights folder that neither the manifest nor the FT format names."""
-    known = set(manifest) | {ft_format.CONFIG_INI, ft_format.MANIFEST}
+def unaccounted(out_dir: str, manifest: dict[str, ManifestEntry],
+                known_files: tuple[str, ...] = ()) -> list[str]:
+    """Files in the weights folder that neither the manifest nor the format (FT's, or
+    ``known_files``) names."""
+    known = set(manifest) | {ft_format.CONFIG_INI, ft_format.MANIFEST, *known_files}
     return [name for name in storage.list_files(out_dir) if name not in known]
 
 

@@ -24,15 +24,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from conversion import resume, source_id
+from conversion import hf_files, resume, source_id
 from conversion.arch import ArchError, T5Arch, infer_arch
 from conversion.errors import ConversionError
 from conversion.execute import check_fits, convert_layer, run_tasks, verify_layer
 from conversion.gin_config import GinConfig, GinError, read_gin
+from conversion.hf_plan import make_hf_plan
 from conversion.options import ConvertOptions
 from conversion.plan import ConversionPlan, PlanError, make_plan
 from conversion.t5x import Checkpoint, CheckpointError, open_checkpoint
-from core import ft_format, repository, scratch, storage
+from core import ft_format, hf_format, repository, scratch, storage
 from core.manifest import ManifestEntry, manifest_json, parse_manifest, write_manifest
 
 __all__ = ["USER_ERRORS", "ConversionError", "ConvertOptions", "choose_vocab", "convert",
@@ -75,6 +76,9 @@ def prepare(opts: ConvertOptions
     shapes = {name: p.shape for name, p in ckpt.params.items()}
     arch = infer_arch(shapes, gin.t5_values() if gin else None, opts.activation,
                       opts.param_scan_axis)
+    if opts.format == "hf":
+        plan = make_hf_plan(ckpt.params, arch, opts.weight_dtype)
+        return ckpt, arch, plan, gin
     # The JAX engine serves per-layer relative-position tables exactly; FT holds one per stack.
     plan = make_plan(ckpt.params, arch, opts.tensor_parallel, opts.weight_dtype,
                      layer_tables=opts.engine == "jax")
@@ -108,7 +112,9 @@ def choose_vocab(flag: str | None, gin: GinConfig | None
 
 @dataclasses.dataclass(frozen=True)
 class _Paths:
-    """Where one conversion writes: ``<dst>/<name>/{config.pbtxt,1/<T>-gpu/manifest.json}``."""
+    """Where one conversion writes: ``<dst>/<name>/{config.pbtxt,1/<T>-gpu/manifest.json}``;
+    for --format hf ``<dst>/<name>/{config.json,manifest.json,*.safetensors,...}``. The config
+    file is written last: until it is there, nothing loads a half-written folder."""
 
     model_dir: str
     out_dir: str
@@ -119,6 +125,9 @@ class _Paths:
     def of(cls, opts: ConvertOptions, tensor_parallel: int, model_dir: str | None = None
            ) -> _Paths:
         model_dir = model_dir or storage.join(opts.dst, opts.model_name)
+        if opts.format == "hf":
+            return cls(model_dir, model_dir, storage.join(model_dir, hf_format.MANIFEST),
+                       storage.join(model_dir, hf_format.CONFIG))
         out_dir = storage.join(model_dir, "1", ft_format.weights_dir_name(tensor_parallel))
         return cls(model_dir, out_dir, storage.join(out_dir, ft_format.MANIFEST),
                    storage.join(model_dir, "config.pbtxt"))
@@ -149,6 +158,9 @@ def _check_options(opts: ConvertOptions) -> None:
         raise ConversionError(f"engine {opts.engine!r} is not one of {repository.ENGINES}")
     if opts.pipeline_parallel < 1:
         raise ConversionError(f"pipeline-parallel size must be >= 1, got {opts.pipeline_parallel}")
+    if opts.format == "hf" and opts.tensor_parallel != 1:
+        raise ConversionError("--tensor-parallel does not apply to --format hf (a Hugging Face "
+                              "checkpoint holds whole tensors; engines split them at load)")
     if opts.vocab and not storage.exists(opts.vocab):
         raise ConversionError(f"vocabulary {opts.vocab} does not exist")
     if opts.vocab:
@@ -204,7 +216,7 @@ def _check_tables(ckpt: Checkpoint, plan: ConversionPlan) -> None:
 
     for task in plan.tasks:
         for tensor in task.tensors:
-            if tensor.transform == "copy_identical":
+            if tensor.transform in ("copy_identical", "transpose_identical"):
                 check_identical(ckpt, tensor)
 
 
@@ -279,7 +291,7 @@ def _convert_layers(opts: ConvertOptions, ckpt: Checkpoint, plan: ConversionPlan
     except ConversionError:
         resume.sweep_here(paths.model_dir)  # what tasks killed by the failure left
         raise
-    expected = {f.name for f in plan.files()}
+    expected = plan.file_names()
     got = {e.name for r in results for e in r["entries"]}
     if got != expected:  # a plan/executor mismatch must never pass silently
         missing = sorted(expected - got)[:3]
@@ -290,7 +302,11 @@ def _convert_layers(opts: ConvertOptions, ckpt: Checkpoint, plan: ConversionPlan
 
 def _write_model_files(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
                        vocab: str | None) -> None:
-    """config.ini, the vocabulary and (JAX engine) the Triton Python model."""
+    """config.ini, the vocabulary and (JAX engine) the Triton Python model; for --format hf
+    the shard index, generation_config.json and the tokenizer files."""
+    if plan.output_format == "hf":
+        hf_files.write_model_files(plan, paths.out_dir, vocab)
+        return
     storage.write_text(storage.join(paths.out_dir, ft_format.CONFIG_INI),
                        ft_format.config_ini(plan.config, plan.weight_dtype, plan.tensor_parallel))
     if vocab:
@@ -309,7 +325,8 @@ def _verify(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
               opts, "verify")
     # Reported, not fatal: every file the model needs checked out, and Triton loads files
     # by name, so an extra one changes nothing served; the user decides what it is.
-    unaccounted = resume.unaccounted(paths.out_dir, by_name)
+    known = hf_files.known_files() if plan.output_format == "hf" else ()
+    unaccounted = resume.unaccounted(paths.out_dir, by_name, known)
     if unaccounted:
         print(f"convert: verify: {len(unaccounted)} file(s) in {paths.out_dir} that neither the "
               f"manifest nor the FT format accounts for: {', '.join(unaccounted[:5])}",
@@ -347,16 +364,18 @@ def _discarded_on_failure(paths: _Paths, final: _Paths) -> Iterator[None]:
         raise
 
 
-def _swap(staging: str, model_dir: str) -> None:
+def _swap(staging: str, model_dir: str, config_url: str) -> None:
     """Put the complete STAGING folder's files in MODEL_DIR's place, then drop the old ones.
 
     File by file (``os.replace`` is atomic per file), not by renaming the folder: a live
-    writer's scratch in MODEL_DIR (core.scratch) is never touched. config.pbtxt goes first and
-    comes back last, so a crash midway leaves a folder that does not claim to be a model.
+    writer's scratch in MODEL_DIR (core.scratch) is never touched. The config file
+    (config.pbtxt, or config.json for --format hf) goes first and comes back last, so a crash
+    midway leaves a folder that does not claim to be a model.
     """
     staged = storage.list_files(staging)
-    storage.delete(storage.join(model_dir, "config.pbtxt"))
-    for name in sorted(staged, key=lambda n: n == "config.pbtxt"):
+    config = os.path.relpath(config_url, model_dir)
+    storage.delete(config_url)
+    for name in sorted(staged, key=lambda n: n == config):
         target = os.path.join(model_dir, name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.replace(os.path.join(staging, name), target)
@@ -402,11 +421,15 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
         manifest_text = manifest_json({**header, "complete": True}, entries)
         storage.write_text(paths.manifest_url, manifest_text)
         unaccounted = _verify(opts, plan, paths, manifest_text) if opts.verify else None
-        config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
-                                         opts.pipeline_parallel, opts.inference_dtype)
-        storage.write_text(paths.config_url, repository.to_pbtxt(config))
+        if plan.output_format == "hf":
+            storage.write_text(paths.config_url, hf_format.config_json(plan.config,
+                                                                       plan.weight_dtype))
+        else:
+            config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
+                                             opts.pipeline_parallel, opts.inference_dtype)
+            storage.write_text(paths.config_url, repository.to_pbtxt(config))
     if paths != final:
-        _swap(paths.model_dir, final.model_dir)
+        _swap(paths.model_dir, final.model_dir, final.config_url)
         paths = final
     vocab_info = {"gin": header["gin"], "gin_warnings": gin_warnings, "vocab": vocab,
                   "vocab_source": vocab_source}
@@ -433,6 +456,7 @@ def _summary(opts: ConvertOptions, ckpt: Checkpoint, arch: T5Arch, plan: Convers
         "layout": ckpt.layout,
         "layout_detail": ckpt.detail,
         "step": ckpt.step,
+        "format": plan.output_format,
         "engine": opts.engine,
         "tensor_parallel": plan.tensor_parallel,
         "pipeline_parallel": opts.pipeline_parallel,

@@ -24,3 +24,10 @@ COPY --chown=ray:users ray_jobs ray_jobs
 # The exact pins of pyproject.toml; ray[default] is already the base image's own version.
 # This is how our code reaches the Ray pods (no working_dir zip): rebuild to ship a change.
 RUN pip install --no-cache-dir .
+# The GPU variant (the `gpu` worker group's image) gets JAX for CUDA, pinned as pyproject.toml
+# pins jax (tests/test_docker.py), so `evaluate --backend in-process` runs the engine on the
+# group's GPUs; the CPU image keeps the CPU-only jaxlib.
+ARG VARIANT
+RUN if [ "$VARIANT" = "-gpu" ]; then \
+        pip install --no-cache-dir "jax[cuda12]==0.10.2"; \
+    fi

@@ -18,11 +18,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 HUB_XSUM = "EdinburghNLP/xsum"
+# datasets >= 4 refuses script-based hub datasets with this RuntimeError (datasets/load.py);
+# the hub keeps a parquet conversion of every public dataset at this revision, read instead.
+SCRIPT_REFUSED = "Dataset scripts are no longer supported"
+PARQUET_REVISION = "refs/convert/parquet"
+_PARQUET_SOURCE = (HUB_XSUM, PARQUET_REVISION)
 DEFAULT_TEMPLATE = "summarize: {document}"
 FILE_FORMATS = (".jsonl", ".json", ".parquet", ".tsv")
 
@@ -146,13 +152,46 @@ def _row_problem(row: Mapping[str, Any], document_field: str, summary_field: str
     return ""
 
 
+def _load_hub_xsum(split: str) -> Any:
+    """XSum from the hub: its main branch, or, where that holds a loading script `datasets`
+    no longer runs, the hub's parquet conversion (PARQUET_REVISION); says which on stderr."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(HUB_XSUM, split=split)
+    except RuntimeError as exc:
+        if SCRIPT_REFUSED not in str(exc):
+            raise
+        refused = " ".join(str(exc).split())
+    except OSError as exc:
+        # The hub out of reach (a cluster without egress: datasets raises ConnectionError,
+        # "Couldn't reach ... on the Hub") or the dataset gone: the same way out as below.
+        raise DataError(
+            f"--dataset xsum: cannot read {HUB_XSUM} from the hub "
+            f"({' '.join(str(exc).split()) or type(exc).__name__}); from a machine that can "
+            f"reach it, copy it to the bucket as parquet and pass --dataset "
+            f"gs://BUCKET/data/xsum-test.parquet (docs/gke.md, \"XSum as parquet\")") from exc
+    repo, revision = _PARQUET_SOURCE
+    print(f"{HUB_XSUM}: {refused}; reading the hub's parquet conversion (revision "
+          f"{revision})", file=sys.stderr, flush=True)
+    try:
+        ds = datasets.load_dataset(repo, revision=revision, split=split)
+    except Exception as exc:  # noqa: BLE001 - any failure of the retry gets the same way out
+        first = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(
+            f"--dataset xsum: {HUB_XSUM} holds a loading script that datasets "
+            f"{datasets.__version__} refuses, and its parquet conversion (revision "
+            f"{revision}) failed too ({first}); pass --dataset a parquet copy, e.g. "
+            f"gs://BUCKET/data/xsum-test.parquet (docs/gke.md, \"XSum as parquet\")") from exc
+    print(f"{HUB_XSUM}: read revision {revision}", file=sys.stderr, flush=True)
+    return ds
+
+
 def _iter_rows(
     dataset: str, split: str, document_field: str, summary_field: str, limit: int | None
 ) -> Iterator[tuple[int, Mapping[str, Any]]]:
     if dataset in ("xsum", HUB_XSUM):
-        import datasets
-
-        ds = datasets.load_dataset(HUB_XSUM, split=split)
+        ds = _load_hub_xsum(split)
         yield from _from_hf(ds, dataset, document_field, summary_field, limit)
         return
     suffix = _suffix(dataset)

@@ -37,7 +37,8 @@ from core.yaml_file import read_yaml
 STAGES = ("convert", "serve", "evaluate")
 # Flags the pipeline sets itself: a config may not give them.
 _MANAGED = {
-    "convert": {"json", "address", "resume", "overwrite"},
+    # format: the pipeline serves what it converts, so it always writes FT shards (--format ft).
+    "convert": {"json", "address", "resume", "overwrite", "format"},
     "serve": {"json", "address"},
     "evaluate": {"json", "address", "url", "output", "resume"},
 }

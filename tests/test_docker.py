@@ -50,6 +50,17 @@ def test_ray_image_installs_only_this_package():
     assert re.findall(r"^RUN pip install .*$", RAY, re.M) == ["RUN pip install --no-cache-dir ."]
 
 
+def test_gpu_ray_image_gets_cuda_jax_at_the_pinned_version():
+    # The gpu worker group runs `evaluate --backend in-process` on its GPUs: CUDA jax, pinned.
+    match = re.search(r'if \[ "\$VARIANT" = "-gpu" \]; then \\\s+pip install --no-cache-dir '
+                      r'"jax\[cuda12\]==(\S+)"', RAY)
+    assert match and match.group(1) == _pin("jax")
+    assert RAY.index("FROM rayproject") < RAY.index("\nARG VARIANT\n")  # visible after FROM
+    cloudbuild = yaml.safe_load((REPO / "docker" / "cloudbuild.yaml").read_text())
+    assert any("VARIANT=-gpu" in step["args"] for step in cloudbuild["steps"])
+    assert cloudbuild["options"]["logging"] == "CLOUD_LOGGING_ONLY"
+
+
 def test_serving_image_pins_match_pyproject():
     assert re.search(r'"jax\[cuda12\]==(\S+)"', SERVING).group(1) == _pin("jax")
     release = _arg(SERVING, "TRITON_RELEASE")

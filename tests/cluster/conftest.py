@@ -26,7 +26,10 @@ REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO / "cluster" / "schemas"  # KubeRay v1.7.0 and PodMonitoring CRDs (README.md)
 
 PLURALS = {"namespaces", "serviceaccounts", "services", "pods", "events", "deployments",
-           "roles", "rolebindings", "rayclusters", "rayjobs", "podmonitorings"}
+           "roles", "rolebindings", "rayclusters", "rayjobs", "podmonitorings",
+           "customresourcedefinitions"}
+OPERATOR = "/apis/apps/v1/namespaces/kuberay-system/deployments/kuberay-operator"
+CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 
 @dataclasses.dataclass
@@ -59,6 +62,7 @@ def _status(code: int, reason: str, message: str) -> dict:
 class FakeKubeAPI:
     def __init__(self):
         self.objects: dict[str, dict] = {}
+        self.baseline: dict[str, dict] = {}  # what reset() puts back (an installed operator)
         self.requests: list[Recorded] = []
         self.statuses: dict[str, list[dict]] = {}  # path -> successive `status` on GET
         self.faults: list[list] = []  # [method, path regex, status, remaining]
@@ -124,6 +128,7 @@ class FakeKubeAPI:
 
     def reset(self) -> None:
         self.objects.clear()
+        self.objects.update(self.baseline)
         self.requests.clear()
         self.statuses.clear()
         self.faults.clear()
@@ -199,9 +204,62 @@ def fake_api():
     server.close()
 
 
+def operator_deployment(values: dict, image: str | None = None) -> dict:
+    """The KubeRay operator's Deployment as the v1.7.0 chart renders it with VALUES (labels
+    from _helpers.tpl "kuberay-operator.labels", the --feature-gates flag from
+    "kuberay.featureGates"): only the fields the doctor reads."""
+    from cluster import kuberay
+
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "kuberay-operator", "namespace": "kuberay-system",
+                         "labels": {"app.kubernetes.io/name": "kuberay-operator",
+                                    "app.kubernetes.io/instance": "kuberay-operator"}},
+            "spec": {"template": {"spec": {"containers": [{
+                "name": "kuberay-operator", "image": image or kuberay.chart_image(),
+                "command": ["/manager"],
+                "args": [kuberay.feature_gates_arg(values), "--enable-leader-election=true"]}]}}},
+            "status": {"replicas": 1, "availableReplicas": 1}}
+
+
+_CRDS: dict[str, dict] = {}
+
+
+def vendored_crd(file_name: str) -> dict:
+    """The vendored CRD file as the API server returns it (parsed once per session)."""
+    if file_name not in _CRDS:
+        _CRDS[file_name] = yaml.load((SCHEMAS / file_name).read_text(),
+                                     Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return _CRDS[file_name]
+
+
+def install_kuberay(server: FakeKubeAPI) -> None:
+    """What the setup script leaves: the operator (with the script's Helm values), the v1.7.0
+    CRDs, and Managed Prometheus' PodMonitoring CRD."""
+    from cluster import gcloud
+    from cluster.config import load_config
+
+    cfg = load_config(REPO / "examples" / "cluster-gke.yaml")
+    server.objects[OPERATOR] = operator_deployment(gcloud.helm_values(cfg))
+    # GKE's Managed Prometheus (the setup script enables it) installs the PodMonitoring CRD.
+    for file_name in ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml",
+                      "monitoring.googleapis.com_podmonitorings.yaml"):
+        crd = vendored_crd(file_name)
+        server.objects[f"{CRD_PATH}/{crd['metadata']['name']}"] = crd
+
+
+@pytest.fixture(autouse=True)
+def _no_google_credentials(monkeypatch, tmp_path):
+    """No Google credentials here (as on this machine): doctor skips its Google checks."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud-config"))
+
+
 @pytest.fixture
 def api(fake_api):
-    """The module's fake API, emptied for this test."""
+    """The module's fake API, emptied for this test, with KubeRay installed."""
+    if not fake_api.baseline:
+        install_kuberay(fake_api)
+        fake_api.baseline = dict(fake_api.objects)
     fake_api.reset()
     return fake_api
 

@@ -248,3 +248,43 @@ def test_killed_conversion_resumes_rewriting_only_missing_files(gcs, cluster, so
     assert not rewritten, f"--resume rewrote finished files: {rewritten[:5]}"
     assert_same_as_reference(gcs, prefix, reference)
     assert [p.name for p in node_scratch.iterdir()] == []  # no part file, no lease
+
+
+def test_hf_gcs_to_gcs_killed_and_resumed_equals_an_uninterrupted_run(gcs, cluster, sources,
+                                                                      tmp_path):
+    """--format hf: the same machinery (per-layer shards, manifest, --resume) from gs:// to
+    gs://; the killed and resumed folder is byte for byte the uninterrupted one."""
+    c = cluster
+    shards = 1 + CFG.num_encoder_layers + CFG.num_decoder_layers
+    plain = run_convert(sources["gcs"], f"gs://{gcs.bucket}/out/hf-plain", c.address,
+                        "--format", "hf", "--verify")
+    assert plain["output"] == f"gs://{gcs.bucket}/out/hf-plain/t5"
+    assert (plain["files"], plain["verified"], plain["unaccounted"]) == (shards, True, [])
+
+    prefix = "out/hf-resumed"
+    manifest = f"{prefix}/t5/manifest.json"
+    node_scratch = tmp_path / "node-scratch"
+    env = {**os.environ, scratch.SCRATCH_DIR_ENV: str(node_scratch)}
+
+    def recorded() -> list[dict]:
+        try:
+            return manifest_files(gcs.client.bucket(gcs.bucket).blob(manifest).download_as_text())
+        except Exception:  # noqa: BLE001 - not written yet
+            return []
+
+    proc = _start(convert_cmd(sources["gcs"], f"gs://{gcs.bucket}/{prefix}", c.address,
+                              "--format", "hf"), env)
+    _wait_for(proc, lambda: len(recorded()) >= shards // 3, "a third of the shards recorded")
+    writers = lease_owners(node_scratch)
+    kill_writers(writers)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    wait_gone(list(writers))
+    done = {e["name"] for e in recorded()}
+    assert shards // 3 <= len(done) < shards, f"{len(done)} of {shards} recorded at the kill"
+    assert "t5/config.json" not in gcs.blobs(prefix), "an interrupted run looks complete"
+
+    summary = run_convert(sources["gcs"], f"gs://{gcs.bucket}/{prefix}", c.address,
+                          "--format", "hf", "--resume", env=env)
+    assert summary["skipped_files"] >= len(done)
+    assert gcs.sha256_tree(prefix) == gcs.sha256_tree("out/hf-plain")
