@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from core import gcs_env, storage  # noqa: E402
 from core.ft_format import T5Config  # noqa: E402
 from demo.t5x_writer import gin_config, t5x_param_shapes  # noqa: E402
+from testing import gcs_emulator  # noqa: E402
 
 BUCKET = "t5ft-bench"
 CFG = T5Config(d_model=2048, num_heads=16, d_kv=64, d_ff=2048, vocab_size=32128,
@@ -48,7 +49,7 @@ MiB = 1 << 20
 
 def write_source(url: str, chunk_bytes: int) -> int:
     """Random fp32 parameters, one at a time, as t5x saves to gs://; returns bytes stored."""
-    from demo.t5x_gcs import write_t5x_checkpoint_gcs
+    from testing.t5x_gcs import write_t5x_checkpoint_gcs
 
     shapes = t5x_param_shapes(CFG)
     rng = np.random.default_rng(0)
@@ -160,7 +161,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     chunk_bytes = int(args.chunk_mib * MiB)
 
-    proc, url = gcs_env.start_emulator(backend="filesystem", root=workdir / "emulator")
+    proc, url = gcs_emulator.start_emulator(backend="filesystem", root=workdir / "emulator")
     os.environ.update(gcs_env.emulator_env(url))
     try:
         gcs_env.storage_client().create_bucket(BUCKET)

@@ -103,8 +103,8 @@ def run_check(rows: int = 8, out_len: int = 32, devices: int = 1) -> dict:
 
     import jax
 
-    from demo.ft_writer import random_ft_weights, write_ft_folder
     from serving.engine import SamplingParams, T5Engine
+    from testing.ft_writer import random_ft_weights, write_ft_folder
 
     cfg = CHECK_MODEL
     cpu = jax.devices("cpu")[0]

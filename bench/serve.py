@@ -72,7 +72,7 @@ def start_server(repo: Path) -> tuple[subprocess.Popen, str]:
 def build_repository_plain(work: Path, cfg, dtype: str) -> Path:
     """A jax-engine model repository ``t5`` from random FT-layout weights, without Ray."""
     from core import repository
-    from demo.ft_writer import random_ft_weights, write_ft_folder
+    from testing.ft_writer import random_ft_weights, write_ft_folder
 
     repo = work / "repo"
     version = repo / "t5" / "1"

@@ -54,8 +54,8 @@ def main() -> int:
     import jax
 
     from bench.serve import build_repository_plain, server_device
-    from demo.ft_writer import UL2_TINY
     from serving.engine import SamplingParams, T5Engine
+    from testing.ft_writer import UL2_TINY
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         repo = build_repository_plain(Path(tmp), UL2_TINY, "fp32")

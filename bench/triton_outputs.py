@@ -57,7 +57,7 @@ def collect(path: Path) -> None:
     import tritonclient.grpc as grpcclient
 
     from core import repository
-    from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
+    from testing.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 
     with tempfile.TemporaryDirectory(prefix="triton-outputs-") as tmp:
         repo = Path(tmp) / "repo"

@@ -53,13 +53,13 @@ def write_repository(repo: Path, cfg: T5Config, seed: int = 0, max_batch_size: i
                      ) -> Path:
     """``<repo>/t5``: bf16 FT weights drawn on the default jax device, Triton config, model.py.
 
-    Each tensor follows demo.ft_writer's init (same offsets and scales); the LM head's end-id
+    Each tensor follows testing.ft_writer's init (same offsets and scales); the LM head's end-id
     row is zero (see the module doc)."""
     import jax
     import jax.numpy as jnp
 
     from core import ft_format, repository
-    from demo.ft_writer import _init_scale, tensor_stem
+    from testing.ft_writer import _init_scale, tensor_stem
 
     version = repo / "t5" / "1"
     folder = version / ft_format.weights_dir_name(1)

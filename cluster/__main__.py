@@ -35,8 +35,8 @@ from cluster import diagnose, doctor, gcloud, monitoring, pods, raycluster, rbac
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
+from core.cli import emit_summary, run_main
 from core.errors import UserError
-from ray_jobs._cli import emit_summary, run_main
 
 
 def _progress(message: str) -> None:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
+from core.errors import UserError
 from core.yaml_file import read_yaml
 
 # Triton backends an image can serve: "python" runs our JAX engine (docker/serving.Dockerfile),
@@ -42,7 +43,7 @@ _GSA = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]@[a-z][-a-z0-9]{4,28}[a-z0-9]"
                   r"\.iam\.gserviceaccount\.com$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The config file is wrong; the message names the key."""
 
 

@@ -17,8 +17,6 @@ from cluster.config import ClusterConfig, WorkerGroup
 GROUP = "ray.io"
 VERSION = "v1"
 API_VERSION = f"{GROUP}/{VERSION}"
-RAYCLUSTER_PLURAL = "rayclusters"
-RAYJOB_PLURAL = "rayjobs"
 
 DASHBOARD_PORT = 8265
 CLIENT_PORT = 10001

@@ -2,6 +2,7 @@
 
 Data flows one way: ``t5x`` (read a checkpoint) -> ``arch`` (what model it is) -> ``plan`` (every
 output file, its sources and transform; pure) -> ``run`` (one Ray task per layer) -> ``storage``
-(atomic local / gs:// writes). ``ft_format`` is the FT format itself, shared with serving;
-``triton_config`` writes config.pbtxt. Entry point: ``python -m ray_jobs.convert``.
+(atomic local / gs:// writes). ``core.ft_format`` is the FT format itself, shared with
+serving; ``core.repository`` writes config.pbtxt and lays out the repository. Entry point:
+``python -m ray_jobs.convert``.
 """

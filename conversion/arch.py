@@ -33,6 +33,7 @@ import numpy as np
 
 # config.gin is read by conversion.gin_config; parse_gin stays importable from here.
 from conversion.gin_config import parse_gin as parse_gin
+from core.errors import UserError
 from core.t5config import T5Config
 
 Source = Literal["shapes", "gin", "flag", "default"]
@@ -53,7 +54,7 @@ _SCANNED_RELPOS = ("relpos_bias.rel_embedding", "relative_posemb.rel_embedding")
 FLAG_HINT = "--param-scan-axis"
 
 
-class ArchError(ValueError):
+class ArchError(UserError, ValueError):
     """The parameters do not describe a T5 encoder-decoder we can convert."""
 
 

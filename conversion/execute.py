@@ -15,18 +15,18 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from conversion.errors import ConversionError
+from conversion.errors import ConversionError, ConversionRefused
 from conversion.placement import ReadAhead, read_refs, write_shard, write_tensor
 from conversion.plan import LayerTask, OutputTensor
 from conversion.t5x import Checkpoint
 from core import manifest as manifest_lib
 from core import scratch, storage
-from core.errors import first_line
+from core.errors import UserError, first_line
 from core.gcs_env import forwarded_env
 from core.manifest import DEFAULT_DIGEST, Digest, ManifestEntry
 
 if TYPE_CHECKING:
-    from conversion.run import ConvertOptions
+    from conversion.options import ConvertOptions
 
 
 def task_env() -> dict[str, Any] | None:
@@ -118,13 +118,13 @@ def verify_layer(task: LayerTask, out_dir: str,
         url = storage.join(out_dir, name)
         entry = manifest.get(name)
         if entry is None:
-            raise ConversionError(f"verify: {name} is not in the manifest")
+            raise ConversionRefused(f"verify: {name} is not in the manifest")
         problem = manifest_lib.file_mismatch(url, entry)
         if problem is not None and problem[0] == "bytes":
-            raise ConversionError(f"verify: {url} holds {problem[1]} bytes, manifest says "
-                                  f"{entry.bytes}")
+            raise ConversionRefused(f"verify: {url} holds {problem[1]} bytes, manifest says "
+                                    f"{entry.bytes}")
         if problem is not None:
-            raise ConversionError(f"verify: {url} does not match its manifest {problem[0]}")
+            raise ConversionRefused(f"verify: {url} does not match its manifest {problem[0]}")
     return {"group": task.group, "files": len(task.file_names())}
 
 
@@ -136,7 +136,7 @@ def _cause(exc: BaseException) -> BaseException:
 
 
 class _Progress:
-    """A tqdm bar on a terminal, otherwise a plain line per finished task on stdout; and the
+    """A tqdm bar on a terminal, otherwise a plain line per finished task on stderr; and the
     Ray dashboard's view: ``t5ft_convert_tasks_done`` / ``t5ft_convert_tasks_total`` and
     ``t5ft_convert_bytes_done`` counters, tagged by model and step ("convert" or "verify")."""
 
@@ -179,7 +179,8 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(nbytes)
         elif self.enabled:
-            print(f"{self.label}: {group} done ({self.done}/{self.tasks})", flush=True)
+            print(f"{self.label}: {group} done ({self.done}/{self.tasks})", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         """Close the terminal bar, if any."""
@@ -199,7 +200,7 @@ def check_fits(opts: ConvertOptions) -> None:
         return
     cpus = max((r.get("CPU", 0) for r in nodes), default=0)
     gpus = max((r.get("GPU", 0) for r in nodes), default=0)
-    raise ConversionError(
+    raise ConversionRefused(
         f"--task-cpus {opts.task_cpus:g} --task-gpus {opts.task_gpus:g} fit no node of the Ray "
         f"cluster (the largest has {cpus:g} CPUs, {gpus:g} GPUs): no task could ever start")
 
@@ -240,8 +241,11 @@ def run_tasks(fn: Callable[..., dict[str, Any]], calls: list[tuple[LayerTask, tu
                     if pending:
                         ray.wait(list(pending), num_returns=len(pending), timeout=60)
                     cause = _cause(exc)
-                    raise ConversionError(
-                        f"{label} of {task.group} failed: {first_line(cause)}") from cause
+                    # A refusal inside a task (bad chunk, full disk, a file that does not
+                    # verify) stays one; anything else is a bug and keeps its traceback.
+                    error = ConversionRefused if isinstance(cause, (UserError, OSError)) \
+                        else ConversionError
+                    raise error(f"{label} of {task.group} failed: {first_line(cause)}") from cause
                 progress.update(task.group, task.bytes())
                 if on_result is not None:
                     on_result(results)

@@ -25,6 +25,7 @@ from typing import Any
 from gin import config_parser
 
 from core import storage
+from core.errors import UserError
 
 # Where each size may be bound, first match wins: t5x's T5Config (t5x/examples/t5/network.py,
 # scalable_t5/network.py), flaxformer's modules (the UL2 release's architecture), then the
@@ -47,7 +48,7 @@ _MAX_INCLUDE_DEPTH = 16
 _MAX_MACRO_CHAIN = 32
 
 
-class GinError(ValueError):
+class GinError(UserError, ValueError):
     """config.gin is not valid gin syntax (the message names the file and line)."""
 
 

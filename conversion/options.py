@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import pydantic
 from pydantic import ConfigDict
 
 from core import ft_format
 from core.manifest import DIGESTS
-from core.options import StageOptions, option
+from core.options import OptionsError, StageOptions, option
 from core.repository import ENGINES
 from core.t5config import ACTIVATIONS
 
@@ -100,3 +101,13 @@ class ConvertOptions(StageOptions):
         "(default 0)")
     progress: bool = option(True, help="no progress output",
                            flag="--no-progress")
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> ConvertOptions:
+        """What no checkpoint could make right, refused the same way on every path."""
+        if self.overwrite and self.resume:
+            raise OptionsError("--resume and --overwrite exclude each other")
+        if self.pipeline_parallel < 1:
+            raise OptionsError(f"pipeline-parallel size must be >= 1, got "
+                               f"{self.pipeline_parallel}")
+        return self

@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from core import storage
+from core.errors import UserError
 from core.gcs_env import is_gcs, tensorstore_kvstore
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"  # one per saved step (any orbax checkpointer)
@@ -36,7 +37,7 @@ T5X_STATE_ITEM = "state"  # t5x.checkpoints._STATE_KEY: the train state's item
 _ARRAY_TYPES = ("jax.Array", "np.ndarray", "scalar")
 
 
-class OrbaxLayoutError(ValueError):
+class OrbaxLayoutError(UserError, ValueError):
     """The folder's orbax metadata does not describe a readable PyTree of arrays."""
 
 

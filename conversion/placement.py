@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from conversion.errors import ConversionError
+from conversion.errors import ConversionError, ConversionRefused
 from conversion.plan import LayerTask, OutputTensor, SourceRef
 from conversion.t5x import Checkpoint
 from core import ft_format, storage
@@ -330,7 +330,7 @@ def check_identical(ckpt: Checkpoint, tensor: OutputTensor) -> None:
     for ref in tensor.sources[1:]:
         other = ckpt.read(ref.param, _layer_index(ref))
         if first.tobytes() != other.tobytes() and tensor.transform == "transpose_identical":
-            raise ConversionError(
+            raise ConversionRefused(
                 f"scanned checkpoint: the per-layer relative-position tables differ "
                 f"({ref.param} differs between layer 0 and layer {ref.layer}); transformers' T5 "
                 "holds one table per stack (block 0's), so no Hugging Face T5 checkpoint can "
@@ -338,7 +338,7 @@ def check_identical(ckpt: Checkpoint, tensor: OutputTensor) -> None:
                 " table"
             )
         if first.tobytes() != other.tobytes():
-            raise ConversionError(
+            raise ConversionRefused(
                 f"scanned checkpoint: the per-layer relative-position tables differ "
                 f"({ref.param} differs between layer 0 and layer {ref.layer}); FasterTransformer "
                 "holds one table per stack, so it cannot serve this model exactly: convert with "

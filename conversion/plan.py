@@ -40,6 +40,7 @@ import numpy as np
 
 from conversion.arch import T5Arch, scanned_relpos_name
 from core import ft_format
+from core.errors import UserError
 from core.ft_format import FileSpec, Split
 from core.t5config import T5Config
 
@@ -47,7 +48,7 @@ Transform = Literal["copy", "transpose", "fuse_qkv", "copy_identical", "transpos
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The checkpoint cannot be converted with these options (missing or misshapen tensor,
     tensor-parallel size that does not divide, unsupported dtype)."""
 

@@ -15,7 +15,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from conversion.errors import ConversionError
+from conversion.errors import ConversionRefused
 from conversion.execute import task_env
 from conversion.plan import ConversionPlan
 from conversion.t5x import Checkpoint
@@ -24,7 +24,7 @@ from core import manifest as manifest_lib
 from core.manifest import ManifestEntry
 
 if TYPE_CHECKING:
-    from conversion.run import ConvertOptions
+    from conversion.options import ConvertOptions
 
 
 def identity(ckpt: Checkpoint, plan: ConversionPlan) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def _read_manifest(url: str) -> tuple[dict, dict[str, ManifestEntry]] | None:
     try:
         return manifest_lib.read_manifest(url)
     except manifest_lib.ManifestError as exc:
-        raise ConversionError(str(exc)) from exc
+        raise ConversionRefused(str(exc)) from exc
 
 
 def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any],
@@ -64,7 +64,7 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
     manifests = sorted(f for f in existing if f == ours or (
         f.startswith("1/") and f.endswith(f"/{ft_format.MANIFEST}") and f.count("/") == 2))
     if not manifests:
-        raise ConversionError(
+        raise ConversionRefused(
             f"{model_dir} already holds files that are not this conversion (no manifest at "
             f"{manifest_url}); pass --overwrite to replace them")
     for name in [ours] if ours in manifests else manifests[:1]:
@@ -79,14 +79,14 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
                 sub = [f for f in sorted({*was, *now}) if was.get(f) != now.get(f)]
                 k = f"{k}.{sub[0]}" if sub else k
                 was, now = (was.get(sub[0]), now.get(sub[0])) if sub else (was, now)
-            raise ConversionError(
+            raise ConversionRefused(
                 f"{model_dir} already holds a different model ({k} {was!r}, not "
                 f"{now!r}); pass --overwrite to replace it")
     weights_prefix = ours.rsplit("/", 1)[0] + "/"
     others = [f for f in existing if "/" in f and not f.startswith(weights_prefix)
               and f != "1/model.py"]
     if others:
-        raise ConversionError(f"{model_dir} also holds {others[0]}, not part of this "
+        raise ConversionRefused(f"{model_dir} also holds {others[0]}, not part of this "
                               "conversion; pass --overwrite to replace it")
     return entries if opts.resume else {}
 

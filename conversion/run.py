@@ -25,24 +25,20 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from conversion import hf_files, resume, source_id
-from conversion.arch import ArchError, T5Arch, infer_arch
-from conversion.errors import ConversionError
+from conversion.arch import T5Arch, infer_arch
+from conversion.errors import ConversionError, ConversionRefused
 from conversion.execute import check_fits, convert_layer, run_tasks, verify_layer
 from conversion.gin_config import GinConfig, GinError, read_gin
 from conversion.hf_plan import make_hf_plan
 from conversion.options import ConvertOptions
-from conversion.plan import ConversionPlan, PlanError, make_plan
-from conversion.t5x import Checkpoint, CheckpointError, open_checkpoint
+from conversion.plan import ConversionPlan, make_plan
+from conversion.t5x import Checkpoint, open_checkpoint
 from core import ft_format, hf_format, repository, scratch, storage
 from core.manifest import ManifestEntry, manifest_json, parse_manifest, write_manifest
 
-__all__ = ["USER_ERRORS", "ConversionError", "ConvertOptions", "choose_vocab", "convert",
+__all__ = ["ConversionError", "ConversionRefused", "ConvertOptions", "Converted", "choose_vocab",
+           "convert",
            "convert_layer", "find_gin", "prepare", "verify_layer"]
-
-# Errors caused by the input or the options: entry points report them as one line, exit 2.
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, ArchError, PlanError,
-                                            ConversionError)
-
 
 def find_gin(ckpt_path: str) -> str | None:
     """config.gin beside the checkpoint, or in one of the two folders above it (t5x writes it in
@@ -68,11 +64,11 @@ def prepare(opts: ConvertOptions
     gin = None
     if gin_url:
         if not storage.exists(gin_url):
-            raise ConversionError(f"gin file {gin_url} does not exist")
+            raise ConversionRefused(f"gin file {gin_url} does not exist")
         try:
             gin = read_gin(storage.read_text(gin_url), gin_url)
         except GinError as exc:
-            raise ConversionError(f"gin file {exc}") from None
+            raise ConversionRefused(f"gin file {exc}") from None
     shapes = {name: p.shape for name, p in ckpt.params.items()}
     arch = infer_arch(shapes, gin.t5_values() if gin else None, opts.activation,
                       opts.param_scan_axis)
@@ -124,10 +120,16 @@ class _Paths:
     @classmethod
     def of(cls, opts: ConvertOptions, tensor_parallel: int, model_dir: str | None = None
            ) -> _Paths:
-        model_dir = model_dir or storage.join(opts.dst, opts.model_name)
+        """The paths of DST/<model>, or of MODEL_DIR (a write-aside folder) laid out alike."""
         if opts.format == "hf":
+            model_dir = model_dir or repository.model_dir(opts.dst, opts.model_name)
             return cls(model_dir, model_dir, storage.join(model_dir, hf_format.MANIFEST),
                        storage.join(model_dir, hf_format.CONFIG))
+        if model_dir is None:
+            out_dir = repository.weights_url(opts.dst, opts.model_name, tensor_parallel)
+            return cls(repository.model_dir(opts.dst, opts.model_name), out_dir,
+                       storage.join(out_dir, ft_format.MANIFEST),
+                       repository.config_url(opts.dst, opts.model_name))
         out_dir = storage.join(model_dir, "1", ft_format.weights_dir_name(tensor_parallel))
         return cls(model_dir, out_dir, storage.join(out_dir, ft_format.MANIFEST),
                    storage.join(model_dir, "config.pbtxt"))
@@ -140,29 +142,26 @@ def check_model_name(name: str) -> None:
     bad = (not name or name in (".", "..") or any(c in name for c in "/\\\0")
            or name != name.strip() or any(ord(c) < 32 for c in name))
     if bad:
-        raise ConversionError(f"model name {name!r} is not one folder name (no '/', '\\', "
+        raise ConversionRefused(f"model name {name!r} is not one folder name (no '/', '\\', "
                               "'..', '.', control characters, surrounding spaces or empty): it "
                               "names the folder DST/<model> that is written and replaced")
 
 
 def _check_options(opts: ConvertOptions) -> None:
     """Refuse (one line) options that no checkpoint could make right."""
+    # engine (a Literal), pipeline_parallel and resume/overwrite: ConvertOptions checks them.
     check_model_name(opts.model_name)
     if not storage.is_gcs(opts.dst) and os.path.exists(opts.dst) and \
             not os.path.isdir(opts.dst):
-        raise ConversionError(f"--dst {opts.dst} is a file, not a folder")
+        raise ConversionRefused(f"--dst {opts.dst} is a file, not a folder")
     for flag, value in (("--task-cpus", opts.task_cpus), ("--task-gpus", opts.task_gpus)):
         if value < 0:
-            raise ConversionError(f"{flag} must be >= 0, got {value:g}")
-    if opts.engine not in repository.ENGINES:
-        raise ConversionError(f"engine {opts.engine!r} is not one of {repository.ENGINES}")
-    if opts.pipeline_parallel < 1:
-        raise ConversionError(f"pipeline-parallel size must be >= 1, got {opts.pipeline_parallel}")
+            raise ConversionRefused(f"{flag} must be >= 0, got {value:g}")
     if opts.format == "hf" and opts.tensor_parallel != 1:
-        raise ConversionError("--tensor-parallel does not apply to --format hf (a Hugging Face "
-                              "checkpoint holds whole tensors; engines split them at load)")
+        raise ConversionRefused("--tensor-parallel does not apply to --format hf (a Hugging Face "
+                                "checkpoint holds whole tensors; engines split them at load)")
     if opts.vocab and not storage.exists(opts.vocab):
-        raise ConversionError(f"vocabulary {opts.vocab} does not exist")
+        raise ConversionRefused(f"vocabulary {opts.vocab} does not exist")
     if opts.vocab:
         _check_vocab(opts.vocab)
 
@@ -176,7 +175,7 @@ def _check_vocab(url: str) -> None:
     try:
         sentencepiece.SentencePieceProcessor(model_proto=storage.read_bytes(url))
     except (RuntimeError, OSError, ValueError) as exc:
-        raise ConversionError(f"vocabulary {url} is not a SentencePiece model "
+        raise ConversionRefused(f"vocabulary {url} is not a SentencePiece model "
                               f"(sentencepiece: {str(exc).splitlines()[0] if str(exc) else exc})"
                               ) from None
 
@@ -195,7 +194,7 @@ def _check_overlap(ckpt: Checkpoint, paths: _Paths) -> None:
     """Refuse a destination model folder that holds, or is inside, the checkpoint it reads
     (replacing it would delete the source before the conversion failed)."""
     if _within(ckpt.path, paths.model_dir) or _within(paths.model_dir, ckpt.path):
-        raise ConversionError(f"the model folder {paths.model_dir} overlaps the checkpoint "
+        raise ConversionRefused(f"the model folder {paths.model_dir} overlaps the checkpoint "
                               f"{ckpt.path} it converts: choose another --dst or --model-name")
 
 
@@ -205,7 +204,7 @@ def _check_pipeline(opts: ConvertOptions, arch: T5Arch) -> None:
     for side, layers in (("encoder", cfg.num_encoder_layers),
                          ("decoder", cfg.num_decoder_layers)):
         if layers % opts.pipeline_parallel:
-            raise ConversionError(f"pipeline-parallel size {opts.pipeline_parallel} does not "
+            raise ConversionRefused(f"pipeline-parallel size {opts.pipeline_parallel} does not "
                                   f"divide the {layers} {side} layers")
 
 
@@ -310,10 +309,10 @@ def _write_model_files(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths
     storage.write_text(storage.join(paths.out_dir, ft_format.CONFIG_INI),
                        ft_format.config_ini(plan.config, plan.weight_dtype, plan.tensor_parallel))
     if vocab:
-        storage.write_bytes(storage.join(paths.model_dir, "spiece.model"),
+        storage.write_bytes(repository.vocab_url(opts.dst, opts.model_name),
                             storage.read_bytes(vocab))
     if opts.engine == "jax":
-        storage.write_text(storage.join(paths.model_dir, "1", "model.py"),
+        storage.write_text(storage.join(paths.model_dir, repository.VERSION, "model.py"),
                            repository.JAX_MODEL_PY)
 
 
@@ -389,8 +388,20 @@ def _swap(staging: str, model_dir: str, config_url: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary.
+class Converted(dict):
+    """What :func:`convert` returns: the JSON summary (a dict, as printed) and ``model``, the
+    converted model's handle (core.repository.ConvertedModel) that serve and evaluate take;
+    None for ``--format hf``, which writes no Triton repository."""
+
+    def __init__(self, summary: dict[str, Any],
+                 model: repository.ConvertedModel | None) -> None:
+        super().__init__(summary)
+        self.model = model
+
+
+def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> Converted:
+    """Convert ``opts.src`` into the Triton model repository ``opts.dst``; returns the summary
+    with the converted model's handle (:class:`Converted`).
 
     ``connect`` starts or joins Ray (``ray_jobs._cli.init_ray``); it is called only once the
     checkpoint, the plan and the destination have been checked, so bad input fails fast.
@@ -399,14 +410,15 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     t0 = time.monotonic()
     _check_options(opts)
     ckpt, arch, plan, gin = prepare(opts)
-    _check_pipeline(opts, arch)
     vocab, vocab_source, gin_warnings = choose_vocab(opts.vocab, gin)
+    _check_pipeline(opts, arch)
     final = _Paths.of(opts, plan.tensor_parallel)
     _check_overlap(ckpt, final)
     identity = resume.identity(ckpt, plan)
     source = source_id.read_state(ckpt)  # before anything is written: no missing chunk
     _check_tables(ckpt, plan)
     paths = _aside(opts, plan, final, identity)
+    model = None
     with _discarded_on_failure(paths, final):
         removed, previous = _clear_destination(opts, paths, identity, connect)
         previous, redone = _drop_changed(paths, plan, source, previous)
@@ -428,21 +440,25 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
             config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
                                              opts.pipeline_parallel, opts.inference_dtype)
             storage.write_text(paths.config_url, repository.to_pbtxt(config))
+            model = repository.ConvertedModel(opts.dst, opts.model_name, config)
     if paths != final:
         _swap(paths.model_dir, final.model_dir, final.config_url)
         paths = final
     vocab_info = {"gin": header["gin"], "gin_warnings": gin_warnings, "vocab": vocab,
                   "vocab_source": vocab_source}
-    return _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
-                    {"verified": opts.verify, "unaccounted": unaccounted,
-                     "scratch_removed": removed.as_dict(), "redone_source_changed": redone,
-                     "chunks_read_as_fill": source.fill_chunks}, time.monotonic() - t0)
+    summary = _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
+                       {"verified": opts.verify, "unaccounted": unaccounted,
+                        "scratch_removed": removed.as_dict(), "redone_source_changed": redone,
+                        "chunks_read_as_fill": source.fill_chunks}, time.monotonic() - t0)
+    return Converted(summary, model)
+    return Converted(summary, model)
 
 
 def _summary(opts: ConvertOptions, ckpt: Checkpoint, arch: T5Arch, plan: ConversionPlan,
              paths: _Paths, results: list[dict[str, Any]], vocab_info: dict[str, Any],
              checks: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """The JSON summary ``ray_jobs.convert`` prints (docs/interfaces.md: keys and order)."""
+    """The JSON summary ``ray_jobs.convert`` prints (docs/interfaces.md: its keys; --json
+    prints them sorted)."""
     entries = [e for r in results for e in r["entries"]]
     return {
         "output": paths.out_dir,

@@ -24,7 +24,7 @@ import numpy as np
 
 from conversion import inflate, orbax_layout
 from core import storage
-from core.errors import first_line
+from core.errors import UserError, first_line
 from core.gcs_env import is_gcs, tensorstore_kvstore
 
 # "legacy": t5x's msgpack + zarr; "ocdbt": orbax, arrays in an OCDBT store; "orbax": orbax with
@@ -37,7 +37,7 @@ _LEGACY_DETAIL = "t5x legacy (msgpack 'checkpoint', one zarr folder per array)"
 _PARAM_ROOTS = ("target.", "params.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """The source is not a readable T5X checkpoint, or a parameter cannot be read."""
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """Bad input or a failed precondition: reported as one line, no traceback (exit 2)."""
+    """Anything the user can fix (bad input, options, destination, environment): the entry
+    points report it as one line, no traceback, exit 2 (core.cli.run_main). Every refusal of
+    every stage is one of these; any other exception is a bug and keeps its traceback."""
 
 
 def first_line(exc: BaseException) -> str:

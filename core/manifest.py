@@ -21,8 +21,8 @@ from typing import Literal, Protocol
 import google_crc32c
 import numpy as np
 
-from core import ft_format, storage
-from core.errors import first_line
+from core import ft_format, repository, storage
+from core.errors import UserError, first_line
 
 MANIFEST = ft_format.MANIFEST
 
@@ -85,7 +85,7 @@ def new_hasher(digest: Digest) -> Hasher:
     return _Crc32c() if digest == "crc32c" else _Sha256()
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest exists but cannot be read (bad JSON or a malformed entry)."""
 
 
@@ -223,12 +223,13 @@ def manifest_digest(model_repository: str, model_name: str,
 
     Without ``tensor_parallel`` the first ``<T>-gpu`` folder found is taken.
     """
-    base = storage.join(model_repository, model_name, "1")
+    base = storage.join(model_repository, model_name, repository.VERSION)
     with contextlib.suppress(FileNotFoundError, OSError, ValueError):
-        subs = ([ft_format.weights_dir_name(tensor_parallel)] if tensor_parallel
-                else sorted(storage.list_dirs(base)))
-        for sub in subs:
-            url = storage.join(base, sub, MANIFEST)
+        folders = ([repository.weights_url(model_repository, model_name, tensor_parallel)]
+                   if tensor_parallel else
+                   [storage.join(base, sub) for sub in sorted(storage.list_dirs(base))])
+        for folder in folders:
+            url = storage.join(folder, MANIFEST)
             if storage.exists(url):
                 return hashlib.sha256(storage.read_bytes(url)).hexdigest()
     return None
@@ -245,15 +246,14 @@ def verify_repository(model_repository: str, model_name: str, tensor_parallel: i
     digests only up to ``hash_limit_bytes`` in total; gs:// crc32c entries from metadata,
     sha256 ones not at all, as that is a full download).
     """
-    model_dir = storage.join(model_repository, model_name)
-    out = storage.join(model_dir, "1", ft_format.weights_dir_name(tensor_parallel))
+    model_dir = repository.model_dir(model_repository, model_name)
+    out = repository.weights_url(model_repository, model_name, tensor_parallel)
     t = tensor_parallel
     try:
-        if not storage.exists(storage.join(model_dir, "config.pbtxt")):
+        if not storage.exists(repository.config_url(model_repository, model_name)):
             return f"{model_dir}/config.pbtxt is missing"
         header, entries = parse_manifest(storage.read_text(storage.join(out, MANIFEST)))
-        cfg, dtype = ft_format.parse_config_ini(
-            storage.read_text(storage.join(out, ft_format.CONFIG_INI)))
+        cfg, dtype = repository.read_config_ini(out)
     except FileNotFoundError as exc:
         return f"missing {exc.filename or exc}"
     except (ValueError, KeyError) as exc:
@@ -262,7 +262,7 @@ def verify_repository(model_repository: str, model_name: str, tensor_parallel: i
         return f"{out}/manifest.json says the conversion is incomplete"
     if dtype != weight_dtype or int(header.get("tensor_parallel", t)) != t:
         return f"{out} holds {dtype} at T={header.get('tensor_parallel')}, not {weight_dtype}"
-    if need_vocab and not storage.exists(storage.join(model_dir, "spiece.model")):
+    if need_vocab and not storage.exists(repository.vocab_url(model_repository, model_name)):
         return f"{model_dir}/spiece.model is missing"
     expected = {f.name for f in ft_format.all_files(cfg, t)}
     missing = sorted(expected - set(entries))

@@ -21,27 +21,60 @@ from typing import Any, Literal
 import pydantic
 from pydantic.fields import FieldInfo
 
+from core.errors import UserError
+
+
+class OptionsError(UserError, ValueError):
+    """Options no run could accept (a wrong type, a value out of range); names the flag."""
+
+
+def _refusal(exc: pydantic.ValidationError) -> UserError:
+    """The first problem pydantic found, as the UserError a validator raised or one line."""
+    error = exc.errors()[0]
+    raised = (error.get("ctx") or {}).get("error")
+    if isinstance(raised, UserError):
+        return raised
+    if isinstance(raised, ValueError):  # a validator's own message names the flag
+        return OptionsError(str(raised))
+    where = ".".join(str(p) for p in error.get("loc", ()))
+    flag = f"--{where.replace('_', '-')}: " if where else ""
+    return OptionsError(f"{flag}{error.get('msg')} (got {error.get('input')!r})")
+
 
 class StageOptions(pydantic.BaseModel):
     """Base of every stage's options: attribute access, keyword construction, no extra keys.
 
     ``opts.__dict__`` holds exactly the fields, so ``Model(**{**opts.__dict__, "x": 1})`` copies
-    with a change (as ``dataclasses.replace`` did for the dataclasses these replace).
+    with a change (as ``dataclasses.replace`` did for the dataclasses these replace). Checks
+    live here, as field constraints and model validators, so every entry point (the command
+    lines, the pipeline, a library call) gets the same ones; a failed check is a UserError.
     """
 
     # model_name / model_repository are real option names, not pydantic's namespace.
     model_config = pydantic.ConfigDict(extra="forbid", protected_namespaces=())
 
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise _refusal(exc) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any):  # type: ignore[override]
+        """pydantic's, with a failed check as a UserError (see :class:`StageOptions`)."""
+        try:
+            return super().model_validate(obj, **kwargs)
+        except pydantic.ValidationError as exc:
+            raise _refusal(exc) from None
+
+    def replace(self, **changes: Any):
+        """A checked copy with ``changes`` (the pipeline's per-run overrides)."""
+        return type(self)(**{**self.__dict__, **changes})
+
     @classmethod
     def flag_fields(cls) -> dict[str, FieldInfo]:
         """The fields that are command-line flags (all but those marked ``cli: False``)."""
         return {name: f for name, f in cls.model_fields.items() if _extra(f).get("cli", True)}
-
-    def to_argv(self) -> list[str]:
-        """These options as the stage's command line: True flags given, False/None left out."""
-        return specs_to_argv(flag_specs(type(self)), {
-            spec.key: (not getattr(self, spec.name)) if spec.negated else getattr(self, spec.name)
-            for spec in flag_specs(type(self)).values()})
 
 
 def option(default: Any = ..., *, help: str, metavar: str | None = None,  # noqa: A002

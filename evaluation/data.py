@@ -10,7 +10,7 @@ Sources (``--dataset``):
 
 Local paths may also be ``gs://`` URLs (copied to a temporary file through ``core.storage``).
 A row with a missing or empty document or reference is not dropped silently: it becomes a
-:class:`DataError` that the runner writes to ``errors.jsonl``.
+:class:`RowError` that the runner writes to ``errors.jsonl``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from core.errors import UserError
+
 HUB_XSUM = "EdinburghNLP/xsum"
 # datasets >= 4 refuses script-based hub datasets with this RuntimeError (datasets/load.py);
 # the hub keeps a parquet conversion of every public dataset at this revision, read instead.
@@ -33,7 +35,7 @@ DEFAULT_TEMPLATE = "summarize: {document}"
 FILE_FORMATS = (".jsonl", ".json", ".parquet", ".tsv")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The dataset as a whole cannot be read (bad path, missing field, duplicate ids)."""
 
 

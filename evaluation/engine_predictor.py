@@ -10,8 +10,8 @@ for row, and a request the Triton model would refuse is refused here with the sa
 
 :class:`EngineGenerate` is that answer as a plain callable (no Ray): a benchmark passes it to
 :func:`evaluation.batching.predict_rows`. The engine is built as serving/triton_model/model.py
-builds it from config.pbtxt: the weights folder (``weights_location``), ``data_type`` and
-``max_input_len`` parameters, and ``max_batch_size``.
+builds it, from the same handle (core.repository.ConvertedModel): the weights folder,
+``data_type`` and ``max_input_len`` parameters, and ``max_batch_size``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from evaluation.client import build_request_arrays, declared_only, parse_response
 from evaluation.predictor import BatchPredictor
-from evaluation.tokenizer import read_model_config, weights_location
+from evaluation.tokenizer import open_model
 
 if TYPE_CHECKING:
     from evaluation.options import EvalSettings
@@ -45,20 +45,18 @@ def read_engine_spec(model_repository: str, model_name: str) -> EngineSpec:
       FileNotFoundError: no config.pbtxt, or no config.ini in the weights folder it names.
       evaluation.tokenizer.VocabError: config.pbtxt is not a readable ModelConfig.
     """
-    from core import ft_format, storage
+    from core import storage
+    from core.repository import config_url
 
-    config = read_model_config(model_repository, model_name)
-    if config is None:
-        pbtxt = storage.join(model_repository, model_name, "config.pbtxt")
+    model = open_model(model_repository, model_name)
+    if model is None:
+        pbtxt = config_url(model_repository, model_name)
         raise FileNotFoundError(f"no {pbtxt}: --model-repository holds no model {model_name!r}")
-    params = {k: v.string_value for k, v in config.parameters.items()}
-    weights = weights_location(model_repository, model_name, config)
-    if not storage.exists(storage.join(weights, ft_format.CONFIG_INI)):
-        raise FileNotFoundError(f"no FT weights folder at {weights} (config.ini missing)")
-    return EngineSpec(weights_dir=weights, data_type=params.get("data_type") or "fp32",
-                      max_input_len=int(params.get("max_input_len") or 0),
-                      max_batch_size=int(config.max_batch_size),
-                      inputs=frozenset(i.name for i in config.input))
+    if not storage.exists(model.config_ini_url):
+        raise FileNotFoundError(f"no FT weights folder at {model.weights_dir} (config.ini missing)")
+    return EngineSpec(weights_dir=model.weights_dir, data_type=model.data_type,
+                      max_input_len=model.max_input_len, max_batch_size=model.max_batch_size,
+                      inputs=model.inputs)
 
 
 class EngineGenerate:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
+import pydantic
+
 from core.options import StageOptions, option
 from evaluation.data import DEFAULT_TEMPLATE
 
@@ -94,16 +96,16 @@ class EvalOptions(StageOptions):
     actor_num_cpus: float = option(0.25, cli=False,
                                   help="Ray CPUs each request-sending actor reserves")
 
-    def validate(self) -> list[str]:
+    def checked_urls(self) -> list[str]:
         """Check the settings; returns the parsed endpoint list ("host:port" strings; empty
         with ``--backend in-process``).
 
-        Raises evaluation.runner.EvaluationError naming the flag at fault.
+        Raises evaluation.errors.EvaluationError naming the flag at fault.
         """
-        # Imported here: runner imports this module.
+        # Imported here: evaluation.client loads tritonclient, which building options does not need.
         from core.gcs_env import is_gcs
         from evaluation.client import parse_urls
-        from evaluation.runner import EvaluationError
+        from evaluation.errors import EvaluationError
 
         urls: list[str] = []
         if self.backend == "in-process":
@@ -116,9 +118,6 @@ class EvalOptions(StageOptions):
                     f"--backend in-process reads a local --model-repository, got "
                     f"{self.model_repository} (copy it down first: gcloud storage cp -r "
                     f"{self.model_repository} DIR)")
-            if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
-                raise EvaluationError(
-                    f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
         elif self.url is None:
             raise EvaluationError("--url HOST:PORT is required with --backend triton (or give "
                                   "--backend in-process --model-repository DST)")
@@ -127,6 +126,17 @@ class EvalOptions(StageOptions):
                 urls = parse_urls(self.url)
             except ValueError as exc:
                 raise EvaluationError(str(exc)) from exc
+        return urls
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> EvalOptions:
+        """What no evaluation could run with, refused the same way on every path (the
+        endpoints, known only once servers run, are :meth:`checked_urls`')."""
+        from evaluation.errors import EvaluationError
+
+        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
+            raise EvaluationError(
+                f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
         for name in ("max_input_len", "max_output_len", "beam_width", "top_k", "num_actors",
                      "batch_size", "requests_per_actor", "max_attempts"):
             if getattr(self, name) < 1:
@@ -134,7 +144,7 @@ class EvalOptions(StageOptions):
                 raise EvaluationError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if not self.model_name:
             raise EvaluationError("--model-name is empty")
-        return urls
+        return self
 
 
 EvalSettings = EvalOptions

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core import scratch, storage
+from core.errors import UserError
 
 PREDICTIONS = "predictions.jsonl"
 ERRORS = "errors.jsonl"
@@ -34,7 +35,7 @@ REPORT = "report.html"
 SETTINGS = "run_settings.json"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """The existing predictions do not belong to this evaluation."""
 
 

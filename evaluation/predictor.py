@@ -20,7 +20,7 @@ from evaluation.client import RequestFailed, T5Client, describe, is_transient
 from evaluation.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from evaluation.runner import EvalSettings
+    from evaluation.options import EvalSettings
 
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 

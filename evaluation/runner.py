@@ -31,16 +31,13 @@ from evaluation.batching import group_rows
 from evaluation.client import NotReady, wait_ready
 from evaluation.data import Example, LoadedData, load_examples
 from evaluation.engine_predictor import EnginePredictor, read_engine_spec
+from evaluation.errors import EvaluationError  # noqa: F401 - public name
 from evaluation.options import EvalOptions, EvalSettings  # noqa: F401 - EvalSettings kept
 from evaluation.outputs import METRICS, PREDICTIONS, REPORT, OutputDir, prediction_line
 from evaluation.predictor import LATENCY_BOUNDARIES_MS, Predictor  # noqa: F401 - public names
 from evaluation.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer, model_vocab_size
 
 Log = Callable[[str], None]
-
-
-class EvaluationError(ValueError):
-    """Settings or preconditions that make the evaluation impossible (reported as one line)."""
 
 
 @dataclasses.dataclass
@@ -186,7 +183,7 @@ def _stream_results(
 def _check_engine(s: EvalSettings) -> None:
     """Fail on the driver, before Ray starts actors, when the repository has no engine to run.
 
-    Called after ``s.validate()``, which refused a missing or gs:// ``--model-repository``.
+    Called after ``s.checked_urls()``, which refused a missing or gs:// ``--model-repository``.
     """
     try:
         read_engine_spec(s.model_repository, s.model_name)
@@ -212,7 +209,7 @@ def _where(s: EvalSettings, urls: Sequence[str]) -> str:
 
 def _load(s: EvalSettings, log: Log) -> _Inputs:
     """Check the settings and read the vocabulary and the data (no Ray, no request yet)."""
-    urls = s.validate()
+    urls = s.checked_urls()
     if s.backend == "in-process":
         _check_engine(s)
     tokenizer = load_tokenizer(s.vocab, s.model_repository, s.model_name)

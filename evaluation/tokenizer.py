@@ -22,14 +22,16 @@ from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
+from core.errors import UserError
+
 if TYPE_CHECKING:
-    from tritonclient.grpc.model_config_pb2 import ModelConfig
+    from core.repository import ConvertedModel
 
 EOS_ID = 1
 PAD_ID = 0
 
 
-class VocabError(ValueError):
+class VocabError(UserError, ValueError):
     """The vocabulary cannot be found or is not a T5-style SentencePiece model."""
 
 
@@ -92,7 +94,9 @@ def vocab_location(
     if vocab:
         return vocab
     if model_repository:
-        return f"{model_repository.rstrip('/')}/{model_name}/spiece.model"
+        from core.repository import vocab_url
+
+        return vocab_url(model_repository, model_name)
     raise VocabError("no vocabulary: give --vocab SPIECE.model or --model-repository DST")
 
 
@@ -111,63 +115,41 @@ def load_tokenizer(
     return Tokenizer(storage.read_bytes(location), source=location)
 
 
-def read_model_config(model_repository: str, model_name: str) -> ModelConfig | None:
-    """``<repo>/<model>/config.pbtxt`` parsed as Triton reads it; None when there is none.
+def open_model(model_repository: str, model_name: str) -> ConvertedModel | None:
+    """The repository's handle for ``model_name`` (core.repository); None when it has no
+    config.pbtxt.
 
     Raises:
       VocabError: the file is there but is not a readable ModelConfig.
     """
     from google.protobuf import text_format
 
-    from core import storage
-    from core.repository import parse_pbtxt
+    from core.repository import ConvertedModel, config_url
 
-    pbtxt = storage.join(model_repository, model_name, "config.pbtxt")
-    if not storage.exists(pbtxt):
-        return None
     try:
-        return parse_pbtxt(storage.read_text(pbtxt))
+        return ConvertedModel.find(model_repository, model_name)
     except text_format.ParseError as exc:
-        raise VocabError(f"{pbtxt}: unreadable config.pbtxt ({exc})") from exc
-
-
-def weights_location(model_repository: str, model_name: str,
-                     config: ModelConfig | None = None) -> str:
-    """The served model's FT weights folder, found as serving finds it from config.pbtxt.
-
-    ``model_checkpoint_path`` (FT, an explicit folder), else ``1/<weights_dir>`` (our jax
-    engine) or ``1/<default_model_filename>`` (FT), else ``1/<tensor_para_size>-gpu``.
-    ``config``: the model's config.pbtxt when the caller has already read it (else it is read
-    here with :func:`read_model_config`).
-    """
-    from core import ft_format, storage
-
-    if config is None:
-        config = read_model_config(model_repository, model_name)
-    params: dict[str, str] = {}
-    default = ""
-    if config is not None:
-        params = {k: v.string_value for k, v in config.parameters.items()}
-        default = config.default_model_filename
-    if params.get("model_checkpoint_path"):
-        return params["model_checkpoint_path"]
-    tp = int(params.get("tensor_para_size") or 1)
-    sub = params.get("weights_dir") or default or ft_format.weights_dir_name(tp)
-    return storage.join(model_repository, model_name, "1", sub)
+        raise VocabError(f"{config_url(model_repository, model_name)}: unreadable config.pbtxt "
+                         f"({exc})") from exc
 
 
 def model_vocab_size(model_repository: str, model_name: str) -> tuple[int, str] | None:
     """(config.ini ``vocab_size``, that config.ini's location), or None when there is none.
 
     ``vocab_size`` is the number of logits the model's output layer has: the ids it can emit.
+    The config.ini is the one the served model loads (core.repository.ConvertedModel).
     """
-    from core import ft_format, storage
+    from core import storage
+    from core.repository import ConvertedModel
 
-    ini = storage.join(weights_location(model_repository, model_name), ft_format.CONFIG_INI)
+    # No config.pbtxt: the folder a conversion at T=1 writes.
+    model = (open_model(model_repository, model_name)
+             or ConvertedModel.unconfigured(model_repository, model_name))
+    ini = model.config_ini_url
     if not storage.exists(ini):
         return None
     try:
-        cfg, _ = ft_format.parse_config_ini(storage.read_text(ini))
+        cfg, _ = model.config_ini()
     except (ValueError, KeyError) as exc:
         raise VocabError(f"{ini}: unreadable config.ini ({exc})") from exc
     return cfg.vocab_size, ini

@@ -29,10 +29,17 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from core import storage
+from core.errors import UserError
 from core.options import FlagSpec, StageOptions, flag_specs, from_keys, specs_to_argv
 from core.yaml_file import read_yaml
+
+if TYPE_CHECKING:
+    from conversion.options import ConvertOptions
+    from evaluation.options import EvalOptions
+    from serving.options import ServeOptions
 
 STAGES = ("convert", "serve", "evaluate")
 # Flags the pipeline sets itself: a config may not give them.
@@ -46,7 +53,7 @@ _TOP_LEVEL = {"output", "name", *STAGES, "runs"}
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The pipeline config is malformed; the message names the key and the fix."""
 
 
@@ -54,17 +61,26 @@ class ConfigError(ValueError):
 class RunSpec:
     """One model + decoding setting to evaluate.
 
+    The stages get the options models, built and checked once when the config is read (the
+    same models, and so the same checks, as the commands' flags); the settings as written stay
+    beside them: they are the run's identity in pipeline_state.json and its summary.
+
     Attributes:
       name: folder name of the run's outputs under the pipeline output.
       convert: convert flags (dashes as underscores), or None to serve an existing repository.
       serve: serve flags, with ``model_repository`` and ``model_name`` always filled in.
       evaluate: evaluate flags, with ``model_name`` and a vocabulary source filled in.
+      convert_options / serve_options / evaluate_options: those settings as the stages'
+        options models (evaluate's with its output folder; the pipeline adds url and resume).
     """
 
     name: str
     convert: dict[str, Any] | None
     serve: dict[str, Any]
     evaluate: dict[str, Any]
+    convert_options: ConvertOptions | None = None
+    serve_options: ServeOptions | None = None
+    evaluate_options: EvalOptions | None = None
 
     def convert_key(self) -> str:
         return json.dumps(self.convert, sort_keys=True, default=str)
@@ -99,13 +115,15 @@ def to_argv(stage: str, settings: dict[str, Any]) -> list[str]:
 
 
 def options_for(stage: str, settings: dict[str, Any]) -> StageOptions:
-    """A stage's settings (YAML keys, or field names) as its options model.
+    """A stage's settings (YAML keys, or field names) as its options model; None values mean
+    the default.
 
     ``options_for("evaluate", {**run.evaluate, "url": url, "output": out})`` is what
     ``ray_jobs.evaluate`` would have built from ``to_argv`` of the same settings.
     """
     model = _models()[stage]
-    return model.model_validate(from_keys(model, settings))
+    return model.model_validate(
+        from_keys(model, {k: v for k, v in settings.items() if v is not None}))
 
 
 def _check_value(spec: FlagSpec, value: Any, where: str) -> None:
@@ -147,18 +165,23 @@ def _check_section(stage: str, section: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _complete(name: str, convert: dict | None, serve: dict, evaluate: dict) -> RunSpec:
-    """Fill in what one stage tells the next (repository, model name, vocabulary)."""
+def _complete(name: str, convert: dict | None, serve: dict, evaluate: dict,
+              output: str) -> RunSpec:
+    """Fill in what one stage tells the next (repository, model name, vocabulary); build the
+    stages' options (the run's evaluation writes OUTPUT/<name>)."""
     where = f"run {name}: "
     serve, evaluate = dict(serve), dict(evaluate)
+    convert_options = None
     if convert is not None:
         convert = dict(convert)
         for key in ("src", "dst"):
             if not convert.get(key):
                 raise ConfigError(f"{where}convert.{key} is required")
-        convert.setdefault("model_name", "t5")
-        for key, value in (("model_repository", convert["dst"]),
-                           ("model_name", convert["model_name"])):
+        convert_options = _options(where, "convert", convert)
+        # The model name the conversion writes, ConvertOptions' default when not given.
+        convert.setdefault("model_name", convert_options.model_name)
+        for key, value in (("model_repository", convert_options.dst),
+                           ("model_name", convert_options.model_name)):
             if serve.get(key) not in (None, value):
                 raise ConfigError(f"{where}serve.{key} {serve[key]!r} differs from what "
                                   f"convert writes ({value!r}); leave it out")
@@ -174,7 +197,19 @@ def _complete(name: str, convert: dict | None, serve: dict, evaluate: dict) -> R
     # Always the served repository: it gives the vocabulary (unless evaluate.vocab says
     # otherwise) and the model's vocab_size, which evaluate checks the vocabulary against.
     evaluate.setdefault("model_repository", serve["model_repository"])
-    return RunSpec(name, convert, serve, evaluate)
+    return RunSpec(
+        name, convert, serve, evaluate, convert_options=convert_options,
+        serve_options=_options(where, "serve", serve),
+        evaluate_options=_options(where, "evaluate",
+                                  {**evaluate, "output": storage.join(output, name)}))
+
+
+def _options(where: str, stage: str, settings: dict[str, Any]) -> Any:
+    """:func:`options_for`, its refusal (the options models' checks) naming the run."""
+    try:
+        return options_for(stage, settings)
+    except UserError as exc:
+        raise ConfigError(f"{where}{stage}: {exc}") from None
 
 
 def parse(obj: Any, output: str | None = None) -> PipelineConfig:
@@ -190,8 +225,9 @@ def parse(obj: Any, output: str | None = None) -> PipelineConfig:
         raise ConfigError("no output folder: set 'output' in the config or pass --output")
     base = {s: _check_section(s, obj.get(s), "") for s in STAGES}
     has_convert = obj.get("convert") is not None
+    default_name = _models()["convert"].model_fields["model_name"].default
     run_list = obj.get("runs") or [{"name": obj.get("name") or base["convert"].get(
-        "model_name") or base["serve"].get("model_name") or "t5"}]
+        "model_name") or base["serve"].get("model_name") or default_name}]
     if not isinstance(run_list, list):
         raise ConfigError("runs: expected a list of runs")
     runs, names = [], set()
@@ -214,7 +250,7 @@ def parse(obj: Any, output: str | None = None) -> PipelineConfig:
         opted_out = "convert" in run and run["convert"] is None
         convert = merged["convert"] if (has_convert or run.get("convert")) and not opted_out \
             else None
-        runs.append(_complete(name, convert, merged["serve"], merged["evaluate"]))
+        runs.append(_complete(name, convert, merged["serve"], merged["evaluate"], str(output)))
     _check_destinations(runs)
     return PipelineConfig(str(output), runs)
 

@@ -122,9 +122,10 @@ class Pipeline:
         self.metrics.stage(run.name, "convert")
         start = time.monotonic()
         entry = self.state.data["convert"].get(key, {})
-        problem = stages.verify_conversion(run.convert)
+        opts = run.convert_options
+        problem = stages.verify_conversion(opts)
         if entry.get("status") == "done" and problem is None:
-            self.log(f"{run.name}: convert skipped: {stages.weights_dir(run.convert)} verifies")
+            self.log(f"{run.name}: convert skipped: {stages.weights_dir(opts)} verifies")
             converted[key] = entry.get("summary", {})
             self._finish_stage(run, "convert", "skipped", time.monotonic() - start)
             return
@@ -134,9 +135,9 @@ class Pipeline:
         self.state.save()
         # resume keeps every file whose manifest entry, size and hash check out: a crash
         # resumes where it stopped.
-        settings = {**run.convert, "resume": not run.convert.get("overwrite")}
-        self.log(f"convert: {' '.join(to_argv('convert', settings))}")
-        summary = stages.convert(settings)
+        opts = opts.replace(resume=not opts.overwrite)
+        self.log(f"convert: {' '.join(to_argv('convert', {**run.convert, 'resume': opts.resume}))}")
+        summary = stages.convert(opts)
         self.state.data["convert"][key] = {"settings": run.convert, "status": "done",
                                            "summary": summary}
         self.state.save()
@@ -147,8 +148,9 @@ class Pipeline:
 
     def model_identity(self, run: RunSpec) -> str | None:
         """The served model's manifest digest, or None when it has no manifest."""
-        t = int((run.convert or {}).get("tensor_parallel") or 0) or None
-        return manifest_digest(run.serve["model_repository"], run.serve["model_name"], t)
+        t = run.convert_options.tensor_parallel if run.convert_options else None
+        return manifest_digest(run.serve_options.model_repository, run.serve_options.model_name,
+                               t)
 
     def evaluation_done(self, run: RunSpec, identity: str | None) -> bool:
         """Whether an earlier evaluation of these settings and this model finished clean."""
@@ -173,7 +175,9 @@ class Pipeline:
         if urls:
             settings["url"] = ",".join(urls)
         self.log(f"evaluate: {' '.join(to_argv('evaluate', settings))}")
-        metrics = stages.evaluate(settings, self.log)
+        opts = run.evaluate_options.replace(resume=resume, **({"url": ",".join(urls)} if urls
+                                                              else {}))
+        metrics = stages.evaluate(opts, self.log)
         self.state.data["evaluate"][run.name] = {"settings": run.evaluate, "model": identity,
                                                  "status": "done"}
         self.state.save()
@@ -231,8 +235,8 @@ class Pipeline:
         identity = self.model_identity(group[0])
         todo = [run for run in group if not self._skip_evaluated(run, identity)]
         # An in-process evaluation loads the engine in its own actors: no server to start.
-        in_process = [run for run in todo if run.evaluate.get("backend") == "in-process"]
-        served = [run for run in todo if run.evaluate.get("backend") != "in-process"]
+        in_process = [run for run in todo if run.evaluate_options.backend == "in-process"]
+        served = [run for run in todo if run.evaluate_options.backend != "in-process"]
         for run in in_process:
             self._evaluate_without_servers(run, identity)
         if served:
@@ -276,7 +280,7 @@ class Pipeline:
         serve_start = time.monotonic()
         self.log(f"serve: {' '.join(to_argv('serve', todo[0].serve))}")
         try:
-            servers = stages.open_servers(todo[0].serve)
+            servers = stages.open_servers(todo[0].serve_options)
         except stages.StageError as exc:
             self._fail(todo, exc)
             return
@@ -288,7 +292,7 @@ class Pipeline:
             except stages.StageError as exc:
                 self._fail(todo, exc)
                 return
-            self.log(f"serving {todo[0].serve['model_name']} at {', '.join(urls)} (gRPC)")
+            self.log(f"serving {todo[0].serve_options.model_name} at {', '.join(urls)} (gRPC)")
             for run in todo:
                 self._finish_stage(run, "serve", "done", time.monotonic() - serve_start)
             for run in todo:

@@ -1,8 +1,9 @@
 """The pipeline's stages as library calls in its own process, on its own Ray.
 
 convert = :func:`conversion.run.convert`, serve = :func:`serving.api.open_servers`, evaluate =
-:func:`evaluation.runner.evaluate`. Each takes its stage's options model, built from a run's
-section of the config (whose keys are the stage's flags, interfaces.md). A stage that raises
+:func:`evaluation.runner.evaluate`. Each takes its stage's options model, built once from a
+run's section of the config (pipeline.config.RunSpec; the keys are the stage's flags,
+interfaces.md) and copied with the pipeline's own settings (resume, url). A stage that raises
 becomes a :class:`StageError` whose message is one line, ``<stage> failed: <reason>``. Their
 Ray tasks, actors and metrics run on the pipeline's cluster, so they show on its dashboard.
 
@@ -17,13 +18,16 @@ import json
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core import ft_format, storage
+from core import repository, storage
 from core.errors import UserError, first_line
-from core.manifest import parse_manifest, verify_repository
-from core.options import StageOptions
-from pipeline import config
+from core.manifest import MANIFEST, parse_manifest, verify_repository
+
+if TYPE_CHECKING:
+    from conversion.options import ConvertOptions
+    from evaluation.options import EvalOptions
+    from serving.options import ServeOptions
 
 
 class StageError(RuntimeError):
@@ -34,39 +38,32 @@ class StageError(RuntimeError):
 def reported(stage: str) -> Iterator[None]:
     """Turn any exception raised inside into one StageError line naming ``stage``.
 
-    What is not a user-facing error (bad input, I/O) also gets its traceback on stderr, as a
-    crashed job's would have been.
+    A refusal (core.errors.UserError) is that line alone; anything else is a bug and also
+    gets its traceback on stderr.
     """
     try:
         yield
     except StageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any stage failure becomes that stage's line
-        if not isinstance(exc, (UserError, OSError, ValueError)):
+        if not isinstance(exc, UserError):
             traceback.print_exc(file=sys.stderr)
         raise StageError(f"{stage} failed: {first_line(exc)}") from exc
 
 
-def options_for(stage: str, settings: dict[str, Any]) -> StageOptions:
-    """The stage's options model from a config section; None values mean the default."""
-    return config.options_for(stage, {k: v for k, v in settings.items() if v is not None})
-
-
-def convert(settings: dict[str, Any]) -> dict[str, Any]:
-    """Run the conversion (``ray_jobs.convert``'s work); returns its JSON summary.
+def convert(opts: ConvertOptions) -> dict[str, Any]:
+    """Run the conversion (``ray_jobs.convert``'s work); returns its JSON summary (with the
+    converted model's handle, ``.model``).
 
     Ray must already be initialised. Raises StageError (``convert failed: ...``).
     """
     with reported("convert"):
         from conversion.run import convert as run_convert
 
-        opts = options_for("convert", settings)
-        if opts.overwrite and opts.resume:
-            raise UserError("--resume and --overwrite exclude each other")
         return run_convert(opts)
 
 
-def open_servers(settings: dict[str, Any]) -> Any:
+def open_servers(opts: ServeOptions) -> Any:
     """The serve stage's servers, not started yet (``serving.api.Servers``).
 
     Raises StageError (``serve failed: ...``) when the settings or the repository are wrong.
@@ -74,14 +71,14 @@ def open_servers(settings: dict[str, Any]) -> Any:
     with reported("serve"):
         from serving.api import open_servers as open_serving
 
-        return open_serving(options_for("serve", settings))
+        return open_serving(opts)
 
 
 # The evaluate result's paths; the rest of it is metrics.json's content.
 _EVAL_PATHS = ("output", "predictions", "report")
 
 
-def evaluate(settings: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+def evaluate(opts: EvalOptions, log: Callable[[str], None]) -> dict[str, Any]:
     """Run one evaluation (``ray_jobs.evaluate``'s work); returns its metrics.
 
     Ray must already be initialised. Raises StageError (``evaluate failed: ...``).
@@ -89,38 +86,32 @@ def evaluate(settings: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
     with reported("evaluate"):
         from evaluation.runner import evaluate as run_evaluate
 
-        result = run_evaluate(options_for("evaluate", settings), log=log)
+        result = run_evaluate(opts, log=log)
     return {k: v for k, v in result.items() if k not in _EVAL_PATHS}
 
 
 # --- outputs that verify -------------------------------------------------------------------
 
 
-def weights_dir(convert: dict[str, Any]) -> str:
-    """The weights folder a convert section writes: DST/<model>/1/<T>-gpu."""
-    t = int(convert.get("tensor_parallel") or 1)
-    return storage.join(convert["dst"], convert.get("model_name") or "t5", "1",
-                        ft_format.weights_dir_name(t))
+def weights_dir(opts: ConvertOptions) -> str:
+    """The weights folder a conversion writes: DST/<model>/1/<T>-gpu (core.repository)."""
+    return repository.weights_url(opts.dst, opts.model_name, opts.tensor_parallel)
 
 
-def verify_conversion(convert: dict[str, Any]) -> str | None:
-    """None when a convert section's model is complete and intact and was converted from the
-    source's present content (not only its path), else what is wrong."""
-    problem = verify_repository(
-        convert["dst"], convert.get("model_name") or "t5",
-        tensor_parallel=int(convert.get("tensor_parallel") or 1),
-        weight_dtype=convert.get("weight_dtype") or "fp32",
-        need_vocab=bool(convert.get("vocab")))
+def verify_conversion(opts: ConvertOptions) -> str | None:
+    """None when the model a conversion writes is complete and intact and was converted from
+    the source's present content (not only its path), else what is wrong."""
+    problem = verify_repository(opts.dst, opts.model_name, tensor_parallel=opts.tensor_parallel,
+                                weight_dtype=opts.weight_dtype, need_vocab=bool(opts.vocab))
     if problem is not None:
         return problem
     from conversion.source_id import same_source
-    from conversion.t5x import CheckpointError
 
     try:
-        header, _ = parse_manifest(storage.read_text(storage.join(weights_dir(convert),
-                                                                  ft_format.MANIFEST)))
-        return same_source(header, convert["src"])
-    except (OSError, ValueError, CheckpointError) as exc:  # the convert stage will say it
+        header, _ = parse_manifest(storage.read_text(storage.join(weights_dir(opts),
+                                                                  MANIFEST)))
+        return same_source(header, opts.src)
+    except (OSError, ValueError, UserError) as exc:  # the convert stage will say it
         return first_line(exc)
 
 

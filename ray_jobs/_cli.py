@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 from core import reach
-from core.errors import UserError, first_line
+from core.cli import emit_summary, run_main  # noqa: F401 - the entry points' names
+from core.errors import UserError
 from core.options import StageOptions, flag_specs
 
 T = TypeVar("T", bound=StageOptions)
@@ -220,40 +219,3 @@ def _pythonpath() -> str:
     if os.environ.get("PYTHONPATH"):
         parts.append(os.environ["PYTHONPATH"])
     return os.pathsep.join(parts)
-
-
-def emit_summary(summary: dict, as_json: bool) -> None:
-    """Print the run's summary: JSON on the last line with --json, else readable lines.
-
-    The work is done by now: Ray is disconnected first, so that none of its driver-side
-    messages (a node's death, say, which Ray prints to stdout) can land after the summary.
-    """
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    if as_json:
-        print(json.dumps(summary, sort_keys=True, default=str), flush=True)
-    else:
-        for key, value in summary.items():
-            print(f"{key}: {value}", flush=True)
-
-
-def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None):
-    """Run an entry point: errors become one stderr line and a non-zero exit."""
-    try:
-        code = main(argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the contract is one line, the trace goes to a log
-        if os.environ.get("T5FT_TRACEBACK"):
-            traceback.print_exc()
-        reason = first_line(exc)
-        print(f"error: {type(exc).__name__}: {reason}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    sys.exit(code or 0)

@@ -14,7 +14,7 @@ import argparse
 import logging
 
 from conversion.options import ConvertOptions
-from conversion.run import USER_ERRORS, convert
+from conversion.run import convert
 from ray_jobs import _cli
 
 
@@ -26,14 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, convert, print the summary."""
     args = build_parser().parse_args(argv)
-    opts = _cli.options_from_args(ConvertOptions, args)
-    if opts.overwrite and opts.resume:
-        raise _cli.UserError("--resume and --overwrite exclude each other")
-    try:
-        summary = convert(opts, connect=lambda: _cli.init_ray(
-            args.address, log_to_driver=False, logging_level=logging.ERROR))
-    except USER_ERRORS as exc:
-        raise _cli.UserError(str(exc).splitlines()[0]) from exc
+    opts = _cli.options_from_args(ConvertOptions, args)  # ConvertOptions checks the values
+    summary = convert(opts, connect=lambda: _cli.init_ray(
+        args.address, log_to_driver=False, logging_level=logging.ERROR))
     _cli.emit_summary(summary, args.json)
     return 0
 

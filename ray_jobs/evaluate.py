@@ -22,17 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, evaluate, print the summary."""
     args = build_parser().parse_args(argv)
-    from evaluation.data import DataError
-    from evaluation.outputs import ResumeError
-    from evaluation.runner import EvaluationError, evaluate
-    from evaluation.tokenizer import VocabError
+    from evaluation.runner import evaluate
 
     settings = _cli.options_from_args(EvalOptions, args)
-    try:
-        result = evaluate(settings,
-                          init_ray=lambda: _cli.init_ray(args.address, log_to_driver=False))
-    except (DataError, VocabError, ResumeError, EvaluationError) as exc:
-        raise _cli.UserError(str(exc)) from exc
+    result = evaluate(settings, init_ray=lambda: _cli.init_ray(args.address, log_to_driver=False))
     paths = ("output", "predictions", "report")
     _cli.emit_summary({"metrics": {k: v for k, v in result.items() if k not in paths},
                   "examples": result["examples"], "failed": result["failed"],

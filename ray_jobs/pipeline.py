@@ -102,11 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"demo config: {exc}") from exc
         name = "demo"
     else:
-        try:
-            cfg = pconfig.load(args.config, args.output)
-            pconfig.check_inputs(cfg, f"{args.config}: ")  # before Ray starts: an example's placeholder paths
-        except pconfig.ConfigError as exc:
-            raise UserError(str(exc)) from exc
+        cfg = pconfig.load(args.config, args.output)  # a ConfigError is a UserError
+        pconfig.check_inputs(cfg, f"{args.config}: ")  # before Ray: an example's placeholders
         name = os.path.splitext(os.path.basename(args.config))[0]
 
     address = _start_ray(args.address)

@@ -29,17 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     return _cli.stage_parser("serve", ServeOptions.COMMAND_HELP, ServeOptions)
 
 
-def _check(opts: ServeOptions) -> None:
-    if opts.replicas < 1:
-        raise _cli.UserError(f"--replicas must be >= 1, got {opts.replicas}")
-    for name in ("grpc_port", "http_port", "metrics_port"):
-        port = getattr(opts, name)
-        if not 0 <= port <= 65535 - opts.replicas:
-            raise _cli.UserError(f"--{name.replace('_', '-')} {port} is not a usable port")
-    if opts.ready_timeout <= 0:
-        raise _cli.UserError(f"--ready-timeout must be > 0, got {opts.ready_timeout}")
-
-
 def _install_signal_handlers(stop: threading.Event, ready: threading.Event) -> None:
     """SIGINT/SIGTERM end the serving loop; before ready they abort the start-up."""
 
@@ -79,8 +68,7 @@ def _watch(servers, stop: threading.Event, replicas: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, start the servers, print the ready line, serve until a signal."""
     args = build_parser().parse_args(argv)
-    opts = _cli.options_from_args(ServeOptions, args)
-    _check(opts)
+    opts = _cli.options_from_args(ServeOptions, args)  # ServeOptions checks the values
     from serving.api import open_servers
 
     # Before Ray starts: a repository without the model fails at once.

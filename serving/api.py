@@ -14,57 +14,14 @@ same :class:`Servers` calls; errors a user can act on are :class:`ServeError` (o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from core.errors import UserError
+from core.repository import config_url
+from serving.servers import ServeError, Servers, ServersBase
 
 if TYPE_CHECKING:
     from serving.local import LocalServers
     from serving.options import ServeOptions
-
-
-class ServeError(UserError):
-    """The servers could not start or become ready (one line, for the user)."""
-
-
-class Servers(Protocol):
-    """What :func:`open_servers` returns, whatever the backend."""
-
-    def start(self) -> list[dict[str, str]]:
-        """Start every replica, wait until ready; ``[{"grpc", "http", "metrics"}]`` each."""
-
-    def grpc_urls(self) -> list[str]:
-        """``host:port`` of every replica's gRPC endpoint."""
-
-    def status(self) -> list[dict[str, Any]]:
-        """Per replica ``{"ready": bool, ...}`` (local adds ``"restarts"``)."""
-
-    def alive(self) -> bool:
-        """Started and not stopped."""
-
-    def stop(self) -> None:
-        """Stop everything started; safe to call twice."""
-
-    def __enter__(self) -> Servers: ...
-
-    def __exit__(self, *exc: object) -> None: ...
-
-
-class ServersBase:
-    """``with`` for a :class:`Servers` implementation: start on entry, stop on exit."""
-
-    def start(self) -> list[dict[str, str]]:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Servers:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class _Local(ServersBase):
@@ -154,12 +111,11 @@ def open_servers(opts: ServeOptions) -> Servers:
     from serving.local import LocalServers, ServerError
 
     repo = opts.model_repository
-    if not repo.startswith("gs://") and \
-            not (Path(repo) / opts.model_name / "config.pbtxt").is_file():
-        raise ServeError(f"{repo}/{opts.model_name}/config.pbtxt not found")
+    if not repo.startswith("gs://") and not Path(config_url(repo, opts.model_name)).is_file():
+        raise ServeError(f"{config_url(repo, opts.model_name)} not found")
     _check_host(opts.host)
     if not repo.startswith("gs://"):
-        _check_local_config(Path(repo) / opts.model_name / "config.pbtxt")
+        _check_local_config(Path(config_url(repo, opts.model_name)))
     try:
         # gs://: checked here, downloaded by each server's actor on its own node.
         return _Local(LocalServers(

@@ -7,9 +7,8 @@ From inside the Ray cluster (in-cluster config, the head's service account and t
 2. create (or patch) the Service and the Deployment (cluster/triton.py builds them);
 3. wait until every replica passes /v2/health/ready (all models loaded), reporting on stderr
    why pods are pending (cluster/diagnose.py);
-4. print the ready line `{"model": NAME, "endpoints": [{"grpc": "SVC.NS.svc.cluster.local:8001",
-   "http": ..., "metrics": ...}]}` (one Service in front of every replica);
-5. keep running until SIGINT/SIGTERM, then delete both.
+4. give the endpoints (one Service in front of every replica); ray_jobs.serve prints them as
+   its ready line and, on SIGINT/SIGTERM, :meth:`KubernetesServers.stop` deletes both objects.
 
 Defaults not given as flags come from the Ray head's environment, which the cluster config
 sets (cluster/raycluster.py: T5FT_*): namespace, Triton image, service account, GPU type.
@@ -18,10 +17,8 @@ sets (cluster/raycluster.py: T5FT_*): namespace, Triton image, service account, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import signal
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
@@ -33,15 +30,14 @@ from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
 from core import storage
 from core.errors import UserError
-from core.repository import parse_pbtxt
-from serving.api import ServersBase
+from core.repository import ConvertedModel, config_url
+from serving.servers import ServersBase
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig
 
     from serving.options import ServeOptions
 
-MONITOR_PERIOD_S = 10.0
 # Every API call serve makes is bounded, so that SIGTERM's teardown fits the stop grace the
 # cluster gives jobs (cluster/raycluster.JOB_STOP_WAIT_S; stop_seconds_bound). A healthy API
 # server answers in well under a second.
@@ -60,17 +56,15 @@ def _log(message: str) -> None:
 
 def read_model_config(model_repository: str, model_name: str) -> ModelConfig:
     """The model's config.pbtxt as tritonclient's ModelConfig protobuf (local path or gs://)."""
-    url = storage.join(model_repository, model_name, "config.pbtxt")
+    url = config_url(model_repository, model_name)
     try:
-        text = storage.read_text(url)
+        return ConvertedModel.open(model_repository, model_name).config
+    except text_format.ParseError as exc:
+        raise UserError(f"{url} is not a valid Triton model config: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any read failure is the same problem for the user
         raise UserError(f"cannot read {url} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); the Deployment's "
                         f"GPU count comes from its tensor_para_size") from exc
-    try:
-        return parse_pbtxt(text)
-    except text_format.ParseError as exc:
-        raise UserError(f"{url} is not a valid Triton model config: {exc}") from exc
 
 
 def gpus_for(model_config: ModelConfig) -> int:
@@ -365,32 +359,3 @@ class KubernetesServers(ServersBase):
         self.endpoints = []
         if created:
             teardown(teardown_kube(self.kube), created, self.spec.namespace)
-
-
-def serve(opts: ServeOptions) -> int:
-    """Launch, wait, print the ready line, serve until SIGINT/SIGTERM, delete. Returns 0.
-
-    ``opts``: a ServeOptions, or any object with its attributes (today's argparse Namespace).
-    """
-    servers = KubernetesServers(opts)
-    spec, stop = servers.spec, servers.cancel
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda signum, _f: stop.set())
-    try:
-        endpoints = servers.start()
-        # The ready line: always JSON, whatever --json says (readers wait for it).
-        print(json.dumps({"model": spec.model_name, "endpoints": endpoints}), flush=True)
-        ready = True
-        while not stop.wait(MONITOR_PERIOD_S):
-            now = servers.is_ready()
-            if now != ready:
-                _log(f"{spec.name}: {'ready again' if now else why_not_ready(servers.kube, spec)}")
-                ready = now
-        _log(f"stopping {spec.name}")
-        return 0
-    finally:
-        servers.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from core.options import StageOptions, option
+import pydantic
+
+from core.options import OptionsError, StageOptions, option
 
 _K8S = "kubernetes backend"
 
@@ -56,3 +58,16 @@ class ServeOptions(StageOptions):
     service_account: str | None = option(
         None, help="Kubernetes service account for the pods (Workload Identity for "
         "gs://)", group=_K8S)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> ServeOptions:
+        """What no server could start with, refused the same way on every path."""
+        if self.replicas < 1:
+            raise OptionsError(f"--replicas must be >= 1, got {self.replicas}")
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535 - self.replicas:
+                raise OptionsError(f"--{name.replace('_', '-')} {port} is not a usable port")
+        if self.ready_timeout <= 0:
+            raise OptionsError(f"--ready-timeout must be > 0, got {self.ready_timeout}")
+        return self

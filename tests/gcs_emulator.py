@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator
 
 from core import gcs_env
+from testing import gcs_emulator
 
 
 @contextlib.contextmanager
@@ -38,7 +39,7 @@ def emulator(bucket: str) -> Iterator[tuple[str, dict[str, str]]]:
     ``env`` holds the variables that point both GCS clients at it; they are in os.environ
     only inside the block.
     """
-    proc, url = gcs_env.start_emulator()
+    proc, url = gcs_emulator.start_emulator()
     env = gcs_env.emulator_env(url)
     try:
         with patched_environ(env):

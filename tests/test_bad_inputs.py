@@ -301,12 +301,11 @@ def test_worst_resume_redoes_a_replaced_checkpoint(world, tmp_path, capfd):
     dst = tmp_path / "repo"
     opts = ConvertOptions(src=str(d), dst=str(dst), progress=False)
     convert(opts)
-    section = {"src": str(d), "dst": str(dst), "model_name": "t5"}
-    assert verify_conversion(section) is None  # the pipeline would skip it: right
+    assert verify_conversion(opts) is None  # the pipeline would skip it: right
     params = random_t5x_params(model_config(build().settings), seed=123)
     write_t5x_checkpoint(d, params, step=300)  # replaces checkpoint_300 in place
     # The pipeline (which skipped a conversion whose output verified) converts it again.
-    assert "the source changed since it was converted" in verify_conversion(section)
+    assert "the source changed since it was converted" in verify_conversion(opts)
     capfd.readouterr()
     summary = convert(ConvertOptions(**{**opts.__dict__, "resume": True}))
     assert summary["skipped_files"] == 0

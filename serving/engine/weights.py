@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from core import ft_format
+from core.repository import read_config_ini
 from core.t5config import T5Config
 
 _RANK_FILE = re.compile(r"^encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight\.(\d+)\.bin$")
@@ -58,7 +59,7 @@ def read_ft_folder(weights_dir: str | Path) -> tuple[T5Config, str, int, dict[st
         raise FileNotFoundError(f"weights folder {weights_dir} does not exist")
     if not ini.is_file():
         raise FileNotFoundError(f"{ini} is missing: an FT weights folder needs its config.ini")
-    cfg, weight_dtype = ft_format.parse_config_ini(ini.read_text())
+    cfg, weight_dtype = read_config_ini(str(weights_dir))
     t = detect_tensor_parallel(weights_dir)
     cfg.check_tensor_parallel(t)
 

@@ -25,7 +25,6 @@ putting them on the GPU only for Triton to copy them back would cost two copies 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from core import ft_format
+from core.repository import ConvertedModel
 from serving.engine import T5Engine
 from serving.engine.contract import (
     ParsedRequest,
@@ -43,32 +42,29 @@ from serving.engine.contract import (
 )
 
 
-def _parameters(model_config: dict) -> dict[str, str]:
-    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
-
-
 class TritonPythonModel:
     """Triton calls ``initialize`` once per instance, ``execute`` per dynamic batch."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        """Triton's load hook: read config.pbtxt's parameters and load the engine."""
-        self.model_config = json.loads(args["model_config"])
-        params = _parameters(self.model_config)
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        tp = int(params.get("tensor_para_size", "1") or 1)
-        weights_dir = version_dir / (params.get("weights_dir") or ft_format.weights_dir_name(tp))
-        if not (weights_dir / ft_format.CONFIG_INI).is_file():
+        """Triton's load hook: read config.pbtxt (core.repository's handle) and load the engine.
+
+        ``model_repository`` is the model's own folder, ``<repository>/<name>``.
+        """
+        folder = Path(args["model_repository"])
+        model = ConvertedModel.open(str(folder.parent), folder.name, str(args["model_version"]))
+        weights_dir = model.weights_dir
+        if not Path(model.config_ini_url).is_file():
             raise pb_utils.TritonModelException(
                 f"no FT weights folder at {weights_dir} (config.ini missing); check the "
-                f"weights_dir parameter of {self.model_config.get('name')}/config.pbtxt"
+                f"weights_dir parameter of {model.config_url}"
             )
-        dtype = params.get("data_type") or "fp32"
-        self.max_batch_size = int(self.model_config.get("max_batch_size", 0))
-        self.engine = T5Engine.load(str(weights_dir), dtype=dtype, max_batch=self.max_batch_size)
+        dtype = model.data_type
+        self.max_batch_size = model.max_batch_size
+        self.engine = T5Engine.load(weights_dir, dtype=dtype, max_batch=self.max_batch_size)
         self.vocab_size = self.engine.config.vocab_size
         self.end_id = self.engine.config.eos_token_id
-        self.max_input_len = T5Engine.input_limit(int(params.get("max_input_len") or 0))
-        self.output_names = {o["name"] for o in self.model_config.get("output", [])}
+        self.max_input_len = T5Engine.input_limit(model.max_input_len)
+        self.output_names = {o.name for o in model.config.output}
         # Outputs are built on the host device (see the module docstring).
         self.host = jax.devices("cpu")[0]
         self.device = next(iter(jax.tree_util.tree_leaves(self.engine.params)[0].devices()))

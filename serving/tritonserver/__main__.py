@@ -105,6 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ray_jobs._cli import run_main
+    from core.cli import run_main
 
     run_main(main)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core import storage
 from core.gcs_env import is_gcs
+from core.repository import CONFIG_PBTXT, config_url
 from serving.tritonserver.errors import ServerError
 
 LOG = logging.getLogger(__name__)
@@ -22,8 +23,8 @@ def stage_model(repository: str, model_name: str, dst: Path) -> Path:
     """
     src = storage.join(repository, model_name)
     names = storage.list_files(src)
-    if "config.pbtxt" not in names:
-        raise ServerError(f"{src} has no config.pbtxt")
+    if CONFIG_PBTXT not in names:
+        raise ServerError(f"{src} has no {CONFIG_PBTXT}")
     LOG.info("downloading %d files of %s to %s", len(names), src, dst)
     for name in names:
         target = dst / model_name / name
@@ -35,10 +36,8 @@ def stage_model(repository: str, model_name: str, dst: Path) -> Path:
 
 def check_repository(model_repository: str, model_name: str) -> None:
     """Raise ServerError unless ``model_repository/model_name/config.pbtxt`` exists."""
-    if is_gcs(model_repository):
-            ok = storage.exists(storage.join(model_repository, model_name, "config.pbtxt"))
-    else:
-        ok = (Path(model_repository) / model_name / "config.pbtxt").is_file()
+    url = config_url(model_repository, model_name)
+    ok = storage.exists(url) if is_gcs(model_repository) else Path(url).is_file()
     if not ok:
         raise ServerError(f"model repository {model_repository} has no {model_name}/config.pbtxt")
 

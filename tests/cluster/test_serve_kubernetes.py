@@ -216,8 +216,9 @@ def test_wait_reports_why_replicas_are_pending(api, capsys):
 def test_gpu_count_read_from_a_gs_model_repository(monkeypatch):
     """The real path on GKE: config.pbtxt read from gs:// (here fake-gcs-server)."""
     from core import gcs_env
+    from testing import gcs_emulator
 
-    proc, url = gcs_env.start_emulator()
+    proc, url = gcs_emulator.start_emulator()
     try:
         for key, value in gcs_env.emulator_env(url).items():
             monkeypatch.setenv(key, value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -164,8 +165,11 @@ def test_cli_task_error_is_one_line(tmp_path):
          str(tmp_path / "out"), "--json"],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    # Progress lines ("convert: <group> done (i/n)") go to stderr too; nothing else may.
+    lines = [ln for ln in proc.stderr.splitlines()
+             if ln.strip() and not re.fullmatch(r"convert: \S+ done \(\d+/\d+\)", ln)]
     assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.returncode == 2
     assert "'decoder.layers_2.mlp.wi_1.kernel'" in lines[0]
     assert not (tmp_path / "out" / "t5" / "config.pbtxt").exists()
 

@@ -127,6 +127,13 @@ def test_jax_engine_config_and_vocab(ray_local, t5x_checkpoint, tmp_path, xsum_s
         "output_log_probs": [-1, -1]}
     assert summary["arch_sources"]["feed_forward_proj"] == "gin"
     assert summary["read_from_gin"] == ["feed_forward_proj"]
+    # convert returns the model's handle: the same answers serve and evaluate read from disk.
+    from core.repository import ConvertedModel
+
+    assert summary.model == ConvertedModel.open(str(tmp_path / "repo"), "ul2")
+    assert (summary.model.engine, summary.model.tensor_parallel, summary.model.weights_dir) == (
+        "jax", 2, str(model / "1" / "2-gpu"))
+    assert summary.model.config_ini()[1] == "bf16"
 
 
 def test_scanned_checkpoint_converts_like_the_unscanned_one(ray_local, tmp_path):

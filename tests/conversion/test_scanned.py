@@ -237,7 +237,7 @@ def test_cli_asks_for_the_scan_axis_and_takes_it(ray_local, tmp_path):
 
 def test_engine_refuses_a_folder_missing_one_layer_table(tmp_path):
     from core import ft_format
-    from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
+    from testing.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
     from tests.conversion.reference import to_bytes
 
     folder = write_ft_folder(tmp_path, UL2_TINY, 2, random_ft_weights(UL2_TINY, seed=11))

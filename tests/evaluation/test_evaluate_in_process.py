@@ -79,11 +79,11 @@ def test_over_long_example_fails_alone_as_on_triton(tmp_path, grpc_urls, eval_mo
 def test_settings_name_the_missing_flag(tmp_path, eval_model_repo):
     base = dict(model_name=MODEL, output=str(tmp_path / "o"))
     with pytest.raises(EvaluationError, match=r"^--url HOST:PORT is required with --backend"):
-        EvalSettings(**base).validate()
+        EvalSettings(**base).checked_urls()
     with pytest.raises(EvaluationError, match=r"^--backend in-process needs --model-repository"):
-        EvalSettings(backend="in-process", **base).validate()
+        EvalSettings(backend="in-process", **base).checked_urls()
     with pytest.raises(EvaluationError, match=r"^--backend in-process reads a local "):
-        EvalSettings(backend="in-process", model_repository="gs://b/repo", **base).validate()
+        EvalSettings(backend="in-process", model_repository="gs://b/repo", **base).checked_urls()
     with pytest.raises(EvaluationError, match="no model 'nope'"):
         evaluate(EvalSettings(backend="in-process", model_repository=str(eval_model_repo),
                               **{**base, "model_name": "nope"}))

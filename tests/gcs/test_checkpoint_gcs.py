@@ -12,8 +12,8 @@ import pytest
 
 from conversion import t5x
 from core.t5config import T5Config
-from demo.t5x_gcs import write_t5x_checkpoint_gcs
 from demo.t5x_writer import random_t5x_params, write_t5x_checkpoint
+from testing.t5x_gcs import write_t5x_checkpoint_gcs
 from tests.conversion.orbax_t5x import write_orbax_t5x
 
 CFG = T5Config(d_model=32, num_heads=2, d_kv=8, d_ff=64, vocab_size=96,

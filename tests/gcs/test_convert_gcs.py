@@ -6,7 +6,7 @@ and two 1-CPU worker nodes, all started after the emulator fixture so they inher
 variables. Each job runs as ``python -m
 ray_jobs.convert --address CLUSTER`` in a subprocess, as a user runs it.
 
-The source is written to the emulator the way t5x writes on GCS (demo/t5x_gcs.py), with
+The source is written to the emulator the way t5x writes on GCS (testing/t5x_gcs.py), with
 small zarr chunks so that every task makes many ranged reads and a run lasts long enough to be
 interrupted. The reference is the same checkpoint converted local -> local.
 """
@@ -25,8 +25,8 @@ import pytest
 
 from core import ft_format, scratch
 from core.t5config import T5Config
-from demo.t5x_gcs import write_t5x_checkpoint_gcs
 from demo.t5x_writer import gin_config, random_t5x_params, write_t5x_checkpoint
+from testing.t5x_gcs import write_t5x_checkpoint_gcs
 from tests.conversion.test_scratch import kill_writers, lease_owners, wait_gone
 from tests.gcs.conftest import sha256_local_tree
 

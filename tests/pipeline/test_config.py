@@ -150,3 +150,39 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path):
     assert len(lines) == 1 and "serve.replica: not a flag of ray_jobs.serve" in lines[0]
     missing = _cli("--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+def test_the_pipeline_holds_the_stages_options_with_their_defaults():
+    from conversion.options import ConvertOptions
+    from evaluation.options import EvalOptions
+    from serving.options import ServeOptions
+
+    no_name = {**BASE, "convert": {"src": "ckpt", "dst": "repo"}}
+    (run,) = parse(no_name).runs
+    assert isinstance(run.convert_options, ConvertOptions)
+    assert isinstance(run.serve_options, ServeOptions)
+    assert isinstance(run.evaluate_options, EvalOptions)
+    # The defaults are ConvertOptions' own, not re-derived: the model name, T, the dtype.
+    default = ConvertOptions(src="ckpt", dst="repo")
+    assert run.convert_options == default
+    assert run.serve_options.model_name == default.model_name == run.name
+    assert run.evaluate_options.output == "out/x/" + run.name
+    assert run.evaluate_options.model_repository == "repo"
+
+
+def test_serve_checks_hold_on_the_pipeline_path(tmp_path):
+    # ServeOptions' own checks, the ones ray_jobs.serve gets: refused when the config is read.
+    for serve, message in (({"replicas": 0}, "--replicas must be >= 1, got 0"),
+                           ({"grpc_port": 70000}, "--grpc-port 70000 is not a usable port"),
+                           ({"ready_timeout": 0}, "--ready-timeout must be > 0, got 0.0")):
+        with pytest.raises(ConfigError, match=f"^run m: serve: {message}$"):
+            parse({**BASE, "serve": serve})
+    # The same for evaluate's own checks (EvalOptions).
+    with pytest.raises(ConfigError, match="^run m: evaluate: --beam-width must be >= 1, got 0$"):
+        parse({**BASE, "evaluate": {**BASE["evaluate"], "beam_width": 0}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**BASE, "serve": {"replicas": 0}}))
+    proc = _cli("--config", str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {bad}: run m: serve: --replicas must be >= 1, got 0"]

@@ -155,14 +155,15 @@ def test_failed_stage_is_one_line_naming_run_and_stage(tmp_path):
 
 def test_damaged_conversion_is_redone_not_skipped(demo_tp1, tmp_path):
     """A weight file that no longer matches its manifest fails verification."""
+    from conversion.options import ConvertOptions
     from pipeline.stages import verify_conversion
 
     out, summary, _ = demo_tp1
     name = summary["runs"][0]["run"]
     dst = tmp_path / "repo"
     shutil.copytree(out / "model_repository", dst)
-    convert = {"src": "unused", "dst": str(dst), "model_name": name, "tensor_parallel": 1,
-               "weight_dtype": "fp32", "vocab": "x"}
+    convert = ConvertOptions(src="unused", dst=str(dst), model_name=name, tensor_parallel=1,
+                             weight_dtype="fp32", vocab="x")
     assert verify_conversion(convert) is None
     victim = dst / name / "1" / "1-gpu" / "decoder.block.1.layer.2.DenseReluDense.wo.weight.0.bin"
     data = bytearray(victim.read_bytes())

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 from serving.engine import GenerationResult, SamplingParams, T5Engine
+from testing.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 
 END = UL2_TINY.eos_token_id
 

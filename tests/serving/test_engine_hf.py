@@ -14,14 +14,14 @@ from transformers import T5ForConditionalGeneration
 
 from core import ft_format
 from core.t5config import T5Config
-from demo.ft_writer import (
+from serving.engine import SamplingParams, T5Engine
+from testing.ft_writer import (
     T5_TINY,
     UL2_TINY,
     random_ft_weights,
     tensor_stem,
     write_ft_folder,
 )
-from serving.engine import SamplingParams, T5Engine
 
 # T5 1.1 / Flan-T5 style: gated-gelu (the tanh approximation, HF's "gelu_new"), untied head.
 T5V11_TINY = dataclasses.replace(UL2_TINY, feed_forward_proj="gated-gelu",

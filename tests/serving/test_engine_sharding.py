@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from core import ft_format
-from demo.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
+from testing.ft_writer import UL2_TINY, random_ft_weights, write_ft_folder
 from tests.conversion.reference import to_bytes
 
 CHILD = textwrap.dedent("""
