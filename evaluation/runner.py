@@ -116,11 +116,13 @@ def warn_input_len(s: EvalSettings, log: Log) -> None:
         return
     from core import ft_format, storage
     from core.manifest import ManifestError, read_manifest
-    from evaluation.tokenizer import VocabError, weights_location
+    from core.repository import ConvertedModel
+    from evaluation.tokenizer import VocabError, open_model
 
     try:
-        url = storage.join(weights_location(s.model_repository, s.model_name),
-                           ft_format.MANIFEST)
+        model = (open_model(s.model_repository, s.model_name)
+                 or ConvertedModel.unconfigured(s.model_repository, s.model_name))
+        url = storage.join(model.weights_dir, ft_format.MANIFEST)
         header, _ = read_manifest(url) or ({}, {})
     except (ManifestError, VocabError, OSError, ValueError):
         return  # no manifest, or not ours to judge: nothing known
