@@ -118,21 +118,17 @@ class _Paths:
     config_url: str
 
     @classmethod
-    def of(cls, opts: ConvertOptions, tensor_parallel: int, model_dir: str | None = None
+    def of(cls, opts: ConvertOptions, tensor_parallel: int, folder: str | None = None
            ) -> _Paths:
-        """The paths of DST/<model>, or of MODEL_DIR (a write-aside folder) laid out alike."""
+        """The paths of DST/<model>, or of DST/FOLDER (a write-aside folder) laid out alike."""
+        name = folder or opts.model_name
+        model_dir = repository.model_dir(opts.dst, name)
         if opts.format == "hf":
-            model_dir = model_dir or repository.model_dir(opts.dst, opts.model_name)
             return cls(model_dir, model_dir, storage.join(model_dir, hf_format.MANIFEST),
                        storage.join(model_dir, hf_format.CONFIG))
-        if model_dir is None:
-            out_dir = repository.weights_url(opts.dst, opts.model_name, tensor_parallel)
-            return cls(repository.model_dir(opts.dst, opts.model_name), out_dir,
-                       storage.join(out_dir, ft_format.MANIFEST),
-                       repository.config_url(opts.dst, opts.model_name))
-        out_dir = storage.join(model_dir, "1", ft_format.weights_dir_name(tensor_parallel))
+        out_dir = repository.weights_url(opts.dst, name, tensor_parallel)
         return cls(model_dir, out_dir, storage.join(out_dir, ft_format.MANIFEST),
-                   storage.join(model_dir, "config.pbtxt"))
+                   repository.config_url(opts.dst, name))
 
 
 def check_model_name(name: str) -> None:
@@ -347,9 +343,9 @@ def _aside(opts: ConvertOptions, plan: ConversionPlan, final: _Paths,
         return final
     if not opts.overwrite:  # refuses a different model, deletes nothing (no --overwrite)
         resume.check_destination(final.model_dir, final.manifest_url, identity, opts)
-    staging = storage.join(opts.dst, f".{opts.model_name}.t5ft-new")
-    storage.delete_tree(staging)  # a failed earlier run's: ours by its name
-    return _Paths.of(opts, plan.tensor_parallel, staging)
+    staging = _Paths.of(opts, plan.tensor_parallel, f".{opts.model_name}.t5ft-new")
+    storage.delete_tree(staging.model_dir)  # a failed earlier run's: ours by its name
+    return staging
 
 
 @contextlib.contextmanager

@@ -78,15 +78,16 @@ def _check_host(host: str) -> None:
                          f"({getattr(exc, 'strerror', None) or exc})") from None
 
 
-def _check_local_config(path: Path) -> None:
+def _check_local_config(repo: str, name: str) -> None:
     """Refuse a config.pbtxt Triton cannot parse, or whose backend the local tritonserver
     lacks (it has the Python backend only), naming the file and what is wrong."""
     from google.protobuf import text_format
 
-    from core.repository import parse_pbtxt
+    from core.repository import ConvertedModel
 
+    path = config_url(repo, name)
     try:
-        config = parse_pbtxt(path.read_text(encoding="utf-8"))
+        config = ConvertedModel.open(repo, name).config
     except (text_format.ParseError, UnicodeDecodeError) as exc:
         raise ServeError(f"{path} is not a Triton model config: {str(exc).splitlines()[0]}"
                          ) from None
@@ -115,7 +116,7 @@ def open_servers(opts: ServeOptions) -> Servers:
         raise ServeError(f"{config_url(repo, opts.model_name)} not found")
     _check_host(opts.host)
     if not repo.startswith("gs://"):
-        _check_local_config(Path(config_url(repo, opts.model_name)))
+        _check_local_config(repo, opts.model_name)
     try:
         # gs://: checked here, downloaded by each server's actor on its own node.
         return _Local(LocalServers(
