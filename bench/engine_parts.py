@@ -16,7 +16,12 @@ Times, each the median of --repeats runs after a compiling run:
 - ``gemm``: one decoder step's weight products at B rows ([B, D] x 32 distinct [D, F]);
 - ``encoder_attention``: the encoder's self-attention, the engine's against cuDNN's fused;
 - ``fused_gemv``: a batch-1 step's weight products as nine per layer or as six (q|k|v and
-  wi|wi2 concatenated).
+  wi|wi2 concatenated);
+- ``bounds``: the encoder's and a decoder step's least time on this card (measured copy and
+  read bandwidth, measured bf16 matmul rate) and the engine's times over them.
+
+``--attention reference`` runs everything with the formulations before issue 23 (the baseline;
+serving/engine/attention.py), ``auto`` (the default) with the engine's per-shape choice.
 
 Prints progress on stderr and one JSON line on stdout.
 """
@@ -229,6 +234,67 @@ def fused_gemv(cfg: T5Config, repeats: int) -> dict:
     return out
 
 
+def bounds(cfg: T5Config, b: int, s: int, s_bucket: int, rates: dict, read: dict) -> dict:
+    """Least times at B rows of S tokens: the encoder (max of reading its weights at the
+    copy bandwidth and its FLOPs, attention included, at the measured bf16 rate) and one
+    decoder step of the output-64 program (decoder weights, LM head, the cross keys/values of
+    S positions and a self cache of 32 positions on average, at the measured read rate).
+    ``step_at_bucket_ms``: the same at the engine's input bucket (the cross keys/values it
+    actually holds: S rounded up to a power of two)."""
+    from bench.gpu import step_bytes
+
+    d, i, f, v = cfg.d_model, cfg.inner_dim, cfg.d_ff, cfg.vocab_size
+    mlp = d * f * (3 if cfg.gated else 2)
+    enc_params = cfg.num_encoder_layers * (4 * d * i + mlp) + v * d
+    flop = 2 * b * s * cfg.num_encoder_layers * (4 * d * i + mlp)
+    flop += 4 * b * s * s * i * cfg.num_encoder_layers
+    enc_s = max(2 * enc_params / (rates["bandwidth_GBps"] * 1e9),
+                flop / (rates["bf16_TFLOPs"] * 1e12))
+    self_cache = 2 * cfg.num_decoder_layers * b * 32 * i * 2
+    read_bps = read["read_GBps"] * 1e9
+    return {"encoder_s": enc_s, "encoder_flop": flop,
+            "step_ms": (step_bytes(cfg, s, b) + self_cache) / read_bps * 1e3,
+            "step_at_bucket_ms": (step_bytes(cfg, s_bucket, b) + self_cache) / read_bps * 1e3,
+            "step_GB": (step_bytes(cfg, s, b) + self_cache) / 1e9}
+
+
+def step_kernels(engine, b: int, s: int) -> dict:
+    """Kernels one decoder step launches: the instructions of the greedy output-64 program's
+    while-loop body (optimized HLO) that run as their own kernel, by kind. Many small
+    per-layer kernels are where a decode step's time beyond its reads goes."""
+    import collections
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from serving.engine import engine as engine_mod
+    from serving.engine import generate
+
+    def spec(shape: tuple, dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
+    r = generate.Rows(spec((b, s), i32), *(spec((b,), t) for t in (
+        i32, i32, i32, i32, i32, f32, f32, f32, f32, u32, u32)))
+    cross = jax.eval_shape(lambda p, i, n: generate.encode_cross(engine.config, p, i, n),
+                           engine.params, r.ids, r.lengths)
+    hlo = engine_mod._sampling.lower(engine.config, engine.params, r, cross, out_len=64,
+                                     sample=False).compile().as_text()
+    bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+    comps = {m.group(1): m.group(2) for m in re.finditer(
+        r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M)}
+    kinds: collections.Counter[str] = collections.Counter()
+    for body in bodies:
+        for line in comps.get(body, "").splitlines():
+            m = re.search(r"= [^ ]+ (fusion|custom-call|copy|dynamic-update-slice|"
+                          r"all-reduce|convolution|dot|gather|scatter)\(", line)
+            if m:
+                kinds[m.group(1)] += 1
+    return {"while_bodies": len(bodies), "kernels": sum(kinds.values()), "by_kind": dict(kinds),
+            "per_layer": sum(kinds.values()) / max(1, engine.config.num_decoder_layers)}
+
+
 def engine_parts(cfg: T5Config, params: dict, b: int, s: int, repeats: int) -> dict:
     """encode, cross_kv and a decoder step of the real engine at B rows."""
     import jax
@@ -236,7 +302,10 @@ def engine_parts(cfg: T5Config, params: dict, b: int, s: int, repeats: int) -> d
     import numpy as np
 
     from bench.gpu import input_rows, step_times
-    from serving.engine import T5Engine, model
+    from serving.engine import T5Engine, attention, model
+
+    if attention.choose(params["embedding"].dtype, cfg.d_kv).fuse_weights:
+        params = attention.fuse_weights(params)  # as the engine holds them
 
     ids = jnp.asarray(input_rows(cfg, b, s, seed=3), jnp.int32)
     lengths = jnp.full((b,), s, jnp.int32)
@@ -255,6 +324,11 @@ def engine_parts(cfg: T5Config, params: dict, b: int, s: int, repeats: int) -> d
     log(f"B={b}: {out}")
     engine = T5Engine(cfg, params, dtype="bf16")
     engine.max_batch = b
+    try:
+        out["step_kernels"] = step_kernels(engine, b, 1 << max(0, s - 1).bit_length())
+    except Exception as exc:  # a diagnosis only; never fail the numbers
+        out["step_kernels"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    log(f"B={b}: kernels in a decode step: {out['step_kernels']}")
     times = step_times(engine, list(np.asarray(ids)), repeats)
     step = times["step_s"]
     out.update(generate_64_s=times["generate_64_s"], generate_8_s=times["generate_8_s"],
@@ -272,12 +346,25 @@ def main() -> None:
     ap.add_argument("--skip-engine", action="store_true", help="microbenchmarks only")
     ap.add_argument("--skip-micro", action="store_true",
                     help="no decoder microbenchmarks (cross attention, products)")
+    ap.add_argument("--attention", choices=["auto", "reference"], default="auto",
+                    help="auto: the engine's per-shape choice; reference: the formulations "
+                         "before issue 23 (serving/engine/attention.py)")
     args = ap.parse_args()
-    import jax
+    import dataclasses
 
+    import jax
+    import jax.numpy as jnp
+
+    from bench.gpu import hardware_rates, read_bandwidth
+    from serving.engine import attention
+
+    if args.attention == "reference":
+        attention.force(attention.REFERENCE).__enter__()  # for the whole process
     cfg = MODELS[args.model]
     result: dict = {"model": args.model, "device": str(jax.devices()[0].device_kind),
-                    "jax": jax.__version__, "input_len": args.input_len}
+                    "jax": jax.__version__, "input_len": args.input_len,
+                    "attention": args.attention,
+                    "paths": dataclasses.asdict(attention.choose(jnp.bfloat16, cfg.d_kv))}
     b0 = args.batches[0]
     if not args.skip_micro:
         result["cross_attn"] = cross_attn(cfg, b0, args.input_len, args.repeats)
@@ -287,11 +374,21 @@ def main() -> None:
     result["encoder_attention"] = encoder_attention(cfg, b0, args.input_len, args.repeats)
     if not args.skip_engine:
         params = zero_end_row(jax_random_params(cfg), cfg)
+        result["rates"], result["read"] = hardware_rates(), read_bandwidth()
+        log(f"rates: {result['rates']} {result['read']}")
+        s_bucket = 1 << max(0, args.input_len - 1).bit_length()
         result["engine"] = []
         for b in args.batches:
             try:
-                result["engine"].append(engine_parts(cfg, params, b, args.input_len,
-                                                     args.repeats))
+                part = engine_parts(cfg, params, b, args.input_len, args.repeats)
+                bound = bounds(cfg, b, args.input_len, s_bucket, result["rates"],
+                               result["read"])
+                part.update(bound=bound, encode_over_bound=part["encode_s"] / bound["encoder_s"],
+                            step_over_bound=part["step_ms"] / bound["step_ms"],
+                            step_over_bound_at_bucket=part["step_ms"]
+                            / bound["step_at_bucket_ms"])
+                log(f"B={b} against the bounds: {part}")
+                result["engine"].append(part)
             except Exception as exc:  # e.g. out of memory at the larger batch: say so
                 result["engine"].append({"rows": b, "error": f"{type(exc).__name__}: {exc}"[:400]})
                 log(f"B={b}: {result['engine'][-1]}")

@@ -49,6 +49,11 @@ MODELS = {
     "ul2-20b": T5Config(d_model=4096, num_heads=16, d_kv=256, d_ff=16384, vocab_size=32128,
                         num_encoder_layers=32, num_decoder_layers=32,
                         feed_forward_proj="gated-silu", tie_word_embeddings=False),
+    # Flan-T5-XL (google/flan-t5-xl): 24 + 24 layers, D 2048, 32 heads of 64, F 5120,
+    # gated-gelu, untied: the shape of every T5 1.1 / Flan-T5 model (issue 23).
+    "flan-t5-xl": T5Config(d_model=2048, num_heads=32, d_kv=64, d_ff=5120, vocab_size=32128,
+                           num_encoder_layers=24, num_decoder_layers=24,
+                           feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "tiny": T5Config(d_model=32, num_heads=4, d_kv=8, d_ff=64, vocab_size=100,
                      num_encoder_layers=2, num_decoder_layers=2,
                      feed_forward_proj="gated-silu", tie_word_embeddings=False),
@@ -78,8 +83,8 @@ def input_rows(cfg: T5Config, batch: int, in_len: int, seed: int) -> np.ndarray:
 def summarise(runs: list[dict], batch: int, out_len: int, times: list[float], first: float
               ) -> dict:
     med = statistics.median(times)
-    run = {"batch": batch, "seconds": med, "tokens_per_s": batch * out_len / med,
-           "first_call_s": first, "all_s": times}
+    run = {"batch": batch, "output_len": out_len, "seconds": med,
+           "tokens_per_s": batch * out_len / med, "first_call_s": first, "all_s": times}
     runs.append(run)
     return run
 
@@ -185,7 +190,7 @@ def hf_model(cfg: T5Config):
     return model
 
 
-def run_hf(model, cfg: T5Config, batches: list[int], in_len: int, out_len: int,
+def run_hf(model, cfg: T5Config, batches: list[int], in_len: int, out_lens: list[int],
            repeats: int) -> dict:
     import torch
     import transformers
@@ -199,10 +204,10 @@ def run_hf(model, cfg: T5Config, batches: list[int], in_len: int, out_len: int,
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for batch in batches:
+    for batch, out_len in ((b, n) for b in batches for n in out_lens):
         ids = torch.as_tensor(input_rows(cfg, batch, in_len, seed=batch), device=device)
 
-        def go(ids=ids):
+        def go(ids=ids, out_len=out_len):
             with torch.inference_mode():
                 res = model.generate(ids, attention_mask=torch.ones_like(ids),
                                      max_new_tokens=out_len, min_new_tokens=out_len,
@@ -215,7 +220,8 @@ def run_hf(model, cfg: T5Config, batches: list[int], in_len: int, out_len: int,
         first = time.perf_counter() - t
         assert res.shape[1] == out_len + 1, res.shape  # start token + out_len
         run = summarise(out["runs"], batch, out_len, timed(go, repeats), first)
-        log(f"hf batch {batch}: {run['seconds']:.3f}s, {run['tokens_per_s']:.1f} tok/s")
+        log(f"hf batch {batch}, {out_len} out: {run['seconds']:.3f}s, "
+            f"{run['tokens_per_s']:.1f} tok/s")
     return out
 
 
@@ -515,14 +521,20 @@ def run_bound(cfg: T5Config, in_len: int) -> dict:
     return {"read": read, "rates": rates, "batch1_step": step, "large_copies": copies}
 
 
-def run_jax(engine, cfg: T5Config, batches: list[int], in_len: int, out_len: int,
+def run_jax(engine, cfg: T5Config, batches: list[int], in_len: int, out_lens: list[int],
             repeats: int, rates: dict) -> dict:
+    """Time greedy generate at each batch and output length, every row decoding exactly the
+    output length; a batch runs as one program (max_batch = the largest batch), timed to its
+    last row, as TensorRT-LLM's published encoder-decoder numbers are."""
     import jax
 
-    from serving.engine import SamplingParams
+    from serving.engine import SamplingParams, attention
 
-    out = {"impl": "jax", "jax": jax.__version__, "devices": engine.devices, "runs": []}
-    for batch in batches:
+    engine.max_batch = max(engine.max_batch, *batches)
+    paths = attention.choose(engine.params["embedding"].dtype, cfg.d_kv)
+    out = {"impl": "jax", "jax": jax.__version__, "devices": engine.devices,
+           "attention": dataclasses.asdict(paths), "runs": []}
+    for batch, out_len in ((b, n) for b in batches for n in out_lens):
         rows = list(input_rows(cfg, batch, in_len, seed=batch))
         # Warm-up compiles; then pick an end_id greedy never produces on these inputs, so every
         # row generates exactly out_len tokens (greedy is deterministic).
@@ -537,8 +549,8 @@ def run_jax(engine, cfg: T5Config, batches: list[int], in_len: int, out_len: int
         times = timed(lambda rows=rows, params=params: engine.generate(rows, params), repeats)
         run = summarise(out["runs"], batch, out_len, times, compile_s)
         run["bound"] = bandwidth_bound(cfg, batch, in_len, out_len, rates, engine.devices)
-        log(f"jax batch {batch}: {run['seconds']:.3f}s, {run['tokens_per_s']:.1f} tok/s "
-            f"(bound {run['bound']['total_s']:.3f}s)")
+        log(f"jax batch {batch}, {out_len} out: {run['seconds']:.3f}s, "
+            f"{run['tokens_per_s']:.1f} tok/s (bound {run['bound']['total_s']:.3f}s)")
     return out
 
 
@@ -569,11 +581,12 @@ def compare(engine, hf: dict, rows: np.ndarray, dec: np.ndarray, out_len: int) -
 
 
 def table(results: list[dict]) -> str:
-    by = {r["impl"]: {x["batch"]: x for x in r.get("runs", [])} for r in results}
-    batches = sorted({b for runs in by.values() for b in runs})
-    lines = ["| batch | ours s | ours tok/s | HF s | HF tok/s | ours / HF | bound s | "
-             "ours / bound |", "|---" * 8 + "|"]
-    for b in batches:
+    by = {r["impl"]: {(x["batch"], x["output_len"]): x for x in r.get("runs", [])}
+          for r in results}
+    keys = sorted({b for runs in by.values() for b in runs})
+    lines = ["| batch | out | ours s | ours tok/s | HF s | HF tok/s | ours / HF | bound s | "
+             "ours / bound |", "|---" * 9 + "|"]
+    for b in keys:
         j, h = by.get("jax", {}).get(b), by.get("hf", {}).get(b)
 
         def cell(x, key, fmt=".3f"):
@@ -581,7 +594,7 @@ def table(results: list[dict]) -> str:
         speed = f"{h['seconds'] / j['seconds']:.2f}x" if j and h else "-"
         bound = j["bound"]["total_s"] if j else None
         ratio = f"{j['seconds'] / bound:.2f}x" if j else "-"
-        lines.append(f"| {b} | {cell(j, 'seconds')} | {cell(j, 'tokens_per_s', '.1f')} | "
+        lines.append(f"| {b[0]} | {b[1]} | {cell(j, 'seconds')} | {cell(j, 'tokens_per_s', '.1f')} | "
                      f"{cell(h, 'seconds')} | {cell(h, 'tokens_per_s', '.1f')} | {speed} | "
                      f"{f'{bound:.3f}' if bound else '-'} | {ratio} |")
     return "\n".join(lines)
@@ -598,13 +611,25 @@ def main() -> None:
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")],
                     default=[1, 8, 32], help="comma-separated batch sizes (default 1,8,32)")
     ap.add_argument("--input-len", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--output-len", type=lambda s: [int(x) for x in s.split(",")],
+                    default=[64], help="comma-separated output lengths, each timed at every "
+                    "batch (default 64)")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip the GPU-vs-CPU correctness check (a second run of the same "
+                         "code in one lease)")
+    ap.add_argument("--attention", choices=["auto", "reference"], default="auto",
+                    help="auto: the engine's per-shape choice (serving/engine/attention.py); "
+                         "reference: the formulations before issue 23 (the baseline)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch (median)")
     ap.add_argument("--devices", type=int, default=1,
                     help="GPUs our engine is tensor-parallel over (FT's head / d_ff split); "
                          "HF runs on the first")
     args = ap.parse_args()
     cfg = MODELS[args.model]
+    if args.attention == "reference":
+        from serving.engine import attention
+
+        attention.force(attention.REFERENCE).__enter__()  # for the whole process
     runs = (cfg, args.batches, args.input_len, args.output_len, args.repeats)
     if args.impl == "check":
         result = run_check()
@@ -620,7 +645,8 @@ def main() -> None:
         import jax
 
         log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-        extra["check"] = run_check(devices=args.devices)
+        extra["check"] = ({"passed": True, "skipped": True} if args.no_check
+                          else run_check(devices=args.devices))
         if not extra["check"]["passed"]:
             sys.exit(f"correctness check failed: {extra['check']}")
         extra["rates"] = hardware_rates()
@@ -633,7 +659,7 @@ def main() -> None:
         probe_rows = input_rows(cfg, min(8, max(args.batches)), args.input_len, seed=99)
         probe_dec = np.concatenate([np.zeros((2, 1), np.int64),
                                     input_rows(cfg, 2, 15, seed=98)], axis=1)
-        probe = hf_probe(model, cfg, probe_rows, probe_dec, args.output_len)
+        probe = hf_probe(model, cfg, probe_rows, probe_dec, args.output_len[0])
     if args.impl in ("both", "jax"):
         from serving.engine import T5Engine
 
@@ -650,15 +676,18 @@ def main() -> None:
             params = jax_random_params(cfg)
             log(f"random bf16 weights on device in {time.perf_counter() - t:.1f}s")
         engine = T5Engine(cfg, params, dtype="bf16", devices=args.devices)
+        del params  # the engine may hold stacked copies (attention.fuse_weights): free these
         results.append(run_jax(engine, *runs, extra["rates"]))
         if args.impl == "both":
             extra["same_weights"] = compare(engine, probe, probe_rows, probe_dec,
-                                            args.output_len)
+                                            args.output_len[0])
             log(f"ours vs HF on the same weights: {extra['same_weights']}")
-    print(f"{args.model}: input {args.input_len}, output {args.output_len}, greedy\n")
+    print(f"{args.model}: input {args.input_len}, output {args.output_len}, greedy, "
+          f"attention {args.attention}\n")
     print(table(results))
     print(json.dumps({"model": args.model, "config": dataclasses.asdict(cfg),
                       "input_len": args.input_len, "output_len": args.output_len,
+                      "attention": args.attention,
                       "results": results, **extra}))
 
 

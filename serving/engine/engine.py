@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from core.t5config import T5Config
-from serving.engine import generate, model, sharding, weights
+from serving.engine import attention, generate, model, sharding, weights
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,8 @@ class T5Engine:
         self.dtype = dtype
         self.source_tensor_parallel = tensor_parallel
         self.devices = devices
+        if attention.choose(COMPUTE_DTYPES[dtype], cfg.d_kv).fuse_weights:
+            params = attention.fuse_weights(params)  # GPUs in half precision (attention.py)
         if devices > 1:
             cfg.check_tensor_parallel(devices)
             self.params = sharding.shard_params(params, sharding.make_mesh(devices))

@@ -20,6 +20,7 @@ import numpy as np
 
 from core.relpos import relative_position_bucket
 from core.t5config import T5Config
+from serving.engine import attention as paths
 
 NEG_INF = -1e9  # additive mask; large but finite so that fully masked rows stay NaN-free
 RMS_EPS = 1e-6
@@ -58,7 +59,13 @@ def activation(cfg: T5Config, x: jax.Array) -> jax.Array:
 
 
 def mlp(cfg: T5Config, p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    """act(x @ wi) [* (x @ wi2)] @ wo. x [..., D] -> [..., D]."""
+    """act(x @ wi) [* (x @ wi2)] @ wo. x [..., D] -> [..., D].
+
+    A layer with ``wi12`` ([D, 2, F], attention.fuse_weights) runs both input products as one.
+    """
+    if "wi12" in p:
+        both = jnp.einsum("...d,dtf->t...f", x, p["wi12"])
+        return (activation(cfg, both[0]) * both[1]) @ p["wo"]
     h = activation(cfg, x @ p["wi"])
     if cfg.gated:
         h = h * (x @ p["wi2"])
@@ -99,6 +106,18 @@ def project_heads(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("bsd,dhk->bhsk", x, w)
 
 
+def self_qkv(h: jax.Array, p: dict[str, jax.Array], layout: str = "bhsk"
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A layer's self-attention q, k, v: h [B, S, D] -> three [B, H, S, K] (layout "bhsk")
+    or [B, S, H, K] ("bshk"). A layer with ``qkv`` ([D, 3, H, K], attention.fuse_weights)
+    runs the three products as one."""
+    if "qkv" in p:
+        t = jnp.einsum(f"bsd,dthk->t{layout}", h, p["qkv"])
+        return t[0], t[1], t[2]
+    q, k, v = (jnp.einsum(f"bsd,dhk->{layout}", h, p[n]) for n in ("q", "k", "v"))
+    return q, k, v
+
+
 def merge_heads(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [B, H, S, K], w [H, K, D] -> [B, S, D]."""
     return jnp.einsum("bhsk,hkd->bsd", x, w)
@@ -130,14 +149,20 @@ def encode(cfg: T5Config, params: dict, ids: jax.Array, lengths: jax.Array) -> j
                                        cfg.relative_attention_num_buckets,
                                        cfg.relative_attention_max_distance)
     mask = key_mask(lengths, s)
-    shared = position_bias(params["encoder_rel_bias"], buckets)[None] + mask
+    rel = position_bias(params["encoder_rel_bias"], buckets)[None]  # [1, H, S, S]
+    choice = paths.choose(x.dtype, cfg.d_kv).encoder
 
     for p in params["encoder"]:
-        bias = shared if "rel_bias" not in p else position_bias(p["rel_bias"], buckets)[None] + mask
+        rel_p = rel if "rel_bias" not in p else position_bias(p["rel_bias"], buckets)[None]
         h = rms_norm(x, p["ln_attn"])
-        o = attention(project_heads(h, p["q"]), project_heads(h, p["k"]),
-                      project_heads(h, p["v"]), bias)
-        x = x + merge_heads(o, p["o"])
+        if choice == "reference":
+            o = attention(*self_qkv(h, p), rel_p + mask)
+            x = x + merge_heads(o, p["o"])
+        else:  # fused attention in the [B, S, H, K] layout (attention.py)
+            q, k, v = self_qkv(h, p, "bshk")
+            o = paths.encoder_fused(q, k, v, rel_p, lengths,
+                                    "xla" if choice == "xla-fused" else "cudnn")
+            x = x + jnp.einsum("bshk,hkd->bsd", o, p["o"])
         x = x + mlp(cfg, p, rms_norm(x, p["ln_mlp"]))
     return rms_norm(x, params["encoder_norm"])
 
@@ -176,8 +201,7 @@ def decode_full(cfg: T5Config, params: dict, dec_ids: jax.Array, enc: jax.Array,
         self_bias = (shared if "rel_bias" not in p
                      else position_bias(p["rel_bias"], buckets)[None] + causal)
         h = rms_norm(x, p["ln_self"])
-        o = attention(project_heads(h, p["q"]), project_heads(h, p["k"]),
-                      project_heads(h, p["v"]), self_bias)
+        o = attention(*self_qkv(h, p), self_bias)
         x = x + merge_heads(o, p["o"])
         h = rms_norm(x, p["ln_cross"])
         x = x + merge_heads(attention(project_heads(h, p["cq"]), k_c, v_c, cross_bias), p["co"])
@@ -212,8 +236,13 @@ def decode_step(cfg: T5Config, params: dict, tokens: jax.Array, step: jax.Array,
     dist = jnp.clip(step - key_pos, 0, m - 1)
     table = jnp.asarray(causal_bucket_table(cfg, m))
 
+    cache_first = paths.choose(cache_k[0].dtype, cfg.d_kv).decode_self == "cache_first"
+
     def step_bias(rel: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """rel [H, B] -> (bias to the cache [1, H, 1, M], bias to this step [1, H, 1, 1])."""
+        """rel [H, B] -> (bias to the cache [1, H, 1, M], bias to this step [1, H, 1, 1]);
+        cache_first: (bias to the cache with this step at position `step` [1, H, M], None)."""
+        if cache_first:
+            return jnp.where(key_pos <= step, rel[:, table[dist]], NEG_INF)[None], None
         past = jnp.where(key_pos < step, rel[:, table[dist]], NEG_INF)  # [H, M]
         return past[None, :, None, :], rel[:, table[0]][None, :, None, None]  # distance 0
 
@@ -225,18 +254,23 @@ def decode_step(cfg: T5Config, params: dict, tokens: jax.Array, step: jax.Array,
     for p, k_past, v_past, k_c, v_c in layers:
         past_bias, self_bias = shared if "rel_bias" not in p else step_bias(p["rel_bias"])
         h = rms_norm(x, p["ln_self"])
-        q, k, v = (project_heads(h, p[n]) for n in ("q", "k", "v"))  # [B, H, 1, K]
-        logits_past = einsum_f32("bhqk,bhpk->bhqp", q, k_past) + past_bias
-        logits_self = einsum_f32("bhqk,bhqk->bhq", q, k)[..., None] + self_bias
-        probs = jax.nn.softmax(jnp.concatenate([logits_past, logits_self], -1), axis=-1)
-        probs = probs.astype(v.dtype)
-        o = jnp.einsum("bhqp,bhpk->bhqk", probs[..., :m], v_past) + probs[..., m:] * v
+        q, k, v = self_qkv(h, p)  # [B, H, 1, K]
+        # this step's k/v [B, H, 1, K] -> position `step` of the layer's cache [B, H, M, K]
+        k_new = jax.lax.dynamic_update_slice_in_dim(k_past, k, step, axis=2)
+        v_new = jax.lax.dynamic_update_slice_in_dim(v_past, v, step, axis=2)
+        if cache_first:  # one read of the cache, this step included (attention.py)
+            o = attend_one(q[:, :, 0], k_new, v_new, past_bias)[:, :, None]
+        else:
+            logits_past = einsum_f32("bhqk,bhpk->bhqp", q, k_past) + past_bias
+            logits_self = einsum_f32("bhqk,bhqk->bhq", q, k)[..., None] + self_bias
+            probs = jax.nn.softmax(jnp.concatenate([logits_past, logits_self], -1), axis=-1)
+            probs = probs.astype(v.dtype)
+            o = jnp.einsum("bhqp,bhpk->bhqk", probs[..., :m], v_past) + probs[..., m:] * v
         x = x + merge_heads(o, p["o"])
         h = rms_norm(x, p["ln_cross"])
         o = attend_one(project_heads(h, p["cq"])[:, :, 0], k_c, v_c, cross_bias[:, :, 0])
         x = x + merge_heads(o[:, :, None], p["co"])
         x = x + mlp(cfg, p, rms_norm(x, p["ln_mlp"]))
-        # this step's k/v [B, H, 1, K] -> position `step` of the layer's cache [B, H, M, K]
-        new_k.append(jax.lax.dynamic_update_slice_in_dim(k_past, k, step, axis=2))
-        new_v.append(jax.lax.dynamic_update_slice_in_dim(v_past, v, step, axis=2))
+        new_k.append(k_new)
+        new_v.append(v_new)
     return lm_logits(cfg, params, x[:, 0]), new_k, new_v

@@ -23,6 +23,10 @@ _LAYER_SPECS: dict[str, PartitionSpec] = {
     "wi2": PartitionSpec(None, AXIS),
     "wo": PartitionSpec(AXIS, None),
     "rel_bias": PartitionSpec(AXIS, None),  # a layer's own table [H, B], on heads
+    # attention.fuse_weights: q|k|v [D, 3, H, K] and wi|wi2 [D, 2, F], split on H and F as
+    # the separate matrices are, so each device holds its own heads' q, k and v
+    "qkv": PartitionSpec(None, None, AXIS, None),
+    "wi12": PartitionSpec(None, None, AXIS),
 }
 
 
