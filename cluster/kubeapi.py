@@ -152,6 +152,23 @@ KINDS: dict[str, Kind] = {
 }
 
 
+def _check_kubeconfig(path: str) -> None:
+    """Refuse, naming it, a --kubeconfig that is not a YAML mapping of clusters/contexts/users
+    (the client library reports such a file as a parser's or a TypeError's words alone)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as exc:
+        raise UserError(f"--kubeconfig {path}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"--kubeconfig {path} is not YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(doc, dict) or not any(k in doc for k in ("clusters", "contexts")):
+        raise UserError(f"--kubeconfig {path} is not a kubeconfig (a YAML mapping with "
+                        "clusters, contexts and users)")
+
+
 def new_api_client(kubeconfig: str | None = None, context: str | None = None
                    ) -> client.ApiClient:
     """An ApiClient from KUBECONFIG's file if given, else in-cluster, else ~/.kube/config.
@@ -162,6 +179,8 @@ def new_api_client(kubeconfig: str | None = None, context: str | None = None
     Raises UserError (one line) when none of them yields usable credentials.
     """
     configuration = client.Configuration()
+    if kubeconfig:
+        _check_kubeconfig(kubeconfig)
     try:
         if kubeconfig:
             config.load_kube_config(config_file=kubeconfig, context=context,

@@ -188,6 +188,23 @@ class _Progress:
             self.bar.close()
 
 
+def check_fits(opts: ConvertOptions) -> None:
+    """Refuse task resources that no alive node of the Ray cluster has (Ray would wait for
+    such a node forever, without a word). A cluster that autoscales to larger nodes must have
+    one up first."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= opts.task_cpus and r.get("GPU", 0) >= opts.task_gpus
+           for r in nodes):
+        return
+    cpus = max((r.get("CPU", 0) for r in nodes), default=0)
+    gpus = max((r.get("GPU", 0) for r in nodes), default=0)
+    raise ConversionRefused(
+        f"--task-cpus {opts.task_cpus:g} --task-gpus {opts.task_gpus:g} fit no node of the Ray "
+        f"cluster (the largest has {cpus:g} CPUs, {gpus:g} GPUs): no task could ever start")
+
+
 def run_tasks(fn: Callable[..., dict[str, Any]], calls: list[tuple[LayerTask, tuple]],
               opts: ConvertOptions, label: str, on_result: Callable[[list[dict[str, Any]]], None] | None = None
                ) -> list[dict[str, Any]]:
@@ -197,6 +214,7 @@ def run_tasks(fn: Callable[..., dict[str, Any]], calls: list[tuple[LayerTask, tu
     """
     import ray
 
+    check_fits(opts)
     remote = ray.remote(fn).options(
         num_cpus=opts.task_cpus, num_gpus=opts.task_gpus,
         # Lost workers or nodes are retried (tasks are idempotent: files publish atomically);

@@ -168,6 +168,17 @@ class GinConfig:
         value = self.lookup("SentencePieceVocabulary", "sentencepiece_model_file")
         return value if isinstance(value, str) and value else None
 
+    @property
+    def feature_lengths(self) -> dict[str, int] | None:
+        """The sequence lengths the model was trained with, as t5x's run configs give them:
+        the ``TASK_FEATURE_LENGTHS`` macro, else ``DatasetConfig.task_feature_lengths``."""
+        value = self.macro("TASK_FEATURE_LENGTHS") or \
+            self.lookup("DatasetConfig", "task_feature_lengths")
+        if not isinstance(value, dict):
+            return None
+        lengths = {str(k): v for k, v in value.items() if _is_int(v)}
+        return lengths or None
+
     def t5_values(self) -> dict[str, object]:
         """What this config says about the model, under :func:`parse_gin`'s keys."""
         out: dict[str, object] = {}

@@ -10,7 +10,8 @@ which checks the stream's CRC-32 and releases the GIL) inflates each chunk into 
 caller owns and reuses (:class:`conversion.placement.ReadAhead`), or a new one; numpy then
 views it as the array's dtype (no copy). On this machine that is 140 ms of CPU per 64 MiB chunk
 against 208 ms for ISA-L's igzip (python-isal), which can only return a new ``bytes`` object.
-A chunk missing from the store is the array's fill value, as zarr defines.
+A chunk missing from the store is the array's fill value, as zarr defines, and an error
+where the array has none (fill_value null, as t5x writes).
 
 Any other array (zarr3, OCDBT, other compressors, filters) returns None from :func:`open_gzip`
 and keeps tensorstore's own decoding.
@@ -69,7 +70,8 @@ class GzipZarr:
       shape, chunks: the array's shape and stored chunk shape.
       dtype: the stored numpy dtype (byte order included).
       order: "C" or "F", the element order inside a chunk.
-      fill: the value of a chunk that is not stored.
+      fill: the value of a chunk that is not stored; None (zarr's null) when every chunk must
+        be stored.
       separator: the chunk key's dimension separator ("." or "/").
       local_dir: the array's folder when it is on this machine (its chunk files are read
         directly), None for gs://.
@@ -100,6 +102,9 @@ class GzipZarr:
             started = fetched.get(key) if fetched else None
             raw = (started if started is not None else self.kvstore.read(key)).result().value
         if not raw:  # zarr: a chunk never written holds the fill value everywhere
+            if self.fill is None:  # ... unless there is none: then it must have been written
+                raise ValueError(f"chunk {key} is missing and the array's fill_value is null "
+                                 "(an incomplete checkpoint?)")
             return np.full(self.chunks, self.fill, dtype=self.dtype)
         return self.decode(raw, out)
 
@@ -229,9 +234,10 @@ def open_gzip(spec: dict[str, Any]) -> GzipZarr | None:
     if dtype is None:
         return None
     fill = meta.get("fill_value")
-    # zarr writes non-finite fill values as strings; null means "unspecified": tensorstore
-    # reads such missing chunks as zeros, and so do we.
-    fill = 0 if fill is None else (float(fill) if isinstance(fill, str) else fill)
+    # zarr writes non-finite fill values as strings. null means "unspecified": tensorstore
+    # reads such missing chunks as zeros, but t5x writes every chunk of its null-fill arrays,
+    # so a missing one is an incomplete checkpoint, an error (conversion/source_id.py).
+    fill = float(fill) if isinstance(fill, str) else fill
     local = kvstore["path"] if kvstore.get("driver") == "file" else None
     return GzipZarr(kv, tuple(meta["shape"]), tuple(meta["chunks"]), dtype,
                     meta.get("order", "C"), fill, meta.get("dimension_separator", "."), local)

@@ -53,13 +53,13 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
     """Refuse to mix models in one folder; returns the entries a resumed run may keep."""
     existing = storage.list_files(model_dir) if storage.is_dir(model_dir) else []
     # What is still scratch here belongs to a live writer: neither foreign nor to delete.
-    existing = [f for f in existing if not scratch.is_scratch(f)]
+    # Python's bytecode cache is what serving 1/model.py (Triton's Python backend) leaves.
+    existing = [f for f in existing if not scratch.is_scratch(f)
+                and "__pycache__" not in f.split("/")]
     if not existing:
         return {}
     if opts.overwrite:
-        for name in existing:
-            storage.delete(storage.join(model_dir, name))
-        return {}
+        return {}  # emptied by clear() once every check has passed
     ours = manifest_url[len(model_dir.rstrip("/")) + 1:]
     manifests = sorted(f for f in existing if f == ours or (
         f.startswith("1/") and f.endswith(f"/{ft_format.MANIFEST}") and f.count("/") == 2))
@@ -74,9 +74,14 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
         diff = [k for k in identity if _jsonable(old[k]) != _jsonable(identity[k])]
         if diff:
             k = diff[0]
+            was, now = _jsonable(old[k]), _jsonable(identity[k])
+            if isinstance(was, dict) and isinstance(now, dict):  # name the fields that differ
+                sub = [f for f in sorted({*was, *now}) if was.get(f) != now.get(f)]
+                k = f"{k}.{sub[0]}" if sub else k
+                was, now = (was.get(sub[0]), now.get(sub[0])) if sub else (was, now)
             raise ConversionRefused(
-                f"{model_dir} already holds a different model ({k} {old[k]!r}, not "
-                f"{identity[k]!r}); pass --overwrite to replace it")
+                f"{model_dir} already holds a different model ({k} {was!r}, not "
+                f"{now!r}); pass --overwrite to replace it")
     weights_prefix = ours.rsplit("/", 1)[0] + "/"
     others = [f for f in existing if "/" in f and not f.startswith(weights_prefix)
               and f != "1/model.py"]
@@ -84,6 +89,16 @@ def check_destination(model_dir: str, manifest_url: str, identity: dict[str, Any
         raise ConversionRefused(f"{model_dir} also holds {others[0]}, not part of this "
                               "conversion; pass --overwrite to replace it")
     return entries if opts.resume else {}
+
+
+def clear(model_dir: str) -> None:
+    """Delete what --overwrite replaces: the files in MODEL_DIR (a live writer's scratch
+    stays), nothing outside it."""
+    if not storage.is_dir(model_dir):
+        return
+    for name in storage.list_files(model_dir):
+        if not scratch.is_scratch(name):
+            storage.delete(storage.join(model_dir, name))
 
 
 def sweep_here(model_dir: str) -> scratch.Removed:

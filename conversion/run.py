@@ -15,16 +15,19 @@ Any task error stops the run with the error's first line; the manifest then stil
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from conversion import hf_files, resume
+from conversion import hf_files, resume, source_id
 from conversion.arch import T5Arch, infer_arch
 from conversion.errors import ConversionError, ConversionRefused
-from conversion.execute import convert_layer, run_tasks, verify_layer
+from conversion.execute import check_fits, convert_layer, run_tasks, verify_layer
 from conversion.gin_config import GinConfig, GinError, read_gin
 from conversion.hf_plan import make_hf_plan
 from conversion.options import ConvertOptions
@@ -115,25 +118,90 @@ class _Paths:
     config_url: str
 
     @classmethod
-    def of(cls, opts: ConvertOptions, tensor_parallel: int) -> _Paths:
+    def of(cls, opts: ConvertOptions, tensor_parallel: int, folder: str | None = None
+           ) -> _Paths:
+        """The paths of DST/<model>, or of DST/FOLDER (a write-aside folder) laid out alike."""
+        name = folder or opts.model_name
+        model_dir = repository.model_dir(opts.dst, name)
         if opts.format == "hf":
-            model_dir = repository.model_dir(opts.dst, opts.model_name)
             return cls(model_dir, model_dir, storage.join(model_dir, hf_format.MANIFEST),
                        storage.join(model_dir, hf_format.CONFIG))
-        out_dir = repository.weights_url(opts.dst, opts.model_name, tensor_parallel)
-        return cls(repository.model_dir(opts.dst, opts.model_name), out_dir,
-                   storage.join(out_dir, ft_format.MANIFEST),
-                   repository.config_url(opts.dst, opts.model_name))
+        out_dir = repository.weights_url(opts.dst, name, tensor_parallel)
+        return cls(model_dir, out_dir, storage.join(out_dir, ft_format.MANIFEST),
+                   repository.config_url(opts.dst, name))
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a model name that is not one folder name: every delete of a conversion is
+    confined to DST/<name>, which ``..``, ``""`` or a ``/`` would make DST, its parent or
+    somewhere else."""
+    bad = (not name or name in (".", "..") or any(c in name for c in "/\\\0")
+           or name != name.strip() or any(ord(c) < 32 for c in name))
+    if bad:
+        raise ConversionRefused(f"model name {name!r} is not one folder name (no '/', '\\', "
+                              "'..', '.', control characters, surrounding spaces or empty): it "
+                              "names the folder DST/<model> that is written and replaced")
 
 
 def _check_options(opts: ConvertOptions) -> None:
     """Refuse (one line) options that no checkpoint could make right."""
     # engine (a Literal), pipeline_parallel and resume/overwrite: ConvertOptions checks them.
+    check_model_name(opts.model_name)
+    if not storage.is_gcs(opts.dst) and os.path.exists(opts.dst) and \
+            not os.path.isdir(opts.dst):
+        raise ConversionRefused(f"--dst {opts.dst} is a file, not a folder")
+    for flag, value in (("--task-cpus", opts.task_cpus), ("--task-gpus", opts.task_gpus)):
+        if value < 0:
+            raise ConversionRefused(f"{flag} must be >= 0, got {value:g}")
     if opts.format == "hf" and opts.tensor_parallel != 1:
         raise ConversionRefused("--tensor-parallel does not apply to --format hf (a Hugging Face "
                                 "checkpoint holds whole tensors; engines split them at load)")
     if opts.vocab and not storage.exists(opts.vocab):
         raise ConversionRefused(f"vocabulary {opts.vocab} does not exist")
+    if opts.vocab:
+        _check_vocab(opts.vocab)
+
+
+# Any file that is not a SentencePiece model (a config.gin, say) copied as spiece.model would
+# only fail when evaluation loads it, after the whole conversion: sentencepiece itself judges.
+def _check_vocab(url: str) -> None:
+    """Refuse a --vocab that sentencepiece cannot load, naming it (before anything is written)."""
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=storage.read_bytes(url))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise ConversionRefused(f"vocabulary {url} is not a SentencePiece model "
+                              f"(sentencepiece: {str(exc).splitlines()[0] if str(exc) else exc})"
+                              ) from None
+
+
+def _within(inner: str, outer: str) -> bool:
+    """Whether path/URL ``inner`` is ``outer`` or lies inside it (local paths resolved)."""
+    if storage.is_gcs(inner) != storage.is_gcs(outer):
+        return False
+    if not storage.is_gcs(inner):
+        inner, outer = os.path.realpath(inner), os.path.realpath(outer)
+    inner, outer = inner.rstrip("/") + "/", outer.rstrip("/") + "/"
+    return inner.startswith(outer)
+
+
+def _check_overlap(ckpt: Checkpoint, paths: _Paths) -> None:
+    """Refuse a destination model folder that holds, or is inside, the checkpoint it reads
+    (replacing it would delete the source before the conversion failed)."""
+    if _within(ckpt.path, paths.model_dir) or _within(paths.model_dir, ckpt.path):
+        raise ConversionRefused(f"the model folder {paths.model_dir} overlaps the checkpoint "
+                              f"{ckpt.path} it converts: choose another --dst or --model-name")
+
+
+def _check_pipeline(opts: ConvertOptions, arch: T5Arch) -> None:
+    """Refuse a pipeline-parallel size FT cannot split the layers into."""
+    cfg = arch.config
+    for side, layers in (("encoder", cfg.num_encoder_layers),
+                         ("decoder", cfg.num_decoder_layers)):
+        if layers % opts.pipeline_parallel:
+            raise ConversionRefused(f"pipeline-parallel size {opts.pipeline_parallel} does not "
+                                  f"divide the {layers} {side} layers")
 
 
 def _check_tables(ckpt: Checkpoint, plan: ConversionPlan) -> None:
@@ -160,11 +228,36 @@ def _clear_destination(opts: ConvertOptions, paths: _Paths, identity: dict[str, 
     previous = resume.check_destination(paths.model_dir, paths.manifest_url, identity, opts)
     if connect is not None:
         connect()
+    check_fits(opts)  # before anything is written
+    if opts.overwrite:
+        resume.clear(paths.model_dir)
     removed.add(resume.sweep_nodes(paths.model_dir))
     if removed.files:
         print(f"convert: removed {removed.files} scratch file(s) ({removed.bytes} bytes) left by "
               "runs that are gone", file=sys.stderr, flush=True)
     return removed, previous
+
+
+def _drop_changed(paths: _Paths, plan: ConversionPlan, source: source_id.SourceState,
+                  previous: dict[str, ManifestEntry]
+                  ) -> tuple[dict[str, ManifestEntry], list[str]]:
+    """The resumable entries less those of layers whose source content changed since they were
+    written (the manifest's ``source_files``), and those layers' groups."""
+    if not previous:
+        return previous, []
+    header, _ = parse_manifest(storage.read_text(paths.manifest_url))
+    recorded = header.get("source_files")
+    groups, changed = source_id.changed_tasks(
+        plan, source, recorded if isinstance(recorded, dict) else None)
+    if not groups:
+        return previous, []
+    why = ("its manifest records no source fingerprints" if not isinstance(recorded, dict)
+           else f"the source changed since it was written: {source_id.describe_change(changed)}")
+    print(f"convert: --resume: {why}; redoing {len(groups)} of {len(plan.tasks)} layer "
+          f"task(s) ({', '.join(groups[:4])}{', ...' if len(groups) > 4 else ''})",
+          file=sys.stderr, flush=True)
+    stale = {name for t in plan.tasks if t.group in groups for name in t.file_names()}
+    return {k: v for k, v in previous.items() if k not in stale}, groups
 
 
 def _convert_layers(opts: ConvertOptions, ckpt: Checkpoint, plan: ConversionPlan,
@@ -236,6 +329,61 @@ def _verify(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
     return unaccounted
 
 
+def _aside(opts: ConvertOptions, plan: ConversionPlan, final: _Paths,
+           identity: dict[str, Any]) -> _Paths:
+    """Where this run writes: FINAL, or, when it replaces a local model folder that holds
+    files (--overwrite, or a rerun without --resume), a folder beside it that is swapped in
+    once complete, so a failed run leaves the repository it found as it was.
+
+    gs:// has no folder rename: there a replaced folder is emptied first (after every check).
+    """
+    if opts.resume or storage.is_gcs(final.model_dir) or not storage.is_dir(final.model_dir):
+        return final
+    if not [f for f in storage.list_files(final.model_dir) if not scratch.is_scratch(f)]:
+        return final
+    if not opts.overwrite:  # refuses a different model, deletes nothing (no --overwrite)
+        resume.check_destination(final.model_dir, final.manifest_url, identity, opts)
+    staging = _Paths.of(opts, plan.tensor_parallel, f".{opts.model_name}.t5ft-new")
+    storage.delete_tree(staging.model_dir)  # a failed earlier run's: ours by its name
+    return staging
+
+
+@contextlib.contextmanager
+def _discarded_on_failure(paths: _Paths, final: _Paths) -> Iterator[None]:
+    """A write-aside folder that will not be swapped in is deleted (the original stays)."""
+    try:
+        yield
+    except BaseException:
+        if paths != final:
+            storage.delete_tree(paths.model_dir)
+        raise
+
+
+def _swap(staging: str, model_dir: str, config_url: str) -> None:
+    """Put the complete STAGING folder's files in MODEL_DIR's place, then drop the old ones.
+
+    File by file (``os.replace`` is atomic per file), not by renaming the folder: a live
+    writer's scratch in MODEL_DIR (core.scratch) is never touched. The config file
+    (config.pbtxt, or config.json for --format hf) goes first and comes back last, so a crash
+    midway leaves a folder that does not claim to be a model.
+    """
+    staged = storage.list_files(staging)
+    config = os.path.relpath(config_url, model_dir)
+    storage.delete(config_url)
+    for name in sorted(staged, key=lambda n: n == config):
+        target = os.path.join(model_dir, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(staging, name), target)
+    for name in storage.list_files(model_dir):
+        if name not in staged and not scratch.is_scratch(name):
+            storage.delete(storage.join(model_dir, name))
+    for folder, _, _ in sorted(os.walk(model_dir), reverse=True):  # folders left empty
+        with contextlib.suppress(OSError):
+            if folder != model_dir:
+                os.rmdir(folder)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 class Converted(dict):
     """What :func:`convert` returns: the JSON summary (a dict, as printed) and ``model``, the
     converted model's handle (core.repository.ConvertedModel) that serve and evaluate take;
@@ -259,33 +407,47 @@ def convert(opts: ConvertOptions, connect: Callable[[], None] | None = None) -> 
     _check_options(opts)
     ckpt, arch, plan, gin = prepare(opts)
     vocab, vocab_source, gin_warnings = choose_vocab(opts.vocab, gin)
-    paths = _Paths.of(opts, plan.tensor_parallel)
+    _check_pipeline(opts, arch)
+    final = _Paths.of(opts, plan.tensor_parallel)
+    _check_overlap(ckpt, final)
     identity = resume.identity(ckpt, plan)
+    source = source_id.read_state(ckpt)  # before anything is written: no missing chunk
     _check_tables(ckpt, plan)
-    removed, previous = _clear_destination(opts, paths, identity, connect)
-    header = {**identity, "layout": ckpt.layout, "engine": opts.engine,
-              "arch_sources": arch.sources, "gin": gin.url if gin else None}
-    results = _convert_layers(opts, ckpt, plan, paths, header, previous)
-    entries = [e for r in results for e in r["entries"]]
-    _write_model_files(opts, plan, paths, vocab)
-    manifest_text = manifest_json({**header, "complete": True}, entries)
-    storage.write_text(paths.manifest_url, manifest_text)
-    unaccounted = _verify(opts, plan, paths, manifest_text) if opts.verify else None
+    paths = _aside(opts, plan, final, identity)
     model = None
-    if plan.output_format == "hf":
-        storage.write_text(paths.config_url, hf_format.config_json(plan.config,
-                                                                   plan.weight_dtype))
-    else:
-        config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
-                                         opts.pipeline_parallel, opts.inference_dtype,
-                                         batch_invariant=opts.batch_invariant)
-        storage.write_text(paths.config_url, repository.to_pbtxt(config))
-        model = repository.ConvertedModel(opts.dst, opts.model_name, config)
+    with _discarded_on_failure(paths, final):
+        removed, previous = _clear_destination(opts, paths, identity, connect)
+        previous, redone = _drop_changed(paths, plan, source, previous)
+        header = {**identity, "layout": ckpt.layout, "engine": opts.engine,
+                  "arch_sources": arch.sources, "gin": gin.url if gin else None,
+                  "source_files": source.fingerprints,
+                  # What evaluate warns against (--max-input-len beyond what it was trained on).
+                  "task_feature_lengths": gin.feature_lengths if gin else None}
+        results = _convert_layers(opts, ckpt, plan, paths, header, previous)
+        entries = [e for r in results for e in r["entries"]]
+        _write_model_files(opts, plan, paths, vocab)
+        manifest_text = manifest_json({**header, "complete": True}, entries)
+        storage.write_text(paths.manifest_url, manifest_text)
+        unaccounted = _verify(opts, plan, paths, manifest_text) if opts.verify else None
+        if plan.output_format == "hf":
+            storage.write_text(paths.config_url, hf_format.config_json(plan.config,
+                                                                       plan.weight_dtype))
+        else:
+            config = repository.model_config(opts.model_name, opts.engine, plan.tensor_parallel,
+                                             opts.pipeline_parallel, opts.inference_dtype,
+                                             batch_invariant=opts.batch_invariant)
+            storage.write_text(paths.config_url, repository.to_pbtxt(config))
+            model = repository.ConvertedModel(opts.dst, opts.model_name, config)
+    if paths != final:
+        _swap(paths.model_dir, final.model_dir, final.config_url)
+        paths = final
     vocab_info = {"gin": header["gin"], "gin_warnings": gin_warnings, "vocab": vocab,
                   "vocab_source": vocab_source}
     summary = _summary(opts, ckpt, arch, plan, paths, results, vocab_info,
                        {"verified": opts.verify, "unaccounted": unaccounted,
-                        "scratch_removed": removed.as_dict()}, time.monotonic() - t0)
+                        "scratch_removed": removed.as_dict(), "redone_source_changed": redone,
+                        "chunks_read_as_fill": source.fill_chunks}, time.monotonic() - t0)
+    return Converted(summary, model)
     return Converted(summary, model)
 
 

@@ -210,6 +210,9 @@ def _newest_step(src: str, names: set[str]
 def resolve(src: str) -> tuple[str, Literal["legacy", "orbax"], int | None, set[str]]:
     """(checkpoint folder, "legacy" or "orbax", step, names in the folder) for SRC: a
     checkpoint, or a folder of several (the newest complete step wins)."""
+    if str(src).startswith("gs:") and not str(src)[len("gs:"):].strip("/"):
+        raise CheckpointError(f"source {src} names no bucket: use "
+                              "gs://BUCKET/PATH/checkpoint_<step>")
     src = str(src).rstrip("/")
     if not is_gcs(src) and not os.path.exists(src):
         raise CheckpointError(f"source {src} does not exist")

@@ -83,8 +83,26 @@ def _client(key: tuple[int, str | None]):
     if key[1]:
         from google.auth.credentials import AnonymousCredentials
 
+        from core import reach
+
+        # The client retries a closed endpoint for about 100 s: ask once, fail in one line.
+        try:
+            host, port = reach.host_port(key[1], 80)
+        except ValueError as exc:
+            raise reach.Unreachable(f"STORAGE_EMULATOR_HOST: {exc}") from None
+        reach.require("STORAGE_EMULATOR_HOST", key[1], host, port)
+
         return storage.Client(project=EMULATOR_PROJECT, credentials=AnonymousCredentials())
-    return storage.Client()
+    from google.auth.exceptions import DefaultCredentialsError
+
+    from core.errors import UserError
+
+    try:
+        return storage.Client()
+    except DefaultCredentialsError:
+        raise UserError("gs:// needs Google Cloud credentials and none were found: run `gcloud "
+                        "auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+                        ) from None
 
 
 def storage_client():

@@ -24,7 +24,7 @@ from core import scratch
 from core.gcs_env import is_gcs, split_gs_url, storage_client
 
 __all__ = ["delete", "delete_tree", "exists", "is_dir", "is_gcs", "join", "list_dirs",
-           "list_files", "list_sizes", "open_read", "open_write", "read_bytes", "read_text", "size",
+           "list_files", "list_sizes", "list_stamps", "open_read", "open_write", "read_bytes", "read_text", "size",
            "staged_file", "write_bytes", "write_text"]
 
 # Resumable-upload and ranged-download chunk size (a multiple of 256 KiB). Every GCS transfer
@@ -84,6 +84,13 @@ class _Local:
             return {}
         files = sorted((str(p.relative_to(root)), p) for p in root.rglob("*") if p.is_file())
         return {rel: p.stat().st_size for rel, p in files}
+
+    def list_stamps(self, prefix: str) -> dict[str, tuple[int, int]]:
+        root = Path(prefix)
+        if not root.is_dir():
+            return {}
+        stats = ((str(p.relative_to(root)), p.stat()) for p in root.rglob("*") if p.is_file())
+        return {rel: (st.st_size, st.st_mtime_ns) for rel, st in sorted(stats)}
 
     def list_dirs(self, prefix: str) -> list[str]:
         root = Path(prefix)
@@ -165,6 +172,13 @@ class _Gcs:
         bucket, start = self._prefix(prefix)
         blobs = storage_client().list_blobs(bucket, prefix=start)
         return dict(sorted((b.name[len(start):], b.size) for b in blobs))
+
+    def list_stamps(self, prefix: str) -> dict[str, tuple[int, int]]:
+        # The listing carries each object's generation, which changes whenever it is rewritten.
+        bucket, start = self._prefix(prefix)
+        blobs = storage_client().list_blobs(bucket, prefix=start)
+        return dict(sorted((b.name[len(start):], (b.size, int(b.generation or 0)))
+                           for b in blobs))
 
     def list_dirs(self, prefix: str) -> list[str]:
         bucket, start = self._prefix(prefix)
@@ -285,6 +299,14 @@ def list_sizes(prefix: str | os.PathLike) -> dict[str, int]:
     list_files' order (GCS: from the one listing, no request per object)."""
     prefix = str(prefix).rstrip("/")
     return _backend(prefix).list_sizes(prefix)
+
+
+def list_stamps(prefix: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Every file under the folder / prefix -> (size, stamp), where the stamp changes whenever
+    the file is rewritten: a local file's mtime in ns, a GCS object's generation (from the one
+    listing). Cheap to take again: what identifies a source's content between two runs."""
+    prefix = str(prefix).rstrip("/")
+    return _backend(prefix).list_stamps(prefix)
 
 
 def list_dirs(prefix: str | os.PathLike) -> list[str]:

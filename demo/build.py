@@ -105,10 +105,13 @@ def cache_key(settings: DemoSettings, sample: Path = SAMPLE) -> str:
 
 
 def gin_text(s: DemoSettings) -> str:
-    """t5x-style gin bindings for the demo network (what the converter reads)."""
+    """t5x-style gin bindings for the demo network (what the converter reads), with the
+    sequence lengths it was trained on as t5x's run configs give them (TASK_FEATURE_LENGTHS),
+    which convert records and evaluate warns against."""
     from demo.t5x_writer import gin_config
 
-    return gin_config(model_config(s))
+    lengths = {"inputs": s.max_input_len, "targets": s.max_output_len}
+    return gin_config(model_config(s)) + f"TASK_FEATURE_LENGTHS = {lengths!r}\n"
 
 
 def _log(message: str) -> None:

@@ -19,6 +19,7 @@ else (a malformed request, a model error) fails at once with Triton's message.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -205,6 +206,28 @@ def served_model_config(urls: Sequence[str], model_name: str):
     return None
 
 
+# How long every endpoint may refuse connections before evaluation gives up (a server that is
+# starting listens within this; a wrong --url or a server that is down never does).
+_REFUSED_GRACE_S = 5.0
+
+
+def _some_listening(urls: Sequence[str], grace_s: float) -> None:
+    """Raise NotReady, naming the endpoints, when none accepts a TCP connection within
+    ``grace_s`` seconds (instead of polling readiness for the whole timeout)."""
+    from core import reach
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        whys = [why for url in urls
+                if (why := reach.why_unreachable(*reach.host_port(url), timeout_s=2.0))]
+        if len(whys) < len(urls):
+            return
+        if time.monotonic() >= deadline:
+            raise NotReady(f"nothing listens at --url {','.join(urls)} ({whys[-1]}): is the "
+                           "server up, and is this its gRPC port?")
+        time.sleep(1.0)
+
+
 def wait_ready(urls: Sequence[str], model_name: str, timeout_s: float,
                period_s: float = 1.0) -> None:
     """Return as soon as one endpoint's server and model ``model_name`` report ready.
@@ -214,6 +237,8 @@ def wait_ready(urls: Sequence[str], model_name: str, timeout_s: float,
     Raises:
       NotReady: none was ready after ``timeout_s``; the message names the last reason.
     """
+    _some_listening(urls, min(timeout_s, _REFUSED_GRACE_S))
+
     def give_up(state: RetryCallState) -> None:
         raise NotReady(f"no endpoint serves model {model_name!r} after {timeout_s:.0f}s "
                        f"({state.outcome.result()})")

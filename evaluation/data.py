@@ -16,6 +16,7 @@ A row with a missing or empty document or reference is not dropped silently: it 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -201,6 +202,7 @@ def _iter_rows(
             f"--dataset {dataset!r}: expected 'xsum' or a file ending in {', '.join(FILE_FORMATS)}"
         )
     with _local_copy(dataset) as path:
+        _check_text(path, dataset, suffix)
         if suffix == ".tsv":
             yield from _from_tsv(path, dataset, document_field, summary_field, limit)
             return
@@ -213,8 +215,34 @@ def _iter_rows(
             else:
                 ds = datasets.Dataset.from_json(path, keep_in_memory=True)
         except Exception as exc:  # noqa: BLE001 - datasets raises many types; name the file
-            raise DataError(f"--dataset {dataset}: cannot read it: {exc}") from exc
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"--dataset {dataset}: cannot read it: {why}") from exc
         yield from _from_hf(ds, dataset, document_field, summary_field, limit)
+
+
+def _check_text(path: str, name: str, suffix: str) -> None:
+    """Name the file and line of what ``datasets`` would report obscurely: an empty file,
+    bytes that are not UTF-8, a JSON Lines line that is not one JSON object."""
+    if suffix == ".parquet":
+        return
+    if os.path.getsize(path) == 0:
+        raise DataError(f"--dataset {name}: the file is empty")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"--dataset {name} line {lineno}: not UTF-8 text (byte "
+                                f"0x{raw[exc.start]:02x} at offset {exc.start})") from None
+            if suffix == ".jsonl" and line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    raise DataError(f"--dataset {name} line {lineno}: not JSON ({exc})"
+                                    ) from None
+                if not isinstance(row, dict):
+                    raise DataError(f"--dataset {name} line {lineno}: a JSON "
+                                    f"{type(row).__name__}, not an object") from None
 
 
 def _from_hf(ds, name: str, document_field: str, summary_field: str, limit: int | None):

@@ -113,6 +113,33 @@ def vocab_against_model(s: EvalSettings, tokenizer: Tokenizer, log: Log) -> int 
     return vocab_size
 
 
+def warn_input_len(s: EvalSettings, log: Log) -> None:
+    """Warn when --max-input-len exceeds the input length the model was trained with, where
+    the repository's manifest records it (convert copies config.gin's TASK_FEATURE_LENGTHS):
+    a model scores lower on inputs longer than any it saw (the demo: ROUGE-L 0.87 at 512,
+    1.0 at its 128)."""
+    if not s.model_repository:
+        return
+    from core import ft_format, storage
+    from core.manifest import ManifestError, read_manifest
+    from core.repository import ConvertedModel
+    from evaluation.tokenizer import VocabError, open_model
+
+    try:
+        model = (open_model(s.model_repository, s.model_name)
+                 or ConvertedModel.unconfigured(s.model_repository, s.model_name))
+        url = storage.join(model.weights_dir, ft_format.MANIFEST)
+        header, _ = read_manifest(url) or ({}, {})
+    except (ManifestError, VocabError, OSError, ValueError):
+        return  # no manifest, or not ours to judge: nothing known
+    trained = (header.get("task_feature_lengths") or {}).get("inputs")
+    if isinstance(trained, int) and s.max_input_len > trained:
+        log(f"evaluate: warning: --max-input-len {s.max_input_len} exceeds the {trained} input "
+            f"tokens the model was trained with (its config.gin's TASK_FEATURE_LENGTHS, "
+            f"recorded in {url}); it may score lower on the longer inputs: consider "
+            f"--max-input-len {trained}")
+
+
 def wait_until_ready(urls: Sequence[str], model_name: str, timeout_s: float) -> None:
     """Fail early and clearly when no endpoint serves the model (wrong URL or model name).
 
@@ -222,6 +249,7 @@ def _load(s: EvalSettings, log: Log) -> _Inputs:
         _check_engine(s)
     tokenizer = load_tokenizer(s.vocab, s.model_repository, s.model_name)
     model_vocab = vocab_against_model(s, tokenizer, log)
+    warn_input_len(s, log)
     data = load_examples(
         s.dataset, split=s.split, max_examples=s.max_examples,
         document_field=s.document_field, summary_field=s.summary_field,
@@ -345,6 +373,16 @@ def _render(s: EvalSettings, inputs: _Inputs, run: _Run, out: OutputDir,
     out.write_file(REPORT, html)
 
 
+# What a prediction depends on besides the model: a resume must use the same values.
+_RECORDED = ("model_name", "dataset", "split", "document_field", "summary_field",
+             "input_template", "max_input_len", "max_output_len", "beam_width", "top_k",
+             "random_seed")
+
+
+def _recorded_settings(s: EvalSettings) -> dict[str, Any]:
+    return {key: getattr(s, key) for key in _RECORDED}
+
+
 def evaluate(
     settings: EvalSettings,
     log: Log | None = None,
@@ -366,7 +404,7 @@ def evaluate(
     t_start = time.perf_counter()
     s = settings
     inputs = _load(s, log)
-    out = OutputDir(s.output, resume=s.resume)
+    out = OutputDir(s.output, resume=s.resume, settings=_recorded_settings(s))
     try:
         run = _resume(inputs, out, log)
         _stream(s, inputs, run, out, init_ray)

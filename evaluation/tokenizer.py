@@ -108,7 +108,10 @@ def load_tokenizer(
 
     location = vocab_location(vocab, model_repository, model_name)
     if not storage.exists(location):
-        raise VocabError(f"vocabulary {location} does not exist")
+        hint = "" if vocab else (
+            ": the conversion wrote none (it copies --vocab, or the SentencePiece model its "
+            "config.gin names when that can be read); pass --vocab SPIECE.model")
+        raise VocabError(f"vocabulary {location} does not exist{hint}")
     return Tokenizer(storage.read_bytes(location), source=location)
 
 

@@ -134,9 +134,12 @@ def _check_value(spec: FlagSpec, value: Any, where: str) -> None:
         return
     if spec.type in (int, float):
         try:
-            spec.type(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {value!r} is not a number") from None
+        # int(1.5) is 1: a count given as a fraction must be refused, not rounded.
+        if spec.type is int and (isinstance(value, bool) or not number.is_integer()):
+            raise ConfigError(f"{where}: {value!r} is not a whole number")
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError(f"{where}: {value!r} is not one of {list(spec.choices)}")
 
@@ -264,6 +267,26 @@ def _check_destinations(runs: list[RunSpec]) -> None:
             raise ConfigError(
                 f"runs {other.name} and {run.name} convert different settings into the same "
                 f"{where[0]}/{where[1]}; give one of them another convert.model_name")
+
+
+# Inputs a run reads from this machine, checked before Ray starts: (stage, key).
+_LOCAL_INPUTS = (("convert", "src"), ("convert", "vocab"), ("convert", "gin"),
+                 ("evaluate", "dataset"), ("evaluate", "vocab"))
+
+
+def check_inputs(cfg: PipelineConfig, where: str = "") -> None:
+    """Refuse a local input path that does not exist (``convert.src`` left at an example's
+    placeholder, say), naming the run and the key, before anything starts."""
+    for run in cfg.runs:
+        for stage, key in _LOCAL_INPUTS:
+            section = getattr(run, stage) or {}
+            value = section.get(key)
+            if not value or str(value).startswith("gs://") or \
+                    (stage == "evaluate" and key == "dataset" and "." not in Path(value).name):
+                continue  # gs:// is read by the stage; a dataset name is the hub's
+            if not Path(value).exists():
+                raise ConfigError(f"{where}run {run.name}: {stage}.{key} {value} does not exist "
+                                  f"(relative to {Path.cwd()}); point it at your own")
 
 
 def load(path: str | Path, output: str | None = None) -> PipelineConfig:

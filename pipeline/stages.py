@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from core import repository, storage
 from core.errors import UserError, first_line
-from core.manifest import verify_repository
+from core.manifest import MANIFEST, parse_manifest, verify_repository
 
 if TYPE_CHECKING:
     from conversion.options import ConvertOptions
@@ -99,9 +99,20 @@ def weights_dir(opts: ConvertOptions) -> str:
 
 
 def verify_conversion(opts: ConvertOptions) -> str | None:
-    """None when the model a conversion writes is complete and intact, else what is wrong."""
-    return verify_repository(opts.dst, opts.model_name, tensor_parallel=opts.tensor_parallel,
-                             weight_dtype=opts.weight_dtype, need_vocab=bool(opts.vocab))
+    """None when the model a conversion writes is complete and intact and was converted from
+    the source's present content (not only its path), else what is wrong."""
+    problem = verify_repository(opts.dst, opts.model_name, tensor_parallel=opts.tensor_parallel,
+                                weight_dtype=opts.weight_dtype, need_vocab=bool(opts.vocab))
+    if problem is not None:
+        return problem
+    from conversion.source_id import same_source
+
+    try:
+        header, _ = parse_manifest(storage.read_text(storage.join(weights_dir(opts),
+                                                                  MANIFEST)))
+        return same_source(header, opts.src)
+    except (OSError, ValueError, UserError) as exc:  # the convert stage will say it
+        return first_line(exc)
 
 
 def read_metrics(output: str) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from core import reach
 from core.cli import emit_summary, run_main  # noqa: F401 - the entry points' names
 from core.errors import UserError
 from core.options import StageOptions, flag_specs
@@ -30,19 +31,28 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=None,
-        help="Ray cluster address (ray://, http://HEAD:8265's GCS, or 'auto'); "
-        "default: RAY_ADDRESS, else a new local Ray",
+        help="Ray cluster to join: HOST:6379 (the head's GCS), ray://HOST:10001 (Ray "
+        "Client) or 'auto' (the cluster `ray start` runs on this machine); default: "
+        "RAY_ADDRESS, else a new local Ray",
     )
     parser.add_argument(
         "--json", action="store_true", help="print a JSON summary as the last stdout line"
     )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit 2), as every other refusal is:
+    the usage block it would print first is what --help is for."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def stage_parser(name: str, description: str, model: type[StageOptions] | None = None,
                  add_own: Callable[[argparse.ArgumentParser], None] | None = None,
                  ) -> argparse.ArgumentParser:
     """``python -m ray_jobs.NAME``'s parser: MODEL's flags, ADD_OWN's, then --address/--json."""
-    p = argparse.ArgumentParser(prog=f"python -m ray_jobs.{name}", description=description)
+    p = OneLineParser(prog=f"python -m ray_jobs.{name}", description=description)
     if model is not None:
         add_options(p, model)
     if add_own is not None:
@@ -152,6 +162,23 @@ def _stderr_to(file) -> Iterator[None]:
         os.close(saved)
 
 
+def _check_address(address: str) -> None:
+    """Refuse, in one line and within seconds, an address no Ray head can be joined at
+    (ray.init retries an unreachable GCS for minutes without a word)."""
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"--address {address} is a URL (the dashboard's, for `ray job submit`);"
+                        " join the head's GCS, HOST:6379, or ray://HOST:10001")
+    client = address.startswith("ray://")
+    try:
+        host, port = reach.host_port(address, 10001 if client else 6379)
+    except ValueError as exc:
+        raise UserError(f"--address: {exc}") from None
+    reach.require("the Ray head at", address, host, port,
+                  "is the cluster up, and is this its GCS (HOST:6379) or ray://HOST:10001?")
+
+
 def _join(address: str, **kwargs) -> None:
     """ray.init(address=ADDRESS); a head that refuses us for want of a token is one line.
 
@@ -161,6 +188,7 @@ def _join(address: str, **kwargs) -> None:
     import ray
     from ray.exceptions import AuthenticationError
 
+    _check_address(address)
     sending = _send_token_if_found()
     with tempfile.TemporaryFile() as log:
         try:

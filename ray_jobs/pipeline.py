@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         name = "demo"
     else:
         cfg = pconfig.load(args.config, args.output)  # a ConfigError is a UserError
+        pconfig.check_inputs(cfg, f"{args.config}: ")  # before Ray: an example's placeholders
         name = os.path.splitext(os.path.basename(args.config))[0]
 
     address = _start_ray(args.address)

@@ -60,6 +60,44 @@ class _Local(ServersBase):
         self.servers.stop()
 
 
+def _check_host(host: str) -> None:
+    """Refuse a --host that is neither an IP address nor a name that resolves (tritonserver
+    would die on it with a page of C++ stack)."""
+    import ipaddress
+    import socket
+
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ServeError(f"--host {host!r} is not an IP address nor a host name that resolves "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _check_local_config(repo: str, name: str) -> None:
+    """Refuse a config.pbtxt Triton cannot parse, or whose backend the local tritonserver
+    lacks (it has the Python backend only), naming the file and what is wrong."""
+    from google.protobuf import text_format
+
+    from core.repository import ConvertedModel
+
+    path = config_url(repo, name)
+    try:
+        config = ConvertedModel.open(repo, name).config
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise ServeError(f"{path} is not a Triton model config: {str(exc).splitlines()[0]}"
+                         ) from None
+    if config.backend and config.backend != "python":
+        raise ServeError(f"{path} is for the {config.backend!r} backend, which the local "
+                         "tritonserver (CPU, Python backend only) does not have: convert with "
+                         "--engine jax to serve here, or use --backend kubernetes with "
+                         "Triton's FasterTransformer image")
+
+
 def open_servers(opts: ServeOptions) -> Servers:
     """The servers ``opts`` asks for, not started yet (call ``start`` or use ``with``).
 
@@ -76,6 +114,9 @@ def open_servers(opts: ServeOptions) -> Servers:
     repo = opts.model_repository
     if not repo.startswith("gs://") and not Path(config_url(repo, opts.model_name)).is_file():
         raise ServeError(f"{config_url(repo, opts.model_name)} not found")
+    _check_host(opts.host)
+    if not repo.startswith("gs://"):
+        _check_local_config(repo, opts.model_name)
     try:
         # gs://: checked here, downloaded by each server's actor on its own node.
         return _Local(LocalServers(

@@ -247,3 +247,14 @@ def test_convert_reports_gin_problems_and_carries_on(ray_local, tmp_path):
                              "no spiece.model written")
     assert not (dst / "t5" / "spiece.model").exists()
     assert (dst / "t5" / "config.pbtxt").exists()
+
+
+def test_task_feature_lengths_from_the_macro_or_the_dataset_config():
+    from conversion.gin_config import read_gin
+
+    macro = read_gin("TASK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 114}\n")
+    assert macro.feature_lengths == {"inputs": 512, "targets": 114}
+    bound = read_gin("train/utils.DatasetConfig.task_feature_lengths = "
+                     "{'inputs': 1024, 'targets': 256}\n")
+    assert bound.feature_lengths == {"inputs": 1024, "targets": 256}
+    assert read_gin("DROPOUT_RATE = 0.0\n").feature_lengths is None

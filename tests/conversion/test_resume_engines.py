@@ -98,10 +98,13 @@ def test_verify_catches_a_changed_file(ray_local, t5x_checkpoint, tmp_path):
         run.verify_layer(task, out, manifest)
 
 
-def test_jax_engine_config_and_vocab(ray_local, t5x_checkpoint, tmp_path):
+def test_jax_engine_config_and_vocab(ray_local, t5x_checkpoint, tmp_path, xsum_sample):
+    from demo.vocab import train_sentencepiece
+
     src, _ = t5x_checkpoint("ul2", "ocdbt", "bfloat16")
-    vocab = tmp_path / "spiece.model"
-    vocab.write_bytes(b"\x0a\x05hello" * 7)
+    # A real SentencePiece model: --vocab refuses a file sentencepiece cannot load.
+    texts = [line for line in xsum_sample.read_text().splitlines() if line.strip()]
+    vocab = train_sentencepiece(texts, tmp_path / "spiece.model", 128)
     summary = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "repo"), model_name="ul2",
                                      tensor_parallel=2, engine="jax", vocab=str(vocab),
                                      weight_dtype="bf16", progress=False))

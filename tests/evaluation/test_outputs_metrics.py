@@ -45,9 +45,16 @@ def test_resume_keeps_complete_lines_drops_a_cut_one_and_orders(tmp_path):
     # Lines of ids outside this evaluation (a smaller --max-examples) are not kept.
     again = OutputDir(str(tmp_path), resume=True)
     assert sorted(again.load_done({"e0": refs["e0"]})) == ["e0"]
-    # Without --resume the folder starts afresh.
-    OutputDir(str(tmp_path), resume=False)
-    assert path.read_text() == ""
+    # Without --resume the folder starts afresh, but only once the new run has a prediction:
+    # until then (a server that is down) the earlier outputs stay as they were.
+    before = path.read_text()
+    (tmp_path / "metrics.json").write_text("{}")
+    fresh = OutputDir(str(tmp_path), resume=False)
+    assert path.read_text() == before and (tmp_path / "metrics.json").exists()
+    fresh.append_prediction(_record(3, refs["e3"]))
+    fresh.close()
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["e3"]
+    assert not (tmp_path / "metrics.json").exists()  # it described the lines now gone
 
 
 def test_resume_refuses_another_datasets_predictions(tmp_path):

@@ -90,3 +90,25 @@ def test_checkpoint_manager_steps_on_gcs(gcs, gcs_prefix, params, tmp_path):
 def test_missing_gcs_checkpoint_is_a_clear_error(gcs, gcs_prefix):
     with pytest.raises(t5x.CheckpointError, match="is not a T5X checkpoint"):
         t5x.open_checkpoint(f"gs://{gcs.bucket}/{gcs_prefix}/nothing-here")
+
+
+def test_gcs_source_fingerprints_and_a_missing_chunk(gcs, gcs_prefix, params, tmp_path):
+    """On gs:// too: one listing fingerprints each zarr array (sizes and generations), a
+    rewritten object changes its array's fingerprint only, and a chunk missing from a
+    fill_value-null array (a partly copied checkpoint) is named before anything is read."""
+    from conversion.source_id import read_state
+
+    legacy = write_t5x_checkpoint(tmp_path / "legacy", params, step=7)
+    url = gcs.upload_tree(legacy, f"{gcs_prefix}/legacy/checkpoint_7")
+    ckpt = t5x.open_checkpoint(url)
+    before = read_state(ckpt).fingerprints
+    assert set(before) == {*ckpt.specs, "*"}
+    name = "encoder.layers_0.mlp.wo.kernel"
+    chunk = f"{gcs_prefix}/legacy/checkpoint_7/target.{name}/0.0"
+    blob = gcs.client.bucket(gcs.bucket).blob(chunk)
+    blob.upload_from_string(blob.download_as_bytes())  # same bytes, a new generation
+    after = read_state(ckpt).fingerprints
+    assert [k for k in before if before[k] != after[k]] == [name]
+    blob.delete()
+    with pytest.raises(t5x.CheckpointError, match=f"array '{name}' is missing 1 of .*0.0"):
+        read_state(ckpt)
