@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import resource
 import sys
@@ -27,6 +28,8 @@ from core.manifest import DEFAULT_DIGEST, Digest, ManifestEntry
 
 if TYPE_CHECKING:
     from conversion.options import ConvertOptions
+
+LOG = logging.getLogger(__name__)
 
 
 def task_env() -> dict[str, Any] | None:
@@ -179,8 +182,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(nbytes)
         elif self.enabled:
-            print(f"{self.label}: {group} done ({self.done}/{self.tasks})", file=sys.stderr,
-                  flush=True)
+            LOG.info("%s: %s done (%d/%d)", self.label, group, self.done, self.tasks)
 
     def close(self) -> None:
         """Close the terminal bar, if any."""

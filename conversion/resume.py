@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import sys
+import logging
 from typing import TYPE_CHECKING, Any
 
 from conversion.errors import ConversionRefused
@@ -25,6 +25,8 @@ from core.manifest import ManifestEntry
 
 if TYPE_CHECKING:
     from conversion.options import ConvertOptions
+
+LOG = logging.getLogger(__name__)
 
 
 def identity(ckpt: Checkpoint, plan: ConversionPlan) -> dict[str, Any]:
@@ -136,8 +138,8 @@ def sweep_nodes(model_dir: str) -> scratch.Removed:
     for ref in late:
         ray.cancel(ref, force=True)
     if late:
-        print(f"convert: {len(late)} node(s) did not clear their scratch folder within "
-              f"{_SWEEP_TIMEOUT_S:.0f} s; the next run will", file=sys.stderr, flush=True)
+        LOG.warning("convert: %d node(s) did not clear their scratch folder within %.0f s; the "
+                    "next run will", len(late), _SWEEP_TIMEOUT_S)
     removed = scratch.Removed()
     for ref in done:
         with contextlib.suppress(ray.exceptions.RayError):

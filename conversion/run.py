@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +39,8 @@ from core.manifest import ManifestEntry, manifest_json, parse_manifest, write_ma
 __all__ = ["ConversionError", "ConversionRefused", "ConvertOptions", "Converted", "choose_vocab",
            "convert",
            "convert_layer", "find_gin", "prepare", "verify_layer"]
+
+LOG = logging.getLogger(__name__)
 
 def find_gin(ckpt_path: str) -> str | None:
     """config.gin beside the checkpoint, or in one of the two folders above it (t5x writes it in
@@ -233,8 +235,8 @@ def _clear_destination(opts: ConvertOptions, paths: _Paths, identity: dict[str, 
         resume.clear(paths.model_dir)
     removed.add(resume.sweep_nodes(paths.model_dir))
     if removed.files:
-        print(f"convert: removed {removed.files} scratch file(s) ({removed.bytes} bytes) left by "
-              "runs that are gone", file=sys.stderr, flush=True)
+        LOG.info("convert: removed %d scratch file(s) (%d bytes) left by runs that are gone",
+                 removed.files, removed.bytes)
     return removed, previous
 
 
@@ -253,9 +255,8 @@ def _drop_changed(paths: _Paths, plan: ConversionPlan, source: source_id.SourceS
         return previous, []
     why = ("its manifest records no source fingerprints" if not isinstance(recorded, dict)
            else f"the source changed since it was written: {source_id.describe_change(changed)}")
-    print(f"convert: --resume: {why}; redoing {len(groups)} of {len(plan.tasks)} layer "
-          f"task(s) ({', '.join(groups[:4])}{', ...' if len(groups) > 4 else ''})",
-          file=sys.stderr, flush=True)
+    LOG.info("convert: --resume: %s; redoing %d of %d layer task(s) (%s%s)", why, len(groups),
+             len(plan.tasks), ", ".join(groups[:4]), ", ..." if len(groups) > 4 else "")
     stale = {name for t in plan.tasks if t.group in groups for name in t.file_names()}
     return {k: v for k, v in previous.items() if k not in stale}, groups
 
@@ -323,9 +324,9 @@ def _verify(opts: ConvertOptions, plan: ConversionPlan, paths: _Paths,
     known = hf_files.known_files() if plan.output_format == "hf" else ()
     unaccounted = resume.unaccounted(paths.out_dir, by_name, known)
     if unaccounted:
-        print(f"convert: verify: {len(unaccounted)} file(s) in {paths.out_dir} that neither the "
-              f"manifest nor the FT format accounts for: {', '.join(unaccounted[:5])}",
-              file=sys.stderr, flush=True)
+        LOG.warning("convert: verify: %d file(s) in %s that neither the manifest nor the FT "
+                    "format accounts for: %s", len(unaccounted), paths.out_dir,
+                    ", ".join(unaccounted[:5]))
     return unaccounted
 
 

@@ -37,14 +37,33 @@ def emit_summary(summary: dict, as_json: bool) -> None:
 _OURS = ("core", "conversion", "serving", "evaluation", "cluster", "pipeline", "demo", "ray_jobs")
 
 
-def configure_logging() -> None:
-    """stdlib logging for a command, once: one line per record on stderr.
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record comes, not the one it
+    was made with: a caller that redirects stderr (pytest's capture, contextlib) gets the lines."""
 
-    stdout is kept for results (the JSON summary); progress and logs go to stderr.
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging() -> None:
+    """stdlib logging for a command, once: one line per record on stderr, the message alone.
+
+    stdout is kept for results (the JSON summary); progress and logs go to stderr. The library
+    reports through module loggers (``logging.getLogger(__name__)``) whose messages carry their
+    own prefix (``[pipeline]``, ``convert:``, ``evaluate:``, ``[demo]``), so the text is the same
+    whichever command prints it.
     """
     root = logging.getLogger()
     if not any(getattr(h, "_t5ft", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._t5ft = True  # type: ignore[attr-defined]
         root.addHandler(handler)

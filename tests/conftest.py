@@ -14,6 +14,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stderr_logging() -> None:
+    """The library reports through module loggers; every command configures them once
+    (core.cli.run_main) to print on stderr. Tests that call the library directly get the same
+    configuration, so capsys/capfd see on stderr what a user would."""
+    from core.cli import configure_logging
+
+    configure_logging()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (real raylet, real workers).
