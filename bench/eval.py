@@ -108,7 +108,7 @@ def ours(url: str, model: str, vocab: str, dataset: str, actors: int, batch_size
     m = evaluate(EvalSettings(url=url, model_name=model, output=str(out), dataset=dataset,
                               vocab=vocab, num_actors=actors, batch_size=batch_size,
                               max_input_len=max_input_len, max_output_len=max_output_len,
-                              progress=False), log=lambda _msg: None)
+                              progress=False))
     assert m["failed"] == 0, f"{m['failed']} examples failed"
     return {"mode": f"ours, {actors} actor(s), batch {batch_size}", "examples": m["examples"],
             "seconds": m["request_seconds"], "examples_per_second": m["examples_per_second"],

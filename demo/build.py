@@ -19,12 +19,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from core.t5config import T5Config
@@ -114,8 +113,12 @@ def gin_text(s: DemoSettings) -> str:
     return gin_config(model_config(s)) + f"TASK_FEATURE_LENGTHS = {lengths!r}\n"
 
 
+LOG = logging.getLogger(__name__)
+
+
 def _log(message: str) -> None:
-    print(f"[demo] {message}", file=sys.stderr, flush=True)
+    """One progress line on stderr (through the entry point's logging), as ``[demo] ...``."""
+    LOG.info("[demo] %s", message)
 
 
 def _open(root: Path, settings: DemoSettings) -> DemoModel | None:
@@ -130,8 +133,7 @@ def _open(root: Path, settings: DemoSettings) -> DemoModel | None:
                      root / "spiece.model", settings, info)
 
 
-def build(settings: DemoSettings | None = None, cache: Path | None = None,
-          log: Callable[[str], None] = _log) -> DemoModel:
+def build(settings: DemoSettings | None = None, cache: Path | None = None) -> DemoModel:
     """The demo model for ``settings``: loaded from the cache, else built and cached.
 
     Building trains the vocabulary, trains the network (about a minute on 2 cores), checks by
@@ -142,7 +144,7 @@ def build(settings: DemoSettings | None = None, cache: Path | None = None,
     root = (cache or cache_root()) / key
     found = _open(root, settings)
     if found is not None:
-        log(f"model from cache {root}")
+        _log(f"model from cache {root}")
         return found
 
     from demo import model as m
@@ -158,7 +160,7 @@ def build(settings: DemoSettings | None = None, cache: Path | None = None,
         texts = [settings.input_template.format(document=r["document"]) for r in rows]
         texts += [r["summary"] for r in rows]
         model_cfg = model_config(settings)
-        log(f"training a {model_cfg.vocab_size}-piece SentencePiece vocabulary on the sample")
+        _log(f"training a {model_cfg.vocab_size}-piece SentencePiece vocabulary on the sample")
         sp = load(train_sentencepiece(texts, tmp / "spiece.model", model_cfg.vocab_size))
 
         train_cfg = tr.TrainConfig(
@@ -166,16 +168,16 @@ def build(settings: DemoSettings | None = None, cache: Path | None = None,
             max_input_len=settings.max_input_len, max_target_len=settings.max_output_len,
             input_template=settings.input_template)
         inputs, targets = tr.make_examples(sp.encode, rows, train_cfg)
-        log(f"training the model ({settings.steps} steps on {len(inputs)} sequences)")
+        _log(f"training the model ({settings.steps} steps on {len(inputs)} sequences)")
         params, loss = tr.train(
             model_cfg, train_cfg, inputs, targets,
-            progress=lambda step, loss: log(f"  step {step:4d}/{settings.steps} loss {loss:.4f}"))
+            progress=lambda step, loss: _log(f"  step {step:4d}/{settings.steps} loss {loss:.4f}"))
 
         decoded = m.greedy_decode(params, inputs, settings.max_output_len, model_cfg)
         exact = sum(
             out == [t for t in ref if t > 1] for out, ref in zip(decoded, targets.tolist(),
                                                                  strict=True))
-        log(f"greedy self-check: {exact}/{len(decoded)} summaries reproduced exactly")
+        _log(f"greedy self-check: {exact}/{len(decoded)} summaries reproduced exactly")
 
         gin = gin_text(settings)
         write_t5x_checkpoint(tmp / "t5x", m.flatten(params), step=settings.steps,
@@ -200,7 +202,7 @@ def build(settings: DemoSettings | None = None, cache: Path | None = None,
     found = _open(root, settings)
     if found is None:
         raise RuntimeError(f"demo model cache {root} is incomplete after building it")
-    log(f"model built in {time.monotonic() - start:.0f}s and cached at {root}")
+    _log(f"model built in {time.monotonic() - start:.0f}s and cached at {root}")
     return found
 
 
@@ -222,4 +224,7 @@ def to_json(model: DemoModel) -> dict:
 if __name__ == "__main__":
     # A process of its own: JAX's threads and memory end with it, before the pipeline runs
     # its stages. Progress on stderr; the last stdout line is the model's paths as JSON.
+    from core.cli import configure_logging
+
+    configure_logging()
     print(json.dumps(to_json(build())), flush=True)

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from core.errors import UserError
+
+LOG = logging.getLogger(__name__)
 
 HUB_XSUM = "EdinburghNLP/xsum"
 # datasets >= 4 refuses script-based hub datasets with this RuntimeError (datasets/load.py);
@@ -174,8 +176,8 @@ def _load_hub_xsum(split: str) -> Any:
             f"reach it, copy it to the bucket as parquet and pass --dataset "
             f"gs://BUCKET/data/xsum-test.parquet (docs/gke.md, \"XSum as parquet\")") from exc
     repo, revision = _PARQUET_SOURCE
-    print(f"{HUB_XSUM}: {refused}; reading the hub's parquet conversion (revision "
-          f"{revision})", file=sys.stderr, flush=True)
+    LOG.info("%s: %s; reading the hub's parquet conversion (revision %s)", HUB_XSUM, refused,
+             revision)
     try:
         ds = datasets.load_dataset(repo, revision=revision, split=split)
     except Exception as exc:  # noqa: BLE001 - any failure of the retry gets the same way out
@@ -185,7 +187,7 @@ def _load_hub_xsum(split: str) -> Any:
             f"{datasets.__version__} refuses, and its parquet conversion (revision "
             f"{revision}) failed too ({first}); pass --dataset a parquet copy, e.g. "
             f"gs://BUCKET/data/xsum-test.parquet (docs/gke.md, \"XSum as parquet\")") from exc
-    print(f"{HUB_XSUM}: read revision {revision}", file=sys.stderr, flush=True)
+    LOG.info("%s: read revision %s", HUB_XSUM, revision)
     return ds
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -26,6 +26,8 @@ from typing import Any
 
 from core import scratch, storage
 from core.errors import UserError
+
+LOG = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
 ERRORS = "errors.jsonl"
@@ -73,9 +75,8 @@ class OutputDir:
         self._staged = storage.is_gcs(output)
         self.scratch_removed = scratch.sweep_node() if self._staged else scratch.sweep(output)
         if self.scratch_removed.files:
-            print(f"evaluate: removed {self.scratch_removed.files} scratch file(s) "
-                  f"({self.scratch_removed.bytes} bytes) left by runs that are gone",
-                  file=sys.stderr, flush=True)
+            LOG.info("evaluate: removed %d scratch file(s) (%d bytes) left by runs that are gone",
+                     self.scratch_removed.files, self.scratch_removed.bytes)
         if self._staged:
             self.local = self._scratch.enter_context(scratch.scratch_dir("t5ft-eval"))
         else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +44,7 @@ from evaluation.tokenizer import (
     open_model,
 )
 
-Log = Callable[[str], None]
+LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -95,7 +96,7 @@ def request_batches(
     return batches
 
 
-def vocab_against_model(s: EvalSettings, tokenizer: Tokenizer, log: Log) -> int | None:
+def vocab_against_model(s: EvalSettings, tokenizer: Tokenizer) -> int | None:
     """The model's vocab_size (config.ini) when ``--model-repository`` is given, else None.
 
     Logs how the vocabulary compares; raises VocabError, before any request, when the
@@ -105,15 +106,15 @@ def vocab_against_model(s: EvalSettings, tokenizer: Tokenizer, log: Log) -> int 
         return None
     found = model_vocab_size(s.model_repository, s.model_name)
     if found is None:
-        log(f"evaluate: no config.ini for {s.model_name!r} in {s.model_repository}; the "
+        LOG.info(f"evaluate: no config.ini for {s.model_name!r} in {s.model_repository}; the "
             "model's vocab_size is not checked against the vocabulary")
         return None
     vocab_size, ini = found
-    log(f"evaluate: {check_vocab_fits(tokenizer, vocab_size, ini)}")
+    LOG.info("evaluate: %s", check_vocab_fits(tokenizer, vocab_size, ini))
     return vocab_size
 
 
-def warn_input_len(s: EvalSettings, log: Log) -> None:
+def warn_input_len(s: EvalSettings) -> None:
     """Warn when --max-input-len exceeds the input length the model was trained with, where
     the repository's manifest records it (convert copies config.gin's TASK_FEATURE_LENGTHS):
     a model scores lower on inputs longer than any it saw (the demo: ROUGE-L 0.87 at 512,
@@ -134,7 +135,7 @@ def warn_input_len(s: EvalSettings, log: Log) -> None:
         return  # no manifest, or not ours to judge: nothing known
     trained = (header.get("task_feature_lengths") or {}).get("inputs")
     if isinstance(trained, int) and s.max_input_len > trained:
-        log(f"evaluate: warning: --max-input-len {s.max_input_len} exceeds the {trained} input "
+        LOG.warning(f"evaluate: warning: --max-input-len {s.max_input_len} exceeds the {trained} input "
             f"tokens the model was trained with (its config.gin's TASK_FEATURE_LENGTHS, "
             f"recorded in {url}); it may score lower on the longer inputs: consider "
             f"--max-input-len {trained}")
@@ -242,14 +243,14 @@ def _where(s: EvalSettings, urls: Sequence[str]) -> str:
     return f"{len(urls)} endpoint(s)"
 
 
-def _load(s: EvalSettings, log: Log) -> _Inputs:
+def _load(s: EvalSettings) -> _Inputs:
     """Check the settings and read the vocabulary and the data (no Ray, no request yet)."""
     urls = s.checked_urls()
     if s.backend == "in-process":
         _check_engine(s)
     tokenizer = load_tokenizer(s.vocab, s.model_repository, s.model_name)
-    model_vocab = vocab_against_model(s, tokenizer, log)
-    warn_input_len(s, log)
+    model_vocab = vocab_against_model(s, tokenizer)
+    warn_input_len(s)
     data = load_examples(
         s.dataset, split=s.split, max_examples=s.max_examples,
         document_field=s.document_field, summary_field=s.summary_field,
@@ -258,7 +259,7 @@ def _load(s: EvalSettings, log: Log) -> _Inputs:
     return _Inputs(s, urls, tokenizer, model_vocab, data)
 
 
-def _resume(inputs: _Inputs, out: OutputDir, log: Log) -> _Run:
+def _resume(inputs: _Inputs, out: OutputDir) -> _Run:
     """Keep what an earlier run predicted, record the rejected rows, and list what is left."""
     data = inputs.data
     done = out.load_done({e.id: e.reference for e in data.examples})
@@ -267,7 +268,7 @@ def _resume(inputs: _Inputs, out: OutputDir, log: Log) -> _Run:
         errors.append(row_error.to_json())
         out.append_error(errors[-1])
     pending = [e for e in data.examples if e.id not in done]
-    log(f"evaluate: {data.total} rows, {len(data.errors)} rejected, "
+    LOG.info(f"evaluate: {data.total} rows, {len(data.errors)} rejected, "
         f"{len(done)} already predicted, {len(pending)} to send to "
         f"{_where(inputs.settings, inputs.urls)}")
     return _Run(done, errors, pending)
@@ -385,7 +386,6 @@ def _recorded_settings(s: EvalSettings) -> dict[str, Any]:
 
 def evaluate(
     settings: EvalSettings,
-    log: Log | None = None,
     init_ray: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run one evaluation and write its outputs (see interfaces.md, ray_jobs.evaluate).
@@ -400,13 +400,12 @@ def evaluate(
       EvaluationError, evaluation.data.DataError, evaluation.tokenizer.VocabError,
       evaluation.outputs.ResumeError: bad settings or inputs, each with a one-line reason.
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     s = settings
-    inputs = _load(s, log)
+    inputs = _load(s)
     out = OutputDir(s.output, resume=s.resume, settings=_recorded_settings(s))
     try:
-        run = _resume(inputs, out, log)
+        run = _resume(inputs, out)
         _stream(s, inputs, run, out, init_ray)
         result = _score(inputs, run, out, t_start)
         _render(s, inputs, run, out, result)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,8 +41,12 @@ from pipeline.monitor import PipelineMetrics
 STATE = "pipeline_state.json"
 
 
+LOG = logging.getLogger(__name__)
+
+
 def _log(message: str) -> None:
-    print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+    """One progress line on stderr (through the entry point's logging), as ``[pipeline] ...``."""
+    LOG.info("[pipeline] %s", message)
 
 
 def _digest(obj: Any) -> str:
@@ -78,11 +82,9 @@ class Pipeline:
     ``address`` is that cluster's address, kept for the log; the stages run in this process.
     """
 
-    def __init__(self, cfg: PipelineConfig, address: str | None, name: str = "pipeline",
-                 log: Callable[[str], None] = _log) -> None:
+    def __init__(self, cfg: PipelineConfig, address: str | None, name: str = "pipeline") -> None:
         self.cfg = cfg
         self.address = address
-        self.log = log
         self.metrics = PipelineMetrics(name)
         self.state = _State.load(cfg.output)
         self.results: dict[str, dict[str, Any]] = {
@@ -125,24 +127,24 @@ class Pipeline:
         opts = run.convert_options
         problem = stages.verify_conversion(opts)
         if entry.get("status") == "done" and problem is None:
-            self.log(f"{run.name}: convert skipped: {stages.weights_dir(opts)} verifies")
+            _log(f"{run.name}: convert skipped: {stages.weights_dir(opts)} verifies")
             converted[key] = entry.get("summary", {})
             self._finish_stage(run, "convert", "skipped", time.monotonic() - start)
             return
         if entry:
-            self.log(f"{run.name}: convert again ({problem or 'an earlier run did not finish'})")
+            _log(f"{run.name}: convert again ({problem or 'an earlier run did not finish'})")
         self.state.data["convert"][key] = {"settings": run.convert, "status": "started"}
         self.state.save()
         # resume keeps every file whose manifest entry, size and hash check out: a crash
         # resumes where it stopped.
         opts = opts.replace(resume=not opts.overwrite)
-        self.log(f"convert: {' '.join(to_argv('convert', {**run.convert, 'resume': opts.resume}))}")
+        _log(f"convert: {' '.join(to_argv('convert', {**run.convert, 'resume': opts.resume}))}")
         summary = stages.convert(opts)
         self.state.data["convert"][key] = {"settings": run.convert, "status": "done",
                                            "summary": summary}
         self.state.save()
         converted[key] = summary
-        self.log(f"{run.name}: converted {summary.get('files')} files "
+        _log(f"{run.name}: converted {summary.get('files')} files "
                  f"({summary.get('bytes')} bytes) into {summary.get('output')}")
         self._finish_stage(run, "convert", "done", time.monotonic() - start)
 
@@ -174,16 +176,16 @@ class Pipeline:
         settings = {**run.evaluate, "output": self.run_output(run), "resume": resume}
         if urls:
             settings["url"] = ",".join(urls)
-        self.log(f"evaluate: {' '.join(to_argv('evaluate', settings))}")
+        _log(f"evaluate: {' '.join(to_argv('evaluate', settings))}")
         opts = run.evaluate_options.replace(resume=resume, **({"url": ",".join(urls)} if urls
                                                               else {}))
-        metrics = stages.evaluate(opts, self.log)
+        metrics = stages.evaluate(opts)
         self.state.data["evaluate"][run.name] = {"settings": run.evaluate, "model": identity,
                                                  "status": "done"}
         self.state.save()
         self.results[run.name]["metrics"] = metrics
         self.metrics.result(run.name, metrics)
-        self.log(f"{run.name}: ROUGE-L {metrics['rougeL']['mid']:.4f}; outputs in "
+        _log(f"{run.name}: ROUGE-L {metrics['rougeL']['mid']:.4f}; outputs in "
                  f"{self.run_output(run)} (metrics.json, predictions.jsonl, report.html)")
         self._finish_stage(run, "evaluate", "done", time.monotonic() - start)
 
@@ -202,7 +204,7 @@ class Pipeline:
         if not storage.is_gcs(self.cfg.output):
             self.scratch_removed = scratch.sweep(self.cfg.output)
         if self.scratch_removed.files:
-            self.log(f"removed {self.scratch_removed.files} scratch file(s) "
+            _log(f"removed {self.scratch_removed.files} scratch file(s) "
                      f"({self.scratch_removed.bytes} bytes) left by runs that are gone")
         return self.scratch_removed
 
@@ -222,7 +224,7 @@ class Pipeline:
         for run in runs:
             self.results[run.name]["error"] = str(exc)
             self.metrics.stage(run.name, "failed")
-            self.log(f"{run.name}: FAILED: {exc}")
+            LOG.error("[pipeline] %s: FAILED: %s", run.name, exc)
 
     def _run_group(self, group: list[RunSpec], converted: dict[str, dict]) -> None:
         """Convert, then serve once and evaluate every run of the group not already done."""
@@ -245,7 +247,7 @@ class Pipeline:
     def _evaluate_without_servers(self, run: RunSpec, identity: str | None) -> None:
         """Evaluate an in-process run straight from its converted repository."""
         self._finish_stage(run, "serve", "skipped", 0.0)
-        self.log(f"{run.name}: serve skipped: evaluate runs the engine in-process")
+        _log(f"{run.name}: serve skipped: evaluate runs the engine in-process")
         self._evaluate_or_fail(run, [], identity)
 
     def _evaluate_or_fail(self, run: RunSpec, urls: list[str], identity: str | None,
@@ -264,7 +266,7 @@ class Pipeline:
         """Take the run's earlier metrics when they are for these settings and this model."""
         if not self.evaluation_done(run, identity):
             return False
-        self.log(f"{run.name}: evaluate skipped: {self.run_output(run)}/metrics.json "
+        _log(f"{run.name}: evaluate skipped: {self.run_output(run)}/metrics.json "
                  "is from these settings and this model")
         self.results[run.name]["metrics"] = stages.read_metrics(self.run_output(run))
         self.metrics.result(run.name, self.results[run.name]["metrics"])
@@ -278,7 +280,7 @@ class Pipeline:
         for run in todo:
             self.metrics.stage(run.name, "serve")
         serve_start = time.monotonic()
-        self.log(f"serve: {' '.join(to_argv('serve', todo[0].serve))}")
+        _log(f"serve: {' '.join(to_argv('serve', todo[0].serve))}")
         try:
             servers = stages.open_servers(todo[0].serve_options)
         except stages.StageError as exc:
@@ -292,13 +294,13 @@ class Pipeline:
             except stages.StageError as exc:
                 self._fail(todo, exc)
                 return
-            self.log(f"serving {todo[0].serve_options.model_name} at {', '.join(urls)} (gRPC)")
+            _log(f"serving {todo[0].serve_options.model_name} at {', '.join(urls)} (gRPC)")
             for run in todo:
                 self._finish_stage(run, "serve", "done", time.monotonic() - serve_start)
             for run in todo:
                 self._evaluate_or_fail(run, urls, identity, servers.alive)
         finally:
-            self.log("serve: stopping the servers")
+            _log("serve: stopping the servers")
             servers.stop()
 
     def summary(self, seconds: float) -> dict[str, Any]:

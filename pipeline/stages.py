@@ -17,7 +17,7 @@ import contextlib
 import json
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from core import repository, storage
@@ -78,7 +78,7 @@ def open_servers(opts: ServeOptions) -> Any:
 _EVAL_PATHS = ("output", "predictions", "report")
 
 
-def evaluate(opts: EvalOptions, log: Callable[[str], None]) -> dict[str, Any]:
+def evaluate(opts: EvalOptions) -> dict[str, Any]:
     """Run one evaluation (``ray_jobs.evaluate``'s work); returns its metrics.
 
     Ray must already be initialised. Raises StageError (``evaluate failed: ...``).
@@ -86,7 +86,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None]) -> dict[str, Any]:
     with reported("evaluate"):
         from evaluation.runner import evaluate as run_evaluate
 
-        result = run_evaluate(opts, log=log)
+        result = run_evaluate(opts)
     return {k: v for k, v in result.items() if k not in _EVAL_PATHS}
 
 

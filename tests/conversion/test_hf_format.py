@@ -184,7 +184,7 @@ def demo_hf(ray_local, tmp_path_factory) -> tuple[Path, Path, object]:
     """The trained demo model (T5FT_DEMO_CACHE) converted to HF and to FT; its build."""
     from demo.build import build
 
-    demo = build(log=lambda _: None)
+    demo = build()
     root = tmp_path_factory.mktemp("demo")
     hf = convert(ConvertOptions(src=str(demo.checkpoint), dst=str(root), model_name="hf",
                                 format="hf", vocab=str(demo.vocab), progress=False))

@@ -109,7 +109,7 @@ def test_batch_rerun_skips_what_verifies_and_swapped_weights_fail(demo_tp1, tmp_
     swapped_repo = tmp_path / "swapped"
     shutil.copytree(out / "model_repository", swapped_repo)
     _swap_mlp_outputs(swapped_repo, name)
-    config = demo_config(build(log=lambda _: None), str(out), 1)
+    config = demo_config(build(), str(out), 1)
     config["runs"] += [
         {"name": "beam2", "evaluate": {"beam_width": 2}},
         {"name": "swapped", "convert": None,
@@ -288,7 +288,7 @@ def test_in_process_run_starts_no_server(demo_tp1, tmp_path):
     from pipeline.demo import demo_config
 
     out, first, _ = demo_tp1
-    config = demo_config(build(log=lambda _: None), str(out), 1)
+    config = demo_config(build(), str(out), 1)
     config["runs"] = [{"name": "inproc", "evaluate": {"backend": "in-process"}}]
     path = tmp_path / "inproc.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -31,18 +31,18 @@ def _writer(target: Path, text: str) -> tuple[subprocess.Popen, Path]:
     return proc, Path(proc.stdout.readline().strip())
 
 
-def test_pipeline_clears_dead_pipelines_scratch_and_keeps_a_live_ones(tmp_path):
+def test_pipeline_clears_dead_pipelines_scratch_and_keeps_a_live_ones(tmp_path, caplog):
     out = tmp_path / "out"
     dead, dead_tmp = _writer(out / "pipeline.json", "dead")
     live, live_tmp = _writer(out / "pipeline_state.json", "{}")
     dead.send_signal(signal.SIGKILL)
     dead.wait()
-    logged: list[str] = []
     cfg = parse({"output": str(out),
                  "convert": {"src": "ckpt", "dst": "repo", "model_name": "m"},
                  "serve": {"backend": "local"}, "evaluate": {"dataset": "data.jsonl"}})
     try:
-        removed = Pipeline(cfg, address=None, log=logged.append).clear_scratch()
+        removed = Pipeline(cfg, address=None).clear_scratch()
+        logged = [r.getMessage() for r in caplog.records if r.name == "pipeline.run"]
         assert removed.files == 2  # the half-written summary and its writer's lease
         assert removed.bytes > len("dead")
         assert not dead_tmp.exists() and live_tmp.read_text() == "{}"
