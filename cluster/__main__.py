@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
@@ -38,10 +39,15 @@ from cluster.wait import wait_for
 from core.cli import emit_summary, run_main
 from core.errors import UserError
 
+# By name, not __name__: ``python -m cluster`` runs this module as __main__, a logger that run_main's configuration
+# (core.cli) would not show at INFO.
+LOG = logging.getLogger("cluster")
+
 
 def _progress(message: str) -> None:
-    # Progress goes to stderr so that with --json the last stdout line stays the summary.
-    print(message, file=sys.stderr, flush=True)
+    # Progress goes to stderr (run_main's logging) so that with --json the last stdout line
+    # stays the summary.
+    LOG.info("%s", message)
 
 
 def render_objects(cfg: ClusterConfig, job: str | None = None,
@@ -258,7 +264,7 @@ def cmd_up(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
 
     # `is None`: --timeout 0 is a real value (one check, no wait), not "the default".
     timeout = 900 if args.timeout is None else args.timeout
-    wait_for(check, describe, timeout, args.poll, log=_progress)
+    wait_for(check, describe, timeout, args.poll)
     url = dashboard_address(kube, cfg)
     if cfg.head.service_type != "LoadBalancer":
         _progress(f"from outside the cluster: kubectl -n {cfg.namespace} port-forward "
@@ -300,7 +306,7 @@ def _wait_job(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
     # No timeout of ours by default: the job ends by itself, or KubeRay ends it at its
     # activeDeadlineSeconds (--job-deadline); a timeout here would only abandon a running job.
     timeout = math.inf if args.timeout is None else args.timeout
-    wait_for(check, describe, timeout, args.poll, what=f"RayJob {name}", log=_progress)
+    wait_for(check, describe, timeout, args.poll, what=f"RayJob {name}")
     status = state["status"]
     if status.get("jobStatus") != "SUCCEEDED":
         reason = f", {status['reason']}" if status.get("reason") else ""

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +31,8 @@ from kubernetes.config.config_exception import ConfigException
 
 from cluster.config import KUBERAY_CHART_VERSION
 from core.errors import UserError
+
+LOG = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MERGE_PATCH = "application/merge-patch+json"
@@ -206,18 +208,15 @@ class Kube:
       api_client: from new_api_client() or a kubernetes.client.ApiClient of your own.
       retries: extra attempts on 429/5xx/connection errors.
       backoff: first wait in seconds; doubled each attempt.
-      log: where retry notes go (stderr by default); None for silence.
       request_timeout: seconds one HTTP request may take (connect and read) before it counts
         as a connection error (retried); None: no limit, the client's default.
     """
 
     def __init__(self, api_client: client.ApiClient, retries: int = 5, backoff: float = 0.5,
-                 log: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr),
                  request_timeout: float | None = None):
         self.api_client = api_client
         self.retries = retries
         self.backoff = backoff
-        self.log = log
         self.request_timeout = request_timeout
         self._apis: dict[type, Any] = {}
 
@@ -336,13 +335,11 @@ class Kube:
 
     def _note(self, state: tenacity.RetryCallState, action: str) -> None:
         """Say on the log which call failed how, and when it is tried again."""
-        if not self.log:
-            return
         exc = state.outcome.exception() if state.outcome else None
         cause = f"HTTP {exc.status}" if isinstance(exc, ApiException) else type(exc).__name__
         delay = state.next_action.sleep if state.next_action else 0.0
-        self.log(f"kubernetes: {action}: {cause}; retrying in {delay:.1f}s "
-                 f"({state.attempt_number}/{self.retries})")
+        LOG.info("kubernetes: %s: %s; retrying in %.1fs (%d/%d)", action, cause, delay,
+                 state.attempt_number, self.retries)
 
 
 def _transient(exc: BaseException) -> bool:

@@ -8,7 +8,7 @@ between checks, stop at the timeout or when an optional Event is set (SIGTERM in
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,27 +17,25 @@ import tenacity
 
 from core.errors import UserError
 
-
-def _stderr(message: str) -> None:
-    # Progress goes to stderr so that with --json the last stdout line stays the summary.
-    print(message, file=sys.stderr, flush=True)
+# Progress goes to stderr (the entry point's logging) so that with --json the last stdout line
+# stays the summary.
+LOG = logging.getLogger(__name__)
 
 
 def wait_for(check: Callable[[], bool], describe: Callable[[], str], timeout_s: float,
-             period_s: float, *, what: str = "", stop: threading.Event | None = None,
-             log: Callable[[str], None] = _stderr) -> None:
+             period_s: float, *, what: str = "", stop: threading.Event | None = None) -> None:
     """Call CHECK every PERIOD_S seconds until it returns True.
 
     Args:
       check: True once ready. It runs first, before any wait.
       describe: why not yet, one line; called after each failed check (it may read what
-        CHECK stored). A line is logged only when it differs from the previous one, so a long
-        wait prints what changes rather than the same line every period.
+        CHECK stored). A line is logged (this module's logger, INFO) only when it differs from
+        the previous one, so a long wait prints what changes rather than the same line every
+        period.
       timeout_s: give up this many seconds after the first check.
       period_s: seconds between checks.
       what: the name of what is awaited, for the error message ("" for none).
       stop: when set, stop waiting at once (the wait sleeps on it, so it wakes immediately).
-      log: where the describe() lines go; stderr by default.
 
     Raises:
       UserError: "[WHAT ]not ready after Ns: <last describe()>" at the timeout, or
@@ -50,7 +48,7 @@ def wait_for(check: Callable[[], bool], describe: Callable[[], str], timeout_s: 
             return True
         note = describe()
         if not notes or note != notes[-1]:
-            log(note)
+            LOG.info("%s", note)
         notes[:] = [note]
         return False
 

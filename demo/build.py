@@ -113,7 +113,9 @@ def gin_text(s: DemoSettings) -> str:
     return gin_config(model_config(s)) + f"TASK_FEATURE_LENGTHS = {lengths!r}\n"
 
 
-LOG = logging.getLogger(__name__)
+# By name, not __name__: ``python -m demo.build`` runs this module as __main__, a logger that run_main's configuration
+# (core.cli) would not show at INFO.
+LOG = logging.getLogger("demo.build")
 
 
 def _log(message: str) -> None:

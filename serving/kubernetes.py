@@ -17,9 +17,9 @@ sets (cluster/raycluster.py: T5FT_*): namespace, Triton image, service account, 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
-import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +50,12 @@ TEARDOWN_RETRIES = 2
 IN_FLIGHT_CALLS = 3
 
 
+LOG = logging.getLogger(__name__)
+
+
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """One progress line on stderr, through the entry point's logging."""
+    LOG.info("%s", message)
 
 
 def read_model_config(model_repository: str, model_name: str) -> ModelConfig:
@@ -275,13 +279,12 @@ def wait_ready(kube: Kube, spec: triton.TritonSpec, timeout: float, stop: thread
         raise UserError(f"stopped before {spec.name} was ready")
     wait_for(lambda: deployment_ready(kube.get("Deployment", spec.name, spec.namespace),
                                       spec.replicas),
-             lambda: why_not_ready(kube, spec), timeout, poll, what=spec.name, stop=stop,
-             log=_log)
+             lambda: why_not_ready(kube, spec), timeout, poll, what=spec.name, stop=stop)
 
 
 def teardown_kube(kube: Kube) -> Kube:
     """KUBE's connection with the teardown's bounded retries (TEARDOWN_RETRIES)."""
-    return Kube(kube.api_client, retries=TEARDOWN_RETRIES, backoff=kube.backoff, log=kube.log,
+    return Kube(kube.api_client, retries=TEARDOWN_RETRIES, backoff=kube.backoff,
                 request_timeout=REQUEST_TIMEOUT_S)
 
 

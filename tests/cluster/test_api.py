@@ -257,7 +257,7 @@ def test_up_job_runs_a_rayjob_to_completion(api, kubeconfig, capsys):
 def test_kube_get_and_delete_of_missing_objects(api):
     from kubernetes import client
 
-    kube = Kube(client.ApiClient(client.Configuration(host=api.url)), retries=0, log=None)
+    kube = Kube(client.ApiClient(client.Configuration(host=api.url)), retries=0)
     assert kube.get("Deployment", "nope", "t5ft") is None
     assert kube.delete("Service", "nope", "t5ft") is False
     api.fail("GET", "pods", 401)
@@ -270,8 +270,7 @@ def test_kube_get_and_delete_of_missing_objects(api):
 def test_request_timeout_bounds_a_stalled_call(api, kubeconfig):
     """A slow API server costs at most call_seconds_bound() per verb (serve's teardown relies
     on it to fit the job stop grace), and a call that times out for good is one line."""
-    kube = Kube(new_api_client(str(kubeconfig)), retries=1, backoff=0.01, log=None,
-                request_timeout=0.5)
+    kube = Kube(new_api_client(str(kubeconfig)), retries=1, backoff=0.01, request_timeout=0.5)
     assert kube.call_seconds_bound() == 2 * 0.5 + 0.01
     api.put(f"{NS}/services/slow", {"apiVersion": "v1", "kind": "Service",
                                     "metadata": {"name": "slow"}})

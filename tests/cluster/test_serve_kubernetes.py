@@ -175,7 +175,7 @@ def test_wait_reports_why_replicas_are_pending(api, capsys):
 
     from cluster.kubeapi import Kube
 
-    kube = Kube(client.ApiClient(client.Configuration(host=api.url)), retries=0, log=None)
+    kube = Kube(client.ApiClient(client.Configuration(host=api.url)), retries=0)
     spec = triton.TritonSpec(image="example.com/t5ft/serving:1", model_name="ul2", model_repository="gs://b/r", namespace="t5ft",
                              gpus=8, accelerator="nvidia-h100-80gb")
     api.put(f"{DEPLOYMENTS}/triton-ul2", triton.deployment(spec))
