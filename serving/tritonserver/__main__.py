@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
-import sys
 import threading
 from pathlib import Path
 
 from core.errors import UserError
 from serving.tritonserver import ServerError, TritonServer, is_gcs
+
+# By name, not __name__: ``python -m serving.tritonserver`` runs this module as __main__, a
+# logger that run_main's configuration (core.cli) would not show at INFO.
+LOG = logging.getLogger("serving.tritonserver")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     stop, ready = threading.Event(), threading.Event()
 
     def _on_signal(signum, _frame) -> None:
-        print(f"received {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        LOG.info("received %s", signal.Signals(signum).name)
         stop.set()
         if not ready.is_set():
             raise KeyboardInterrupt  # abort the wait for readiness; finally stops the server
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     try:
-        print(f"starting tritonserver for {name}", file=sys.stderr, flush=True)
+        LOG.info("starting tritonserver for %s", name)
         try:
             server.start()
             server.wait_ready(args.ready_timeout)
@@ -97,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(1.0):
             if server.restarts != restarts:
                 restarts = server.restarts
-                print(f"tritonserver restarted ({restarts} so far)", file=sys.stderr, flush=True)
-        print("stopping tritonserver", file=sys.stderr, flush=True)
+                LOG.info("tritonserver restarted (%d so far)", restarts)
+        LOG.info("stopping tritonserver")
         return 0
     finally:
         server.stop()
