@@ -39,8 +39,8 @@ from cluster.wait import wait_for
 from core.cli import emit_summary, run_main
 from core.errors import UserError
 
-# By name, not __name__: ``python -m cluster`` runs this module as __main__, a logger that run_main's configuration
-# (core.cli) would not show at INFO.
+# By name, not __name__: ``python -m cluster`` runs this module as __main__, a logger
+# that the entry point's configuration (core.cli.configure_logging) would not show at INFO.
 LOG = logging.getLogger("cluster")
 
 

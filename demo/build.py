@@ -113,8 +113,8 @@ def gin_text(s: DemoSettings) -> str:
     return gin_config(model_config(s)) + f"TASK_FEATURE_LENGTHS = {lengths!r}\n"
 
 
-# By name, not __name__: ``python -m demo.build`` runs this module as __main__, a logger that run_main's configuration
-# (core.cli) would not show at INFO.
+# By name, not __name__: ``python -m demo.build`` runs this module as __main__, a logger
+# that the entry point's configuration (core.cli.configure_logging) would not show at INFO.
 LOG = logging.getLogger("demo.build")
 
 

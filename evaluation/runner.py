@@ -106,8 +106,8 @@ def vocab_against_model(s: EvalSettings, tokenizer: Tokenizer) -> int | None:
         return None
     found = model_vocab_size(s.model_repository, s.model_name)
     if found is None:
-        LOG.info(f"evaluate: no config.ini for {s.model_name!r} in {s.model_repository}; the "
-            "model's vocab_size is not checked against the vocabulary")
+        LOG.info("evaluate: no config.ini for %r in %s; the model's vocab_size is not checked "
+                 "against the vocabulary", s.model_name, s.model_repository)
         return None
     vocab_size, ini = found
     LOG.info("evaluate: %s", check_vocab_fits(tokenizer, vocab_size, ini))
@@ -135,10 +135,10 @@ def warn_input_len(s: EvalSettings) -> None:
         return  # no manifest, or not ours to judge: nothing known
     trained = (header.get("task_feature_lengths") or {}).get("inputs")
     if isinstance(trained, int) and s.max_input_len > trained:
-        LOG.warning(f"evaluate: warning: --max-input-len {s.max_input_len} exceeds the {trained} input "
-            f"tokens the model was trained with (its config.gin's TASK_FEATURE_LENGTHS, "
-            f"recorded in {url}); it may score lower on the longer inputs: consider "
-            f"--max-input-len {trained}")
+        LOG.warning("evaluate: warning: --max-input-len %d exceeds the %d input tokens the model "
+                    "was trained with (its config.gin's TASK_FEATURE_LENGTHS, recorded in %s); "
+                    "it may score lower on the longer inputs: consider --max-input-len %d",
+                    s.max_input_len, trained, url, trained)
 
 
 def wait_until_ready(urls: Sequence[str], model_name: str, timeout_s: float) -> None:
@@ -268,9 +268,9 @@ def _resume(inputs: _Inputs, out: OutputDir) -> _Run:
         errors.append(row_error.to_json())
         out.append_error(errors[-1])
     pending = [e for e in data.examples if e.id not in done]
-    LOG.info(f"evaluate: {data.total} rows, {len(data.errors)} rejected, "
-        f"{len(done)} already predicted, {len(pending)} to send to "
-        f"{_where(inputs.settings, inputs.urls)}")
+    LOG.info("evaluate: %d rows, %d rejected, %d already predicted, %d to send to %s",
+             data.total, len(data.errors), len(done), len(pending),
+             _where(inputs.settings, inputs.urls))
     return _Run(done, errors, pending)
 
 
