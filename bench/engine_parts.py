@@ -358,6 +358,8 @@ def main() -> None:
     from bench.gpu import hardware_rates, read_bandwidth
     from serving.engine import attention
 
+    if args.attention == "auto":  # the engine's per-shape choice is opt-in (attention.py)
+        os.environ["T5FT_ATTENTION"] = "auto"
     if args.attention == "reference":
         attention.force(attention.REFERENCE).__enter__()  # for the whole process
     cfg = MODELS[args.model]

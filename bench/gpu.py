@@ -626,6 +626,8 @@ def main() -> None:
                          "HF runs on the first")
     args = ap.parse_args()
     cfg = MODELS[args.model]
+    if args.attention == "auto":  # the engine's per-shape choice is opt-in (attention.py)
+        os.environ["T5FT_ATTENTION"] = "auto"
     if args.attention == "reference":
         from serving.engine import attention
 

@@ -20,7 +20,9 @@ between them:
   products): it reads the keys/values at 1.2x the measured read bound, and cuDNN was 2.6x
   slower there (issue 23's measurements).
 
-Every fast path runs only on a GPU in a half-precision dtype: fp32 (on any backend) and every
+The fast paths are opt-in (``T5FT_ATTENTION=auto``) until measured on a GPU: by default every
+run uses the reference. Even when opted in, every fast path runs only on a GPU in a
+half-precision dtype: fp32 (on any backend) and every
 CPU run use the reference formulations, so fp32 outputs are bit-identical to the engine before
 this module existed. Each path keeps a row's result independent of the other rows: every
 reduction runs over one row's own keys, never across the batch.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import jax
@@ -61,10 +64,26 @@ REFERENCE = Paths()
 _forced: Paths | None = None
 
 
+# The fast paths are opt-in until a GPU run has measured them against the reference on the same
+# card (speed at Flan-T5 and UL2 widths, and greedy outputs of the trained demo model): no device
+# could be had in the session that wrote them. ``T5FT_ATTENTION=auto`` turns them on; the GPU
+# benchmarks' ``--attention auto`` sets it. docs/benchmarks.md has the commands still to run.
+OPT_IN_ENV = "T5FT_ATTENTION"
+
+
 def choose(dtype: jnp.dtype, head_dim: int, backend: str | None = None) -> Paths:
-    """The measured choice for a compute dtype, head width and backend (default: JAX's)."""
+    """The formulations the engine uses: :func:`per_shape` where ``T5FT_ATTENTION=auto``, else
+    the reference (or whatever :func:`force` set)."""
     if _forced is not None:
         return _forced
+    if os.environ.get(OPT_IN_ENV, "reference") != "auto":
+        return REFERENCE
+    return per_shape(dtype, head_dim, backend)
+
+
+def per_shape(dtype: jnp.dtype, head_dim: int, backend: str | None = None) -> Paths:
+    """The choice for a compute dtype, head width and backend (default: JAX's), from the
+    measurements in the module docstring."""
     backend = backend or jax.default_backend()
     if backend != "gpu" or jnp.dtype(dtype) not in [jnp.dtype(d) for d in HALF]:
         return REFERENCE
