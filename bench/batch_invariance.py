@@ -31,7 +31,9 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,15 +55,30 @@ MODELS = {
 }
 
 
-def _folder(cfg: T5Config, work: Path, no_end: bool = False) -> Path:
-    from testing.ft_writer import random_ft_weights, write_ft_folder
+def _weights(cfg: T5Config, no_end: bool = False) -> dict:
+    from testing.ft_writer import random_ft_weights
 
     weights = random_ft_weights(cfg, seed=11)
     if no_end:  # the end id's logit is exactly 0 while the arg-max is positive: never ends
         for name, arr in weights.items():
             if "lm_head" in name:
                 arr[cfg.eos_token_id] = 0
-    return write_ft_folder(work, cfg, 1, weights)
+    return weights
+
+
+def _folder(cfg: T5Config, work: Path, no_end: bool = False) -> Path:
+    from testing.ft_writer import write_ft_folder
+
+    return write_ft_folder(work, cfg, 1, _weights(cfg, no_end))
+
+
+def _cost_rows(cfg: T5Config, rows_n: int, max_len: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Lengths 64..max_len (uniform, sorted as evaluation.batching sorts them) and the rows:
+    random ids ending in the end id."""
+    rng = np.random.default_rng(0)
+    lengths = np.sort(rng.integers(min(64, max_len), max_len + 1, size=rows_n))[::-1]
+    rows = [np.append(rng.integers(2, cfg.vocab_size, size=int(n) - 1), 1) for n in lengths]
+    return lengths, rows
 
 
 def _key(r) -> tuple[bytes, ...]:
@@ -120,23 +137,25 @@ def check(cfg: T5Config, rows_n: int) -> None:
 
 
 def cost(cfg: T5Config, rows_n: int, batch: int, out_len: int, repeats: int,
-         max_len: int = 512) -> None:
+         max_len: int = 512, fixed: Sequence[int] = (128,)) -> None:
+    """``fixed``: the batch-invariant runs' fixed batch (the engine's ``max_batch``, which on a
+    GPU is the fixed batch; a CPU caps it at ``cpu_invariant_batch``); the free runs keep 128."""
     import jax
 
     from serving.engine import SamplingParams, T5Engine
 
-    rng = np.random.default_rng(0)
-    lengths = np.sort(rng.integers(min(64, max_len), max_len + 1, size=rows_n))
-    rows = [np.append(rng.integers(2, cfg.vocab_size, size=int(n) - 1), 1) for n in lengths]
+    lengths, rows = _cost_rows(cfg, rows_n, max_len)
     p = SamplingParams(max_output_len=out_len)
+    modes = [("free", 128)] + [("invariant", f) for f in fixed]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         engine = T5Engine.load(str(_folder(cfg, Path(tmp), no_end=True)), dtype="bf16",
                                max_batch=128)
         load_s = time.perf_counter() - t0
 
-        def run(invariant: bool) -> float:
-            engine.batch_invariant = invariant
+        def run(mode: tuple[str, int]) -> float:
+            engine.batch_invariant = mode[0] == "invariant"
+            engine.max_batch = mode[1]
             t = time.perf_counter()
             toks = 0
             for s in range(0, rows_n, batch):
@@ -146,27 +165,113 @@ def cost(cfg: T5Config, rows_n: int, batch: int, out_len: int, repeats: int,
             assert toks == rows_n * out_len, toks  # every row ran every step
             return time.perf_counter() - t
 
-        warm = {m: round(run(m), 2) for m in (False, True)}  # compiles every program
-        times: dict[bool, list[float]] = {False: [], True: []}
+        name = {m: m[0] if m == ("free", 128) else f"invariant_{m[1]}" for m in modes}
+        warm = {name[m]: round(run(m), 2) for m in modes}  # compiles every program
+        times: dict[str, list[float]] = {name[m]: [] for m in modes}
         for _ in range(repeats):
-            for m in (False, True):
-                times[m].append(run(m))
-    med = {m: statistics.median(v) for m, v in times.items()}
+            for m in modes:
+                times[name[m]].append(run(m))
+    med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({"model": dataclasses.asdict(cfg), "rows": rows_n, "batch": batch,
-                      "input_lens": [int(lengths[0]), int(lengths[-1])], "output_len": out_len,
-                      "dtype": "bf16", "load_s": round(load_s, 1),
-                      "first_pass_s": {"free": warm[False], "invariant": warm[True]},
-                      "seconds_free": [round(x, 3) for x in times[False]],
-                      "seconds_invariant": [round(x, 3) for x in times[True]],
-                      "median_free_s": round(med[False], 3),
-                      "median_invariant_s": round(med[True], 3),
-                      "invariant_vs_free": round(med[True] / med[False], 3),
+                      "input_lens": [int(lengths.min()), int(lengths.max())],
+                      "output_len": out_len, "dtype": "bf16", "load_s": round(load_s, 1),
+                      "first_pass_s": warm,
+                      "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+                      "median_s": {k: round(v, 3) for k, v in med.items()},
+                      "vs_free": {k: round(v / med["free"], 3) for k, v in med.items()},
                       "device": str(jax.devices()[0])}), flush=True)
 
 
-def served(cfg: T5Config, modes: tuple[str, ...] = ("greedy", "sample", "beam")) -> None:
-    import threading
+def _served_pass(url: str, groups: list[list[int]], request, concurrency: int,
+                 tokens: int) -> float:
+    """One pass of every request, ``concurrency`` in flight, one gRPC client per thread;
+    seconds from the first request to the last answer (the first pass compiles)."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    import tritonclient.grpc as grpcclient
+
+    local = threading.local()
+    made: list = []
+
+    def send(part: list[int]) -> int:
+        if not hasattr(local, "c"):
+            local.c = grpcclient.InferenceServerClient(url)
+            made.append(local.c)
+        return int(local.c.infer("t5", request(part)).as_numpy("sequence_length").sum())
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        got = sum(pool.map(send, groups))
+    seconds = time.perf_counter() - t
+    for c in made:
+        c.close()
+    assert got == tokens, got  # every row ran every step
+    return seconds
+
+
+def served_cost(cfg: T5Config, rows_n: int, sizes: dict[str, Sequence[int]],
+                concurrency: int, out_len: int, repeats: int, max_len: int = 512) -> None:
+    """The served path as ``ray_jobs.evaluate`` drives it: the same rows, sorted longest first
+    and cut into requests of each size in ``sizes[mode]`` (evaluation.batching.group_rows),
+    ``concurrency`` requests in flight (actors x requests per actor) that Triton's dynamic
+    batcher merges, through one tritonserver serving the same bf16 weights batching freely
+    ("free"), then another batch-invariant ("invariant"), one after the other on one device."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    from bench.serve import build_repository_plain, server_device, start_plain_server
+    from evaluation.batching import group_rows
+
+    lengths, rows = _cost_rows(cfg, rows_n, max_len)
+    weights = _weights(cfg, no_end=True)
+
+    def request(part: list[int]) -> list:
+        width = max(len(rows[i]) for i in part)
+        ids = np.zeros((len(part), width), np.uint32)
+        for j, i in enumerate(part):
+            ids[j, :len(rows[i])] = rows[i]
+        arrays = {"input_ids": ids,
+                  "sequence_length": np.array([[len(rows[i])] for i in part], np.uint32),
+                  "max_output_len": np.full((len(part), 1), out_len, np.uint32)}
+        inputs = []  # not evaluation.client: it needs tenacity
+        for name, arr in arrays.items():
+            inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        return inputs
+
+    result: dict = {}
+    for mode in ("free", "invariant"):
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = build_repository_plain(Path(tmp), cfg, "bf16", mode == "invariant",
+                                          weights=weights)
+            t0 = time.perf_counter()
+            server, url = start_plain_server(repo, Path(tmp) / "triton")
+            ready_s = time.perf_counter() - t0
+            try:
+                for size in sizes[mode]:
+                    groups = group_rows([len(r) for r in rows], size)
+                    first = _served_pass(url, groups, request, concurrency, rows_n * out_len)
+                    times = [_served_pass(url, groups, request, concurrency, rows_n * out_len)
+                             for _ in range(repeats)]
+                    result[f"{mode}_{size}"] = {
+                        "ready_s": round(ready_s, 1), "first_pass_s": round(first, 2),
+                        "seconds": [round(x, 3) for x in times],
+                        "median_s": round(statistics.median(times), 3)}
+            finally:
+                server.stop()
+            result[f"{mode}_device"] = server_device(server.log_path)
+    base = result[f"free_{sizes['free'][0]}"]["median_s"]
+    print(json.dumps({"served_cost": True, "model": dataclasses.asdict(cfg), "rows": rows_n,
+                      "concurrency": concurrency,
+                      "input_lens": [int(lengths.min()), int(lengths.max())],
+                      "output_len": out_len, "dtype": "bf16", **result,
+                      f"vs_free_{sizes['free'][0]}": {
+                          k: round(v["median_s"] / base, 3) for k, v in result.items()
+                          if isinstance(v, dict)}}), flush=True)
+
+
+def served(cfg: T5Config, modes: tuple[str, ...] = ("greedy", "sample", "beam")) -> None:
     import jax
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
@@ -257,11 +362,20 @@ def served(cfg: T5Config, modes: tuple[str, ...] = ("greedy", "sample", "beam"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["check", "cost", "served"])
+    ap.add_argument("what", choices=["check", "cost", "served", "served-cost"])
     ap.add_argument("--model", choices=sorted(MODELS), default=None,
                     help="default: small for check, mid for cost")
     ap.add_argument("--rows", type=int, default=None, help="default: 24 (check), 1024 (cost)")
     ap.add_argument("--batch", type=int, default=128, help="cost: rows per request")
+    ap.add_argument("--fixed-batch", default="128",
+                    help="cost: the invariant runs' fixed batches, comma-separated (GPU)")
+    ap.add_argument("--request-rows", default="8",
+                    help="served-cost: rows per request, comma-separated (evaluate's "
+                    "--batch-size), for both servers")
+    ap.add_argument("--invariant-request-rows", default=None,
+                    help="served-cost: the batch-invariant server's, if other")
+    ap.add_argument("--concurrency", type=int, default=8,
+                    help="served-cost: requests in flight (actors x requests per actor)")
     ap.add_argument("--output-len", type=int, default=64, help="cost: new tokens per row")
     ap.add_argument("--repeats", type=int, default=3, help="cost: timed passes of each mode")
     ap.add_argument("--max-input-len", type=int, default=512,
@@ -271,9 +385,16 @@ def main() -> None:
         check(MODELS[args.model or "small"], args.rows or 24)
     elif args.what == "served":
         served(MODELS[args.model or "small"])
+    elif args.what == "served-cost":
+        free = [int(x) for x in args.request_rows.split(",")]
+        inv = [int(x) for x in (args.invariant_request_rows or args.request_rows).split(",")]
+        served_cost(MODELS[args.model or "mid"], args.rows or 2048,
+                    {"free": free, "invariant": inv}, args.concurrency, args.output_len,
+                    args.repeats, args.max_input_len)
     else:
         cost(MODELS[args.model or "mid"], args.rows or 1024, args.batch, args.output_len,
-             args.repeats, args.max_input_len)
+             args.repeats, args.max_input_len,
+             tuple(int(x) for x in args.fixed_batch.split(",")))
 
 
 if __name__ == "__main__":

@@ -71,14 +71,17 @@ def start_server(repo: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("ray_jobs.serve did not become ready")
 
 
-def build_repository_plain(work: Path, cfg, dtype: str, invariant: bool = True) -> Path:
-    """A jax-engine model repository ``t5`` from random FT-layout weights, without Ray."""
+def build_repository_plain(work: Path, cfg, dtype: str, invariant: bool = True,
+                           weights: dict | None = None) -> Path:
+    """A jax-engine model repository ``t5`` from FT-layout weights (default: random, seed 0),
+    without Ray."""
     from core import repository
     from testing.ft_writer import random_ft_weights, write_ft_folder
 
     repo = work / "repo"
     version = repo / "t5" / "1"
-    write_ft_folder(version, cfg, 1, random_ft_weights(cfg, seed=0))
+    write_ft_folder(version, cfg, 1, random_ft_weights(cfg, seed=0) if weights is None
+                    else weights)
     (version / "model.py").write_text(repository.JAX_MODEL_PY)
     (repo / "t5" / "config.pbtxt").write_text(
         repository.to_pbtxt(repository.model_config("t5", "jax", 1, data_type=dtype,

@@ -75,7 +75,10 @@ class EvalOptions(StageOptions):
     beam_width: int = option(1, help="(default: 1)")
     top_k: int = option(1, help="1 = greedy (default: 1)")
     num_actors: int = option(4, help="Ray actors sending requests (default: 4)")
-    batch_size: int = option(8, help="examples per request (default: 8)")
+    batch_size: int | None = option(
+        None, help="examples per request (default: the served model's max_batch_size when it "
+        "decodes batch-invariantly, 128 for a jax model: one engine program on a GPU, where "
+        "fewer rows cost as much; else 8)")
     requests_per_actor: int = option(
         2, help="requests each actor keeps in flight (default: 2)")
     random_seed: int = option(
@@ -139,7 +142,7 @@ class EvalOptions(StageOptions):
                 f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
         for name in ("max_input_len", "max_output_len", "beam_width", "top_k", "num_actors",
                      "batch_size", "requests_per_actor", "max_attempts"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise EvaluationError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if not self.model_name:

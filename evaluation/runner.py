@@ -69,6 +69,7 @@ class _Run:
     scores: dict[str, dict] = dataclasses.field(default_factory=dict)  # id -> ROUGE scores
     latencies: list[float] = dataclasses.field(default_factory=list)  # ms, one per new example
     request_seconds: float = 0.0
+    request_rows: int = 0  # examples per request this run sent (:func:`request_rows`)
     ordered_ids: list[str] = dataclasses.field(default_factory=list)  # done ids, example order
 
 
@@ -209,14 +210,15 @@ def _gpus_per_actor(s: EvalSettings) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def served_as(s: EvalSettings, urls: Sequence[str]) -> dict[str, Any]:
-    """metrics.json's ``serving``: how the answers were computed, so two runs' metrics can be
-    compared knowingly: the inference ``data_type`` and the engine's ``batch_invariant`` mode
-    (None for a FasterTransformer model, which has no such mode), and where they were read
-    (``source``): the server's model config for ``--backend triton`` (what answered), else, or
-    when no server answers, ``--model-repository``'s config.pbtxt; "unknown" when neither."""
-    from core import repository
+# Examples per request when --batch-size is not given and the served model does not decode
+# batch-invariantly (a FasterTransformer model, a free-batching jax model, an unreadable config).
+DEFAULT_REQUEST_ROWS = 8
 
+
+def _served_config(s: EvalSettings, urls: Sequence[str]) -> tuple[Any, str]:
+    """The served model's ModelConfig and where it was read: the server's for ``--backend
+    triton`` (what answers), else, or when no server answers, ``--model-repository``'s
+    config.pbtxt; (None, "unknown") when neither."""
     config, source = None, "unknown"
     if s.backend == "triton" and urls:
         config = served_model_config(urls, s.model_name)
@@ -225,15 +227,42 @@ def served_as(s: EvalSettings, urls: Sequence[str]) -> dict[str, Any]:
         model = open_model(s.model_repository, s.model_name)
         config = model.config if model is not None else None
         source = "repository" if config is not None else source
+    return config, source
+
+
+def _invariant(config: Any) -> bool | None:
+    from core import repository
+
+    try:
+        return repository.batch_invariant(config)
+    except ValueError:
+        return None  # the engine refuses such a config; nothing was served from it
+
+
+def served_as(s: EvalSettings, urls: Sequence[str]) -> dict[str, Any]:
+    """metrics.json's ``serving``: how the answers were computed, so two runs' metrics can be
+    compared knowingly: the inference ``data_type`` and the engine's ``batch_invariant`` mode
+    (None for a FasterTransformer model, which has no such mode), and where they were read
+    (``source``, see :func:`_served_config`)."""
+    config, source = _served_config(s, urls)
     if config is None:
         return {"data_type": None, "batch_invariant": None, "source": source}
     params = {k: v.string_value for k, v in config.parameters.items()}
-    try:
-        invariant = repository.batch_invariant(config)
-    except ValueError:
-        invariant = None  # the engine refuses such a config; nothing was served from it
-    return {"data_type": params.get("data_type") or None, "batch_invariant": invariant,
+    return {"data_type": params.get("data_type") or None, "batch_invariant": _invariant(config),
             "source": source}
+
+
+def request_rows(s: EvalSettings, urls: Sequence[str]) -> int:
+    """Examples per request: ``--batch-size``; else, when the served model decodes
+    batch-invariantly, its ``max_batch_size`` (the rows of one engine program on a GPU: there
+    a smaller request still runs, and costs, a program of that many rows, so requests of 8
+    made evaluation 3.2x slower on an H100, docs/benchmarks.md); else 8."""
+    if s.batch_size is not None:
+        return s.batch_size
+    config, _ = _served_config(s, urls)
+    if config is not None and config.max_batch_size > 0 and _invariant(config):
+        return int(config.max_batch_size)
+    return DEFAULT_REQUEST_ROWS
 
 
 def _where(s: EvalSettings, urls: Sequence[str]) -> str:
@@ -310,7 +339,11 @@ def _stream(s: EvalSettings, inputs: _Inputs, run: _Run, out: OutputDir,
             init_ray()
         if not ray.is_initialized():
             ray.init()
-        batches = request_batches(run.pending, inputs.tokenizer, s.batch_size, s.max_input_len)
+        run.request_rows = request_rows(s, inputs.urls)
+        LOG.info("requests of %d examples%s", run.request_rows,
+                 "" if s.batch_size is not None else " (the served model's max_batch_size)")
+        batches = request_batches(run.pending, inputs.tokenizer, run.request_rows,
+                                  s.max_input_len)
         references = {e.id: e.reference for e in run.pending}
         index_of = {e.id: e.index for e in run.pending}
         bar = tqdm(total=len(run.pending), desc="evaluate", unit="ex", file=sys.stderr,
@@ -343,6 +376,7 @@ def _score(inputs: _Inputs, run: _Run, out: OutputDir, t_start: float) -> dict[s
         resumed=len(inputs.data.examples) - len(run.pending),
     )
     result.update(vocab_pieces=inputs.tokenizer.vocab_size, model_vocab_size=inputs.model_vocab,
+                  request_rows=run.request_rows or None,
                   serving=served_as(inputs.settings, inputs.urls))
     return result
 
@@ -363,7 +397,7 @@ def _render(s: EvalSettings, inputs: _Inputs, run: _Run, out: OutputDir,
         settings={"model": s.model_name, "dataset": s.dataset, "split": s.split,
                   "backend": s.backend, "endpoints": ", ".join(inputs.urls) or "none",
                   "actors": s.num_actors,
-                  "batch size": s.batch_size, "max input len": s.max_input_len,
+                  "batch size": run.request_rows or s.batch_size, "max input len": s.max_input_len,
                   "max output len": s.max_output_len, "beam width": s.beam_width,
                   "top k": s.top_k, "vocabulary pieces": inputs.tokenizer.vocab_size,
                   "model vocab_size": "unknown" if model_vocab is None else model_vocab,

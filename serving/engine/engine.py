@@ -127,9 +127,12 @@ class T5Engine:
     max_output_limit: int = 4096  # largest accepted max_output_len
     max_batch: int = 64  # rows per compiled call; larger groups are split
     min_len_bucket: int = 8
-    # Batch-invariant mode's fixed batch on a CPU: there a program's cost grows with its rows,
-    # so a small fixed batch keeps one-row requests cheap (a GPU runs max_batch rows for about
-    # the price of one, so there the fixed batch is max_batch).
+    # Batch-invariant mode's fixed batch on a CPU: there a program's cost grows steeply with its
+    # rows, so a small fixed batch keeps one-row requests cheap. On a GPU the fixed batch is
+    # max_batch (Triton's max_batch_size), what large models need to read their weights once
+    # per step for many rows; a 128-row program still costs 3.4x an 8-row one for a 0.2 B
+    # model on an H100, so evaluation sends requests of max_batch rows to fill it
+    # (evaluation.runner.request_rows; docs/benchmarks.md).
     cpu_invariant_batch: int = 8
 
     def __init__(self, cfg: T5Config, params: dict, dtype: str = "fp32",

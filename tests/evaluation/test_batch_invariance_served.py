@@ -1,7 +1,7 @@
 """Batch invariance through a served bf16 model (issue 22): concurrent clients (Triton's
 dynamic batcher merges their requests) get for each row exactly what the engine gives that row
 alone, and ``ray_jobs.evaluate`` writes byte-identical predictions.jsonl whatever its actor
-count and batch size, and records the dtype and the mode in metrics.json."""
+count and batch size (given, or the served model's when not), and records the dtype and the mode in metrics.json."""
 
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def test_concurrent_clients_get_each_rows_alone_answer(bf16_grpc_url, mode):
 def test_evaluate_actors_and_batch_sizes_give_identical_predictions(
         tmp_path, bf16_grpc_url, bf16_model_repo, data_with_holes):
     outputs: list[Path] = []
-    for actors, batch in ((1, 2), (2, 5), (4, 1)):
+    # None: no --batch-size, so requests of the served model's max_batch_size (128: all 60)
+    for actors, batch in ((1, 2), (2, 5), (4, 1), (2, None)):
         out = tmp_path / f"a{actors}-b{batch}"
         m = evaluate(EvalSettings(
             url=bf16_grpc_url, model_name=MODEL, output=str(out), dataset=str(data_with_holes),
@@ -93,6 +94,7 @@ def test_evaluate_actors_and_batch_sizes_give_identical_predictions(
             **{**COMMON, "batch_size": batch, "num_actors": actors}))
         assert m["serving"] == {"data_type": "bf16", "batch_invariant": True,
                                 "source": "server"}
+        assert m["request_rows"] == (batch or 128)
         saved = json.loads((out / "metrics.json").read_text())
         assert saved["serving"] == m["serving"]
         outputs.append(out / "predictions.jsonl")
