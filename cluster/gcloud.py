@@ -308,6 +308,21 @@ def _if_found(probe: list[str], *commands: list[str]) -> str:
             f"{'; '.join(shlex.join(c) for c in commands)}; fi")
 
 
+def _if_bound(project: str, member: str, role: str, *commands: list[str]) -> str:
+    """COMMANDS only while the project's IAM policy grants ROLE to MEMBER:
+    `remove-iam-policy-binding` fails on a binding already removed ("Policy binding with the
+    specified principal, role, and condition not found"), so a teardown stopped between two
+    removals would stop there on its rerun. The probe is Google's documented listing of a
+    principal's roles (`get-iam-policy --flatten=bindings[].members --filter=...`), which
+    prints the role when it is granted and nothing otherwise."""
+    probe = shlex.join(["gcloud", "projects", "get-iam-policy", project,
+                        "--flatten=bindings[].members",
+                        f'--filter=bindings.role="{role}" AND bindings.members="{member}"',
+                        "--format=value(bindings.role)"])
+    return (f"if {probe} 2>/dev/null | grep -q .; then "
+            f"{'; '.join(shlex.join(c) for c in commands)}; fi")
+
+
 def teardown_steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
     """What the setup script made, removed: the cluster, the images (tens of GB), Cloud
     Build's staging bucket, the service accounts and their project roles. The data bucket
@@ -320,9 +335,9 @@ def teardown_steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
     def account(gsa: str) -> list[str]:
         return ["gcloud", "iam", "service-accounts", "describe", gsa]
 
-    unbind = [_if_found(account(g), ["gcloud", "projects", "remove-iam-policy-binding", project,
-                                     f"--member=serviceAccount:{g}", f"--role={r}",
-                                     "--condition=None"])
+    unbind = [_if_bound(project, f"serviceAccount:{g}", r,
+                        ["gcloud", "projects", "remove-iam-policy-binding", project,
+                         f"--member=serviceAccount:{g}", f"--role={r}", "--condition=None"])
               for g, rs in ((node_gsa(cfg), NODE_PROJECT_ROLES),
                             (build_gsa(cfg), BUILD_PROJECT_ROLES)) for r in rs]
     return [

@@ -20,11 +20,30 @@ from cluster.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 
 FAKE = '''\
-import json, os, sys
+import json, os, re, sys
 tool, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
 state = os.environ["FAKE_STATE"]
 with open(state + ".log", "a") as log:
     log.write(json.dumps([tool, *argv]) + "\\n")
+have = [k for k in open(state).read().split("\\n") if k] if os.path.exists(state) else []
+# Project IAM bindings: add is idempotent, remove of a binding not there fails (as gcloud's
+# "Policy binding with the specified principal, role, and condition not found!"), and
+# get-iam-policy --flatten --filter --format=value(bindings.role) prints the role if granted.
+if tool == "gcloud" and argv[:1] == ["projects"] and "iam-policy" in argv[1]:
+    flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    if argv[1] == "get-iam-policy":
+        role, member = re.findall(r'"([^"]*)"', flags["filter"])
+        if f"binding {member} {role}" in have:
+            print(role)
+        sys.exit(0)
+    key = f"binding {flags['member']} {flags['role']}"
+    if argv[1] == "remove-iam-policy-binding" and key not in have:
+        sys.exit("ERROR: Policy binding with the specified principal, role, and condition "
+                 "not found!")
+    have = [k for k in have if k != key] + ([key] if argv[1].startswith("add") else [])
+    with open(state, "w") as f:
+        f.write("".join(k + "\\n" for k in have))
+    sys.exit(0)
 verbs = [i for i, a in enumerate(argv) if a in ("describe", "get", "create", "delete", "rm")]
 if not verbs or tool not in ("gcloud", "kubectl"):
     sys.exit(0)
@@ -34,7 +53,6 @@ i = verbs[0]
 key = (argv[i + 1] + " " + argv[i + 2]) if tool == "kubectl" else \\
     "storage buckets " + argv[-1] if argv[i] == "rm" else \\
     " ".join(argv[:i] + [argv[i + 1].split("@")[0]])
-have = [k for k in open(state).read().split("\\n") if k] if os.path.exists(state) else []
 if argv[i] in ("create", "delete", "rm"):
     if (key in have) == (argv[i] == "create"):
         sys.exit(f"ERROR: ({tool}) {key}: " + ("ALREADY_EXISTS" if key in have else "NOT_FOUND"))
@@ -110,3 +128,25 @@ def test_teardown_points_kubectl_at_the_cluster_first_and_runs_again(tmp_path):
     assert again.returncode == 0, again.stderr
     assert not [x for x in (tmp_path / "state.log").read_text().splitlines()
                 if '"delete"' in x or '"rm"' in x or "get-credentials" in x]
+
+
+def test_teardown_stopped_between_two_role_removals_runs_again(tmp_path):
+    """A teardown that stopped after removing one of an account's project roles (the account
+    and its other roles still there) goes on past it on the rerun: remove-iam-policy-binding
+    fails on a binding already gone, so each removal runs only while its binding exists."""
+    cfg = load_config(REPO / "examples" / "cluster-gke.yaml")
+    (tmp_path / "state").write_text("compute accelerator-types nvidia-a100-80gb\n")
+    assert _run_setup(tmp_path, gcloud.script(cfg, "c.yaml")).returncode == 0
+    state = (tmp_path / "state").read_text().splitlines()
+    bindings = [k for k in state if k.startswith("binding ")]
+    assert len(bindings) == len(gcloud.NODE_PROJECT_ROLES) + len(gcloud.BUILD_PROJECT_ROLES)
+    # The first removal happened, then the teardown stopped.
+    (tmp_path / "state").write_text("".join(k + "\n" for k in state if k != bindings[0]))
+    done = _run_setup(tmp_path, gcloud.script(cfg, "c.yaml", teardown=True))
+    assert done.returncode == 0, done.stderr
+    left = (tmp_path / "state").read_text()
+    assert "binding " not in left
+    assert "iam service-accounts" not in left  # every account deleted after its roles
+    removes = [x for x in (tmp_path / "state.log").read_text().splitlines()
+               if "remove-iam-policy-binding" in x]
+    assert len(removes) == len(bindings) - 1  # the one already gone is not tried again
