@@ -33,7 +33,7 @@ import time
 import yaml
 
 from cluster import diagnose, doctor, gcloud, monitoring, pods, raycluster, rbac, triton
-from cluster.config import ClusterConfig, ConfigError, load_config
+from cluster.config import ClusterConfig, load_config
 from cluster.kubeapi import Kube, new_api_client
 from cluster.wait import wait_for
 from core.cli import emit_summary, run_main
@@ -161,11 +161,9 @@ def cmd_render(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
 
 def cmd_gcloud(cfg: ClusterConfig, args: argparse.Namespace) -> dict:
     """`gcloud`: the project's setup commands for this config, as a shell script on stdout."""
-    try:
-        steps = (gcloud.teardown_steps if args.teardown else gcloud.steps)(cfg, args.config)
-        text = gcloud.script(cfg, args.config, teardown=args.teardown)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from exc
+    # A ConfigError raised here is a UserError already: one line, exit 2 (core.cli.run_main).
+    steps = (gcloud.teardown_steps if args.teardown else gcloud.steps)(cfg, args.config)
+    text = gcloud.script(cfg, args.config, teardown=args.teardown)
     if not args.json:
         sys.stdout.write(text)
     return {"commands": sum(len(commands) for _, commands in steps),
@@ -382,10 +380,7 @@ def cmd_down(cfg: ClusterConfig, args: argparse.Namespace, kube: Kube) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Parse ARGV, run the command, print the summary; returns 0 (errors raise UserError)."""
     args = _parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from exc
+    cfg = load_config(args.config)  # a ConfigError is a UserError: one line, exit 2
     if args.command in ("render", "gcloud"):
         summary = (cmd_render if args.command == "render" else cmd_gcloud)(cfg, args)
     else:
