@@ -182,6 +182,30 @@ def cost(cfg: T5Config, rows_n: int, batch: int, out_len: int, repeats: int,
                       "device": str(jax.devices()[0])}), flush=True)
 
 
+def _infer_inputs(rows: Sequence[np.ndarray], part: list[int], out_len: int,
+                  extra: dict[str, tuple] | None = None) -> list:
+    """The FT request of rows ``part`` (zero-padded ids, lengths, ``out_len`` new tokens),
+    plus ``extra`` inputs (name: (value, dtype), one per row). Not evaluation.client's
+    to_infer_inputs: it needs tenacity, absent on the GPU machine unless carried."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    ids = np.zeros((len(part), max(len(rows[i]) for i in part)), np.uint32)
+    for j, i in enumerate(part):
+        ids[j, :len(rows[i])] = rows[i]
+    arrays = {"input_ids": ids,
+              "sequence_length": np.array([[len(rows[i])] for i in part], np.uint32),
+              "max_output_len": np.full((len(part), 1), out_len, np.uint32)}
+    for name, (value, dtype) in (extra or {}).items():
+        arrays[name] = np.full((len(part), 1), value, dtype)
+    inputs = []
+    for name, arr in arrays.items():
+        inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    return inputs
+
+
 def _served_pass(url: str, groups: list[list[int]], request, concurrency: int,
                  tokens: int) -> float:
     """One pass of every request, ``concurrency`` in flight, one gRPC client per thread;
@@ -216,8 +240,6 @@ def served_cost(cfg: T5Config, rows_n: int, sizes: dict[str, Sequence[int]],
     ``concurrency`` requests in flight (actors x requests per actor) that Triton's dynamic
     batcher merges, through one tritonserver serving the same bf16 weights batching freely
     ("free"), then another batch-invariant ("invariant"), one after the other on one device."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
 
     from bench.serve import build_repository_plain, server_device, start_plain_server
     from evaluation.batching import group_rows
@@ -226,19 +248,7 @@ def served_cost(cfg: T5Config, rows_n: int, sizes: dict[str, Sequence[int]],
     weights = _weights(cfg, no_end=True)
 
     def request(part: list[int]) -> list:
-        width = max(len(rows[i]) for i in part)
-        ids = np.zeros((len(part), width), np.uint32)
-        for j, i in enumerate(part):
-            ids[j, :len(rows[i])] = rows[i]
-        arrays = {"input_ids": ids,
-                  "sequence_length": np.array([[len(rows[i])] for i in part], np.uint32),
-                  "max_output_len": np.full((len(part), 1), out_len, np.uint32)}
-        inputs = []  # not evaluation.client: it needs tenacity
-        for name, arr in arrays.items():
-            inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
-        return inputs
+        return _infer_inputs(rows, part, out_len)
 
     result: dict = {}
     for mode in ("free", "invariant"):
@@ -274,7 +284,6 @@ def served_cost(cfg: T5Config, rows_n: int, sizes: dict[str, Sequence[int]],
 def served(cfg: T5Config, modes: tuple[str, ...] = ("greedy", "sample", "beam")) -> None:
     import jax
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
 
     from bench.serve import build_repository_plain, server_device, start_plain_server
     from serving.engine import SamplingParams, T5Engine
@@ -289,22 +298,8 @@ def served(cfg: T5Config, modes: tuple[str, ...] = ("greedy", "sample", "beam"))
              "beam": {"beam_width": (2, np.uint32)}}
 
     def request(part: list[int], mode: str) -> list:
-        width = max(len(rows[i]) for i in part)
-        ids = np.zeros((len(part), width), np.uint32)
-        for j, i in enumerate(part):
-            ids[j, :len(rows[i])] = rows[i]
-        arrays = {"input_ids": ids,
-                  "sequence_length": np.array([[len(rows[i])] for i in part], np.uint32),
-                  "max_output_len": np.full((len(part), 1), 10, np.uint32),
-                  "is_return_log_probs": np.ones((len(part), 1), np.bool_)}
-        for name, (value, dtype) in knobs[mode].items():
-            arrays[name] = np.full((len(part), 1), value, dtype)
-        inputs = []  # not evaluation.client.to_infer_inputs: it needs tenacity, absent on GPUs
-        for name, arr in arrays.items():
-            inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
-        return inputs
+        return _infer_inputs(rows, part, 10, {"is_return_log_probs": (True, np.bool_),
+                                              **knobs[mode]})
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository_plain(Path(tmp), cfg, "bf16")
