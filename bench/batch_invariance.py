@@ -185,10 +185,8 @@ def cost(cfg: T5Config, rows_n: int, batch: int, out_len: int, repeats: int,
 def _infer_inputs(rows: Sequence[np.ndarray], part: list[int], out_len: int,
                   extra: dict[str, tuple] | None = None) -> list:
     """The FT request of rows ``part`` (zero-padded ids, lengths, ``out_len`` new tokens),
-    plus ``extra`` inputs (name: (value, dtype), one per row). Not evaluation.client's
-    to_infer_inputs: it needs tenacity, absent on the GPU machine unless carried."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
+    plus ``extra`` inputs (name: (value, dtype), one per row)."""
+    from evaluation.client import to_infer_inputs
 
     ids = np.zeros((len(part), max(len(rows[i]) for i in part)), np.uint32)
     for j, i in enumerate(part):
@@ -198,12 +196,7 @@ def _infer_inputs(rows: Sequence[np.ndarray], part: list[int], out_len: int,
               "max_output_len": np.full((len(part), 1), out_len, np.uint32)}
     for name, (value, dtype) in (extra or {}).items():
         arrays[name] = np.full((len(part), 1), value, dtype)
-    inputs = []
-    for name, arr in arrays.items():
-        inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-        inp.set_data_from_numpy(arr)
-        inputs.append(inp)
-    return inputs
+    return to_infer_inputs(arrays)
 
 
 def _served_pass(url: str, groups: list[list[int]], request, concurrency: int,
