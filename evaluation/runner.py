@@ -70,6 +70,7 @@ class _Run:
     latencies: list[float] = dataclasses.field(default_factory=list)  # ms, one per new example
     request_seconds: float = 0.0
     request_rows: int = 0  # examples per request this run sent (:func:`request_rows`)
+    served: ServedModel | None = None  # read once, when requests start (:func:`served_model`)
     ordered_ids: list[str] = dataclasses.field(default_factory=list)  # done ids, example order
 
 
@@ -215,53 +216,63 @@ def _gpus_per_actor(s: EvalSettings) -> float:
 DEFAULT_REQUEST_ROWS = 8
 
 
-def _served_config(s: EvalSettings, urls: Sequence[str]) -> tuple[Any, str]:
-    """The served model's ModelConfig and where it was read: the server's for ``--backend
-    triton`` (what answers), else, or when no server answers, ``--model-repository``'s
-    config.pbtxt; (None, "unknown") when neither."""
-    config, source = None, "unknown"
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """The served model's ModelConfig (None when unknown) and where it was read: "server"
+    (``--backend triton``: what answers), "repository" (``--model-repository``'s
+    config.pbtxt, or the server gave none) or "unknown". Read once per run
+    (:func:`served_model`): the request size and metrics.json both come from it."""
+
+    config: Any
+    source: str
+
+    @property
+    def batch_invariant(self) -> bool | None:
+        """The jax engine's mode; None for a FasterTransformer model, an unknown config, or
+        one the engine refuses (nothing was served from it)."""
+        from core import repository
+
+        if self.config is None:
+            return None
+        try:
+            return repository.batch_invariant(self.config)
+        except ValueError:
+            return None
+
+    def record(self) -> dict[str, Any]:
+        """metrics.json's ``serving``: how the answers were computed, so two runs' metrics can
+        be compared knowingly: the inference ``data_type``, the ``batch_invariant`` mode, and
+        where they were read (``source``)."""
+        if self.config is None:
+            return {"data_type": None, "batch_invariant": None, "source": self.source}
+        params = {k: v.string_value for k, v in self.config.parameters.items()}
+        return {"data_type": params.get("data_type") or None,
+                "batch_invariant": self.batch_invariant, "source": self.source}
+
+
+def served_model(s: EvalSettings, urls: Sequence[str]) -> ServedModel:
+    """Read the served model's config: the server's for ``--backend triton``, else, or when no
+    server answers, ``--model-repository``'s config.pbtxt."""
     if s.backend == "triton" and urls:
         config = served_model_config(urls, s.model_name)
-        source = "server" if config is not None else source
-    if config is None and s.model_repository:
+        if config is not None:
+            return ServedModel(config, "server")
+    if s.model_repository:
         model = open_model(s.model_repository, s.model_name)
-        config = model.config if model is not None else None
-        source = "repository" if config is not None else source
-    return config, source
+        if model is not None:
+            return ServedModel(model.config, "repository")
+    return ServedModel(None, "unknown")
 
 
-def _invariant(config: Any) -> bool | None:
-    from core import repository
-
-    try:
-        return repository.batch_invariant(config)
-    except ValueError:
-        return None  # the engine refuses such a config; nothing was served from it
-
-
-def served_as(s: EvalSettings, urls: Sequence[str]) -> dict[str, Any]:
-    """metrics.json's ``serving``: how the answers were computed, so two runs' metrics can be
-    compared knowingly: the inference ``data_type`` and the engine's ``batch_invariant`` mode
-    (None for a FasterTransformer model, which has no such mode), and where they were read
-    (``source``, see :func:`_served_config`)."""
-    config, source = _served_config(s, urls)
-    if config is None:
-        return {"data_type": None, "batch_invariant": None, "source": source}
-    params = {k: v.string_value for k, v in config.parameters.items()}
-    return {"data_type": params.get("data_type") or None, "batch_invariant": _invariant(config),
-            "source": source}
-
-
-def request_rows(s: EvalSettings, urls: Sequence[str]) -> int:
+def request_rows(s: EvalSettings, served: ServedModel) -> int:
     """Examples per request: ``--batch-size``; else, when the served model decodes
     batch-invariantly, its ``max_batch_size`` (the rows of one engine program on a GPU: there
     a smaller request still runs, and costs, a program of that many rows, so requests of 8
     made evaluation 3.2x slower on an H100, docs/benchmarks.md); else 8."""
     if s.batch_size is not None:
         return s.batch_size
-    config, _ = _served_config(s, urls)
-    if config is not None and config.max_batch_size > 0 and _invariant(config):
-        return int(config.max_batch_size)
+    if served.batch_invariant and served.config.max_batch_size > 0:
+        return int(served.config.max_batch_size)
     return DEFAULT_REQUEST_ROWS
 
 
@@ -339,7 +350,8 @@ def _stream(s: EvalSettings, inputs: _Inputs, run: _Run, out: OutputDir,
             init_ray()
         if not ray.is_initialized():
             ray.init()
-        run.request_rows = request_rows(s, inputs.urls)
+        run.served = served_model(s, inputs.urls)
+        run.request_rows = request_rows(s, run.served)
         LOG.info("requests of %d examples%s", run.request_rows,
                  "" if s.batch_size is not None else " (the served model's max_batch_size)")
         batches = request_batches(run.pending, inputs.tokenizer, run.request_rows,
@@ -377,7 +389,7 @@ def _score(inputs: _Inputs, run: _Run, out: OutputDir, t_start: float) -> dict[s
     )
     result.update(vocab_pieces=inputs.tokenizer.vocab_size, model_vocab_size=inputs.model_vocab,
                   request_rows=run.request_rows or None,
-                  serving=served_as(inputs.settings, inputs.urls))
+                  serving=(run.served or served_model(inputs.settings, inputs.urls)).record())
     return result
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from core import repository
-from evaluation.runner import DEFAULT_REQUEST_ROWS, EvalSettings, request_rows
+from evaluation.runner import DEFAULT_REQUEST_ROWS, EvalSettings, request_rows, served_model
 
 
 def _repo(tmp_path: Path, engine: str, invariant: bool = True) -> Path:
@@ -33,10 +33,10 @@ def test_requests_fill_the_served_models_fixed_batch(tmp_path, engine, invariant
     repo = _repo(tmp_path, engine, invariant)
     s = EvalSettings(backend="in-process", model_repository=str(repo), model_name="t5",
                      output=str(tmp_path / "out"), dataset="unused", batch_size=given)
-    assert request_rows(s, []) == want
+    assert request_rows(s, served_model(s, [])) == want
 
 
 def test_no_readable_config_keeps_eight(tmp_path):
     s = EvalSettings(backend="in-process", model_repository=str(tmp_path), model_name="t5",
                      output=str(tmp_path / "out"), dataset="unused")
-    assert request_rows(s, []) == DEFAULT_REQUEST_ROWS == 8
+    assert request_rows(s, served_model(s, [])) == DEFAULT_REQUEST_ROWS == 8
