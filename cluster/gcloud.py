@@ -304,8 +304,12 @@ def _if_found(probe: list[str], *commands: list[str]) -> str:
     """COMMANDS only while PROBE finds the thing: a teardown stopped part way (or run twice)
     goes on past what is already gone; a command that fails on something still there stops
     it under `set -e` (errexit holds inside `then`)."""
-    return (f"if {shlex.join(probe)} >/dev/null 2>&1; then "
-            f"{'; '.join(shlex.join(c) for c in commands)}; fi")
+    return _only_if(f"{shlex.join(probe)} >/dev/null 2>&1", *commands)
+
+
+def _only_if(test: str, *commands: list[str]) -> str:
+    """One shell line: COMMANDS when the shell TEST succeeds."""
+    return f"if {test}; then {'; '.join(shlex.join(c) for c in commands)}; fi"
 
 
 def _if_bound(project: str, member: str, role: str, *commands: list[str]) -> str:
@@ -319,8 +323,7 @@ def _if_bound(project: str, member: str, role: str, *commands: list[str]) -> str
                         "--flatten=bindings[].members",
                         f'--filter=bindings.role="{role}" AND bindings.members="{member}"',
                         "--format=value(bindings.role)"])
-    return (f"if {probe} 2>/dev/null | grep -q .; then "
-            f"{'; '.join(shlex.join(c) for c in commands)}; fi")
+    return _only_if(f"{probe} 2>/dev/null | grep -q .", *commands)
 
 
 def teardown_steps(cfg: ClusterConfig, config_ref: str) -> list[Step]:
