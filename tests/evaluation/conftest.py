@@ -129,6 +129,17 @@ def bf16_grpc_url(ray_local, bf16_model_repo):
 
 
 @pytest.fixture(scope="session")
+def fp16_grpc_url(ray_local, tmp_path_factory, repo_root, eval_vocab):
+    """One real tritonserver serving the tiny model converted with inference dtype fp16."""
+    from serving.local import LocalServers
+
+    repo = convert_tiny_model(tmp_path_factory.mktemp("fp16_model"), repo_root, eval_vocab,
+                              dtype="fp16")
+    with LocalServers(str(repo), MODEL, replicas=1, num_cpus=0.5) as servers:
+        yield servers.endpoints[0]["grpc"]
+
+
+@pytest.fixture(scope="session")
 def grpc_urls(eval_servers) -> list[str]:
     return [e["grpc"] for e in eval_servers.endpoints]
 

@@ -1,7 +1,8 @@
-"""Batch invariance through a served bf16 model (issue 22): concurrent clients (Triton's
-dynamic batcher merges their requests) get for each row exactly what the engine gives that row
-alone, and ``ray_jobs.evaluate`` writes byte-identical predictions.jsonl whatever its actor
-count and batch size (given, or the served model's when not), and records the dtype and the mode in metrics.json."""
+"""Batch invariance through served models (issue 22): concurrent clients (Triton's dynamic
+batcher merges their requests) get for each row exactly what the server gives that row alone,
+in fp32, fp16 and bf16; and ``ray_jobs.evaluate`` writes byte-identical predictions.jsonl from
+the bf16 model whatever its actor count and batch size (given, or the served model's when not),
+and records the dtype and the mode in metrics.json."""
 
 from __future__ import annotations
 
@@ -29,13 +30,22 @@ def _rows(n: int, vocab: int) -> list[np.ndarray]:
             for k in rng.integers(2, 40, size=n)]
 
 
+# The server of each inference dtype: the fp32 one is the evaluation tests' (two replicas; this
+# test talks to the first).
+SERVERS = {"fp32": lambda request: request.getfixturevalue("grpc_urls")[0],
+           "fp16": lambda request: request.getfixturevalue("fp16_grpc_url"),
+           "bf16": lambda request: request.getfixturevalue("bf16_grpc_url")}
+
+
+@pytest.mark.parametrize("dtype", list(SERVERS))
 @pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
-def test_concurrent_clients_get_each_rows_alone_answer(bf16_grpc_url, mode):
+def test_concurrent_clients_get_each_rows_alone_answer(request, dtype, mode):
     """Each of 12 rows sent alone, one request at a time; then 6 clients at once send them in
     requests of 1 to 3 rows, which Triton's dynamic batcher merges: every output of every row,
     log probs included, is byte-identical. (The served engine runs in the tritonserver's
     Python stub under Ray's worker settings; the in-process engine of this test process is
     another process, which bench/batch_invariance.py served compares on a GPU.)"""
+    url = SERVERS[dtype](request)
     rows = _rows(12, 200)
     knobs = {"greedy": {}, "sample": {"runtime_top_k": 0, "runtime_top_p": 0.9,
                                       "random_seed": 2**40 + 7},
@@ -46,7 +56,7 @@ def test_concurrent_clients_get_each_rows_alone_answer(bf16_grpc_url, mode):
                                        is_return_log_probs=True, **knobs))
         return [{n: res.as_numpy(n)[j] for n in OUTPUTS} for j in range(len(part))]
 
-    c = grpcclient.InferenceServerClient(bf16_grpc_url)
+    c = grpcclient.InferenceServerClient(url)
     alone = [ask(c, [i])[0] for i in range(len(rows))]
     c.close()
 
@@ -56,7 +66,7 @@ def test_concurrent_clients_get_each_rows_alone_answer(bf16_grpc_url, mode):
 
     def client(parts: list[list[int]]) -> None:
         try:
-            c = grpcclient.InferenceServerClient(bf16_grpc_url)
+            c = grpcclient.InferenceServerClient(url)
             barrier.wait()
             for part in parts:
                 answers.update(zip(part, ask(c, part), strict=True))
